@@ -1,0 +1,45 @@
+"""The public entry points: optimize, plan, profile, benchmark. Thin: each delegates to its layer."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .bench import BenchResult
+    from .planning import ModelPlan
+    from .profile import ModelProfile
+    from .runtime import OparaModule
+
+__all__ = ["optimize", "plan", "profile", "benchmark"]
+
+
+def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str = "opara",
+             clone_outputs: bool = True, **kwargs: Any) -> "OparaModule":
+    """Capture ``model`` on example inputs, schedule its operators on CUDA streams and return an ``OparaModule``.
+
+    >>> om = opara_nb.optimize(model, x)          # doctest: +SKIP
+    >>> om(x)                                      # same result as model(x), replayed from one CUDA graph
+    """
+    from .runtime import optimize as _optimize
+
+    return _optimize(model, *args, strategy=strategy, order=order, clone_outputs=clone_outputs, **kwargs)
+
+
+def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "opara", **kwargs: Any) -> "ModelPlan":
+    """Capture, profile and schedule ``model`` without running it on streams (works on CPU)."""
+    from .planning import plan_model
+
+    return plan_model(model, *args, strategy=strategy, order=order, **kwargs)
+
+
+def profile(model: Callable, *args: Any, **kwargs: Any) -> "ModelProfile":
+    """Per-operator profile of ``model`` on the example inputs: kernels, time, resources, compute/memory class."""
+    from .profile import profile_model
+
+    return profile_model(model, *args, **kwargs)
+
+
+def benchmark(model: Callable, *args: Any, modes: Any = None, **kwargs: Any) -> "BenchResult":
+    """Measure eager, sequential CUDA graph and opara_nb strategies side by side on the same inputs."""
+    from .bench import benchmark as _benchmark
+
+    return _benchmark(model, *args, modes=modes, **kwargs)
