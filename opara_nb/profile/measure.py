@@ -1,0 +1,129 @@
+"""Measure one captured graph: FLOPs and bytes per node, then one tagged run under torch.profiler."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.fx.node import map_arg
+from torch.utils._pytree import tree_leaves
+
+from ..capture.graph import SCHEDULED_OPS
+from ..capture.interp import bind_inputs, last_uses, run_graph, run_node
+from .trace import TAG, Attribution, attribute, export_events
+
+__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress"]
+
+Progress = Callable[[int, int], None]
+_QUIET_S = 2.0  # show progress only for graphs that take longer than this
+
+
+@dataclass
+class NodeCounts:
+    flops: int = 0
+    bytes: int = 0
+    aliases_input: bool = False   # every output tensor lives in an input's memory (a view, getitem)
+    has_tensor_output: bool = True
+
+
+def graph_device(inputs: list) -> torch.device:
+    """The device the graph computes on: that of its first CUDA tensor input, else CPU."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.device.type == "cuda":
+            return t.device
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # sparse or storage-less tensors: count them, never merge them
+        return id(t)
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        key = (_ptr(t), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+def _counts(inputs: list, output: Any, flops: int) -> NodeCounts:
+    ins = [t for t in inputs if isinstance(t, torch.Tensor)]
+    outs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    in_ptrs = {_ptr(t) for t in ins}
+    return NodeCounts(flops=flops, bytes=_tensor_bytes(ins + outs),
+                      aliases_input=bool(outs) and all(_ptr(t) in in_ptrs for t in outs),
+                      has_tensor_output=bool(outs))
+
+
+class _Ticker:
+    """Calls ``progress`` per node; with none, prints to stderr once the run has taken over _QUIET_S."""
+
+    def __init__(self, total: int, label: str, progress: Progress | None) -> None:
+        self.total, self.label, self.progress = total, label, progress
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress(done, self.total)
+            return
+        now = time.perf_counter()
+        if now - self.start > _QUIET_S and (now - self.last > 1.0 or done == self.total):
+            self.last = now
+            end = "\n" if done == self.total else "\r"
+            print(f"opara_nb: {self.label}: {done}/{self.total} nodes", end=end, file=sys.stderr, flush=True)
+
+
+def count_node_work(gm: torch.fx.GraphModule, inputs: list, label: str = "counting FLOPs",
+                    progress: Progress | None = None) -> dict[str, NodeCounts]:
+    """Run ``gm`` once, node by node, under one FlopCounterMode; per node its FLOPs and bytes read + written."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    env = bind_inputs(gm, inputs)
+    freed = last_uses(gm)
+    counts: dict[str, NodeCounts] = {}
+    nodes = [n for n in gm.graph.nodes if n.op != "placeholder"]
+    tick = _Ticker(sum(n.op in SCHEDULED_OPS for n in nodes), label, progress)
+    with FlopCounterMode(display=False) as counter:
+        for node in nodes:
+            before = counter.get_total_flops()
+            env[node] = run_node(gm, node, env)
+            if node.op in SCHEDULED_OPS:
+                args = tree_leaves(map_arg((node.args, node.kwargs), env.__getitem__))
+                counts[node.name] = _counts(args, env[node], counter.get_total_flops() - before)
+                tick(len(counts))
+            for dead in freed.get(node, ()):
+                env.pop(dead, None)
+    return counts
+
+
+def _tag(node: torch.fx.Node) -> Any:
+    if node.op in SCHEDULED_OPS:
+        return torch.profiler.record_function(TAG + node.name)
+    return contextlib.nullcontext()
+
+
+def profiled_run(gm: torch.fx.GraphModule, inputs: list, device: torch.device) -> Attribution:
+    """One run of ``gm`` under torch.profiler with a tag per node; returns the attributed trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_graph(gm, inputs, around=_tag)
+        _sync(device)
+    return attribute(export_events(prof))

@@ -1,0 +1,129 @@
+"""ModelProfile: the per-operator profile of a whole model (all its graphs) as a table, JSON or Chrome trace."""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .graph import profile_graph
+from .records import GraphProfile, NodeProfile
+
+if TYPE_CHECKING:
+    from ..capture import CapturedGraph
+
+__all__ = ["ModelProfile", "profile_model"]
+
+COLUMNS = ("graph", "node", "op", "module", "kernels", "time_ms", "grid", "block", "regs", "smem", "flops", "bytes",
+           "intensity", "class", "demand")
+
+
+def _dims(values: tuple) -> str:
+    return "x".join(str(v) for v in values) if values else ""
+
+
+def _row(index: int, prof: NodeProfile) -> dict[str, Any]:
+    main = prof.main_kernel()
+    return {"graph": index, "node": prof.name, "op": prof.op, "module": prof.module, "kernels": len(prof.kernels),
+            "time_ms": round(prof.time_ms, 4), "grid": _dims(main.grid) if main else "",
+            "block": _dims(main.block) if main else "", "regs": main.registers if main else "",
+            "smem": main.shared_mem if main else "", "flops": prof.flops, "bytes": prof.bytes,
+            "intensity": round(prof.intensity, 2), "class": prof.kind, "demand": round(prof.demand, 3)}
+
+
+@dataclass
+class ModelProfile:
+    """Profiles of every graph of a model, in execution order: ``graphs`` = [(CapturedGraph, GraphProfile)]."""
+
+    graphs: list[tuple["CapturedGraph", GraphProfile]]
+
+    @property
+    def critical_path_ms(self) -> float:
+        """Graphs run one after another, so their critical paths add up."""
+        return sum(gp.critical_path_ms for _, gp in self.graphs)
+
+    @property
+    def total_kernel_ms(self) -> float:
+        return sum(gp.total_kernel_ms for _, gp in self.graphs)
+
+    @property
+    def has_gpu_data(self) -> bool:
+        return bool(self.graphs) and all(gp.has_gpu_data for _, gp in self.graphs)
+
+    def notes(self) -> list[str]:
+        """Warnings and caveats (no GPU data, unattributed kernels), one line each, no repeats."""
+        lines: list[str] = []
+        for _, gp in self.graphs:
+            for line in (gp.warning, gp.note, gp.device.source if "generic" in gp.device.source else ""):
+                if line and line not in lines:
+                    lines.append(line)
+            if gp.unattributed:
+                lines.append(f"graph {gp.index}: {gp.unattributed} GPU activities outside any node")
+        return lines
+
+    def table(self, top: int | None = None) -> list[dict[str, Any]]:
+        """One row per node in graph order; ``top=N`` keeps the N most expensive (by time), still in graph order."""
+        rows = [(gp.index, p) for _, gp in self.graphs for p in gp.nodes.values()]
+        if top is not None:
+            keep = {id(p) for _, p in sorted(rows, key=lambda r: r[1].time_ms, reverse=True)[:top]}
+            rows = [r for r in rows if id(r[1]) in keep]
+        return [_row(i, p) for i, p in rows]
+
+    def _summary(self) -> str:
+        device = self.graphs[0][1].device.name if self.graphs else "?"
+        nodes = sum(len(gp.nodes) for _, gp in self.graphs)
+        return (f"opara_nb profile on {device}: {len(self.graphs)} graph(s), {nodes} nodes, "
+                f"critical path {self.critical_path_ms:.3f} ms, total {self.total_kernel_ms:.3f} ms")
+
+    def __repr__(self) -> str:
+        from tabulate import tabulate
+
+        head = "\n".join([self._summary(), *self.notes()])
+        return f"{head}\n{tabulate(self.table(), headers='keys')}"
+
+    def _repr_html_(self) -> str:
+        rows = self.table()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in COLUMNS) + "</tr>"
+                       for r in rows)
+        notes = "".join(f"<p><b>{html.escape(n)}</b></p>" for n in self.notes())
+        return (f"<p>{html.escape(self._summary())}</p>{notes}"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"critical_path_ms": self.critical_path_ms, "total_kernel_ms": self.total_kernel_ms,
+                "has_gpu_data": self.has_gpu_data, "notes": self.notes(),
+                "graphs": [gp.to_dict() for _, gp in self.graphs]}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_chrome_trace(self, path: str) -> str:
+        """Write per-node spans (one lane per graph, nodes back to back in graph order) as a Chrome trace that
+        Perfetto or chrome://tracing opens; returns ``path``."""
+        events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 0, "tid": 0,
+                                         "args": {"name": "opara_nb profile"}}]
+        clock = 0.0
+        for _, gp in self.graphs:
+            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": gp.index,
+                           "args": {"name": f"graph {gp.index}"}})
+            for prof in gp.nodes.values():
+                dur = prof.time_ms * 1e3
+                events.append({"ph": "X", "name": prof.name, "cat": prof.op or "op", "pid": 0, "tid": gp.index,
+                               "ts": clock, "dur": dur, "args": _row(gp.index, prof)})
+                clock += dur
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
+        return path
+
+
+def profile_model(model: Callable, *args: Any, **kwargs: Any) -> ModelProfile:
+    """Capture ``model(*args, **kwargs)`` and profile every graph (cached); see ``ModelProfile``.
+
+    >>> prof = profile_model(model, x)   # doctest: +SKIP
+    >>> print(prof); prof.table(top=10)
+    """
+    from ..capture import capture_graphs
+
+    graphs = capture_graphs(model, args, kwargs)
+    return ModelProfile([(g, profile_graph(g)) for g in graphs])
