@@ -1,0 +1,156 @@
+"""The schedule as data: :class:`Plan` (streams, launch order, syncs) and :func:`make_plan`, which builds one.
+
+A plan is everything the runtime needs to issue a graph on several streams: ``streams`` (node -> stream id),
+``order`` (launch order, topological), ``syncs`` (the minimal cross-stream waits, see ``syncs.py``). It serialises to
+JSON and back exactly, so plans can be cached, diffed and shown.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import AbstractSet, Any, Iterable, Mapping
+
+from .dag import DAG
+from .order import ORDERS, launch_order, level_order
+from .streams import _levels, allocate_streams
+from .syncs import barrier_requirements, minimal_syncs, unimplied
+
+__all__ = ["Plan", "make_plan"]
+
+
+@dataclass
+class Plan:
+    """A multi-stream schedule of one DAG.
+
+    ``streams``: node -> stream id in ``0..num_streams-1``. ``order``: launch order (a topological order; on each
+    stream its nodes run in this order). ``syncs``: ``(u, v)`` pairs, "v waits for an event recorded after u", on
+    different streams; with stream order they imply every DAG edge and none is redundant. ``strategy``: the stream
+    allocation used; ``order_kind``: ``"opara"`` (Alg. 2) or ``"topological"``.
+    """
+
+    streams: dict[str, int]
+    order: list[str]
+    syncs: list[tuple[str, str]]
+    num_streams: int
+    strategy: str
+    order_kind: str
+
+    def stream_nodes(self, stream: int) -> list[str]:
+        """Nodes of ``stream`` in launch order."""
+        if not 0 <= stream < self.num_streams:
+            raise IndexError(f"stream {stream!r} out of range: this plan has streams 0..{self.num_streams - 1}")
+        return list(self._by_stream[stream])
+
+    def waits(self, node: str) -> list[str]:
+        """The nodes whose events ``node`` waits for before it runs (the u of every sync ``(u, node)``)."""
+        return list(self._waits.get(node, ()))
+
+    def records(self, node: str) -> bool:
+        """Whether an event must be recorded right after ``node`` (another stream waits for it)."""
+        return node in self._recorders
+
+    # Lookup tables for the helpers above, built on first use (a plan is treated as immutable once made).
+    @cached_property
+    def _by_stream(self) -> list[list[str]]:
+        by_stream: list[list[str]] = [[] for _ in range(self.num_streams)]
+        for n in self.order:
+            by_stream[self.streams[n]].append(n)
+        return by_stream
+
+    @cached_property
+    def _waits(self) -> dict[str, list[str]]:
+        waits: dict[str, list[str]] = {}
+        for u, v in self.syncs:
+            waits.setdefault(v, []).append(u)
+        return waits
+
+    @cached_property
+    def _recorders(self) -> frozenset[str]:
+        return frozenset(u for u, _ in self.syncs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (syncs as lists)."""
+        return {"streams": dict(self.streams), "order": list(self.order), "syncs": [[u, v] for u, v in self.syncs],
+                "num_streams": self.num_streams, "strategy": self.strategy, "order_kind": self.order_kind}
+
+    def to_json(self) -> str:
+        """JSON text with sorted keys; ``Plan.from_json(plan.to_json()) == plan``."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """The plan that ``to_json`` wrote. Raises ``ValueError`` saying what is missing or malformed."""
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a plan: invalid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """The plan that ``to_dict`` returned (also accepts syncs as lists)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"not a plan: expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("streams", "order", "syncs", "num_streams", "strategy", "order_kind") if k not in data]
+        if missing:
+            raise ValueError(f"not a plan: missing key(s) {', '.join(missing)}")
+        try:
+            syncs = [(str(u), str(v)) for u, v in data["syncs"]]
+        except (TypeError, ValueError):
+            raise ValueError(f"not a plan: syncs must be [producer, consumer] pairs, got {data['syncs']!r}") from None
+        try:
+            return cls(streams={str(k): int(s) for k, s in data["streams"].items()},
+                       order=[str(n) for n in data["order"]], syncs=syncs, num_streams=int(data["num_streams"]),
+                       strategy=str(data["strategy"]), order_kind=str(data["order_kind"]))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a plan: malformed field ({exc})") from None
+
+    def check(self, dag: DAG) -> None:
+        """Raise ``ValueError`` unless this plan is a valid schedule of ``dag`` (used by tests and as a guard)."""
+        index = {n: i for i, n in enumerate(dag.nodes)}
+        if set(self.streams) != set(dag.nodes) or sorted(self.order) != sorted(dag.nodes):
+            raise ValueError("plan does not cover exactly the DAG's nodes")
+        if set(self.streams.values()) != set(range(self.num_streams)):
+            raise ValueError(f"stream ids {sorted(set(self.streams.values()))} are not 0..{self.num_streams - 1}")
+        stream = [self.streams[n] for n in dag.nodes]
+        for u, v in self.syncs:
+            if u not in index or v not in index or stream[index[u]] == stream[index[v]]:
+                raise ValueError(f"sync ({u!r}, {v!r}) does not join two streams of this DAG")
+        order = [index[n] for n in self.order]
+        missing = unimplied(stream, order, [(index[u], index[v]) for u, v in self.syncs], dag._preds)
+        if missing:
+            u, v = missing[0]
+            raise ValueError(f"plan does not order edge ({dag.nodes[u]!r}, {dag.nodes[v]!r}) "
+                             f"({len(missing)} edge(s) in all)")
+
+
+def make_plan(dag: DAG, strategy: str = "opara", demand: Mapping[str, float] | None = None,
+              memory_bound: AbstractSet[str] | Iterable[str] | None = None, order: str = "opara") -> Plan:
+    """Allocate streams (``strategy``), choose the launch order (``order``) and derive the minimal syncs.
+
+    ``order="opara"`` applies paper Alg. 2 with ``demand`` / ``memory_bound``; ``"topological"`` launches in
+    ``dag.nodes`` order. For ``strategy="wavefront"`` the order goes level by level (inside a level Alg. 2's rule
+    when ``order="opara"``) and the syncs make each level wait for the whole previous level.
+
+    >>> dag = DAG(["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
+    >>> p = make_plan(dag)
+    >>> p.streams, p.order, p.syncs
+    ({'a': 0, 'b': 0, 'c': 1, 'd': 0}, ['a', 'b', 'c', 'd'], [('a', 'c'), ('c', 'd')])
+    """
+    if not isinstance(order, str) or order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+    streams = allocate_streams(dag, strategy)  # validates strategy
+    stream = [streams[n] for n in dag.nodes]
+    if strategy == "wavefront":
+        level = _levels(dag)
+        use_alg2 = order == "opara"
+        names = level_order(dag, level, demand if use_alg2 else None, memory_bound if use_alg2 else None)
+        needs = barrier_requirements(stream, level)
+    else:
+        names = launch_order(dag, demand, memory_bound) if order == "opara" else list(dag.nodes)
+        needs = dag._preds
+    index = [dag.index(n) for n in names]
+    syncs = [(dag.nodes[u], dag.nodes[v]) for u, v in minimal_syncs(stream, index, needs)]
+    return Plan(streams=streams, order=names, syncs=syncs, num_streams=len(set(stream)), strategy=strategy,
+                order_kind=order)
