@@ -1,7 +1,8 @@
 """Models to try opara_nb on: small bundled ones (always available) and the paper's six (when installed).
 
-``get(name, batch=1, device="cpu")`` returns ``(model, args, kwargs)`` ready for ``opara_nb.optimize(model, *args,
-**kwargs)``. Models are in eval mode with random weights; nothing is ever downloaded.
+``get(name, batch=1, device="cpu", seed=0)`` returns ``(model, args, kwargs)`` ready for ``opara_nb.optimize(model,
+*args, **kwargs)``. Models are in eval mode with random weights drawn from ``seed`` (the same name, batch and seed give
+the same weights and inputs); nothing is ever downloaded. No CUDA work happens at import.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import OparaUsageError
 from .bundled import DeepFM, GraphBreakNet, InceptionNet, TinyTransformer
 from .zoo import PAPER_MODELS
 
@@ -57,14 +59,26 @@ def available() -> list[str]:
     return list(_BUNDLED) + [n for n, spec in PAPER_MODELS.items() if spec.installed()]
 
 
-def get(name: str, batch: int = 1, device: str | torch.device = "cpu") -> Example:
-    """Build model ``name`` in eval mode with random weights, plus example inputs of batch size ``batch``."""
-    if name in _BUNDLED:
-        model, args, kwargs = _BUNDLED[name](batch)
-    elif name in PAPER_MODELS:
-        model, args, kwargs = PAPER_MODELS[name].build(batch)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+def get(name: str, batch: int = 1, device: str | torch.device = "cpu", seed: int | None = 0) -> Example:
+    """Build model ``name`` in eval mode with random weights, plus example inputs of batch size ``batch``.
+
+    ``seed`` seeds torch's CPU generator for the build (the caller's RNG state is restored afterwards); ``None`` leaves
+    the global RNG alone. A paper model whose library is missing raises OparaUsageError naming the pip package.
+
+    >>> model, args, kwargs = get("deepfm", batch=4)
+    >>> tuple(model(*args, **kwargs).shape)
+    (4, 1)
+    """
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise OparaUsageError(f"batch must be a positive int, got {batch!r}")
+    if name not in _BUNDLED and name not in PAPER_MODELS:
+        raise OparaUsageError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    build = _BUNDLED[name] if name in _BUNDLED else PAPER_MODELS[name].build_checked
+    # built on the CPU generator so that the same seed gives the same model on every device
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model, args, kwargs = build(batch)
     return _to(model.eval(), args, kwargs, device)
 
 

@@ -11,7 +11,8 @@ __all__ = ["InceptionNet", "TinyTransformer", "GraphBreakNet", "DeepFM"]
 class ConvReLU(nn.Sequential):
     def __init__(self, cin: int, cout: int, k: int = 1) -> None:
         # in-place ReLU on purpose: capture must order mutations correctly across streams
-        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class InceptionBlock(nn.Module):

@@ -7,16 +7,28 @@ from typing import Callable
 
 import torch
 
+from ..errors import OparaUsageError
+
 __all__ = ["PAPER_MODELS", "ZooModel"]
 
 
 @dataclass(frozen=True)
 class ZooModel:
+    """A paper model: the library (import name, also its pip name) it comes from and how to build it."""
+
     library: str
     build: Callable[[int], tuple[torch.nn.Module, tuple, dict]]
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.library) is not None
+
+    def build_checked(self, batch: int) -> tuple[torch.nn.Module, tuple, dict]:
+        """``build(batch)``, or OparaUsageError saying which package to install when the library is missing."""
+        if not self.installed():
+            raise OparaUsageError(f"this model needs {self.library}, which is not installed: pip install "
+                                  f"{self.library}  (bundled models need nothing: inception_block, tiny_transformer, "
+                                  f"graph_break, deepfm)")
+        return self.build(batch)
 
 
 def _googlenet(batch: int):

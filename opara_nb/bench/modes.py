@@ -1,0 +1,211 @@
+"""How each benchmark mode is built from (model, args, kwargs), and what it reports about itself.
+
+A mode is built into a ``Built``: a zero-argument ``call`` that runs the model once with the user's calling convention
+(inputs in, fresh outputs out), facts for the table (strategy, streams, planning time, ...) and a ``release``.
+The sequential CUDA Graph baseline is implemented here, not through opara_nb, so that the comparison does not share
+code (or bugs) with what it measures; it uses the same calling convention as ``OparaModule``: copy inputs into static
+buffers, replay, clone outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import OparaUsageError
+
+__all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "OPARA_MODES", "Built", "Unavailable", "build_mode",
+           "SequentialCudaGraph", "map_tensors", "tensor_leaves"]
+
+# mode -> (strategy, launch order) for the modes that go through opara_nb.optimize. Nimble and wavefront launch in
+# topological order as those systems do; "opara-topo" is the launch-order ablation of opara (Alg. 1 without Alg. 2).
+OPARA_MODES: dict[str, tuple[str, str]] = {
+    "opara": ("opara", "opara"),
+    "nimble": ("nimble", "topological"),
+    "wavefront": ("wavefront", "topological"),
+    "opara-topo": ("opara", "topological"),
+    "auto": ("auto", "opara"),
+}
+MODES: dict[str, str] = {
+    "eager": "the model as given",
+    "cudagraph": "sequential CUDA Graph of the eager model (one stream; the baseline)",
+    "opara": "opara_nb: Alg. 1 streams + Alg. 2 launch order",
+    "nimble": "opara_nb with Nimble's stream assignment (minimum chain cover), topological order",
+    "wavefront": "opara_nb with wavefront (BFS level) streams, topological order",
+    "opara-topo": "opara_nb: Alg. 1 streams, topological launch order (launch-order ablation)",
+    "auto": "opara_nb default: measures candidate plans at capture time, keeps the fastest",
+    "compile": "torch.compile(mode='reduce-overhead')",
+}
+DEFAULT_MODES: tuple[str, ...] = ("eager", "cudagraph", "opara", "nimble", "wavefront", "opara-topo", "auto")
+CPU_DEFAULT_MODES: tuple[str, ...] = ("eager", "cudagraph", "opara")
+
+
+class Unavailable(Exception):
+    """A mode cannot run here (no CUDA, ...); the message is the reason shown in the table."""
+
+
+@dataclass
+class Built:
+    call: Callable[[], Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    release: Callable[[], None] = lambda: None
+    # facts read again after the timed calls (a module may capture or re-plan on its first calls)
+    refresh: Callable[[], dict[str, Any]] | None = None
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nest of tuples, lists and mappings (Hugging Face ModelOutput included)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        mapped = {k: map_tensors(fn, v) for k, v in obj.items()}
+        try:
+            return type(obj)(**mapped)
+        except TypeError:  # a mapping type that cannot be rebuilt from keywords: a plain dict keeps the values
+            return mapped
+    if isinstance(obj, (list, tuple)):
+        items = [map_tensors(fn, v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists and mappings, in a stable order."""
+    found: list[torch.Tensor] = []
+    map_tensors(found.append, obj)
+    return found
+
+
+class SequentialCudaGraph:
+    """The eager model captured into one plain ``torch.cuda.CUDAGraph`` on one stream (the paper's baseline)."""
+
+    def __init__(self, model: Callable, args: tuple, kwargs: dict, warmup: int = 3) -> None:
+        self._model = model
+        self._static_args = map_tensors(lambda t: t.clone(), args)
+        self._static_kwargs = map_tensors(lambda t: t.clone(), kwargs)
+        self._warm_up(warmup)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            self._static_out = self._run()
+
+    def _run(self) -> Any:
+        return self._model(*self._static_args, **self._static_kwargs)
+
+    def _warm_up(self, iters: int) -> None:
+        # warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) never lands in the capture
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(iters):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        new = tensor_leaves((args, kwargs))
+        static = tensor_leaves((self._static_args, self._static_kwargs))
+        if len(new) != len(static) or any(n.shape != s.shape for n, s in zip(new, static)):
+            raise OparaUsageError("SequentialCudaGraph was captured for other input shapes; build a new one")
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        self._graph.replay()
+        return map_tensors(lambda t: t.clone(), self._static_out)
+
+    def release(self) -> None:
+        self._graph.reset()
+        self._static_out = None
+
+
+def _build_eager(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
+    return Built(lambda: model(*args, **kwargs), {"run_mode": "eager"})
+
+
+def _dynamo_traced(model: Callable) -> Callable:
+    """The model as dynamo's graphs run eagerly (backend "eager"): the same operators, but Python-level checks that
+    read tensor values on the host (Hugging Face's "is the mask all ones?") are resolved at trace time, which is what
+    makes such models capturable, for the baseline exactly as for opara_nb's own capture."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:  # a wrapper, so the user's module is never changed
+        return model(*args, **kwargs)
+
+    return torch.compile(call, backend="eager", dynamic=False)
+
+
+def _build_cudagraph(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
+    if not cuda:
+        raise Unavailable("needs CUDA (model and inputs on a GPU)")
+    info: dict[str, Any] = {"run_mode": "cuda-graph", "strategy": "sequential", "order": "topological",
+                            "logical_streams": 1, "physical_streams": 1}
+    try:
+        graph = SequentialCudaGraph(model, args, kwargs)
+    except RuntimeError as exc:  # e.g. a host sync inside the model: not allowed while capturing
+        torch.cuda.synchronize()
+        graph = SequentialCudaGraph(_dynamo_traced(model), args, kwargs)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        info["reason"] = f"captured the dynamo-traced model: capturing the eager model failed ({first})"
+    return Built(lambda: graph(*args, **kwargs), info, graph.release)
+
+
+def _build_compile(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
+    if not cuda:
+        raise Unavailable("needs CUDA: reduce-overhead is CUDA graphs")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    # cudagraph trees need to be told that a new inference step starts, or they keep the last outputs alive
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", lambda: None)
+
+    def call() -> Any:
+        mark_step()
+        return compiled(*args, **kwargs)
+
+    for _ in range(5):  # compile, then record and warm the CUDA graphs (trees record on the 2nd/3rd call)
+        call()
+    torch.cuda.synchronize()
+    return Built(call, {"run_mode": "compile"}, torch._dynamo.reset)
+
+
+def _opara_info(om: Any) -> dict[str, Any]:
+    report = om.report
+    graphs = list(getattr(report, "graphs", []) or [])
+    profiles = list(getattr(om, "profiles", []) or [])
+    crit = [p.critical_path_ms for p in profiles if getattr(p, "has_gpu_data", False)]
+    return {
+        "run_mode": report.mode, "reason": report.reason, "strategy": report.strategy, "order": report.order,
+        "graphs": len(graphs),
+        "logical_streams": max((g.get("logical_streams", 0) for g in graphs), default=None),
+        "physical_streams": max((g.get("physical_streams", 0) for g in graphs), default=None),
+        "nodes": sum(g.get("nodes", 0) for g in graphs),
+        "profile_ms": report.profile_ms, "plan_ms": report.plan_ms, "capture_ms": report.capture_ms,
+        "critical_path_ms": sum(crit) if crit and len(crit) == len(profiles) else None,
+        "candidates": dict(getattr(report, "candidates", None) or {}),
+    }
+
+
+def _build_opara(mode: str) -> Callable[[Callable, tuple, dict, bool], Built]:
+    strategy, order = OPARA_MODES[mode]
+
+    def build(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
+        from ..runtime import optimize  # the runtime layer is only needed for these modes
+
+        om = optimize(model, *args, strategy=strategy, order=order, **kwargs)
+        info = _opara_info(om)
+        info["requested"] = f"{strategy}/{order}"
+        return Built(lambda: om(*args, **kwargs), info, om.release, lambda: _opara_info(om))
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[Callable, tuple, dict, bool], Built]] = {
+    "eager": _build_eager, "cudagraph": _build_cudagraph, "compile": _build_compile,
+    **{m: _build_opara(m) for m in OPARA_MODES},
+}
+
+
+def build_mode(mode: str, model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
+    """Build ``mode`` for ``model``; raises Unavailable when it cannot run here, OparaUsageError for a bad name."""
+    if mode not in _BUILDERS:
+        raise OparaUsageError(f"unknown benchmark mode {mode!r}; choose from: {', '.join(MODES)}")
+    return _BUILDERS[mode](model, args, kwargs, cuda)

@@ -1,0 +1,218 @@
+"""Command line: ``python -m opara_nb demo`` (see a plan on a bundled model) and ``python -m opara_nb bench`` (measure).
+
+    python -m opara_nb demo --model inception_block --out opara_demo_out
+    python -m opara_nb bench --model googlenet --batch 1 --modes eager,cudagraph,opara --json out.json --md out.md
+    python -m opara_nb bench --model inception_v3 --batch 1,2,4,8,16,32       # batch sweep (paper Fig. 8/9)
+    python -m opara_nb alloc --model all                                      # allocation time (paper Table 1)
+
+Usage errors (unknown model or mode, bad batch list) exit with status 2 and a message listing what is valid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "PAPER_SIX", "resolve_models"]
+
+# the paper's six models, in its order; "all" means these
+PAPER_SIX: tuple[str, ...] = ("googlenet", "inception_v3", "nasnet", "deepfm", "bert", "t5")
+# what to run instead when a paper model's library is not installed
+_FALLBACK = {"googlenet": "inception_block", "inception_v3": "inception_block", "nasnet": "inception_block",
+             "bert": "tiny_transformer", "t5": "tiny_transformer"}
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch wants positive integers separated by commas, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--batch wants positive integers separated by commas, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench.modes import DEFAULT_MODES, MODES
+    from .models import names
+
+    parser = argparse.ArgumentParser(
+        prog="opara-nb", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="opara_nb: run independent PyTorch operators in parallel on CUDA streams inside one CUDA Graph.\n\n"
+                    "examples:\n"
+                    "  python -m opara_nb demo                      # plan, profile, stream graph of a bundled model\n"
+                    "  python -m opara_nb bench --model googlenet --modes eager,cudagraph,opara,compile\n"
+                    "  python -m opara_nb bench --model inception_v3 --batch 1,2,4,8   # batch sweep\n"
+                    "  python -m opara_nb alloc --model all          # stream allocation time per strategy\n"
+                    "  python -m opara_nb bench --help              # all options of one command",
+        epilog=f"models: {', '.join(names())}, all (= {', '.join(PAPER_SIX)})\n"
+               f"modes: " + "".join(f"\n  {m:11s} {d}" for m, d in MODES.items()))
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,alloc}")
+
+    demo = sub.add_parser("demo", help="optimize a bundled model, print its report and profile, draw its streams")
+    demo.add_argument("--model", default="inception_block", help="model name (default: inception_block)")
+    demo.add_argument("--out", default="opara_demo_out", help="folder for the stream graph (default: ./opara_demo_out)")
+    demo.add_argument("--iters", type=int, default=20, help="timed calls per mode in the short benchmark (default 20)")
+
+    bench = sub.add_parser("bench", help="benchmark modes side by side on one or more models / batch sizes",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"default modes: {','.join(DEFAULT_MODES)} (add compile for torch.compile)")
+    bench.add_argument("--model", default="inception_block", help="name, comma list, or 'all' (the paper's six)")
+    bench.add_argument("--batch", type=_batches, default=[1], help="batch size or comma list to sweep (default 1)")
+    bench.add_argument("--modes", default=None, help=f"comma list of: {','.join(MODES)}")
+    bench.add_argument("--iters", type=int, default=200, help="timed calls per mode and latency (default 200)")
+    bench.add_argument("--warmup", type=int, default=20, help="untimed calls before timing (default 20)")
+    bench.add_argument("--json", default=None, help="write all results as JSON to this path")
+    bench.add_argument("--md", default=None, help="write all results as markdown to this path")
+
+    alloc = sub.add_parser("alloc", help="time stream allocation per strategy on model DAGs (paper Table 1)")
+    alloc.add_argument("--model", default="all", help="name, comma list, or 'all' (the paper's six)")
+    alloc.add_argument("--json", default=None, help="write the table as JSON to this path")
+    alloc.add_argument("--md", default=None, help="write the table as markdown to this path")
+    return parser
+
+
+def resolve_models(spec: str, parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """(model names to run, notes): expands 'all', replaces paper models whose library is missing by bundled ones."""
+    from .models import names
+    from .models.zoo import PAPER_MODELS
+
+    wanted = list(PAPER_SIX) if spec.strip() == "all" else _csv(spec)
+    unknown = [n for n in wanted if n not in names()]
+    if unknown or not wanted:
+        parser.error(f"unknown model {', '.join(unknown) or '(none)'}; valid: {', '.join(names())}, all")
+    chosen, notes = [], []
+    for name in wanted:
+        if name in PAPER_MODELS and not PAPER_MODELS[name].installed():
+            if spec.strip() != "all":
+                bundled = ", ".join(sorted(set(_FALLBACK.values())))
+                library = PAPER_MODELS[name].library
+                parser.error(f"model {name} needs {library}: pip install {library}  "
+                             f"(or pick a bundled model: {bundled})")
+            fallback = _FALLBACK[name]
+            notes.append(f"{name}: {PAPER_MODELS[name].library} is not installed; ran bundled {fallback} instead")
+            name = fallback
+        if name not in chosen:
+            chosen.append(name)
+    return chosen, notes
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _write(path: str | None, text: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"wrote {path}")
+
+
+def _check_modes(text: str | None, parser: argparse.ArgumentParser) -> list[str] | None:
+    from .bench.modes import MODES
+
+    if text is None:
+        return None
+    modes = _csv(text)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        parser.error(f"unknown mode {', '.join(unknown) or '(none)'}; valid: {', '.join(MODES)}")
+    return modes
+
+
+def _save(ns: argparse.Namespace, notes: list[str], results: list[Any]) -> None:
+    """Write --json / --md with every result so far (called after each mode: a timeout keeps what was measured)."""
+    from .bench import sweep_markdown
+
+    command = "python -m opara_nb " + " ".join(shlex.quote(a) for a in ns.argv)
+    md = [f"`{command}`\n"] + [f"- {n}" for n in notes] + [r.to_markdown() for r in results]
+    if len(ns.batch) > 1 and results:
+        md.append(sweep_markdown(results))
+    for path, text in ((ns.md, "\n".join(md)),
+                       (ns.json, json.dumps({"command": command, "notes": notes,
+                                             "results": [r.to_dict() for r in results]}, indent=2, default=str))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+
+
+def _cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import sweep_markdown
+    from .bench.harness import run_benchmark
+    from .models import get
+
+    modes = _check_modes(ns.modes, parser)
+    models, notes = resolve_models(ns.model, parser)
+    if ns.iters < 1 or ns.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    for line in notes:
+        print(f"note: {line}")
+    done: list[Any] = []
+    failed = False
+    for name in models:
+        per_model = []
+        for batch in ns.batch:
+            try:
+                model, args, kwargs = get(name, batch=batch, device=_device())
+                res = run_benchmark(model, args, kwargs, modes=modes, iters=ns.iters, warmup=ns.warmup, label=name,
+                                    on_row=lambda partial: _save(ns, notes, done + [partial]))
+            except Exception as exc:  # a model that cannot be built must not cost the other models their numbers
+                failed = True
+                notes.append(f"{name} (batch {batch}) failed: {type(exc).__name__}: {exc}")
+                print(f"error: {notes[-1]}", file=sys.stderr, flush=True)
+                continue
+            print(repr(res), "\n", flush=True)
+            done.append(res)
+            per_model.append(res)
+            del model, args, kwargs
+        if len(ns.batch) > 1 and per_model:
+            print(sweep_markdown(per_model), flush=True)
+    _save(ns, notes, done)
+    for path in (ns.md, ns.json):
+        if path:
+            print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+def _cmd_alloc(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import allocation_table
+
+    models, notes = resolve_models(ns.model, parser)
+    table = allocation_table(models)
+    print("".join(f"note: {n}\n" for n in notes) + repr(table))
+    command = "python -m opara_nb " + " ".join(shlex.quote(a) for a in ns.argv)
+    _write(ns.md, f"`{command}`\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" + table.to_markdown())
+    _write(ns.json, json.dumps({"command": command, "notes": notes, **json.loads(table.to_json())}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``opara-nb`` and ``python -m opara_nb``; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(argv)
+    ns.argv = argv  # recorded with the results: the exact command
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    if ns.command == "demo":
+        from .bench.demo import run_demo
+        from .models import names
+
+        if ns.model not in names():
+            parser.error(f"unknown model {ns.model}; valid: {', '.join(names())}")
+        return run_demo(ns.model, Path(ns.out), iters=max(1, ns.iters))
+    return {"bench": _cmd_bench, "alloc": _cmd_alloc}[ns.command](ns, parser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU check the lead runs on the GPU machine (from the checkout root):
+#
+#   scripts/gpu_check.sh [STAGE] [MODEL...]
+#
+# STAGE: env | tests | bench | sweep | alloc | report | all (default all). bench takes model names (default: the
+# paper's six). Every stage rewrites benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still
+# leaves a report; with $OUT set (the device tool) results are copied there too.
+# Knobs (environment): ITERS (200), BUDGET_S (wall budget for this call, 540), NAME (h100), MODES, SWEEP_MODES,
+# SWEEP_BATCHES, SWEEP_MODEL (inception_v3), CUDA_TEST_TIMEOUT (300), MODEL_TIMEOUT_S (per-model default table).
+# To stay under 10 minutes per call, split it, e.g.:
+#   scripts/gpu_check.sh tests; scripts/gpu_check.sh bench googlenet inception_v3 deepfm;
+#   scripts/gpu_check.sh bench nasnet; scripts/gpu_check.sh bench bert t5; scripts/gpu_check.sh sweep;
+#   scripts/gpu_check.sh alloc
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+
+STAGE=${1:-all}
+shift || true
+ITERS=${ITERS:-200}
+BUDGET_S=${BUDGET_S:-540}
+NAME=${NAME:-h100}
+# most important first: a model that runs out of time still has its baseline and opara rows
+MODES=${MODES:-eager,cudagraph,opara,opara-topo,auto,nimble,wavefront,compile}
+SWEEP_MODES=${SWEEP_MODES:-eager,cudagraph,opara,auto}
+SWEEP_BATCHES=${SWEEP_BATCHES:-1,2,4,8,16,32}
+SWEEP_MODEL=${SWEEP_MODEL:-inception_v3}
+RES=benchmarks/results
+PARTS=$RES/parts
+mkdir -p "$PARTS"
+MODELS=("$@")
+[ ${#MODELS[@]} -eq 0 ] && MODELS=(googlenet inception_v3 nasnet deepfm bert t5)
+
+# seconds each model may take in the bench stage (capture of NASNet and reduce-overhead compiles are the slow parts)
+# (MODEL_TIMEOUT_S, when set, replaces them all)
+declare -A MODEL_TIMEOUT=([googlenet]=120 [inception_v3]=150 [nasnet]=300 [deepfm]=90 [bert]=150 [t5]=120)
+
+left() { echo $((BUDGET_S - SECONDS)); }
+
+# run CMD... with a timeout of min($1, budget left - 15 s); logs the exact command
+bounded() {
+  local want=$1; shift
+  local cap=$(( $(left) - 15 ))
+  [ "$want" -lt "$cap" ] || want=$cap
+  if [ "$want" -lt 20 ]; then
+    echo "SKIPPED (wall budget spent): $*" | tee -a "$PARTS/commands.txt"
+    return 124
+  fi
+  echo "timeout $want $*" | tee -a "$PARTS/commands.txt"
+  timeout --signal=INT --kill-after=10 "$want" "$@"
+}
+
+report() {
+  python -m opara_nb.bench.collect "$RES" --name "$NAME" || echo "collect failed"
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/results"
+    cp "$RES/$NAME.md" "$RES/$NAME.json" "$OUT/" 2>/dev/null || true
+    cp -r "$PARTS" "$OUT/results/" 2>/dev/null || true
+  fi
+}
+
+stage_env() {
+  {
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version --format=csv 2>&1
+    python -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32)'
+    for lib in torchvision timm transformers; do
+      python -c "import $lib; print('$lib', $lib.__version__)" 2>/dev/null || echo "$lib: not installed"
+    done
+    echo "ITERS=$ITERS MODES=$MODES SWEEP_MODES=$SWEEP_MODES SWEEP_BATCHES=$SWEEP_BATCHES"
+  } > "$PARTS/env.txt"
+  cat "$PARTS/env.txt"
+}
+
+stage_tests() {
+  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m cuda -q -rs 2>&1 | tee "$PARTS/cuda_tests.txt"
+  [ -n "${OUT:-}" ] && cp "$PARTS/cuda_tests.txt" "$OUT/" 2>/dev/null
+  report
+}
+
+stage_bench() {
+  for m in "${MODELS[@]}"; do
+    # one process per model: a crash or hang in one model leaves the others' numbers
+    bounded "${MODEL_TIMEOUT_S:-${MODEL_TIMEOUT[$m]:-150}}" python -m opara_nb bench --model "$m" --batch 1 --modes "$MODES" \
+      --iters "$ITERS" --json "$PARTS/bench_$m.json" --md "$PARTS/bench_$m.md" 2>&1 | tee "$PARTS/bench_$m.log"
+    echo "bench $m: exit ${PIPESTATUS[0]}" | tee -a "$PARTS/commands.txt"
+    report
+  done
+}
+
+stage_sweep() {
+  bounded 480 python -m opara_nb bench --model "$SWEEP_MODEL" --batch "$SWEEP_BATCHES" --modes "$SWEEP_MODES" \
+    --iters "$ITERS" --json "$PARTS/sweep_$SWEEP_MODEL.json" --md "$PARTS/sweep_$SWEEP_MODEL.md" 2>&1 \
+    | tee "$PARTS/sweep_$SWEEP_MODEL.log"
+  report
+}
+
+stage_alloc() {
+  # capture runs on the CPU here: allocation time is pure host work
+  bounded 300 python -m opara_nb alloc --model all --json "$PARTS/alloc.json" --md "$PARTS/alloc.md" 2>&1 \
+    | tee "$PARTS/alloc.log"
+  report
+}
+
+[ "$STAGE" = report ] || [ "$STAGE" = all ] || [ "$STAGE" = env ] || stage_env
+case "$STAGE" in
+  env) stage_env; report ;;
+  tests) stage_tests ;;
+  bench) stage_bench ;;
+  sweep) stage_sweep ;;
+  alloc) stage_alloc ;;
+  report) report ;;
+  all) stage_env; CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-150} stage_tests; stage_bench; stage_sweep; stage_alloc ;;
+  *) echo "unknown stage '$STAGE'; use env|tests|bench|sweep|alloc|report|all" >&2; exit 2 ;;
+esac
+echo "==== $RES/$NAME.md ===="
+cat "$RES/$NAME.md"
