@@ -1,0 +1,118 @@
+"""The torch.compile backend "opara": each dynamo graph is planned and run by a PlanExecutor, on CUDA in its own
+multi-stream CUDA graph (captured on the first call, replayed afterwards).
+
+    compiled = torch.compile(model, backend="opara")
+
+Registered with dynamo when this module is imported and through the ``torch_dynamo_backends`` entry point
+(``opara = "opara_nb.backend:opara_backend"``), so the string works whether or not opara_nb was imported first.
+A graph that cannot be planned or captured runs as dynamo gave it (``gm.forward``), with a one-line warning.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["opara_backend", "skip_reason"]
+
+_graph_ids = itertools.count()
+
+
+def skip_reason(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
+    """Why a graph is run as-is rather than planned (None: plan it)."""
+    if not any(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes):
+        return "the graph has no operators"
+    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+        return "the graph takes non-tensor inputs (symbolic sizes): run it as dynamo gave it"
+    return None
+
+
+class _CudaGraphRunner:
+    """Capture ``executor`` into its own CUDA graph on the first call; replay afterwards.
+
+    Inputs are copied into static buffers, except parameters and buffers that are the very tensors seen at capture
+    (same object, or same data pointer): those keep their addresses and need no copy. Outputs are cloned.
+    """
+
+    def __init__(self, executor: Callable, gm: torch.fx.GraphModule) -> None:
+        self.executor = executor
+        self.gm = gm
+        self.graph: Any = None
+        self.failed: str | None = None
+
+    def _capture(self, args: list) -> None:
+        self.static = [a if self._is_param(a) else a.detach().clone() for a in args]
+        self.static_ptr = [a.data_ptr() for a in self.static]
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.executor(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = self.executor(*self.static)
+        self.outputs, self.spec = torch.utils._pytree.tree_flatten(out)
+        self.graph, self.pool = graph, pool
+
+    @staticmethod
+    def _is_param(x: Any) -> bool:
+        return isinstance(x, torch.nn.Parameter) or getattr(x, "_is_param", False)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed is not None:
+            return self.executor(*args)
+        if self.graph is None:
+            try:
+                self._capture(list(args))
+            except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
+                self.graph = None
+                self.failed = f"{type(exc).__name__}: {exc}"
+                torch.cuda.synchronize()
+                warnings.warn(f"opara backend: CUDA graph capture failed ({self.failed}); running the plan eagerly",
+                              stacklevel=2)
+                return self.executor(*args)
+        for dst, ptr, src in zip(self.static, self.static_ptr, args):
+            if src is not dst and src.data_ptr() != ptr:
+                dst.copy_(src)
+        self.graph.replay()
+        return torch.utils._pytree.tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o
+                                                   for o in self.outputs], self.spec)
+
+
+def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Plan ``gm`` (capture -> profile -> plan with strategy "opara") and return its runner; see the module doc."""
+    reason = skip_reason(gm, example_inputs)
+    if reason is not None:
+        return gm.forward
+    try:
+        from .capture import CapturedGraph
+        from .planning import plan_graph
+        from .runtime import PlanExecutor
+
+        g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
+        _, plan = plan_graph(g, "opara", "opara")
+        executor = PlanExecutor(g, plan)
+    except Exception as exc:  # noqa: BLE001 - a graph we cannot plan still runs correctly as given
+        warnings.warn(f"opara backend: running a graph unplanned ({type(exc).__name__}: {exc})", stacklevel=2)
+        return gm.forward
+    if any(x.is_cuda for x in example_inputs) and torch.cuda.is_available():
+        return _CudaGraphRunner(executor, gm)
+    return executor
+
+
+def _register() -> None:
+    from torch._dynamo.backends import registry
+
+    if "opara" in registry._COMPILER_FNS:
+        return
+    # When dynamo is loading us through the entry point, it registers the loaded function itself right after the
+    # import returns; registering here too would make it raise "duplicate name".
+    if registry._BACKENDS.get("opara") is not None:
+        return
+    registry.register_backend(opara_backend, name="opara")
+
+
+_register()

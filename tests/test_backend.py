@@ -1,0 +1,49 @@
+"""torch.compile(model, backend="opara") on CPU: registered, planned, same results."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import opara_nb.backend as backend
+from opara_nb import models
+from opara_nb.runtime import PlanExecutor
+
+
+@pytest.mark.parametrize("name", ["inception_block", "graph_break", "tiny_transformer"])
+def test_torch_compile_with_the_registered_name(name):
+    torch._dynamo.reset()
+    model, args, kwargs = models.get(name)
+    compiled = torch.compile(model, backend="opara")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_backend_returns_a_plan_executor_on_cpu():
+    torch._dynamo.reset()
+    model, args, kwargs = models.get("inception_block")
+    seen = []
+
+    def spy(gm, example_inputs):
+        fn = backend.opara_backend(gm, example_inputs)
+        seen.append(fn)
+        return fn
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=spy)(*args, **kwargs)
+        torch.testing.assert_close(out, model(*args, **kwargs))
+    assert seen and all(isinstance(fn, PlanExecutor) for fn in seen)
+    assert seen[0].plan.strategy == "opara"
+
+
+def test_registered_with_dynamo():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("opara") is backend.opara_backend
+    assert "opara" in torch._dynamo.list_backends()
+
+
+def test_skip_check_gives_a_reason():
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    assert "no operators" in backend.skip_reason(gm, [torch.ones(1)])
+    assert backend.opara_backend(gm, [torch.ones(1)]) == gm.forward

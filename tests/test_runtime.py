@@ -1,0 +1,258 @@
+"""PlanExecutor on hand-built fx graphs (no capture/profile layers needed): results, choreography, stream mapping."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from opara_nb.runtime import FakeStreams, NodeError, PlanExecutor, map_physical_streams
+from opara_nb.runtime.streams import FakeEvent, FakeStream
+from opara_nb.schedule import DAG, STRATEGIES, make_plan
+
+_OPS = ("call_function", "call_method", "call_module")
+
+
+class Branchy(nn.Module):
+    """Four independent branches off one input, joined: plenty of streams and syncs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = torch.sigmoid(self.b(x)).mul(2.0)
+        c = self.c(x).tanh()
+        d = x.sum(dim=-1, keepdim=True)
+        return torch.cat([a + b, c * d, a - c], dim=-1)
+
+
+class _Graph:
+    """A stand-in for CapturedGraph: an fx GraphModule and its data-dependency DAG."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.index = 0
+        ops = [n for n in gm.graph.nodes if n.op in _OPS]
+        names = {n.name for n in ops}
+        edges = [(p.name, n.name) for n in ops for p in n.all_input_nodes if p.name in names]
+        self.dag = DAG(nodes=[n.name for n in ops], edges=edges)
+
+
+def _graph(model: nn.Module = None) -> _Graph:
+    return _Graph(torch.fx.symbolic_trace(model or Branchy()))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("order", ["opara", "topological"])
+def test_executor_matches_graph_module(strategy, order):
+    g = _graph()
+    x = torch.randn(4, 8)
+    ex = PlanExecutor(g, make_plan(g.dag, strategy=strategy, order=order))
+    torch.testing.assert_close(ex(x), g.gm(x))
+    # the fake stream layer runs the same choreography on CPU tensors and must not change results
+    fake_ex = PlanExecutor(g, make_plan(g.dag, strategy=strategy, order=order), streams=FakeStreams())
+    torch.testing.assert_close(fake_ex(x), g.gm(x))
+
+
+def _logged_run(strategy: str, order: str = "opara"):
+    """Run Branchy under FakeStreams with every node's target wrapped to log (node, current stream)."""
+    g = _graph()
+    fake = FakeStreams()
+    for node in g.gm.graph.nodes:
+        if node.op == "call_function":
+            node.target = _logging(node.target, node.name, fake)
+    g.gm.recompile()
+    plan = make_plan(g.dag, strategy=strategy, order=order)
+    ex = PlanExecutor(g, plan, streams=fake)
+    fake.log.append(("capture_begin",))
+    ex(torch.randn(2, 8))
+    fake.log.append(("capture_end",))
+    return g, plan, ex, fake
+
+
+def _logging(fn, name, fake):
+    def run(*args, **kwargs):
+        fake.log.append(("run", name, fake.current))
+        return fn(*args, **kwargs)
+    return run
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_choreography_with_fake_streams(strategy):
+    g, plan, ex, fake = _logged_run(strategy)
+    log = fake.log
+    recorded: dict[FakeEvent, int] = {}
+    for i, entry in enumerate(log):
+        if entry[0] == "record":
+            recorded[entry[1]] = i
+        if entry[0] == "wait":
+            assert entry[2] in recorded, f"waited on {entry[2]} before it was recorded"
+    side = {e[1] for e in log if e[0] == "enter" and e[1] is not fake.main}
+    assert len(side) == ex.num_physical_streams - 1
+    begin = log.index(("capture_begin",))
+    end = log.index(("capture_end",))
+    for s in side:
+        # forked: the side stream's first action is a wait on an event the main stream recorded after capture began
+        first = next(i for i, e in enumerate(log) if len(e) > 1 and s in e[1:])
+        assert log[first][0] == "wait" and log[first][1] is s
+        fork_rec = recorded[log[first][2]]
+        assert log[fork_rec][2] is fake.main and fork_rec > begin
+        # joined: its last record is waited on by the main stream before capture ends
+        last_rec = max(i for i, e in enumerate(log) if e[0] == "record" and e[2] is s)
+        ev = log[last_rec][1]
+        joins = [i for i, e in enumerate(log) if e[0] == "wait" and e[1] is fake.main and e[2] is ev]
+        assert joins and joins[0] < end
+        assert not any(e[0] in ("run",) and e[2] is s for e in log[last_rec:])
+    runs = [e for e in log if e[0] == "run"]
+    names = [e[1] for e in runs]
+    assert len(names) >= 5
+    assert names == [n for n in plan.order if n in set(names)]  # launch order kept
+    phys = [fake.main] + sorted(side, key=lambda s: s.name)
+    for _, name, stream in runs:
+        assert stream is _stream_of(ex, name, fake, phys)
+
+
+def _stream_of(ex, name, fake, phys):
+    index = ex.mapping.physical[ex.plan.streams[name]]
+    if index == 0:
+        return fake.main
+    # side streams are created in physical-index order
+    return next(s for s in phys if s.name == f"side{index}")
+
+
+def test_sequential_plan_uses_only_the_callers_stream():
+    _, _, ex, fake = _logged_run("sequential")
+    assert ex.num_physical_streams == 1
+    assert not [e for e in fake.log if e[0] in ("record", "wait")]
+
+
+def test_cross_stream_syncs_become_record_wait_pairs():
+    g, plan, ex, fake = _logged_run("opara")
+    waits = [e for e in fake.log if e[0] == "wait"]
+    cross = [(u, v) for u, v in plan.syncs
+             if ex.mapping.physical[plan.streams[u]] != ex.mapping.physical[plan.streams[v]]]
+    forks_and_joins = 2 * (ex.num_physical_streams - 1)
+    assert len(waits) == len(cross) + forks_and_joins
+    assert plan.num_streams > 1 and cross
+
+
+def test_node_failure_names_the_node():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.matmul(x, x)
+
+    g = _graph(Bad())
+    ex = PlanExecutor(g, make_plan(g.dag, strategy="opara"))
+    with pytest.raises(NodeError, match="matmul"):
+        ex(torch.randn(2, 3))
+
+
+def test_plan_for_another_graph_is_rejected():
+    g = _graph()
+    plan = make_plan(DAG(nodes=["x"], edges=[]))
+    with pytest.raises(ValueError, match="plan.order does not match"):
+        PlanExecutor(g, plan)
+
+
+def test_cross_stream_values_are_kept_until_the_join():
+    g = _graph()
+    plan = make_plan(g.dag, strategy="wavefront")
+    ex = PlanExecutor(g, plan)
+    produced_on = {n: ex.mapping.physical[plan.streams[n]] for n in plan.order}
+    for node in g.gm.graph.nodes:
+        for src in node.all_input_nodes:
+            if src.name in produced_on and node.name in produced_on and produced_on[src.name] != produced_on[node.name]:
+                assert src.name in ex._keep
+    freed = {name for names in ex._free_after.values() for name in names}
+    assert not freed & ex._keep
+
+
+# ---------------------------------------------------------------- physical stream mapping
+def _random_dag(rng: random.Random, n: int, p: float) -> DAG:
+    nodes = [f"n{i}" for i in range(n)]
+    edges = [(nodes[i], nodes[j]) for j in range(n) for i in range(j) if rng.random() < p]
+    return DAG(nodes=nodes, edges=edges)
+
+
+def _reach(dag: DAG) -> dict[str, set[str]]:
+    reach: dict[str, set[str]] = {}
+    for n in reversed(dag.nodes):
+        reach[n] = {n}.union(*(reach[s] for s in dag.succs(n)))
+    return reach
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), p=st.floats(0.0, 0.4),
+       k=st.integers(1, 6), strategy=st.sampled_from(STRATEGIES))
+def test_physical_streams_share_only_dag_ordered_logical_streams(seed, n, p, k, strategy):
+    dag = _random_dag(random.Random(seed), n, p)
+    plan = make_plan(dag, strategy=strategy)
+    m = map_physical_streams(dag.nodes, {v: dag.succs(v) for v in dag.nodes}, plan.order, plan.streams, k)
+    assert m.num_logical == plan.num_streams
+    assert m.num_physical <= min(k, m.num_logical)
+    assert set(m.physical) == set(plan.streams.values())
+    reach = _reach(dag)
+    by_phys: dict[int, list[int]] = {}
+    for s in sorted(m.physical, key=lambda s: plan.order.index(next(v for v in plan.order if plan.streams[v] == s))):
+        by_phys.setdefault(m.physical[s], []).append(s)
+    unordered = 0
+    for group in by_phys.values():
+        for a, b in zip(group, group[1:]):
+            last_a = [v for v in plan.order if plan.streams[v] == a][-1]
+            first_b = next(v for v in plan.order if plan.streams[v] == b)
+            if first_b not in reach[last_a]:
+                unordered += 1
+    assert unordered <= m.forced
+    if m.num_physical < k:
+        assert m.forced == 0  # sharing without an order only when the limit forced it
+
+
+def test_independent_streams_get_their_own_physical_stream():
+    dag = DAG(nodes=["a", "b", "c"], edges=[])
+    streams = {"a": 0, "b": 1, "c": 2}
+    m = map_physical_streams(dag.nodes, {v: [] for v in dag.nodes}, ["a", "b", "c"], streams, 16)
+    assert (m.num_logical, m.num_physical, m.forced) == (3, 3, 0)
+    m2 = map_physical_streams(dag.nodes, {v: [] for v in dag.nodes}, ["a", "b", "c"], streams, 2)
+    assert (m2.num_physical, m2.forced) == (2, 1) and m2.notes
+
+
+def test_chained_logical_streams_share_one_physical_stream():
+    # a -> b -> c, each on its own logical stream: the DAG orders them, so one physical stream suffices
+    dag = DAG(nodes=["a", "b", "c"], edges=[("a", "b"), ("b", "c")])
+    m = map_physical_streams(dag.nodes, {v: dag.succs(v) for v in dag.nodes}, ["a", "b", "c"],
+                             {"a": 0, "b": 1, "c": 2}, 16)
+    assert (m.num_logical, m.num_physical, m.forced) == (3, 1, 0)
+
+
+def test_fake_layer_types():
+    fake = FakeStreams()
+    assert isinstance(fake.new_stream(), FakeStream) and isinstance(fake.new_event(), FakeEvent)
+
+
+@pytest.mark.parametrize("name", ["inception_block", "tiny_transformer", "graph_break", "deepfm"])
+def test_dynamo_graphs_run_on_fake_streams_like_the_graph_module(name):
+    from opara_nb import models
+    from opara_nb.capture import capture_graphs
+    from opara_nb.planning import plan_graph
+
+    model, args, kwargs = models.get(name)
+    with torch.no_grad():
+        for g in capture_graphs(model, args, kwargs):
+            expected = g.gm(*g.example_inputs)
+            profile, _ = plan_graph(g)
+            for strategy in STRATEGIES:
+                fake = FakeStreams()
+                plan = make_plan(g.dag, strategy=strategy, demand=profile.demands(),
+                                 memory_bound=profile.memory_bound_nodes())
+                ex = PlanExecutor(g, plan, streams=fake, max_streams=3)
+                torch.testing.assert_close(ex(*g.example_inputs), expected)
+                assert fake.current is fake.main  # every stream context was left
+                assert ex.mapping.num_physical <= 3
