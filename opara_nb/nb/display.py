@@ -1,0 +1,161 @@
+"""Result objects that render themselves in a notebook: text (``__repr__``) and HTML with inline SVG.
+
+Static output only (no server), so it survives in saved notebooks and on GitHub.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from ..report import Summary, summarize
+from ..viz import graph_html, plan_to_dot, simulate, timeline_svg
+from ..viz._common import node_facts
+
+__all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms"]
+
+
+def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
+    """(predicted latency of ``plan``, sum of operator times) from profile times: the overlap the plan can get."""
+    times = {n: f.time_ms for n, f in node_facts(profile).items() if f.time_ms is not None}
+    # Not profiled: every operator takes one unit, so the numbers still compare plans.
+    default = 0.0 if times else 1.0
+    spans = simulate(dag, plan, times, default_ms=default)
+    return max((b for _, b in spans.values()), default=0.0), sum(times.get(n, default) for n in dag.nodes)
+
+
+def graph_section(dag: Any, plan: Any, profile: Any = None, max_nodes: int = 150, title: str = "",
+                  timeline: bool = True) -> str:
+    """HTML: the stream graph (SVG, or DOT + table without Graphviz) and the predicted timeline."""
+    dot = plan_to_dot(dag, plan, profile, max_nodes=max_nodes)
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    tl = f"<div style='overflow:auto'>{timeline_svg(dag, plan, profile)}</div>" if timeline else ""
+    return f"{head}{graph_html(dot, dag, plan, profile)}{tl}"
+
+
+class PlanView:
+    """One plan drawn: the stream graph and the predicted timeline (``display(PlanView(dag, plan, profile))``)."""
+
+    def __init__(self, dag: Any, plan: Any, profile: Any = None, title: str = "", max_nodes: int = 150,
+                 timeline: bool = True) -> None:
+        self.dag, self.plan, self.profile, self.title = dag, plan, profile, title
+        self.max_nodes, self.timeline = max_nodes, timeline
+
+    def dot(self, collapse: Any = "auto") -> str:
+        return plan_to_dot(self.dag, self.plan, self.profile, collapse=collapse, max_nodes=self.max_nodes)
+
+    def __repr__(self) -> str:
+        pred, seq = predicted_ms(self.dag, self.plan, self.profile)
+        head = f"{self.title}: " if self.title else ""
+        unit = "ms" if any(f.time_ms is not None for f in node_facts(self.profile).values()) else "units"
+        return (f"{head}{len(self.plan.order)} operators on {self.plan.num_streams} streams, {len(self.plan.syncs)} "
+                f"syncs; predicted {pred:.3f} {unit} vs {seq:.3f} {unit} one at a time")
+
+    def _repr_html_(self) -> str:
+        return graph_section(self.dag, self.plan, self.profile, self.max_nodes, self.title, self.timeline)
+
+
+def _graph_triples(om: Any) -> list[tuple[Any, Any, Any]]:
+    graphs, plans = list(getattr(om, "graphs", []) or []), list(getattr(om, "plans", []) or [])
+    profiles = list(getattr(om, "profiles", []) or []) or [None] * len(graphs)
+    return [(g.dag, p, gp) for g, p, gp in zip(graphs, plans, profiles)]
+
+
+class OparaResult:
+    """What ``%%opara`` did: the summary table, the stream graph per captured graph, and how to undo.
+
+    ``.om`` is the OparaModule, ``.summary`` the table, ``.bench`` the BenchResult (``--bench``), ``.dot(i)`` the DOT
+    text of graph ``i``.
+    """
+
+    def __init__(self, om: Any, name: str = "model", bench: Any = None, max_abs_diff: float | None = None,
+                 show_graph: bool = True, max_nodes: int = 150) -> None:
+        self.om, self.name, self.bench, self.max_abs_diff = om, name, bench, max_abs_diff
+        self.show_graph, self.max_nodes = show_graph, max_nodes
+        self.summary: Summary = summarize(om, bench=bench, max_abs_diff=max_abs_diff,
+                                          title=f"opara_nb: {name} is now an OparaModule")
+
+    def dot(self, index: int = 0, collapse: Any = "auto") -> str:
+        dag, plan, profile = _graph_triples(self.om)[index]
+        return plan_to_dot(dag, plan, profile, collapse=collapse, max_nodes=self.max_nodes)
+
+    def _undo_hint(self) -> str:
+        return f"undo: %opara_undo {self.name}   (original at {self.name}.original)"
+
+    def __repr__(self) -> str:
+        n = len(_graph_triples(self.om))
+        graphs = f"\nstream graph: {n} graph(s); shown in Jupyter, or .dot(i) for DOT text" if self.show_graph else ""
+        return f"{self.summary!r}{graphs}\n{self._undo_hint()}"
+
+    def _repr_html_(self) -> str:
+        parts = [self.summary._repr_html_()]
+        if self.bench is not None and hasattr(self.bench, "_repr_html_"):
+            parts.append(f"<details><summary>benchmark</summary>{self.bench._repr_html_()}</details>")
+        if self.show_graph:
+            triples = _graph_triples(self.om)
+            for i, (dag, plan, profile) in enumerate(triples):
+                title = f"graph {i} of {len(triples)}" if len(triples) > 1 else ""
+                parts.append(graph_section(dag, plan, profile, self.max_nodes, title))
+        parts.append(f"<p><code>{html.escape(self._undo_hint())}</code></p>")
+        return "<div class='opara-result'>" + "".join(parts) + "</div>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/plain": repr(self), "text/html": self._repr_html_()}
+
+
+def _top_rows(gp: Any, top: int) -> list[list[str]]:
+    nodes = sorted(getattr(gp, "nodes", {}).values(), key=lambda p: -(p.time_ms or 0.0))[:top]
+    return [[p.name, p.op, p.module or "-", f"{p.time_ms:.4f}",
+             "memory" if p.memory_bound else "compute", f"{getattr(p, 'demand', 0.0) or 0.0:.2f}"] for p in nodes]
+
+
+class ProfileResult:
+    """What ``%opara_profile`` shows: the slowest operators per graph, the critical-path bound, the graph."""
+
+    headers = ["node", "op", "module", "ms", "class", "demand"]
+
+    def __init__(self, mp: Any, top: int = 20, strategy: str = "opara", order: str = "opara",
+                 show_graph: bool = True, max_nodes: int = 150) -> None:
+        self.profile, self.top, self.strategy, self.order = mp, top, strategy, order
+        self.show_graph, self.max_nodes = show_graph, max_nodes
+        self._plans: list[Any] | None = None
+
+    def plans(self) -> list[Any]:
+        """The plan each graph would get with this strategy and order (made on first use; pure, fast)."""
+        if self._plans is None:
+            from ..schedule import make_plan
+
+            strategy = "opara" if self.strategy == "auto" else self.strategy
+            self._plans = [make_plan(g.dag, strategy=strategy, demand=gp.demands(),
+                                     memory_bound=gp.memory_bound_nodes(), order=self.order)
+                           for g, gp in self.profile.graphs]
+        return self._plans
+
+    def _head(self) -> str:
+        mp = self.profile
+        gpu = any(getattr(gp, "has_gpu_data", False) for _, gp in mp.graphs)
+        src = "GPU kernel times" if gpu else "CPU operator times (no CUDA: no GPU resource data)"
+        return (f"opara_nb profile: {len(mp.graphs)} graph(s), total {mp.total_kernel_ms:.3f} ms, critical-path "
+                f"bound {mp.critical_path_ms:.3f} ms ({src})")
+
+    def _table(self, gp: Any, fmt: str) -> str:
+        from tabulate import tabulate
+
+        return tabulate(_top_rows(gp, self.top), headers=self.headers, tablefmt=fmt, disable_numparse=True)
+
+    def __repr__(self) -> str:
+        parts = [self._head()]
+        for i, (_, gp) in enumerate(self.profile.graphs):
+            parts += [f"graph {i}: top {self.top} operators by time", self._table(gp, "simple")]
+        return "\n".join(parts)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<p><b>{html.escape(self._head())}</b></p>"]
+        plans = self.plans() if self.show_graph else [None] * len(self.profile.graphs)
+        for i, ((g, gp), plan) in enumerate(zip(self.profile.graphs, plans)):
+            parts.append(f"<h4>graph {i}: top {self.top} operators by time</h4>{self._table(gp, 'html')}")
+            if plan is not None:
+                parts.append(graph_section(g.dag, plan, gp, self.max_nodes))
+        return "<div class='opara-profile'>" + "".join(parts) + "</div>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/plain": repr(self), "text/html": self._repr_html_()}

@@ -1,0 +1,104 @@
+"""Per-stream timeline of a plan as inline SVG: predicted from profile times, or measured per-node spans.
+
+Prediction simulates the plan: nodes are taken in launch order, and a node starts when its stream is free and all its
+predecessors have finished (a stream runs its work in launch order, as CUDA streams do).
+"""
+from __future__ import annotations
+
+import math
+from html import escape as _html_escape
+from typing import Any, Mapping
+
+from ._common import node_facts, stream_colour
+
+__all__ = ["timeline_svg", "simulate"]
+
+_LANE_H = 26
+_LEFT = 78
+_TOP = 34
+_WIDTH = 900
+
+
+def simulate(dag: Any, plan: Any, times: Mapping[str, float], default_ms: float = 1.0) -> dict[str, tuple[float, float]]:
+    """(start, end) per node in ms when each node takes ``times[node]`` (``default_ms`` when unknown)."""
+    preds = {n: list(dag.preds(n)) for n in dag.nodes}
+    stream_free: dict[int, float] = {}
+    spans: dict[str, tuple[float, float]] = {}
+    for n in plan.order:
+        s = int(plan.streams[n])
+        missing = [p for p in preds[n] if p not in spans]
+        if missing:
+            raise ValueError(f"plan order launches {n!r} before its predecessor {missing[0]!r}")
+        start = max([stream_free.get(s, 0.0)] + [spans[p][1] for p in preds[n]])
+        t = times.get(n)
+        end = start + (default_ms if t is None else float(t))
+        spans[n] = (start, end)
+        stream_free[s] = end
+    return spans
+
+
+def _e(text: Any) -> str:
+    return _html_escape(str(text), quote=True)
+
+
+def _ticks(total: float) -> list[float]:
+    """Axis ticks at a 1/2/5 x 10^k step, about five of them."""
+    if total <= 0:
+        return [0.0]
+    raw = total / 5
+    step = 10.0 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if raw <= step * m)
+    return [i * step for i in range(int(total / step + 1e-9) + 1)]
+
+
+def _box(name: str, span: tuple[float, float], lane: int, stream: int, scale: float, label: str) -> str:
+    border, fill = stream_colour(stream)
+    x = _LEFT + span[0] * scale
+    w = max((span[1] - span[0]) * scale, 1.0)
+    y = _TOP + lane * _LANE_H + 3
+    text = f'<text x="{x + 2:.1f}" y="{y + 14:.1f}" font-size="9">{_e(name)}</text>' if w > 7 * len(name) else ""
+    return (f'<g><title>{_e(label)}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{_LANE_H - 6}" '
+            f'fill="{fill}" stroke="{border}"/>{text}</g>')
+
+
+def timeline_svg(dag: Any, plan: Any, profile: Any = None, measured: Mapping[str, tuple[float, float]] | None = None,
+                 width: int = _WIDTH) -> str:
+    """Inline SVG: one lane per stream, one box per operator; the title says predicted or measured.
+
+    ``measured``: node -> (start_ms, end_ms) from a profiled replay; otherwise spans are predicted by :func:`simulate`
+    from the profile's ``time_ms`` (1 unit per node when there is no profile).
+    """
+    facts = node_facts(profile)
+    times = {n: f.time_ms for n, f in facts.items() if f.time_ms is not None}
+    if measured is not None:
+        spans, kind = dict(measured), "measured"
+    else:
+        spans = simulate(dag, plan, times)
+        kind = "predicted from profile times" if times else "predicted, 1 unit per operator (not profiled)"
+    unit = "ms" if measured is not None or times else "units"
+    streams = sorted({int(plan.streams[n]) for n in dag.nodes})
+    lane_of = {s: i for i, s in enumerate(streams)}
+    t0 = min((a for a, _ in spans.values()), default=0.0)
+    total = max((b - t0 for _, b in spans.values()), default=0.0)
+    scale = (width - _LEFT - 10) / total if total > 0 else 1.0
+    height = _TOP + len(streams) * _LANE_H + 24
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="Helvetica, Arial, sans-serif">',
+             f'<text x="4" y="16" font-size="12">Timeline ({_e(kind)}): {total:.3f} {unit} on {len(streams)} '
+             f'stream(s)</text>']
+    for s, lane in lane_of.items():
+        y = _TOP + lane * _LANE_H
+        parts.append(f'<text x="4" y="{y + 17}" font-size="10">stream {s}</text>'
+                     f'<line x1="{_LEFT}" y1="{y + _LANE_H}" x2="{width - 10}" y2="{y + _LANE_H}" stroke="#eeeeee"/>')
+    for n in dag.nodes:
+        if n not in spans:
+            continue
+        a, b = spans[n]
+        f = facts.get(n)
+        label = f"{n}{' (' + f.op + ')' if f and f.op else ''}: {a - t0:.3f}-{b - t0:.3f} {unit}, stream {plan.streams[n]}"
+        parts.append(_box(n, (a - t0, b - t0), lane_of[int(plan.streams[n])], int(plan.streams[n]), scale, label))
+    axis_y = _TOP + len(streams) * _LANE_H + 14
+    for t in _ticks(total):
+        parts.append(f'<text x="{_LEFT + t * scale:.1f}" y="{axis_y}" font-size="9">{t:g}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

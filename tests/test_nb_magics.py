@@ -1,0 +1,199 @@
+"""The magics through a real IPython shell whose failed cells raise (jupysql-style TestingShell, history off)."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("IPython")
+
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+from opara_nb.nb.display import OparaResult, ProfileResult
+from opara_nb.runtime import OparaModule
+
+BUILD = """
+from opara_nb import models
+model, args, kwargs = models.get("inception_block")
+x = args[0]
+"""
+
+
+class TestingShell(InteractiveShell):
+    __test__ = False
+
+    def run_cell(self, *args, **kwargs):
+        result = super().run_cell(*args, **kwargs)
+        result.raise_error()
+        return result
+
+
+@pytest.fixture
+def ip():
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = TestingShell.instance(config=config)
+    shell.run_line_magic("load_ext", "opara_nb")
+    yield shell
+    shell.run_line_magic("unload_ext", "opara_nb")
+    TestingShell.clear_instance()
+
+
+def run(ip, source):
+    return ip.run_cell(source).result
+
+
+def test_rebinds_model_and_keeps_original(ip):
+    run(ip, "%%opara\n" + BUILD)
+    om = ip.user_ns["model"]
+    assert isinstance(om, OparaModule)
+    assert not isinstance(om.original, OparaModule)
+    assert type(om.original).__name__ == "InceptionNet"
+    assert om.report.graphs and om.report.graphs[0]["nodes"] > 10
+
+
+def test_o_returns_and_v_stores_a_result_that_renders(ip):
+    res = run(ip, "%%opara model --inputs x -o -v info\n" + BUILD)
+    assert isinstance(res, OparaResult) and ip.user_ns["info"] is res
+    text = repr(res)
+    assert "operators" in text and "max abs diff vs eager" in text and "%opara_undo model" in text
+    html = res._repr_html_()
+    assert "stream 0" in html and "Timeline" in html
+    assert res.max_abs_diff == pytest.approx(0.0, abs=1e-5)
+    assert "digraph opara_plan" in res.dot(0)
+
+
+def test_no_graph_hides_the_picture(ip):
+    res = run(ip, "%%opara model --inputs x --no-graph -o\n" + BUILD)
+    assert "Timeline" not in res._repr_html_() and "stream graph" not in repr(res)
+
+
+def test_rerun_releases_previous_and_never_double_wraps(ip, monkeypatch):
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    first = ip.user_ns["model"]
+    released = []
+    monkeypatch.setattr(first, "release", lambda: released.append(True))
+    run(ip, "%%opara model --inputs x\npass")
+    second = ip.user_ns["model"]
+    assert second is not first and released == [True]
+    assert second.original is first.original and not isinstance(second.original, OparaModule)
+
+
+def test_rerun_of_building_cell_releases_previous(ip, monkeypatch):
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    first = ip.user_ns["model"]
+    released = []
+    monkeypatch.setattr(first, "release", lambda: released.append(True))
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    assert released == [True] and ip.user_ns["model"].original is not first.original
+
+
+def test_undo_rebinds_original_and_releases(ip, monkeypatch):
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    om = ip.user_ns["model"]
+    released = []
+    monkeypatch.setattr(om, "release", lambda: released.append(True))
+    run(ip, "%opara_undo model")
+    assert ip.user_ns["model"] is om.original and released == [True]
+    with pytest.raises(UsageError, match="not an OparaModule: nothing to undo"):
+        run(ip, "%opara_undo model")
+
+
+def test_kwargs_are_passed(ip):
+    run(ip, "%%opara model --inputs x --kwargs mask=mask\n"
+            "from opara_nb import models\nmodel, (x,), kw = models.get('tiny_transformer')\nmask = kw['mask']")
+    assert isinstance(ip.user_ns["model"], OparaModule)
+
+
+def _namespace(ip):
+    return {k: v for k, v in ip.user_ns.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("%%opara nosuch --inputs x\n" + BUILD, "no variable named 'nosuch'"),
+    ("%%opara x --inputs x\n" + BUILD, "'x' is a Tensor, not a torch.nn.Module"),
+    ("%%opara model\nfrom opara_nb import models\nmodel = models.get('inception_block')[0]",
+     "no input tensors found.*--inputs"),
+    ("%%opara --inputs x\n" + BUILD + "other = torch.nn.ReLU()\nimport torch", "several nn.Modules \\(model, other\\)"),
+    ("%%opara model --inputs nosuch\n" + BUILD, "no variable named 'nosuch'"),
+    ("%%opara model --inputs x --strategy fastest\n" + BUILD, "--strategy must be one of"),
+    ("%%opara --inputs x\ny = 1", "assigned no torch.nn.Module"),
+])
+def test_usage_errors_say_what_to_do_and_leave_namespace(ip, cell, message):
+    run(ip, "import torch\nsentinel = object()")
+    with pytest.raises(UsageError, match=message):
+        run(ip, cell + "\n" if "-v" not in cell else cell)
+    ns = _namespace(ip)
+    assert not any(isinstance(v, (OparaModule, OparaResult)) for v in ns.values())
+
+
+def test_error_keeps_previous_opara_module_bound(ip):
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    om = ip.user_ns["model"]
+    with pytest.raises(UsageError):
+        run(ip, "%%opara model --inputs nosuch\npass")
+    assert ip.user_ns["model"] is om
+
+
+def test_config_sets_strategy_and_rejects_nonsense(ip):
+    ip.run_line_magic("config", 'OparaMagics.strategy = "nimble"')
+    run(ip, "%%opara model --inputs x\n" + BUILD)
+    assert ip.user_ns["model"].report.strategy == "nimble"
+    magics = next(c for c in ip.configurables if type(c).__name__ == "OparaMagics")
+    ip.run_line_magic("config", 'OparaMagics.strategy = "fastest"')  # IPython logs the TraitError
+    assert magics.strategy == "nimble"
+    ip.run_line_magic("config", "OparaMagics.graph = False")
+    assert "Timeline" not in run(ip, "%%opara model --inputs x -o\npass")._repr_html_()
+
+
+def test_help_text_is_real(ip, capsys):
+    doc = ip.find_cell_magic("opara").__doc__
+    for flag in ("--inputs", "--strategy", "--order", "--no-graph", "--bench", "-v NAME"):
+        assert flag in doc
+    assert "--top" in ip.find_line_magic("opara_profile").__doc__
+    ip.run_cell("%%opara?")
+    assert "--inputs" in capsys.readouterr().out
+
+
+def test_profile_leaves_namespace_and_v_stores(ip):
+    run(ip, BUILD)
+    before = dict(_namespace(ip))
+    res = run(ip, "%opara_profile model x --top 5 -o")
+    assert isinstance(res, ProfileResult)
+    assert _namespace(ip).keys() == before.keys() and ip.user_ns["model"] is before["model"]
+    text = repr(res)
+    assert "critical-path bound" in text and "conv2d" in text
+    lines = text.splitlines()
+    rule = next(i for i, ln in enumerate(lines) if ln.startswith("---"))
+    assert len(lines) - rule - 1 == 5  # --top 5 rows
+    run(ip, "%opara_profile model x -v prof")
+    assert isinstance(ip.user_ns["prof"], ProfileResult)
+    assert "stream 0" in ip.user_ns["prof"]._repr_html_()
+
+
+def test_profile_usage_errors(ip):
+    run(ip, BUILD)
+    with pytest.raises(UsageError, match="name the example inputs"):
+        run(ip, "%opara_profile model")
+    with pytest.raises(UsageError, match="--top must be at least 1"):
+        run(ip, "%opara_profile model x --top 0")
+
+
+def test_bench_is_thin(ip):
+    run(ip, BUILD)
+    res = run(ip, "%opara_bench model x --modes eager --iters 2 -o")
+    assert [r["mode"] for r in res.rows] == ["eager"]
+
+
+def test_unload_removes_magics(ip):
+    ip.run_line_magic("unload_ext", "opara_nb")
+    assert ip.find_cell_magic("opara") is None and ip.find_line_magic("opara_undo") is None
+    ip.run_line_magic("load_ext", "opara_nb")
+    assert ip.find_cell_magic("opara") is not None
+
+
+def test_dashboard_flag_shows_the_dashboard(ip, capsys):
+    pytest.importorskip("ipywidgets")
+    res = run(ip, "%%opara model --inputs x --strategy opara --dashboard -o\n" + BUILD)
+    assert isinstance(res, OparaResult)
+    assert "VBox" in capsys.readouterr().out  # without a frontend the widget prints its repr

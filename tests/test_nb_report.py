@@ -1,0 +1,47 @@
+"""The summary table: rows from a RunReport, latencies and speed-ups from a BenchResult, notes said once."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from opara_nb.report import latencies, summarize
+from opara_nb.runtime import RunReport
+
+
+def _report(**kw):
+    base = dict(mode="cuda-graph", strategy="opara", order="opara", capture_ms=12.5,
+                graphs=[{"nodes": 40, "logical_streams": 5, "physical_streams": 4, "syncs": 9},
+                        {"nodes": 2, "logical_streams": 1, "physical_streams": 1, "syncs": 0}])
+    base.update(kw)
+    return RunReport(**base)
+
+
+def _bench():
+    rows = [{"mode": "eager", "status": "ok", "sync_median_ms": 3.0, "gpu_median_ms": None},
+            {"mode": "cudagraph", "status": "ok", "sync_median_ms": 2.5, "gpu_median_ms": 2.0},
+            {"mode": "opara", "status": "ok", "sync_median_ms": 1.5, "gpu_median_ms": 1.0},
+            {"mode": "nimble", "status": "unavailable", "sync_median_ms": None, "gpu_median_ms": None}]
+    return SimpleNamespace(rows=rows)
+
+
+def test_rows_from_report():
+    s = summarize(SimpleNamespace(report=_report()), max_abs_diff=1.5e-6).as_dict()
+    assert s["graphs"] == "2" and s["operators"] == "42"
+    assert s["streams (logical/physical)"] == "5/4, 1/1" and s["cross-stream syncs"] == "9"
+    assert s["ran as"] == "one multi-stream CUDA graph"
+    assert s["max abs diff vs eager"] == "1.50e-06"
+    assert "12.5 ms" in s["profile / plan / capture"]
+
+
+def test_latencies_prefer_gpu_time_and_skip_failed_modes():
+    assert latencies(_bench()) == {"eager": 3.0, "cudagraph": 2.0, "opara": 1.0}
+    s = summarize(_report(), bench=_bench()).as_dict()
+    assert s["speed-up vs sequential CUDA graph"] == "2.00x" and s["speed-up vs eager"] == "3.00x"
+    assert s["latency opara"] == "1.000 ms"
+
+
+def test_reason_said_once_and_text_and_html_render():
+    reason = "CUDA is not available"
+    s = summarize(_report(mode="eager-plan", reason=reason, notices=[f"opara_nb: {reason}", "other <b>"]))
+    assert s.notes.count(f"not accelerated: {reason}") == 1 and len([n for n in s.notes if reason in n]) == 1
+    assert "ran as" in repr(s) and "latencies: add --bench" in repr(s)
+    assert "other &lt;b&gt;" in s._repr_html_()
