@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -185,3 +186,21 @@ def test_progress_callback_sees_every_node():
 def test_bad_demand_kind():
     with pytest.raises(ValueError, match="occupancy"):
         profile_graph(None, demand="bogus")  # type: ignore[arg-type]
+
+
+def test_profiling_detaches_cupti_on_cuda_12_6_and_later(monkeypatch):
+    """CUPTI left attached slows every later CUDA-graph launch; from CUDA 12.6 teardown is safe and requested."""
+    from opara_nb.profile.measure import detach_cupti_after_profiling
+
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert detach_cupti_after_profiling() is True
+    assert os.environ["TEARDOWN_CUPTI"] == "1"
+
+    monkeypatch.setenv("TEARDOWN_CUPTI", "0")  # the user's explicit choice wins
+    assert detach_cupti_after_profiling() is False
+
+    monkeypatch.delenv("TEARDOWN_CUPTI")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # teardown crashes CUDA graphs before 12.6: leave it
+    assert detach_cupti_after_profiling() is False
+    assert "TEARDOWN_CUPTI" not in os.environ

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from ..capture.graph import SCHEDULED_OPS
 from ..capture.interp import bind_inputs, last_uses, run_graph, run_node
 from .trace import TAG, Attribution, attribute, export_events
 
-__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress"]
+__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress", "detach_cupti_after_profiling"]
 
 Progress = Callable[[int, int], None]
 _QUIET_S = 2.0  # show progress only for graphs that take longer than this
@@ -117,11 +118,26 @@ def _tag(node: torch.fx.Node) -> Any:
     return contextlib.nullcontext()
 
 
+def detach_cupti_after_profiling() -> bool:
+    """Ask Kineto to finalize CUPTI when the profiler stops; returns whether it will.
+
+    Left attached (Kineto's default unless TEARDOWN_CUPTI=1), CUPTI keeps tracing every later launch: measured on the
+    H100 with torch 2.11, one profile made each CUDA-graph replay of GoogLeNet cost 0.13 ms more host time for the rest
+    of the process. Teardown is safe with CUDA graphs from CUDA 12.6; an explicit user setting is respected.
+    """
+    cuda = getattr(torch.version, "cuda", None)
+    if not cuda or tuple(int(p) for p in cuda.split(".")[:2]) < (12, 6):
+        return os.environ.get("TEARDOWN_CUPTI") == "1"
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
+    return os.environ["TEARDOWN_CUPTI"] == "1"
+
+
 def profiled_run(gm: torch.fx.GraphModule, inputs: list, device: torch.device) -> Attribution:
     """One run of ``gm`` under torch.profiler with a tag per node; returns the attributed trace."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+        detach_cupti_after_profiling()
     _sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         run_graph(gm, inputs, around=_tag)
