@@ -3,15 +3,18 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | bench | sweep | alloc | report | all (default all). bench takes model names (default: the
-# paper's six). Every stage rewrites benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still
-# leaves a report; with $OUT set (the device tool) results are copied there too.
+# STAGE: env | tests | bench | quick | sweep | alloc | report | all (default all). bench takes model names (default:
+# the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
+# MODES=eager,cudagraph,opara,opara-topo,auto,nimble,wavefront and ITERS=200. Every stage rewrites
+# benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
+# (the device tool) results are copied there too. Each bench profiles the model before timing any mode (fairness).
 # Knobs (environment): ITERS (200), BUDGET_S (wall budget for this call, 540), NAME (h100), MODES, SWEEP_MODES,
 # SWEEP_BATCHES, SWEEP_MODEL (inception_v3), CUDA_TEST_TIMEOUT (300), MODEL_TIMEOUT_S (per-model default table).
 # To stay under 10 minutes per call, split it, e.g.:
 #   scripts/gpu_check.sh tests; scripts/gpu_check.sh bench googlenet inception_v3 deepfm;
 #   scripts/gpu_check.sh bench nasnet; scripts/gpu_check.sh bench bert t5; scripts/gpu_check.sh sweep;
 #   scripts/gpu_check.sh alloc
+# Mid-course check: scripts/gpu_check.sh quick
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -23,6 +26,11 @@ BUDGET_S=${BUDGET_S:-540}
 NAME=${NAME:-h100}
 # most important first: a model that runs out of time still has its baseline and opara rows
 MODES=${MODES:-eager,cudagraph,opara,opara-topo,auto,nimble,wavefront,compile}
+if [ "$STAGE" = quick ]; then
+  # fixed modes and iterations, so that quick checks compare with one another
+  MODES=eager,cudagraph,opara,opara-topo,auto,nimble,wavefront
+  ITERS=200
+fi
 SWEEP_MODES=${SWEEP_MODES:-eager,cudagraph,opara,auto}
 SWEEP_BATCHES=${SWEEP_BATCHES:-1,2,4,8,16,32}
 SWEEP_MODEL=${SWEEP_MODEL:-inception_v3}
@@ -30,6 +38,7 @@ RES=benchmarks/results
 PARTS=$RES/parts
 mkdir -p "$PARTS"
 MODELS=("$@")
+MODELS_GIVEN=${#MODELS[@]}
 [ ${#MODELS[@]} -eq 0 ] && MODELS=(googlenet inception_v3 nasnet deepfm bert t5)
 
 # seconds each model may take in the bench stage (capture of NASNet and reduce-overhead compiles are the slow parts)
@@ -90,6 +99,11 @@ stage_bench() {
   done
 }
 
+stage_quick() {
+  [ "$MODELS_GIVEN" -gt 0 ] || MODELS=(googlenet deepfm bert)
+  stage_bench
+}
+
 stage_sweep() {
   bounded 480 python -m opara_nb bench --model "$SWEEP_MODEL" --batch "$SWEEP_BATCHES" --modes "$SWEEP_MODES" \
     --iters "$ITERS" --json "$PARTS/sweep_$SWEEP_MODEL.json" --md "$PARTS/sweep_$SWEEP_MODEL.md" 2>&1 \
@@ -109,11 +123,12 @@ case "$STAGE" in
   env) stage_env; report ;;
   tests) stage_tests ;;
   bench) stage_bench ;;
+  quick) stage_quick ;;
   sweep) stage_sweep ;;
   alloc) stage_alloc ;;
   report) report ;;
   all) stage_env; CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-150} stage_tests; stage_bench; stage_sweep; stage_alloc ;;
-  *) echo "unknown stage '$STAGE'; use env|tests|bench|sweep|alloc|report|all" >&2; exit 2 ;;
+  *) echo "unknown stage '$STAGE'; use env|tests|bench|quick|sweep|alloc|report|all" >&2; exit 2 ;;
 esac
 echo "==== $RES/$NAME.md ===="
 cat "$RES/$NAME.md"

@@ -1,7 +1,10 @@
 """The benchmark harness on CPU: table shape, unavailable modes with reasons, JSON, allocation table, report merge."""
 from __future__ import annotations
 
+import gc
+import importlib
 import json
+import weakref
 from collections import namedtuple
 
 import pytest
@@ -11,7 +14,7 @@ from opara_nb.bench import BenchResult, allocation_table, benchmark, sweep_markd
 from opara_nb.bench import collect as collect_mod
 from opara_nb.bench import harness
 from opara_nb.bench.harness import COLUMNS, _add_speedups, _max_abs_diff
-from opara_nb.bench.modes import map_tensors, tensor_leaves
+from opara_nb.bench.modes import Built, candidate_times, kept_candidate, map_tensors, tensor_leaves
 from opara_nb.bench.timing import summarize
 from opara_nb.errors import OparaUsageError
 from opara_nb.models import get
@@ -40,12 +43,14 @@ def test_cpu_rows_have_every_column_and_say_why(cpu_result):
     assert opara["max_abs_diff"] is not None and opara["max_abs_diff"] < 1e-4
     assert "nothing is accelerated" in cpu_result.notes[0]
     assert cpu_result.speedup("opara") is None  # no baseline without CUDA
+    assert cpu_result.settings["profiled_first"] is True and cpu_result.settings["profile_first_ms"] > 0
 
 
 def test_result_prints_as_tables(cpu_result):
     md = cpu_result.to_markdown()
     assert "| cudagraph" in md and cpu_result.notes[0] in md and "needs CUDA" in md
     assert md.count("\n|") == len(cpu_result.rows) + 2  # header, rule, one line per mode
+    assert harness.PROFILED_FIRST_NOTE in md.splitlines()[0]
     assert "opara" in repr(cpu_result) and "<table>" in cpu_result._repr_html_()
 
 
@@ -97,9 +102,9 @@ def test_map_tensors_keeps_structure():
     assert len(tensor_leaves(out)) == 2
 
 
-def _row(mode: str, sync: float | None, gpu: float | None = None, status: str = "ok") -> dict:
+def _row(mode: str, sync: float | None, gpu: float | None = None, status: str = "ok", p90: float | None = None) -> dict:
     row = harness._empty_row(mode)
-    row.update(status=status, sync_median_ms=sync, gpu_median_ms=gpu)
+    row.update(status=status, sync_median_ms=sync, gpu_median_ms=gpu, sync_p90_ms=p90 if p90 is not None else sync)
     return row
 
 
@@ -122,8 +127,10 @@ def test_allocation_table_times_every_strategy():
 
 
 def _fake_result(batch: int = 1) -> BenchResult:
-    rows = [_row("cudagraph", 2.0, 1.8), _row("opara", 1.0, 0.9), _row("opara-topo", 1.5, 1.2), _row("auto", 1.0, 0.9),
+    rows = [_row("cudagraph", 2.0, 1.8, p90=2.1), _row("opara", 1.0, 0.9), _row("opara-topo", 1.5, 1.2),
+            _row("auto", 1.0, 0.9), _row("nimble", 2.05, 1.7), _row("wavefront", 2.5, 1.6),
             _row("compile", None, status="failed")]
+    rows[3]["candidates"] = {"opara": {"sync_ms": 1.0, "replay_ms": 0.8}, "sequential": {"sync_ms": 2.0, "replay_ms": 1.7}}
     _add_speedups(rows)
     modes = [r["mode"] for r in rows]
     return BenchResult("googlenet", rows, {"device": "fake"}, {"batch": batch, "iters": 3, "modes": modes}, [])
@@ -131,7 +138,7 @@ def _fake_result(batch: int = 1) -> BenchResult:
 
 def test_sweep_markdown_has_a_row_per_batch_and_mode():
     md = sweep_markdown([_fake_result(1), _fake_result(8)])
-    assert md.count("| 8 ") == 4 and "2.00x" in md and "googlenet" in md  # failed modes are left out
+    assert md.count("| 8 ") == 6 and "2.00x" in md and "googlenet" in md  # failed modes are left out
 
 
 def test_collect_merges_parts_into_one_report(tmp_path):
@@ -142,7 +149,11 @@ def test_collect_merges_parts_into_one_report(tmp_path):
     (parts / "bench_broken.json").write_text("{not json")
     md_path, json_path = collect_mod.collect(tmp_path, "h100")
     md = md_path.read_text()
-    assert "opara 2.00x over the sequential CUDA graph" in md
+    assert "opara 2.00x over the sequential CUDA graph (GPU-side 2.00x)" in md
+    assert "auto 2.00x (GPU-side 2.00x; never slower: OK; kept opara)" in md
+    # cudagraph's p90 - median is 0.1 ms: wavefront (+0.5) is flagged, nimble (+0.05) is within the noise
+    assert "FLAG slower than cudagraph by more than its p90-median spread (0.100 ms): wavefront +0.500 ms" in md
+    assert "nimble +" not in md
     assert "launch order vs topological: 1.50x" in md and "never slower: OK" in md
     assert "unreadable part: bench_broken.json" in md
     assert [b.get("command") for b in json.loads(json_path.read_text())["bench"]] == [None, "cmd"]
@@ -161,3 +172,84 @@ def test_partial_results_are_reported_after_every_mode():
     harness.run_benchmark(model, args, kwargs, modes="eager,cudagraph", iters=1, warmup=0, label="gb",
                           on_row=lambda res: seen.append([r["mode"] for r in res.rows]))
     assert seen == [["eager"], ["eager", "cudagraph"]]
+
+
+def test_fair_every_mode_is_timed_after_the_model_was_profiled(monkeypatch):
+    events = []
+    prof = importlib.import_module("opara_nb.profile")
+    real_profile, real_build = prof.profile_model, harness.build_mode
+    monkeypatch.setattr(prof, "profile_model", lambda *a, **k: (events.append("profile"), real_profile(*a, **k))[1])
+
+    def build(mode, *a, **k):
+        built = real_build(mode, *a, **k)
+        call = built.call
+        built.call = lambda: (events.append(f"call {mode}"), call())[1]
+        return built
+
+    monkeypatch.setattr(harness, "build_mode", build)
+    model, args, kwargs = get("graph_break")
+    res = benchmark(model, *args, modes="eager,cudagraph,opara", iters=2, warmup=0, **kwargs)
+    assert events[0] == "profile" and events.count("profile") == 1 and "call eager" in events
+    assert res.settings["profiled_first"] is True and harness.PROFILED_FIRST_NOTE in repr(res).splitlines()[0]
+
+    events.clear()
+    plain = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)  # no opara mode: nothing to profile
+    assert "profile" not in events and harness.PROFILED_FIRST_NOTE not in repr(plain)
+
+
+class _Held:
+    """What a mode keeps alive, in a reference cycle as modules and graphs often are (only gc frees it)."""
+
+    def __init__(self, log: list, mode: str) -> None:
+        self.me, self.log, self.mode = self, log, mode
+
+    def __call__(self) -> torch.Tensor:
+        return torch.ones(2)
+
+
+def test_each_mode_is_released_and_collected_before_the_next_is_built(monkeypatch):
+    log, alive = [], []
+
+    def build(mode, *a, **k):
+        log.append((f"build {mode}", [ref() is not None for ref in alive]))
+        held = _Held(log, mode)
+        alive.append(weakref.ref(held))
+        return Built(held, {"run_mode": "eager"}, lambda: log.append((f"release {mode}", None)))
+
+    monkeypatch.setattr(harness, "build_mode", build)
+    gc.disable()  # only the harness's own collection may free the cycles
+    try:
+        benchmark(lambda x: torch.ones(2), torch.zeros(1), modes="eager,opara,nimble", iters=1, warmup=0)
+    finally:
+        gc.enable()
+    assert [e for e, _ in log] == ["build eager", "release eager", "build opara", "release opara", "build nimble",
+                                   "release nimble"]
+    assert all(not any(before) for _, before in log if before is not None)  # nothing of an earlier mode survives
+
+
+def test_candidates_are_read_in_both_runtime_shapes():
+    new = {"opara": {"sync_ms": 0.9, "replay_ms": 0.5}, "sequential": {"sync_ms": 0.8, "replay_ms": 0.6}}
+    assert candidate_times(new) == new and kept_candidate(new) == "sequential"  # auto keeps the fastest sync
+    old = {"opara": 0.5, "sequential": 0.6}
+    assert candidate_times(old)["opara"] == {"sync_ms": None, "replay_ms": 0.5} and kept_candidate(old) == "opara"
+    assert candidate_times(None) == {} and kept_candidate({}) is None
+    row = _row("auto", 0.8)
+    row["candidates"] = new
+    res = BenchResult("m", [row], {"device": "fake"}, {"batch": 1}, [])
+    assert "auto: candidates sync/replay ms: opara 0.900/0.500, sequential 0.800/0.600 (kept)" in res.to_markdown()
+
+
+def test_a_failed_profile_is_a_note_and_every_mode_still_runs(monkeypatch):
+    prof = importlib.import_module("opara_nb.profile")
+
+    def broken(*a, **k):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(prof, "profile_model", broken)
+    model, args, kwargs = get("graph_break")
+    res = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)  # no opara mode: never profiled
+    assert not any("profil" in n for n in res.notes) and res.settings["profiled_first"] is False
+    monkeypatch.setattr(harness, "OPARA_MODES", {"eager": ("opara", "opara")})  # make eager count as an opara mode
+    res = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)
+    assert res.settings["profiled_first"] is False and "no profiler here" in res.settings["profile_first_error"]
+    assert any("profiling before timing failed" in n for n in res.notes) and res.row("eager")["status"] == "ok"

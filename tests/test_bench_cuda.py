@@ -42,6 +42,17 @@ def test_benchmark_on_cuda_fills_every_column():
     opara = res.row("opara")
     assert opara["run_mode"] == "cuda-graph" and opara["logical_streams"] >= 2 and opara["speedup"] > 0
     assert opara["capture_ms"] is not None and res.env["allow_tf32_matmul"] in (True, False)
+    assert res.settings["profiled_first"] is True  # every mode timed after the profile (same process state)
+
+
+def test_auto_row_lists_its_candidates_with_sync_and_replay_times():
+    model, args, kwargs = get("inception_block", device="cuda")
+    res = benchmark(model, *args, modes="cudagraph,auto", iters=10, warmup=2, **kwargs)
+    auto = res.row("auto")
+    assert auto["status"] in ("ok", "fallback"), auto
+    for times in auto["candidates"].values():
+        assert set(times) == {"sync_ms", "replay_ms"}
+        assert any(v is not None and v > 0 for v in times.values())
 
 
 class _HostCheck(torch.nn.Module):

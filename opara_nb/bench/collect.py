@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .harness import BenchResult
+from .modes import kept_candidate
 from .sweep import AllocationTable, sweep_markdown
 
-__all__ = ["collect", "summary_markdown", "observations", "main"]
+__all__ = ["collect", "summary_markdown", "observations", "slower_than_baseline", "main"]
 
 _SUMMARY_MODES = ("eager", "cudagraph", "opara", "nimble", "wavefront", "opara-topo", "auto", "compile")
 
@@ -56,30 +57,72 @@ def summary_markdown(results: Sequence[BenchResult], key: str = "sync") -> str:
     return tabulate(body, headers=["model"] + modes, tablefmt="github", disable_numparse=True)
 
 
-def _lat(res: BenchResult, mode: str) -> float | None:
+def _ok_row(res: BenchResult, mode: str) -> dict[str, Any] | None:
     try:
         row = res.row(mode)
     except ValueError:
         return None
-    return row.get("sync_median_ms") if row["status"] == "ok" else None
+    return row if row["status"] == "ok" else None
+
+
+def _lat(res: BenchResult, mode: str, key: str = "sync") -> float | None:
+    row = _ok_row(res, mode)
+    return row.get(f"{key}_median_ms") if row else None
+
+
+def _ratio(base: float | None, lat: float | None) -> str:
+    return f"{base / lat:.2f}x" if base and lat else "-"
+
+
+def _speedups(res: BenchResult, mode: str) -> str | None:
+    """"opara 1.20x over the sequential CUDA graph (GPU-side 1.35x)": synchronous first, the GPU-side one next to it."""
+    base, lat = _lat(res, "cudagraph"), _lat(res, mode)
+    if not (base and lat):
+        return None
+    return (f"{mode} {base / lat:.2f}x over the sequential CUDA graph "
+            f"(GPU-side {_ratio(_lat(res, 'cudagraph', 'gpu'), _lat(res, mode, 'gpu'))})")
+
+
+def slower_than_baseline(res: BenchResult) -> str | None:
+    """Modes whose synchronous median is above cudagraph's by more than cudagraph's own p90 - median spread (beyond
+    the baseline's noise), or None when none is or the baseline is missing."""
+    base = _ok_row(res, "cudagraph")
+    if not base or base.get("sync_median_ms") is None or base.get("sync_p90_ms") is None:
+        return None
+    median, spread = base["sync_median_ms"], base["sync_p90_ms"] - base["sync_median_ms"]
+    slow = [f"{r['mode']}{' (fallback)' if r['status'] == 'fallback' else ''} +{r['sync_median_ms'] - median:.3f} ms"
+            for r in res.rows if r["mode"] != "cudagraph" and r["status"] in ("ok", "fallback")
+            and r.get("sync_median_ms") is not None and r["sync_median_ms"] - median > spread]
+    if not slow:
+        return None
+    return f"FLAG slower than cudagraph by more than its p90-median spread ({spread:.3f} ms): " + ", ".join(slow)
+
+
+def _auto_fact(res: BenchResult) -> str | None:
+    base, auto = _lat(res, "cudagraph"), _lat(res, "auto")
+    if not (base and auto):
+        return None
+    verdict = "never slower: OK" if auto <= base * 1.02 else "SLOWER than the baseline"
+    row = _ok_row(res, "auto") or {}
+    kept = kept_candidate(row.get("candidates")) or row.get("strategy")
+    gpu = _ratio(_lat(res, "cudagraph", "gpu"), _lat(res, "auto", "gpu"))
+    return f"auto {base / auto:.2f}x (GPU-side {gpu}; {verdict}{f'; kept {kept}' if kept else ''})"
 
 
 def observations(results: Sequence[BenchResult]) -> list[str]:
-    """Facts read off the numbers: opara vs the baseline, the launch-order ablation, auto's guarantee, compile."""
+    """Facts read off the numbers: opara vs the baseline (synchronous and GPU-side), the launch-order ablation,
+    auto's guarantee, compile, and every mode slower than the baseline beyond its noise."""
     lines = []
     for res in results:
-        base, opara, topo, auto, comp = (_lat(res, m) for m in ("cudagraph", "opara", "opara-topo", "auto", "compile"))
-        facts = []
-        if base and opara:
-            facts.append(f"opara {base / opara:.2f}x over the sequential CUDA graph")
+        opara, topo, auto, comp = (_lat(res, m) for m in ("opara", "opara-topo", "auto", "compile"))
+        facts = [f for f in (_speedups(res, "opara"),) if f]
         if opara and topo:
             facts.append(f"Alg. 2 launch order vs topological: {topo / opara:.2f}x")
-        if base and auto:
-            verdict = "never slower: OK" if auto <= base * 1.02 else "SLOWER than the baseline"
-            facts.append(f"auto {base / auto:.2f}x ({verdict})")
+        facts += [f for f in (_auto_fact(res),) if f]
         if comp and (auto or opara):
             best = min(x for x in (auto, opara) if x)
             facts.append(f"vs reduce-overhead: {comp / best:.2f}x")
+        facts += [f for f in (slower_than_baseline(res),) if f]
         if facts:
             lines.append(f"{res.model} (bs {res.settings.get('batch')}): " + "; ".join(facts))
     return lines

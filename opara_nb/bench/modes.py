@@ -17,7 +17,7 @@ import torch
 from ..errors import OparaUsageError
 
 __all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "OPARA_MODES", "Built", "Unavailable", "build_mode",
-           "SequentialCudaGraph", "map_tensors", "tensor_leaves"]
+           "SequentialCudaGraph", "map_tensors", "tensor_leaves", "candidate_times", "kept_candidate"]
 
 # mode -> (strategy, launch order) for the modes that go through opara_nb.optimize. Nimble and wavefront launch in
 # topological order as those systems do; "opara-topo" is the launch-order ablation of opara (Alg. 1 without Alg. 2).
@@ -167,6 +167,36 @@ def _build_compile(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Bu
     return Built(call, {"run_mode": "compile"}, torch._dynamo.reset)
 
 
+def _ms_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def candidate_times(candidates: Mapping[str, Any] | None) -> dict[str, dict[str, float | None]]:
+    """``RunReport.candidates`` in one shape: name -> {"sync_ms": .., "replay_ms": ..} (None where not measured).
+
+    Accepts both shapes the runtime has reported: name -> {"sync_ms", "replay_ms"} (auto chooses by synchronous
+    latency) and the older name -> replay ms.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for name, value in (candidates or {}).items():
+        if isinstance(value, Mapping):
+            out[str(name)] = {"sync_ms": _ms_or_none(value.get("sync_ms")),
+                              "replay_ms": _ms_or_none(value.get("replay_ms"))}
+        else:
+            out[str(name)] = {"sync_ms": None, "replay_ms": _ms_or_none(value)}
+    return out
+
+
+def kept_candidate(candidates: Mapping[str, Any] | None) -> str | None:
+    """The candidate auto keeps: fastest synchronous latency where measured, else fastest replay; None if none."""
+    times = candidate_times(candidates)
+    for key in ("sync_ms", "replay_ms"):
+        measured = {name: t[key] for name, t in times.items() if t[key] is not None}
+        if measured:
+            return min(measured, key=measured.__getitem__)
+    return None
+
+
 def _opara_info(om: Any) -> dict[str, Any]:
     report = om.report
     graphs = list(getattr(report, "graphs", []) or [])
@@ -180,7 +210,7 @@ def _opara_info(om: Any) -> dict[str, Any]:
         "nodes": sum(g.get("nodes", 0) for g in graphs),
         "profile_ms": report.profile_ms, "plan_ms": report.plan_ms, "capture_ms": report.capture_ms,
         "critical_path_ms": sum(crit) if crit and len(crit) == len(profiles) else None,
-        "candidates": dict(getattr(report, "candidates", None) or {}),
+        "candidates": candidate_times(getattr(report, "candidates", None)),
     }
 
 
