@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .runtime.warn import user_stacklevel
+
 __all__ = ["opara_backend", "skip_reason"]
 
 _graph_ids = itertools.count()
@@ -72,7 +74,7 @@ class _CudaGraphRunner:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 torch.cuda.synchronize()
                 warnings.warn(f"opara backend: CUDA graph capture failed ({self.failed}); running the plan eagerly",
-                              stacklevel=2)
+                              stacklevel=user_stacklevel())
                 return self.executor(*args)
         for dst, ptr, src in zip(self.static, self.static_ptr, args):
             if src is not dst and src.data_ptr() != ptr:
@@ -96,7 +98,8 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         _, plan = plan_graph(g, "opara", "opara")
         executor = PlanExecutor(g, plan)
     except Exception as exc:  # noqa: BLE001 - a graph we cannot plan still runs correctly as given
-        warnings.warn(f"opara backend: running a graph unplanned ({type(exc).__name__}: {exc})", stacklevel=2)
+        warnings.warn(f"opara backend: running a graph unplanned ({type(exc).__name__}: {exc})",
+                      stacklevel=user_stacklevel())
         return gm.forward
     if any(x.is_cuda for x in example_inputs) and torch.cuda.is_available():
         return _CudaGraphRunner(executor, gm)

@@ -84,9 +84,9 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, ti
     rows.append(("profile / plan / capture", f"{report.profile_ms:.1f} / {report.plan_ms:.1f} / "
                                              f"{report.capture_ms:.1f} ms"))
     if report.candidates:
-        best = min(report.candidates, key=report.candidates.get)
-        rows.append(("auto: replay ms per candidate", ", ".join(
-            f"{k} {v:.4f}{' (kept)' if k == best else ''}" for k, v in report.candidates.items())))
+        rows.append(("auto: sync / replay ms per candidate", ", ".join(
+            f"{k} {t['sync_ms']:.4f} / {t['replay_ms']:.4f}{' (kept)' if k == report.strategy else ''}"
+            for k, t in report.candidates.items())))
     if bench is not None:
         rows += _bench_rows(bench)
     if max_abs_diff is not None:

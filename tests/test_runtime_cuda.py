@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -82,7 +83,9 @@ def test_every_strategy_matches_eager(name):
     bad = {k: d for k, d in om.diffs.items() if d > PAPER[name]}
     assert not bad, f"{name}: max abs diff over {PAPER[name]}: {bad}"
     assert _max_diff(out, expected) <= PAPER[name]
-    assert set(rep.candidates) == set(candidates) and rep.strategy == min(rep.candidates, key=rep.candidates.get)
+    assert set(rep.candidates) == set(candidates)
+    assert rep.strategy == min(rep.candidates, key=lambda k: rep.candidates[k]["sync_ms"])
+    assert all(t["sync_ms"] > 0 and t["replay_ms"] > 0 for t in rep.candidates.values())
     assert all(g["physical_streams"] <= g["logical_streams"] for g in rep.graphs)
     print(f"\n{name}: {rep}")
     om.release()
@@ -159,6 +162,35 @@ def test_optimize_release_cycles_return_memory():
     gc.collect()
     torch.cuda.synchronize()
     torch._C._cuda_clearCublasWorkspaces()
+    assert torch.cuda.memory_allocated() == start
+
+
+class WatchingModule(OparaModule):
+    """Keeps weak references to every candidate's CUDA graph and static buffers."""
+
+    def _time_candidates(self, captured):
+        self.refs = [weakref.ref(g.graph) for g in captured.values()]
+        self.refs += [weakref.ref(t) for g in captured.values() for t in g.static_inputs + list(g._out_leaves)]
+        return OparaModule._time_candidates(captured)
+
+
+def test_release_leaves_no_cuda_graph_or_buffer_alive():
+    model, x = TwoBranch().eval().cuda(), torch.randn(8, 64, device="cuda")
+    _quiet(optimize, model, x, strategy="opara").release()  # lazy CUDA/cuBLAS state, once
+    gc.collect()
+    torch._C._cuda_clearCublasWorkspaces()
+    start = torch.cuda.memory_allocated()
+    om = WatchingModule(model, strategy="auto")
+    _quiet(om, x)
+    assert om.report.mode == "cuda-graph" and len(om.refs) > len(om.report.candidates)
+    assert all(set(t) == {"sync_ms", "replay_ms"} for t in om.report.candidates.values())
+    refs = list(om.refs)
+    om.release()
+    del om
+    gc.collect()
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
+    assert all(r() is None for r in refs), "a CUDA graph or static buffer outlived release()"
     assert torch.cuda.memory_allocated() == start
 
 

@@ -1,7 +1,9 @@
 """OparaModule / optimize on CPU: same outputs as the model, reports, fallbacks with reasons, release."""
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 import opara_nb
 from opara_nb import models
 from opara_nb.errors import OparaUsageError
-from opara_nb.runtime import OparaModule, RunReport, optimize
+from opara_nb.runtime import OparaModule, OparaNotice, RunReport, optimize
 
 BUNDLED = ["inception_block", "tiny_transformer", "graph_break", "deepfm"]
 STRATEGIES = ["auto", "opara", "nimble", "wavefront", "sequential"]
@@ -163,10 +165,12 @@ def fake_cuda(monkeypatch):
     """Pretend CUDA: GraphedCall 'captures' by running once and 'replays' by running again into the same outputs."""
     from opara_nb.runtime import cudagraph, module
 
-    state = {"fail": False, "captures": 0, "times": {}}
+    state = {"fail": False, "captures": 0, "times": {}, "replay": {},
+             "real_timing": module.OparaModule.__dict__["_time_candidates"]}
 
     def capture(self):
         if state["fail"]:
+            state.setdefault("failed", []).extend(weakref.ref(x) for x in [self, *self.static_inputs])
             raise RuntimeError("operation not permitted when stream is capturing")
         state["captures"] += 1
         self.graph = _FakeGraph(self)
@@ -178,7 +182,8 @@ def fake_cuda(monkeypatch):
             self._call_static()
 
     def timing(captured):
-        return {k: state["times"].get(k, 1.0) for k in captured}
+        return ({k: state["times"].get(k, 1.0) for k in captured},
+                {k: state["replay"].get(k, 0.5) for k in captured})
 
     monkeypatch.setattr(cudagraph.GraphedCall, "capture", capture)
     monkeypatch.setattr(cudagraph.GraphedCall, "warm_up", warm_up)
@@ -195,7 +200,8 @@ def test_auto_keeps_the_fastest_candidate(fake_cuda):
     om = _quiet(optimize, model, *args, **kwargs)
     rep = om.report
     assert rep.mode == "cuda-graph" and rep.accelerated and rep.reason is None
-    assert rep.strategy == "nimble" and rep.candidates == fake_cuda["times"]
+    assert rep.strategy == "nimble" and {k: t["sync_ms"] for k, t in rep.candidates.items()} == fake_cuda["times"]
+    assert all(t["replay_ms"] == 0.5 for t in rep.candidates.values())
     assert fake_cuda["captures"] == 5
     assert om.plan.strategy == "nimble"
     with torch.no_grad():
@@ -265,3 +271,108 @@ def test_skipped_frame_falls_back(fake_cuda, monkeypatch):
     monkeypatch.setattr(module.OparaModule, "_compiled_fn", lambda self: model)  # dynamo never calls the backend
     om = _quiet(optimize, model, *args, strategy="opara", **kwargs)
     assert om.report.mode == "eager" and "skipped the frame" in om.fallback_reason
+
+
+def test_auto_picks_by_synchronous_latency_not_replay_time(fake_cuda, monkeypatch):
+    """The real timing loop under a fake clock: each replay+sync 'takes' its candidate's latency."""
+    from opara_nb.runtime import cudagraph, module
+
+    sync = {"opara": 0.36, "opara+topological": 0.50, "nimble": 0.19, "wavefront": 0.40, "sequential": 0.30}
+    replay = {"opara": 0.095, "opara+topological": 0.09, "nimble": 0.15, "wavefront": 0.2, "sequential": 0.25}
+    clock = {"now": 0.0, "last": None, "names": {}}
+    real_sync_latency = module._sync_latency_ms
+
+    def sync_latency(captured):
+        clock["names"] = {id(g): k for k, g in captured.items()}
+        return real_sync_latency(captured)
+
+    def replay_only(self):
+        clock["last"] = clock["names"].get(id(self))
+
+    def device_sync():
+        clock["now"] += sync[clock["last"]] / 1e3
+
+    monkeypatch.setattr(module.OparaModule, "_time_candidates", fake_cuda["real_timing"])
+    monkeypatch.setattr(module, "_sync_latency_ms", sync_latency)
+    monkeypatch.setattr(module, "_replay_ms", lambda captured: {k: replay[k] for k in captured})
+    monkeypatch.setattr(module, "_clock", lambda: clock["now"])
+    monkeypatch.setattr(module, "_device_sync", device_sync)
+    monkeypatch.setattr(cudagraph.GraphedCall, "replay_only", replay_only)
+    model, args, kwargs = models.get("inception_block")
+    rep = _quiet(optimize, model, *args, **kwargs).report
+    assert rep.strategy == "nimble"  # the fastest synchronous call, although its replays queue slower
+    assert {k: t["sync_ms"] for k, t in rep.candidates.items()} == pytest.approx(sync)
+    assert {k: t["replay_ms"] for k, t in rep.candidates.items()} == replay
+    assert "sync ms / replay ms" in str(rep) and "nimble=0.1900/0.1500*" in str(rep)
+
+
+def _held_tensors(om: OparaModule, model: nn.Module) -> list:
+    """Weak references to every tensor the module created or holds: static inputs and outputs of its CUDA graphs,
+    example inputs of its captured graphs (excluding the model's own parameters and buffers)."""
+    owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    held = [x for g in om.graphs for x in g.example_inputs]
+    for entry in om._cache.values():
+        if entry.graphed is not None:
+            held += entry.graphed.static_inputs + list(entry.graphed._out_leaves)
+    return [weakref.ref(t) for t in held if isinstance(t, torch.Tensor) and id(t) not in owned]
+
+
+def _build_and_drop(release: bool) -> tuple[weakref.ref, list, int]:
+    model, args, kwargs = models.get("inception_block")
+    inputs = tuple(a.clone() for a in args)  # the caller's tensors, dropped too: dynamo's example inputs on CPU
+    om = _quiet(optimize, model, *inputs, strategy="opara", **kwargs)
+    _quiet(om, *inputs, **kwargs)
+    refs = _held_tensors(om, model)
+    module_ref = weakref.ref(om)
+    if release:
+        om.release()
+    del om, inputs
+    gc.collect()
+    return module_ref, refs, len(refs)
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["release", "del"])
+def test_nothing_the_module_held_outlives_it(fake_cuda, release):
+    # Dynamo keeps what the backend returned forever: it must not reach the graphs, buffers or example inputs.
+    module_ref, refs, n = _build_and_drop(release)
+    assert n > 0  # the check sees the static buffers and example inputs
+    assert module_ref() is None
+    alive = [tuple(r().shape) for r in refs if r() is not None]
+    assert not alive, f"tensors still reachable after the module was dropped: {alive}"
+
+
+def test_eager_plan_example_inputs_die_with_the_module():
+    module_ref, refs, n = _build_and_drop(release=True)
+    assert n > 0 and module_ref() is None
+    assert all(r() is None for r in refs)
+
+
+def test_notices_point_at_the_callers_line(fake_cuda):
+    model, args, kwargs = models.get("inception_block")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        om = OparaModule(model, strategy="opara")
+        om(*args, **kwargs)
+        optimize(model, *args, strategy="opara", **kwargs)
+    notices = [w for w in caught if issubclass(w.category, OparaNotice)]
+    assert len(notices) >= 2
+    assert {w.filename for w in notices} == {__file__}, [(w.filename, w.lineno) for w in notices]
+
+
+def test_cpu_fallback_notice_points_at_the_callers_line():
+    model, args, kwargs = models.get("inception_block")
+    with pytest.warns(OparaNotice, match="not accelerated") as caught:
+        optimize(model, *args, strategy="opara", **kwargs)
+    assert caught[0].filename == __file__
+
+
+def test_a_failed_capture_keeps_nothing_alive(fake_cuda):
+    fake_cuda["fail"] = True
+    model, args, kwargs = models.get("inception_block")
+    om = _quiet(optimize, model, *args, strategy="auto", **kwargs)
+    assert om.report.mode == "eager-plan"
+    gc.collect()
+    assert fake_cuda["failed"][0]() is None  # the failed GraphedCall (its graph and pool) is gone at once
+    om.release()  # the static inputs were dynamo's example inputs: the plan's graph keeps them until release
+    gc.collect()
+    assert all(r() is None for r in fake_cuda["failed"])

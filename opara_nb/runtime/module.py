@@ -2,13 +2,15 @@
 
 Per input signature the whole compiled call (every dynamo graph, each a ``PlanExecutor`` on its streams, and dynamo's
 glue between graph breaks) is captured into one CUDA graph. ``strategy="auto"`` captures one graph per candidate
-plan, times replays and keeps the fastest; "sequential" is always a candidate, so "auto" is never slower than the
-plain sequential CUDA graph. Anything that cannot be accelerated falls back to eager with a one-line reason.
+plan, times each the way users call it (``replay(); synchronize()``, host wall clock) and keeps the fastest;
+"sequential" is always a candidate, so "auto" is never slower than the plain sequential CUDA graph. Anything that
+cannot be accelerated falls back to eager with a one-line reason.
 """
 from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -22,10 +24,19 @@ from .cudagraph import GraphedCall, has_cuda_tensor, release_cuda_memory, signat
 from .executor import PlanExecutor
 from .report import RunReport
 from .streams import DEFAULT_MAX_STREAMS
+from .warn import user_stacklevel
 
 __all__ = ["OparaModule", "optimize", "OparaNotice"]
 
-_TIMING_ROUNDS, _TIMING_REPLAYS = 3, 20
+# "auto" picks by synchronous latency (what a caller waits for), interleaving candidates round by round so drift
+# is shared; back-to-back replay time (GPU throughput) is reported next to it.
+_SYNC_ROUNDS, _SYNC_CALLS = 5, 20
+_REPLAY_ROUNDS, _REPLAY_CALLS = 3, 20
+_clock = time.perf_counter  # module attributes so CPU tests can fake the clock and the device sync
+
+
+def _device_sync() -> None:
+    torch.cuda.synchronize()
 
 
 class OparaNotice(UserWarning):
@@ -91,7 +102,7 @@ class _Backend:
             return gm.forward
         runner = _GraphRunner(g, gp, executors, self.selector, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
         self.runners.append(runner)
-        return runner
+        return _weak_call(runner, len(self.runners) - 1)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()`` (dynamo keeps every backend it saw) and by ``OparaModule.release``."""
@@ -99,6 +110,25 @@ class _Backend:
             runner.close()
         self.runners.clear()
         self.notices.clear()
+
+
+def _weak_call(runner: _GraphRunner, index: int) -> Callable:
+    """What dynamo keeps for a graph: a plain function holding the runner weakly.
+
+    Dynamo keeps what a backend returns for as long as the process lives (in the trampoline's globals, wrapped by
+    ``functools.wraps``, which copies the returned object's ``__dict__``: a runner returned directly would leave its
+    graph, profile and example inputs, CUDA tensors among them, reachable after ``release()``). Only the backend's
+    ``runners`` list and the cache entries own runners, so ``release()`` frees them.
+    """
+    ref = weakref.ref(runner)
+
+    def run(*args: Any) -> Any:
+        live = ref()
+        if live is None:
+            raise RuntimeError(f"opara_nb graph {index} was released; its OparaModule compiles a fresh function")
+        return live(*args)
+
+    return run
 
 
 @dataclass
@@ -110,7 +140,7 @@ class _Entry:
     reason: str | None = None
     strategy: str = ""
     runners: list[_GraphRunner] = field(default_factory=list)
-    candidates: dict[str, float] = field(default_factory=dict)
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     capture_ms: float = 0.0
     graphed: GraphedCall | None = None
     pool_mb: dict[str, float] = field(default_factory=dict)
@@ -256,20 +286,21 @@ class OparaModule(nn.Module):
         keys = list(self._table)
         self._selector.active = keys[0]
         first = GraphedCall(self._compiled_fn(), args, kwargs, self.clone_outputs)
-        try:
-            first.warm_up()
-        except Exception as exc:  # noqa: BLE001
+        error = _attempt(first.warm_up)
+        if error is not None:
             first.release()
             release_cuda_memory()
-            return _Entry("eager", self.original, f"the compiled model failed to run ({_one_line(exc)}); "
+            return _Entry("eager", self.original, f"the compiled model failed to run ({error}); "
                           "running the original model")
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
         if not self._backend.runners:
             first.release()
+            release_cuda_memory()
             return _Entry("eager", self.original, "dynamo handed no graph to opara_nb (it skipped the frame): "
                           "running the original model")
         if self.original.training if isinstance(self.original, nn.Module) else False:
             first.release()
+            release_cuda_memory()
             return _Entry("eager", self.original, "the model is in training mode: call .eval() to optimize")
         captured, errors = self._capture_candidates(first, keys, args, kwargs)
         if not captured:
@@ -277,7 +308,7 @@ class OparaModule(nn.Module):
             reason = (f"capturing the CUDA graph failed ({errors[0]}); running the plan eagerly on streams, "
                       "not captured")
             return _Entry("eager-plan", self._compiled_fn(), reason, keys[0], runners)
-        times = self._time_candidates(captured) if len(captured) > 1 else {}
+        times, replay = self._time_candidates(captured) if len(captured) > 1 else ({}, {})
         best = min(times, key=times.get) if times else next(iter(captured))
         for k, gc_ in captured.items():
             if k != best:
@@ -287,8 +318,9 @@ class OparaModule(nn.Module):
         chosen = captured[best]
         for err in errors:
             self.notices.append(f"candidate not captured: {err}")
-        return _Entry("cuda-graph", chosen, None, best, runners, times, sum(c.capture_ms for c in captured.values()),
-                      chosen, {k: c.pool_mb for k, c in captured.items()})
+        measured = {k: {"sync_ms": times[k], "replay_ms": replay[k]} for k in times}
+        return _Entry("cuda-graph", chosen, None, best, runners, measured,
+                      sum(c.capture_ms for c in captured.values()), chosen, {k: c.pool_mb for k, c in captured.items()})
 
     def _capture_candidates(self, first: GraphedCall, keys: list[str], args: tuple,
                             kwargs: dict) -> tuple[dict[str, GraphedCall], list[str]]:
@@ -297,37 +329,22 @@ class OparaModule(nn.Module):
         for i, k in enumerate(keys):
             self._selector.active = k
             gc_ = first if i == 0 else GraphedCall(self._compiled_fn(), args, kwargs, self.clone_outputs, warmup=1)
-            try:
-                if i > 0:
-                    gc_.warm_up()  # this candidate's streams and events are made outside the capture
-                gc_.capture()
+            # A later candidate warms up first: its streams and events are made outside the capture.
+            error = _attempt(gc_.warm_up, gc_.capture) if i > 0 else _attempt(gc_.capture)
+            if error is None:
                 captured[k] = gc_
-            except Exception as exc:  # noqa: BLE001 - e.g. .item() or a host sync inside the model
-                gc_.release()
-                try:
-                    release_cuda_memory()
-                except Exception:  # noqa: BLE001 - the fallback must not crash on cleanup
-                    pass
-                errors.append(f"{k}: {_one_line(exc)}")
-                if i == 0:
-                    break  # the first failure is the model's, not the plan's: the others would fail alike
+                continue
+            gc_.release()
+            _release_quietly()
+            errors.append(f"{k}: {error}")
+            if i == 0:
+                break  # the first failure is the model's, not the plan's: the others would fail alike
         return captured, errors
 
     @staticmethod
-    def _time_candidates(captured: dict[str, GraphedCall]) -> dict[str, float]:
-        """Median replay time per candidate (ms), interleaving candidates round by round to share drift."""
-        samples: dict[str, list[float]] = {k: [] for k in captured}
-        for _ in range(_TIMING_ROUNDS):
-            for k, gc_ in captured.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                gc_.replay_only()
-                start.record()
-                for _ in range(_TIMING_REPLAYS):
-                    gc_.replay_only()
-                end.record()
-                end.synchronize()
-                samples[k].append(start.elapsed_time(end) / _TIMING_REPLAYS)
-        return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    def _time_candidates(captured: dict[str, GraphedCall]) -> tuple[dict[str, float], dict[str, float]]:
+        """(synchronous latency, back-to-back replay time) per candidate, medians in ms; "auto" picks by the first."""
+        return _sync_latency_ms(captured), _replay_ms(captured)
 
     def _notify(self, message: str, once: bool = True) -> None:
         if once and message in self._shown:
@@ -335,7 +352,7 @@ class OparaModule(nn.Module):
         self._shown.add(message)
         if message not in self.notices:
             self.notices.append(message)
-        warnings.warn(message, OparaNotice, stacklevel=4)
+        warnings.warn(message, OparaNotice, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------- inspection
     def _runners(self) -> list[_GraphRunner]:
@@ -387,7 +404,8 @@ class OparaModule(nn.Module):
         order = self._table[strategy][1] if strategy in self._table else self.order
         return RunReport(mode=last.mode, reason=last.reason, strategy=strategy, order=order, graphs=graphs,
                          profile_ms=sum(r.profile_ms for r in runners), plan_ms=sum(r.plan_ms for r in runners),
-                         capture_ms=last.capture_ms, candidates=dict(last.candidates), notices=notes,
+                         capture_ms=last.capture_ms,
+                         candidates={k: dict(v) for k, v in last.candidates.items()}, notices=notes,
                          graph_memory_mb=dict(last.pool_mb),
                          accelerated=last.mode == "cuda-graph")
 
@@ -417,6 +435,64 @@ class OparaModule(nn.Module):
         last = self._last
         mode = last.mode if last is not None else "not called yet"
         return f"strategy={self.strategy!r}, order={self.order!r}, mode={mode!r}, graphs_cached={len(self._cache)}"
+
+
+def _attempt(*steps: Callable[[], Any]) -> str | None:
+    """Run ``steps`` in turn; the first failure as one line, or None. Callers clean up after this returns, when the
+    exception's traceback no longer pins the failed run's tensors (a graph's private pool could not be emptied)."""
+    try:
+        for step in steps:
+            step()
+    except Exception as exc:  # noqa: BLE001 - e.g. .item() or a host sync inside the model
+        return _one_line(exc)
+    return None
+
+
+def _release_quietly() -> None:
+    try:
+        release_cuda_memory()
+    except Exception:  # noqa: BLE001 - the fallback must not crash on cleanup
+        pass
+
+
+def _sync_latency_ms(captured: dict[str, GraphedCall]) -> dict[str, float]:
+    """Median host wall time of ``replay(); synchronize()`` per candidate: the latency of a synchronous call.
+
+    A plan whose replay is fast back to back can still be slow to call one at a time (launch and event overheads
+    that overlap only when replays queue up), so this, not throughput, decides.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in captured}
+    for _ in range(_SYNC_ROUNDS):
+        for k, gc_ in captured.items():
+            gc_.replay_only()  # the first replay after another candidate's pays for its caches: not a sample
+            _device_sync()
+            for _ in range(_SYNC_CALLS):
+                start = _clock()
+                gc_.replay_only()
+                _device_sync()
+                samples[k].append((_clock() - start) * 1e3)
+    return {k: _median(v) for k, v in samples.items()}
+
+
+def _replay_ms(captured: dict[str, GraphedCall]) -> dict[str, float]:
+    """Median GPU time per replay, replays queued back to back (CUDA events): the graph's throughput."""
+    samples: dict[str, list[float]] = {k: [] for k in captured}
+    for _ in range(_REPLAY_ROUNDS):
+        for k, gc_ in captured.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            gc_.replay_only()
+            start.record()
+            for _ in range(_REPLAY_CALLS):
+                gc_.replay_only()
+            end.record()
+            end.synchronize()
+            samples[k].append(start.elapsed_time(end) / _REPLAY_CALLS)
+    return {k: _median(v) for k, v in samples.items()}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def _cuda_available() -> bool:

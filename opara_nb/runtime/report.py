@@ -11,7 +11,11 @@ __all__ = ["RunReport"]
 @dataclass
 class RunReport:
     """``mode`` is "cuda-graph" (replaying one multi-stream CUDA graph), "eager-plan" (the plan run eagerly, not
-    accelerated) or "eager" (the original model); ``reason`` says why when it is not "cuda-graph"."""
+    accelerated) or "eager" (the original model); ``reason`` says why when it is not "cuda-graph".
+
+    For "auto", ``candidates`` maps each candidate to ``{"sync_ms": .., "replay_ms": ..}``: its synchronous latency
+    (host wall clock of ``replay(); synchronize()``, what "auto" picks by) and its GPU time per replay when replays
+    are queued back to back (throughput), both medians in ms."""
 
     mode: str = "eager"
     reason: str | None = None
@@ -21,7 +25,7 @@ class RunReport:
     profile_ms: float = 0.0
     plan_ms: float = 0.0
     capture_ms: float = 0.0
-    candidates: dict[str, float] = field(default_factory=dict)
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
     accelerated: bool = False
     graph_memory_mb: dict[str, float] = field(default_factory=dict)
@@ -39,16 +43,21 @@ class RunReport:
         for i, g in enumerate(self.graphs):
             lines.append(f"  graph {i}: {g.get('nodes', 0)} operators, {g.get('logical_streams', 0)} logical / "
                          f"{g.get('physical_streams', 0)} physical streams, {g.get('syncs', 0)} syncs")
-        lines.append(f"  profile {self.profile_ms:.1f} ms, plan {self.plan_ms:.1f} ms, capture {self.capture_ms:.1f} ms")
+        lines.append(f"  profile {self.profile_ms:.1f} ms, plan {self.plan_ms:.1f} ms, "
+                     f"capture {self.capture_ms:.1f} ms")
         if self.candidates:
-            best = min(self.candidates, key=self.candidates.get)
-            lines.append("  candidates (replay ms): " + ", ".join(
-                f"{k}={v:.4f}{'*' if k == best else ''}" for k, v in self.candidates.items()))
+            lines.append("  " + self._candidate_text())
         if self.graph_memory_mb:
             lines.append("  graph pool memory (MiB): " + ", ".join(
                 f"{k}={v:.1f}" for k, v in self.graph_memory_mb.items()))
         lines.extend(f"  note: {n}" for n in self.notices)
         return lines
+
+    def _candidate_text(self) -> str:
+        best = min(self.candidates, key=lambda k: self.candidates[k]["sync_ms"])
+        parts = [f"{k}={t['sync_ms']:.4f}/{t['replay_ms']:.4f}{'*' if k == best else ''}"
+                 for k, t in self.candidates.items()]
+        return "candidates (sync ms / replay ms, * kept): " + ", ".join(parts)
 
     def __str__(self) -> str:
         return "\n".join(self._lines())
