@@ -171,3 +171,14 @@ def test_errors_say_what_to_do():
     with pytest.raises(OparaUsageError, match=r"args\[1\]"):
         capture_graphs(model, (args[0], object()), {})
     assert issubclass(OparaUsageError, ValueError)
+
+
+def test_compiled_wrappers_do_not_accumulate_in_module_globals():
+    """Dynamo installs __compiled_fn_N in the traced frame's globals: ours must be the trampoline's own."""
+    from opara_nb.capture import dynamo
+
+    model, args, kwargs = get("inception_block")
+    before = {k for k in vars(dynamo) if k.startswith("__compiled_fn") or k.startswith("__resume")}
+    capture_graphs(model, args, kwargs)
+    after = {k for k in vars(dynamo) if k.startswith("__compiled_fn") or k.startswith("__resume")}
+    assert after == before

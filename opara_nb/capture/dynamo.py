@@ -32,7 +32,9 @@ def _fresh_trampoline() -> Callable:
     code = _trampoline.__code__.replace(co_name=name)
     if hasattr(code, "co_qualname"):
         code = code.replace(co_qualname=name)
-    return types.FunctionType(code, _trampoline.__globals__, name)
+    # Own globals: dynamo installs its compiled wrappers (__compiled_fn_N) in the frame's globals; with the module's
+    # globals they would accumulate there for the life of the process.
+    return types.FunctionType(code, {"__builtins__": __builtins__}, name)
 
 
 def _limit_patch() -> dict[str, int]:
