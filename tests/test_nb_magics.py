@@ -1,6 +1,8 @@
 """The magics through a real IPython shell whose failed cells raise (jupysql-style TestingShell, history off)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("IPython")
@@ -61,6 +63,8 @@ def test_o_returns_and_v_stores_a_result_that_renders(ip):
     assert "stream 0" in html and "Timeline" in html
     assert res.max_abs_diff == pytest.approx(0.0, abs=1e-5)
     assert "digraph opara_plan" in res.dot(0)
+    labels = re.findall(r'\[label="([^"]*)"', res.dot(0))
+    assert labels[0].startswith("conv2d\\nstem.0\\n") and not any(label.startswith("input_") for label in labels)
 
 
 def test_no_graph_hides_the_picture(ip):
@@ -166,6 +170,9 @@ def test_profile_leaves_namespace_and_v_stores(ip):
     lines = text.splitlines()
     rule = next(i for i, ln in enumerate(lines) if ln.startswith("---"))
     assert len(lines) - rule - 1 == 5  # --top 5 rows
+    # Rows say what the operator is first; dynamo's fx name (input_7) comes last, for lookups only.
+    assert lines[rule - 1].split()[:2] == ["op", "module"] and lines[rule - 1].rstrip().endswith("fx node")
+    assert not lines[rule + 1].startswith("input_")
     run(ip, "%opara_profile model x -v prof")
     assert isinstance(ip.user_ns["prof"], ProfileResult)
     assert "stream 0" in ip.user_ns["prof"]._repr_html_()

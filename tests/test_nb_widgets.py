@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +13,7 @@ pytest.importorskip("ipywidgets")
 import opara_nb
 from opara_nb import models
 from opara_nb.nb.progress import Progress
+from opara_nb.nb.display import OparaResult
 from opara_nb.nb.widgets import Dashboard
 
 
@@ -71,3 +74,11 @@ def test_progress_writes_a_line_outside_notebooks():
         p(2, what="opara")
     text = buf.getvalue()
     assert "bench: 2/3 opara" in text and text.endswith("\r")
+
+
+def test_pictures_name_operators_from_graph_meta_when_there_is_no_profile(om):
+    bare = SimpleNamespace(graphs=om.graphs, plans=om.plans, profiles=[], report=om.report)
+    labels = re.findall(r'\[label="([^"]*)"', OparaResult(bare).dot(0))
+    assert "conv2d\\nblock1.b2.0" in labels and not any(label.startswith("input_") for label in labels)
+    shown = re.findall(r"<text[^>]*>([^<]*)</text>", _html(Dashboard(bare)))
+    assert "conv2d" in shown and not any(t.startswith("input_") for t in shown)

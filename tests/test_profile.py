@@ -204,3 +204,58 @@ def test_profiling_detaches_cupti_on_cuda_12_6_and_later(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.4")  # teardown crashes CUDA graphs before 12.6: leave it
     assert detach_cupti_after_profiling() is False
     assert "TEARDOWN_CUPTI" not in os.environ
+
+
+class _SameOps(nn.Module):
+    """Sixteen identical small multiplies in a chain: every node does the same work, the first included."""
+
+    def forward(self, x):
+        for _ in range(16):
+            x = x * 1.0001
+        return x
+
+
+_FIRST_SESSION = """
+import torch, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_profile import _SameOps
+from opara_nb.capture import capture_graphs
+from opara_nb.profile import profile_graph
+(g,) = capture_graphs(_SameOps().eval(), (torch.randn(64),), {{}})
+gp = profile_graph(g, cache=False)
+times = sorted(gp.nodes[n].cpu_ms for n in g.dag.nodes[1:])
+print("RATIO", gp.nodes[g.dag.nodes[0]].cpu_ms / max(times[len(times) // 2], 1e-6))
+"""
+
+
+def test_first_node_is_not_charged_the_profiler_start_up():
+    """The first profiler session of a process charged its start-up (~0.4 ms) to the first node's CPU span, ~50x
+    its identical twins; a fresh interpreter is the only place that session happens, so the check runs in one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = _FIRST_SESSION.format(root=str(here.parent), tests=str(here))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RATIO ")]
+    assert done.returncode == 0 and line, done.stderr[-2000:]
+    ratio = float(line[-1].split()[1])
+    # Fixed: about 2-3x (the first span is still a little colder); broken: about 50x.
+    assert ratio < 12.0, f"first node took {ratio:.1f}x the median of identical nodes"
+
+
+def test_profiler_warm_up_span_precedes_the_first_node_and_is_charged_to_none(monkeypatch):
+    from opara_nb.profile import measure
+    from opara_nb.profile.trace import TAG
+
+    seen: list[list[dict]] = []
+    real = measure.export_events
+    monkeypatch.setattr(measure, "export_events", lambda prof: seen.append(real(prof)) or seen[-1])
+    (g,) = capture_graphs(_SameOps().eval(), (torch.randn(64),), {})
+    attributed = measure.profiled_run(g.gm, g.example_inputs, torch.device("cpu"))
+    spans = {e["name"]: e for e in seen[0] if e.get("cat") == "user_annotation"}
+    warm, first = spans[measure.WARMUP_TAG], spans[TAG + g.dag.nodes[0]]
+    assert float(warm["ts"]) + float(warm["dur"]) <= float(first["ts"])
+    assert set(attributed.cpu_ms) == set(g.dag.nodes)

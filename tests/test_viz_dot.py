@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opara_nb.viz import plan_to_dot
+from opara_nb.viz import graph_labels, plan_to_dot
 from opara_nb.viz.dot import collapse_groups, escape
 
 from test_viz_fixtures import FakeDAG, FakeNodeProfile, FakePlan, diamond, ladder
@@ -50,8 +50,9 @@ def test_one_cluster_per_stream_with_stable_colour():
 def test_shapes_sync_edges_and_times():
     dag, plan, profile = diamond()
     dot = plan_to_dot(dag, plan, profile)
-    assert re.search(r'"conv_a" \[label="conv_a\\nconv2d\\n0.250 ms", shape=box', dot)
-    assert re.search(r'"cat" \[label="[^"]*", shape=ellipse', dot)
+    assert re.search(r'"conv_a" \[label="conv2d\\nbranch_a.conv\\n0.250 ms", tooltip="conv_a \(branch_a.conv\)", shape=box',
+                     dot)
+    assert re.search(r'"cat" \[label="[^"]*", tooltip="[^"]*", shape=ellipse', dot)
     assert '"conv_b" -> "cat" [style=dashed' in dot
     assert '"conv_a" -> "cat";' in dot
 
@@ -76,7 +77,7 @@ def test_large_graph_collapses_chains_and_full_graph_on_request():
     assert len(groups) == 6  # src, 4 chains, sink
     assert sorted(len(g.members) for g in groups) == [1, 1, 50, 50, 50, 50]
     dot = plan_to_dot(dag, plan, profile)
-    assert "50 ops" in dot and "b0_0..b0_49" in dot
+    assert "branch0: 50 ops\\nconv2d .. conv2d" in dot and 'tooltip="b0_0..b0_49"' in dot
     full = plan_to_dot(dag, plan, profile, collapse=False)
     assert '"b2_17" [' in full and "50 ops" not in full
 
@@ -93,6 +94,24 @@ def test_bad_collapse_value_names_it():
     dag, plan, _ = diamond()
     with pytest.raises(ValueError, match="'sideways'"):
         plan_to_dot(dag, plan, collapse="sideways")
+
+
+def test_labels_name_the_operator_and_module_and_fall_back_to_fx_names():
+    from opara_nb.viz import node_label
+    from opara_nb.viz._common import module_tail, module_tails
+
+    assert node_label("input_8", "conv2d", "block1.b2.0.0") == "conv2d\nb2.0"  # Sequential index dropped
+    assert node_label("scores", "truediv", "") == "truediv\nscores"   # a source name says what the value is
+    assert node_label("view_3", "view", "") == "view"                 # fx's default name adds nothing
+    assert node_label("x_3") == "x_3"                                 # nothing else known
+    assert module_tail("features.denseblock1.denselayer2.conv1") == "denselayer2.conv1"
+    assert module_tail("stem.0.0") == "stem.0" and module_tail("q") == "q"
+    # Two blocks with the same inner names are told apart within one picture.
+    assert module_tails(["block1.b2.0.0", "block2.b2.0.0", "fc"]) == {
+        "block1.b2.0.0": "block1.b2.0", "block2.b2.0.0": "block2.b2.0", "fc": "fc"}
+    dag, plan, profile = diamond()
+    dot = plan_to_dot(dag, plan, profile, labels={"cat": "concat\nhead"})
+    assert 'label="concat\\nhead\\n0.020 ms"' in dot and '"cat" [' in dot
 
 
 def test_real_schedule_plan_renders():
@@ -123,6 +142,14 @@ def test_inception_block_golden():
     dot = plan_to_dot(g.dag, plan, facts)
     assert dot.count("subgraph cluster_stream_") == plan.num_streams > 1
     assert all(f'"{n}" [' in dot for n in g.dag.nodes)
+    # Labelled by operator and module tail, never by dynamo's source-variable names (input_7); ids keep those.
+    labels = re.findall(r'\[label="([^"]*)"', dot)
+    assert not any("input_" in label for label in labels)
+    assert 'label="conv2d\\nblock1.b2.0"' in dot and 'tooltip="input_8 (block1.b2.0.0)"' in dot
+    assert 'label="conv2d\\nblock2.b2.0"' in dot
+    # Without a profile, the same labels come from the graph's meta.
+    bare = plan_to_dot(g.dag, plan, labels=graph_labels(g))
+    assert re.findall(r'\[label="([^"]*)"', bare) == labels
     # fx node names can change between torch releases; the exact text is pinned for the version it was recorded on.
     if ".".join(torch.__version__.split(".")[:2]) != GOLDEN_TORCH:
         pytest.skip(f"inception_block.gv was recorded with torch {GOLDEN_TORCH}")

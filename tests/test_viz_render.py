@@ -17,7 +17,9 @@ def test_without_dot_shows_install_line_dot_source_and_table(monkeypatch):
     html = graph_html(plan_to_dot(dag, plan, profile), dag, plan, profile)
     assert "apt-get install graphviz" in html and "conda install graphviz" in html
     assert "digraph opara_plan" in html and "<table>" in html
-    assert "<td>conv_b</td>" in html and "<svg" not in html
+    # The table names the operator and its module; the fx name sits in its own column.
+    assert "<td>conv2d</td><td>branch_b.conv</td>" in html and "<td><code>conv_b</code></td>" in html
+    assert "<svg" not in html
     assert "apt-get install graphviz" in INSTALL_HINT
 
 

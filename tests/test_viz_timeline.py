@@ -59,3 +59,13 @@ def test_unprofiled_uses_units():
     dag, plan, _ = diamond()
     svg = timeline_svg(dag, plan)
     assert "not profiled" in svg and "units" in svg
+
+
+def test_boxes_are_labelled_by_operator_with_module_and_fx_name_on_hover():
+    dag, plan, profile = diamond()
+    svg = timeline_svg(dag, plan, profile, width=4000)  # wide enough that every box has room for its text
+    texts = re.findall(r"<text [^>]*>([^<]*)</text>", svg)
+    assert "conv2d" in texts and "conv_a" not in texts
+    assert "<title>conv2d branch_a.conv [conv_a]: " in svg
+    svg = timeline_svg(dag, plan, labels={"conv_a": "my conv"}, width=4000)
+    assert "my conv" in re.findall(r"<text [^>]*>([^<]*)</text>", svg)

@@ -5,13 +5,13 @@ Static output only (no server), so it survives in saved notebooks and on GitHub.
 from __future__ import annotations
 
 import html
-from typing import Any
+from typing import Any, Mapping
 
 from ..report import Summary, summarize
-from ..viz import graph_html, plan_to_dot, simulate, timeline_svg
+from ..viz import graph_html, graph_labels, plan_to_dot, simulate, timeline_svg
 from ..viz._common import node_facts
 
-__all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms"]
+__all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms", "labels_of"]
 
 
 def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
@@ -24,24 +24,37 @@ def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
 
 
 def graph_section(dag: Any, plan: Any, profile: Any = None, max_nodes: int = 150, title: str = "",
-                  timeline: bool = True) -> str:
-    """HTML: the stream graph (SVG, or DOT + table without Graphviz) and the predicted timeline."""
-    dot = plan_to_dot(dag, plan, profile, max_nodes=max_nodes)
+                  timeline: bool = True, labels: Mapping[str, str] | None = None) -> str:
+    """HTML: the stream graph (SVG, or DOT + table without Graphviz) and the predicted timeline.
+
+    ``labels``: node -> display text (``viz.graph_labels(g)``), used where the profile does not name the operators.
+    """
+    dot = plan_to_dot(dag, plan, profile, max_nodes=max_nodes, labels=labels)
     head = f"<h4>{html.escape(title)}</h4>" if title else ""
-    tl = f"<div style='overflow:auto'>{timeline_svg(dag, plan, profile)}</div>" if timeline else ""
-    return f"{head}{graph_html(dot, dag, plan, profile)}{tl}"
+    tl = f"<div style='overflow:auto'>{timeline_svg(dag, plan, profile, labels=labels)}</div>" if timeline else ""
+    return f"{head}{graph_html(dot, dag, plan, profile, labels=labels)}{tl}"
+
+
+def labels_of(graph: Any) -> dict[str, str] | None:
+    """Operator/module labels of a CapturedGraph from its node meta; None for anything without fx nodes."""
+    # A bare DAG (e.g. the paper's Fig. 10 example) has no fx nodes: its names are all there is.
+    return graph_labels(graph) if hasattr(graph, "op_nodes") else None
 
 
 class PlanView:
-    """One plan drawn: the stream graph and the predicted timeline (``display(PlanView(dag, plan, profile))``)."""
+    """One plan drawn: the stream graph and the predicted timeline (``display(PlanView(dag, plan, profile))``).
+
+    ``labels``: node -> display text, e.g. ``viz.graph_labels(g)`` for a CapturedGraph drawn without a profile.
+    """
 
     def __init__(self, dag: Any, plan: Any, profile: Any = None, title: str = "", max_nodes: int = 150,
-                 timeline: bool = True) -> None:
+                 timeline: bool = True, labels: Mapping[str, str] | None = None) -> None:
         self.dag, self.plan, self.profile, self.title = dag, plan, profile, title
-        self.max_nodes, self.timeline = max_nodes, timeline
+        self.max_nodes, self.timeline, self.labels = max_nodes, timeline, labels
 
     def dot(self, collapse: Any = "auto") -> str:
-        return plan_to_dot(self.dag, self.plan, self.profile, collapse=collapse, max_nodes=self.max_nodes)
+        return plan_to_dot(self.dag, self.plan, self.profile, collapse=collapse, max_nodes=self.max_nodes,
+                           labels=self.labels)
 
     def __repr__(self) -> str:
         pred, seq = predicted_ms(self.dag, self.plan, self.profile)
@@ -51,13 +64,15 @@ class PlanView:
                 f"syncs; predicted {pred:.3f} {unit} vs {seq:.3f} {unit} one at a time")
 
     def _repr_html_(self) -> str:
-        return graph_section(self.dag, self.plan, self.profile, self.max_nodes, self.title, self.timeline)
+        return graph_section(self.dag, self.plan, self.profile, self.max_nodes, self.title, self.timeline,
+                             labels=self.labels)
 
 
-def _graph_triples(om: Any) -> list[tuple[Any, Any, Any]]:
+def _graph_views(om: Any) -> list[tuple[Any, Any, Any, dict[str, str] | None]]:
+    """(dag, plan, profile, labels) per captured graph of ``om``."""
     graphs, plans = list(getattr(om, "graphs", []) or []), list(getattr(om, "plans", []) or [])
     profiles = list(getattr(om, "profiles", []) or []) or [None] * len(graphs)
-    return [(g.dag, p, gp) for g, p, gp in zip(graphs, plans, profiles)]
+    return [(g.dag, p, gp, labels_of(g)) for g, p, gp in zip(graphs, plans, profiles)]
 
 
 class OparaResult:
@@ -75,14 +90,14 @@ class OparaResult:
                                           title=f"opara_nb: {name} is now an OparaModule")
 
     def dot(self, index: int = 0, collapse: Any = "auto") -> str:
-        dag, plan, profile = _graph_triples(self.om)[index]
-        return plan_to_dot(dag, plan, profile, collapse=collapse, max_nodes=self.max_nodes)
+        dag, plan, profile, labels = _graph_views(self.om)[index]
+        return plan_to_dot(dag, plan, profile, collapse=collapse, max_nodes=self.max_nodes, labels=labels)
 
     def _undo_hint(self) -> str:
         return f"undo: %opara_undo {self.name}   (original at {self.name}.original)"
 
     def __repr__(self) -> str:
-        n = len(_graph_triples(self.om))
+        n = len(_graph_views(self.om))
         graphs = f"\nstream graph: {n} graph(s); shown in Jupyter, or .dot(i) for DOT text" if self.show_graph else ""
         return f"{self.summary!r}{graphs}\n{self._undo_hint()}"
 
@@ -91,10 +106,10 @@ class OparaResult:
         if self.bench is not None and hasattr(self.bench, "_repr_html_"):
             parts.append(f"<details><summary>benchmark</summary>{self.bench._repr_html_()}</details>")
         if self.show_graph:
-            triples = _graph_triples(self.om)
-            for i, (dag, plan, profile) in enumerate(triples):
-                title = f"graph {i} of {len(triples)}" if len(triples) > 1 else ""
-                parts.append(graph_section(dag, plan, profile, self.max_nodes, title))
+            views = _graph_views(self.om)
+            for i, (dag, plan, profile, labels) in enumerate(views):
+                title = f"graph {i} of {len(views)}" if len(views) > 1 else ""
+                parts.append(graph_section(dag, plan, profile, self.max_nodes, title, labels=labels))
         parts.append(f"<p><code>{html.escape(self._undo_hint())}</code></p>")
         return "<div class='opara-result'>" + "".join(parts) + "</div>"
 
@@ -103,15 +118,16 @@ class OparaResult:
 
 
 def _top_rows(gp: Any, top: int) -> list[list[str]]:
+    # What the operator is and where it sits first; the fx node name (dynamo's input_7, x_3) last, for lookups.
     nodes = sorted(getattr(gp, "nodes", {}).values(), key=lambda p: -(p.time_ms or 0.0))[:top]
-    return [[p.name, p.op, p.module or "-", f"{p.time_ms:.4f}",
-             "memory" if p.memory_bound else "compute", f"{getattr(p, 'demand', 0.0) or 0.0:.2f}"] for p in nodes]
+    return [[p.op or p.name, p.module or "-", f"{p.time_ms:.4f}", "memory" if p.memory_bound else "compute",
+             f"{getattr(p, 'demand', 0.0) or 0.0:.2f}", p.name] for p in nodes]
 
 
 class ProfileResult:
     """What ``%opara_profile`` shows: the slowest operators per graph, the critical-path bound, the graph."""
 
-    headers = ["node", "op", "module", "ms", "class", "demand"]
+    headers = ["op", "module", "ms", "class", "demand", "fx node"]
 
     def __init__(self, mp: Any, top: int = 20, strategy: str = "opara", order: str = "opara",
                  show_graph: bool = True, max_nodes: int = 150) -> None:
@@ -154,7 +170,7 @@ class ProfileResult:
         for i, ((g, gp), plan) in enumerate(zip(self.profile.graphs, plans)):
             parts.append(f"<h4>graph {i}: top {self.top} operators by time</h4>{self._table(gp, 'html')}")
             if plan is not None:
-                parts.append(graph_section(g.dag, plan, gp, self.max_nodes))
+                parts.append(graph_section(g.dag, plan, gp, self.max_nodes, labels=labels_of(g)))
         return "<div class='opara-profile'>" + "".join(parts) + "</div>"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:

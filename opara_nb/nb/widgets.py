@@ -9,7 +9,7 @@ import html
 from typing import Any
 
 from .._optional import require
-from .display import graph_section, predicted_ms
+from .display import graph_section, labels_of, predicted_ms
 from .magics import ORDER_CHOICES
 
 __all__ = ["Dashboard", "dashboard", "DASHBOARD_STRATEGIES"]
@@ -76,7 +76,7 @@ class Dashboard:
         head = (f"<p><b>{html.escape(self.strategy.value)}</b> / {html.escape(self.order.value)}: "
                 f"{plan.num_streams} streams, {len(plan.syncs)} syncs; predicted latency {pred:.3f} ms vs "
                 f"{seq:.3f} ms one operator at a time (from profile times; measure with %opara_bench)</p>")
-        body = head + graph_section(dag, plan, gp, self.max_nodes)
+        body = head + graph_section(dag, plan, gp, self.max_nodes, labels=labels_of(self.graphs[i]))
         self.output.outputs = ({"output_type": "display_data", "metadata": {},
                                 "data": {"text/html": body, "text/plain": head}},)
 

@@ -4,9 +4,10 @@ Pure functions of schedule's ``DAG`` and ``Plan`` plus an optional profile; no t
 """
 from __future__ import annotations
 
+from ._common import graph_labels, node_label
 from .dot import DEFAULT_MAX_NODES, plan_to_dot
 from .render import INSTALL_HINT, dot_available, dot_to_svg, graph_html, plan_table_html
 from .timeline import simulate, timeline_svg
 
 __all__ = ["plan_to_dot", "timeline_svg", "simulate", "dot_to_svg", "dot_available", "graph_html",
-           "plan_table_html", "INSTALL_HINT", "DEFAULT_MAX_NODES"]
+           "plan_table_html", "INSTALL_HINT", "DEFAULT_MAX_NODES", "graph_labels", "node_label"]

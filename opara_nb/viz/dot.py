@@ -1,14 +1,15 @@
 """The stream-partitioned operator graph as Graphviz DOT text: a pure function of (DAG, plan, profile).
 
 One cluster per stream with a stable colour, compute-bound operators as boxes and memory-bound ones as ellipses,
-cross-stream synchronisations dashed, GPU time in the label when profiled. Large graphs are collapsed (chains of
+cross-stream synchronisations dashed, GPU time in the label when profiled. Nodes are labelled by operator and module
+path (see ``_common.node_label``); DOT ids and tooltips keep the fx names, which are stable and unique. Large graphs are collapsed (chains of
 consecutive operators on one stream, then module-path groups) so that a 1,300-operator NASNet stays readable.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-from ._common import NodeFacts, node_facts, stream_colour
+from ._common import NodeFacts, module_tail, node_facts, node_labels, stream_colour
 
 __all__ = ["plan_to_dot", "DEFAULT_MAX_NODES", "collapse_groups", "Group"]
 
@@ -122,25 +123,49 @@ def _group_memory_bound(g: Group, facts: dict[str, NodeFacts]) -> bool:
     return all(facts.get(m, NodeFacts()).memory_bound for m in g.members)
 
 
-def _label(g: Group, facts: dict[str, NodeFacts]) -> str:
-    first = g.members[0]
+def _chain_title(g: Group, facts: dict[str, NodeFacts]) -> str:
+    """The module path the members share (its tail), or the group's own title: what the chain is part of."""
+    if g.title:  # a module group: its title is the grouping path itself
+        return g.title
+    mods = [facts.get(m, NodeFacts()).module.split(".") for m in g.members]
+    if not mods or not all(m and m[0] for m in mods):
+        return ""
+    common = []
+    for parts in zip(*mods):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return module_tail(".".join(common))
+
+
+def _label(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str]) -> str:
+    first, last = g.members[0], g.members[-1]
     if len(g.members) == 1:
-        f = facts.get(first, NodeFacts())
-        lines = [first] + ([f.op] if f.op and f.op != first else [])
+        lines = [labels.get(first, first)]
     else:
-        head = f"{g.title}: " if g.title else ""
-        lines = [f"{head}{len(g.members)} ops", f"{first}..{g.members[-1]}"]
+        title = _chain_title(g, facts)
+        ends = [labels.get(first, first).split("\n")[0], labels.get(last, last).split("\n")[0]]
+        lines = [f"{title + ': ' if title else ''}{len(g.members)} ops", " .. ".join(ends)]
     t = _group_time(g, facts)
     if t is not None:
         lines.append(f"{t:.3f} ms")
     return "\n".join(lines)
 
 
-def _node_line(g: Group, facts: dict[str, NodeFacts]) -> str:
+def _tooltip(g: Group, facts: dict[str, NodeFacts]) -> str:
+    # The fx names (and full module path) for whoever needs to find the node in the graph module.
+    if len(g.members) > 1:
+        return f"{g.members[0]}..{g.members[-1]}"
+    module = facts.get(g.key, NodeFacts()).module
+    return f"{g.key} ({module})" if module else g.key
+
+
+def _node_line(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str]) -> str:
     border, fill = stream_colour(g.stream)
     shape = "ellipse" if _group_memory_bound(g, facts) else "box"
     extra = ", peripheries=2" if len(g.members) > 1 else ""
-    return f'    {_q(g.key)} [label={_q(_label(g, facts))}, shape={shape}, color="{border}", fillcolor="{fill}"{extra}];'
+    return (f"    {_q(g.key)} [label={_q(_label(g, facts, labels))}, tooltip={_q(_tooltip(g, facts))}, shape={shape}, "
+            f'color="{border}", fillcolor="{fill}"{extra}];')
 
 
 def _edges(dag: Any, plan: Any, groups: list[Group]) -> list[tuple[str, str, str]]:
@@ -194,22 +219,26 @@ def _header(plan: Any, n_ops: int, n_drawn: int, title: str | None) -> list[str]
 
 
 def plan_to_dot(dag: Any, plan: Any, profile: Any = None, collapse: Any = "auto", *,
-                max_nodes: int = DEFAULT_MAX_NODES, title: str | None = None, legend: bool = True) -> str:
+                max_nodes: int = DEFAULT_MAX_NODES, title: str | None = None, legend: bool = True,
+                labels: Mapping[str, str] | None = None) -> str:
     """DOT text of ``plan`` on ``dag``: one cluster per stream, deterministic for the same inputs.
 
     ``profile``: a GraphProfile or a mapping node -> object with ``op``, ``module``, ``time_ms``, ``memory_bound``.
+    ``labels``: node -> display text, overriding the profile's (``viz.graph_labels(g)`` when there is no profile).
+    Node ids are the fx names; labels read ``operator / module-path tail``, with the fx name in the tooltip.
 
     >>> print(plan_to_dot(dag, plan))      # doctest: +SKIP
     digraph opara_plan { ...
     """
     facts = node_facts(profile)
+    names = node_labels(profile, labels)
     groups = collapse_groups(dag, plan, profile, collapse, max_nodes)
     lines = _header(plan, len(dag.nodes), len(groups), title)
     for s in sorted({g.stream for g in groups}):
         border, _ = stream_colour(s)
         lines += [f"  subgraph cluster_stream_{s} {{",
                   f'    label="stream {s}"; style=rounded; color="{border}"; fontcolor="{border}"; penwidth=1.5;']
-        lines += [_node_line(g, facts) for g in groups if g.stream == s]
+        lines += [_node_line(g, facts, names) for g in groups if g.stream == s]
         lines.append("  }")
     lines += [_edge_line(u, v, k) for u, v, k in _edges(dag, plan, groups)]
     if legend:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from html import escape
-from typing import Any
+from typing import Any, Mapping
 
-from ._common import node_facts, stream_colour
+from ._common import module_tail, node_facts, node_labels, stream_colour
 
 __all__ = ["dot_available", "dot_to_svg", "graph_html", "plan_table_html", "INSTALL_HINT"]
 
@@ -35,28 +35,35 @@ def dot_to_svg(dot: str, timeout_s: float = 60.0) -> str | None:
     return svg[start:] if start >= 0 else svg
 
 
-def plan_table_html(dag: Any, plan: Any, profile: Any = None, max_rows: int = 200) -> str:
-    """An HTML table of the plan (launch position, node, stream, op, class, time): the picture without Graphviz."""
+def plan_table_html(dag: Any, plan: Any, profile: Any = None, max_rows: int = 200,
+                    labels: Mapping[str, str] | None = None) -> str:
+    """An HTML table of the plan (launch position, operator, module, stream, class, time, fx node): the picture
+    without Graphviz."""
     facts = node_facts(profile)
+    names = node_labels(profile, labels)
     rows = []
     for i, n in enumerate(plan.order[:max_rows]):
         f = facts.get(n)
         s = int(plan.streams[n])
         cls = "" if f is None or f.memory_bound is None else ("memory" if f.memory_bound else "compute")
         t = "" if f is None or f.time_ms is None else f"{f.time_ms:.3f}"
-        rows.append(f'<tr><td>{i}</td><td>{escape(n)}</td><td style="background:{stream_colour(s)[1]}">{s}</td>'
-                    f"<td>{escape(f.op if f else '')}</td><td>{cls}</td><td>{t}</td></tr>")
+        what, _, where = names.get(n, n).partition("\n")
+        where = module_tail(f.module) if f is not None and f.module else where
+        rows.append(f"<tr><td>{i}</td><td>{escape(what)}</td><td>{escape(where)}</td>"
+                    f'<td style="background:{stream_colour(s)[1]}">{s}</td><td>{cls}</td><td>{t}</td>'
+                    f"<td><code>{escape(n)}</code></td></tr>")
     more = len(plan.order) - max_rows
-    tail = f"<tr><td colspan=6>... {more} more</td></tr>" if more > 0 else ""
-    return ("<table><thead><tr><th>#</th><th>node</th><th>stream</th><th>op</th><th>class</th><th>ms</th></tr>"
-            f"</thead><tbody>{''.join(rows)}{tail}</tbody></table>")
+    tail = f"<tr><td colspan=7>... {more} more</td></tr>" if more > 0 else ""
+    return ("<table><thead><tr><th>#</th><th>operator</th><th>module</th><th>stream</th><th>class</th><th>ms</th>"
+            f"<th>fx node</th></tr></thead><tbody>{''.join(rows)}{tail}</tbody></table>")
 
 
-def graph_html(dot: str, dag: Any = None, plan: Any = None, profile: Any = None) -> str:
+def graph_html(dot: str, dag: Any = None, plan: Any = None, profile: Any = None,
+               labels: Mapping[str, str] | None = None) -> str:
     """Inline SVG when ``dot`` exists; otherwise the install hint, the DOT source and (given dag/plan) a table."""
     svg = dot_to_svg(dot)
     if svg is not None:
         return f'<div class="opara-graph" style="overflow:auto;max-height:900px">{svg}</div>'
-    table = plan_table_html(dag, plan, profile) if dag is not None and plan is not None else ""
+    table = plan_table_html(dag, plan, profile, labels=labels) if dag is not None and plan is not None else ""
     return (f'<div class="opara-graph"><p><code>{escape(INSTALL_HINT)}</code></p>{table}'
             f"<details><summary>DOT source</summary><pre>{escape(dot)}</pre></details></div>")

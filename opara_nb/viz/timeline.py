@@ -9,7 +9,7 @@ import math
 from html import escape as _html_escape
 from typing import Any, Mapping
 
-from ._common import node_facts, stream_colour
+from ._common import node_facts, node_labels, stream_colour
 
 __all__ = ["timeline_svg", "simulate"]
 
@@ -62,13 +62,15 @@ def _box(name: str, span: tuple[float, float], lane: int, stream: int, scale: fl
 
 
 def timeline_svg(dag: Any, plan: Any, profile: Any = None, measured: Mapping[str, tuple[float, float]] | None = None,
-                 width: int = _WIDTH) -> str:
+                 width: int = _WIDTH, labels: Mapping[str, str] | None = None) -> str:
     """Inline SVG: one lane per stream, one box per operator; the title says predicted or measured.
 
     ``measured``: node -> (start_ms, end_ms) from a profiled replay; otherwise spans are predicted by :func:`simulate`
-    from the profile's ``time_ms`` (1 unit per node when there is no profile).
+    from the profile's ``time_ms`` (1 unit per node when there is no profile). Boxes show the operator; the hover
+    text adds the module path and fx name. ``labels``: node -> display text, as for :func:`plan_to_dot`.
     """
     facts = node_facts(profile)
+    names = node_labels(profile, labels)
     times = {n: f.time_ms for n, f in facts.items() if f.time_ms is not None}
     if measured is not None:
         spans, kind = dict(measured), "measured"
@@ -94,9 +96,10 @@ def timeline_svg(dag: Any, plan: Any, profile: Any = None, measured: Mapping[str
         if n not in spans:
             continue
         a, b = spans[n]
-        f = facts.get(n)
-        label = f"{n}{' (' + f.op + ')' if f and f.op else ''}: {a - t0:.3f}-{b - t0:.3f} {unit}, stream {plan.streams[n]}"
-        parts.append(_box(n, (a - t0, b - t0), lane_of[int(plan.streams[n])], int(plan.streams[n]), scale, label))
+        shown = names.get(n, n)
+        hover = f"{' '.join(shown.split(chr(10)))} [{n}]: {a - t0:.3f}-{b - t0:.3f} {unit}, stream {plan.streams[n]}"
+        s = int(plan.streams[n])
+        parts.append(_box(shown.split("\n")[0], (a - t0, b - t0), lane_of[s], s, scale, hover))
     axis_y = _TOP + len(streams) * _LANE_H + 14
     for t in _ticks(total):
         parts.append(f'<text x="{_LEFT + t * scale:.1f}" y="{axis_y}" font-size="9">{t:g}</text>')
