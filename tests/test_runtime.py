@@ -256,3 +256,25 @@ def test_dynamo_graphs_run_on_fake_streams_like_the_graph_module(name):
                 torch.testing.assert_close(ex(*g.example_inputs), expected)
                 assert fake.current is fake.main  # every stream context was left
                 assert ex.mapping.num_physical <= 3
+
+
+# ---------------------------------------------------------------- the replay hot path's call key
+def test_flat_call_key_matches_pytree_leaf_order_and_separates_signatures():
+    from torch.utils import _pytree as pytree
+
+    from opara_nb.runtime.cudagraph import input_leaves, signature
+
+    a, b, m = torch.randn(2, 3), torch.randn(4), torch.ones(2, dtype=torch.bool)
+    assert input_leaves((a, b), {"mask": m}) == pytree.tree_leaves(((a, b), {"mask": m}))
+    keys = {
+        signature((a, b), {}),
+        signature((a, b), {"mask": m}),
+        signature((a,), {"b": b}),                    # same tensors, positional vs keyword
+        signature(((a, b),), {}),                     # nested: the pytree path
+        signature((a.double(), b), {}),               # dtype
+        signature((a.t().contiguous().t(), b), {}),   # stride
+        signature((torch.randn(3, 3), b), {}),        # shape
+    }
+    assert len(keys) == 7
+    assert signature((a, b), {}) == signature((torch.randn(2, 3), torch.randn(4)), {})  # values do not matter
+    assert signature((a, 3), {}) != signature((a, 4), {})  # non-tensor leaves by value (pytree path)
