@@ -259,3 +259,13 @@ def test_profiler_warm_up_span_precedes_the_first_node_and_is_charged_to_none(mo
     warm, first = spans[measure.WARMUP_TAG], spans[TAG + g.dag.nodes[0]]
     assert float(warm["ts"]) + float(warm["dur"]) <= float(first["ts"])
     assert set(attributed.cpu_ms) == set(g.dag.nodes)
+
+
+def test_cache_key_changes_with_the_profile_format(monkeypatch):
+    """A fix to what profiles measure must not be hidden by files cached before it."""
+    from opara_nb.profile import cache
+
+    inputs = [torch.randn(2, 3)]
+    before = cache.cache_key("code", inputs, "cpu", "occupancy")
+    monkeypatch.setattr(cache, "PROFILE_FORMAT", cache.PROFILE_FORMAT + 1)
+    assert cache.cache_key("code", inputs, "cpu", "occupancy") != before

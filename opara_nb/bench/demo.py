@@ -2,10 +2,13 @@
 write its stream graph (DOT, and SVG when Graphviz's ``dot`` program is installed) to a folder."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..runtime import OparaNotice
 
 __all__ = ["run_demo", "profile_rows"]
 
@@ -14,22 +17,22 @@ NO_GPU_NOTE = ("no CUDA here: nothing is accelerated. The demo still captures, p
 
 
 def profile_rows(om: Any, top: int = 15) -> list[list[Any]]:
-    """The ``top`` slowest operators over all graphs: node, op, module, stream, ms, MFLOP, class, demand."""
+    """The ``top`` slowest operators over all graphs: op, module, stream, ms, MFLOP, class, demand, graph:fx node."""
     rows = []
     for i, (gp, plan) in enumerate(zip(om.profiles, om.plans)):
         for name, node in gp.nodes.items():
             cls = "memory" if getattr(node, "memory_bound", False) else "compute"
-            rows.append([f"{i}:{name}", getattr(node, "op", ""), getattr(node, "module", ""),
-                         plan.streams.get(name, "-"), getattr(node, "time_ms", 0.0) or 0.0,
-                         (getattr(node, "flops", 0) or 0) / 1e6, cls, getattr(node, "demand", None)])
-    rows.sort(key=lambda r: -r[4])
+            rows.append([getattr(node, "op", ""), getattr(node, "module", ""), plan.streams.get(name, "-"),
+                         getattr(node, "time_ms", 0.0) or 0.0, (getattr(node, "flops", 0) or 0) / 1e6, cls,
+                         getattr(node, "demand", None), f"{i}:{name}"])
+    rows.sort(key=lambda r: -r[3])
     return rows[:top]
 
 
 def _print_profile(om: Any, top: int) -> None:
     from tabulate import tabulate
 
-    headers = ["graph:node", "op", "module", "stream", "ms", "MFLOP", "class", "demand"]
+    headers = ["op", "module", "stream", "ms", "MFLOP", "class", "demand", "graph:fx node"]
     print(f"\nslowest {top} operators (profile):")
     print(tabulate(profile_rows(om, top), headers=headers, floatfmt=".3f"))
 
@@ -67,13 +70,16 @@ def run_demo(name: str, out: Path, iters: int = 20) -> int:
     if not cuda:
         print(NO_GPU_NOTE)
     model, args, kwargs = get(name, device="cuda" if cuda else "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", OparaNotice)  # the report below says the same, once
         om = optimize(model, *args, **kwargs)
     print(om.report)
     _print_profile(om, 15)
     modes = ("eager", "cudagraph", "opara", "auto") if cuda else ("eager", "opara")
     print("\nshort benchmark (few iterations; use `python -m opara_nb bench` for real numbers):")
-    print(repr(benchmark(model, *args, modes=modes, iters=iters, warmup=3, **kwargs)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OparaNotice)
+        print(repr(benchmark(model, *args, modes=modes, iters=iters, warmup=3, **kwargs)))
     for path in _write_graphs(om, out):
         print(f"wrote {path}")
     om.release()

@@ -32,9 +32,14 @@ def _signature(value: Any) -> Any:
     return type(value).__name__
 
 
+# Bump when what a profile measures or how it is stored changes: old cache files then stop matching.
+PROFILE_FORMAT = 2
+
+
 def cache_key(code: str, inputs: list, device_name: str, demand: str) -> str:
-    """sha256 hex of everything a profile depends on."""
-    payload = json.dumps([code, [_signature(v) for v in inputs], device_name, torch.__version__, demand])
+    """sha256 hex of everything a profile depends on, opara_nb's profile format included."""
+    payload = json.dumps([PROFILE_FORMAT, code, [_signature(v) for v in inputs], device_name, torch.__version__,
+                          demand])
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
