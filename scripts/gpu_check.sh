@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | bench | quick | sweep | alloc | report | all (default all). bench takes model names (default:
+# STAGE: env | tests | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara-topo,auto,nimble,wavefront and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
@@ -63,16 +63,16 @@ bounded() {
 report() {
   python -m opara_nb.bench.collect "$RES" --name "$NAME" || echo "collect failed"
   if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/results"
     cp "$RES/$NAME.md" "$RES/$NAME.json" "$OUT/" 2>/dev/null || true
-    cp -r "$PARTS" "$OUT/results/" 2>/dev/null || true
+    # the device tool returns at most 8 files: the parts travel as one archive
+    tar czf "$OUT/parts.tgz" -C "$RES" parts 2>/dev/null || true
   fi
 }
 
 stage_env() {
   {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "git: ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,driver_version --format=csv 2>&1
     python -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32)'
     for lib in torchvision timm transformers; do
@@ -111,6 +111,15 @@ stage_sweep() {
   report
 }
 
+stage_profile() {
+  # issue 3's recorded run: attribution vs the profiler's total, classes, profiling time
+  for m in googlenet bert; do
+    bounded 120 python -m opara_nb.profile --model "$m" --device cuda --top 25 --json "$PARTS/profile_$m.json" \
+      2>&1 | grep -v "^USDT" | tee "$PARTS/profile_$m.txt"
+  done
+  report
+}
+
 stage_alloc() {
   # capture runs on the CPU here: allocation time is pure host work
   bounded 300 python -m opara_nb alloc --model all --json "$PARTS/alloc.json" --md "$PARTS/alloc.md" 2>&1 \
@@ -126,9 +135,10 @@ case "$STAGE" in
   quick) stage_quick ;;
   sweep) stage_sweep ;;
   alloc) stage_alloc ;;
+  profile) stage_profile ;;
   report) report ;;
   all) stage_env; CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-150} stage_tests; stage_bench; stage_sweep; stage_alloc ;;
-  *) echo "unknown stage '$STAGE'; use env|tests|bench|quick|sweep|alloc|report|all" >&2; exit 2 ;;
+  *) echo "unknown stage '$STAGE'; use env|tests|bench|quick|sweep|alloc|profile|report|all" >&2; exit 2 ;;
 esac
 echo "==== $RES/$NAME.md ===="
 cat "$RES/$NAME.md"

@@ -6,6 +6,8 @@ import argparse
 import time
 from collections import Counter
 
+import torch
+
 from ..capture import capture_graphs
 from ..models import get, names
 from .graph import profile_graph
@@ -16,12 +18,16 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m opara_nb.profile", description=__doc__)
     parser.add_argument("--model", default="inception_block", choices=names())
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (the default when a GPU is present) or cpu")
     parser.add_argument("--top", type=int, default=25, help="rows to print (most expensive nodes)")
     parser.add_argument("--demand", default="occupancy", choices=("occupancy", "smem"))
     parser.add_argument("--json", help="write the profile as JSON here")
     parser.add_argument("--trace", help="write a Chrome trace of per-node spans here")
-    return parser.parse_args()
+    opts = parser.parse_args()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here; use --device cpu (CPU times, FLOPs and bytes only)")
+    return opts
 
 
 def _checks(prof: ModelProfile, seconds: list[float]) -> list[str]:
