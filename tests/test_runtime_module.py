@@ -275,12 +275,12 @@ def test_skipped_frame_falls_back(fake_cuda, monkeypatch):
 
 def test_auto_picks_by_synchronous_latency_not_replay_time(fake_cuda, monkeypatch):
     """The real timing loop under a fake clock: each replay+sync 'takes' its candidate's latency."""
-    from opara_nb.runtime import cudagraph, module
+    from opara_nb.runtime import cudagraph, module, timing
 
     sync = {"opara": 0.36, "opara+topological": 0.50, "nimble": 0.19, "wavefront": 0.40, "sequential": 0.30}
     replay = {"opara": 0.095, "opara+topological": 0.09, "nimble": 0.15, "wavefront": 0.2, "sequential": 0.25}
     clock = {"now": 0.0, "last": None, "names": {}}
-    real_sync_latency = module._sync_latency_ms
+    real_sync_latency = timing.sync_latency_ms
 
     def sync_latency(captured):
         clock["names"] = {id(g): k for k, g in captured.items()}
@@ -293,10 +293,10 @@ def test_auto_picks_by_synchronous_latency_not_replay_time(fake_cuda, monkeypatc
         clock["now"] += sync[clock["last"]] / 1e3
 
     monkeypatch.setattr(module.OparaModule, "_time_candidates", fake_cuda["real_timing"])
-    monkeypatch.setattr(module, "_sync_latency_ms", sync_latency)
-    monkeypatch.setattr(module, "_replay_ms", lambda captured: {k: replay[k] for k in captured})
-    monkeypatch.setattr(module, "_clock", lambda: clock["now"])
-    monkeypatch.setattr(module, "_device_sync", device_sync)
+    monkeypatch.setattr(timing, "sync_latency_ms", sync_latency)
+    monkeypatch.setattr(timing, "replay_ms", lambda captured: {k: replay[k] for k in captured})
+    monkeypatch.setattr(timing, "_clock", lambda: clock["now"])
+    monkeypatch.setattr(timing, "_device_sync", device_sync)
     monkeypatch.setattr(cudagraph.GraphedCall, "replay_only", replay_only)
     model, args, kwargs = models.get("inception_block")
     rep = _quiet(optimize, model, *args, **kwargs).report

@@ -5,12 +5,12 @@ glue between graph breaks) is captured into one CUDA graph. ``strategy="auto"`` 
 plan, times each the way users call it (``replay(); synchronize()``, host wall clock) and keeps the fastest;
 "sequential" is always a candidate, so "auto" is never slower than the plain sequential CUDA graph. Anything that
 cannot be accelerated falls back to eager with a one-line reason.
+
+The dynamo backend and its per-graph runners live in ``runners.py``; how "auto" times candidates, in ``timing.py``.
 """
 from __future__ import annotations
 
-import time
 import warnings
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -19,116 +19,20 @@ import torch
 from torch import nn
 
 from ..errors import OparaUsageError
-from ..planning import CANDIDATES, plan_with_profile
+from ..planning import CANDIDATES
+from . import timing
 from .cudagraph import GraphedCall, has_cuda_tensor, release_cuda_memory, signature
 from .executor import PlanExecutor
 from .report import RunReport
+from .runners import Backend, GraphRunner, Selector, one_line
 from .streams import DEFAULT_MAX_STREAMS
 from .warn import user_stacklevel
 
 __all__ = ["OparaModule", "optimize", "OparaNotice"]
 
-# "auto" picks by synchronous latency (what a caller waits for), interleaving candidates round by round so drift
-# is shared; back-to-back replay time (GPU throughput) is reported next to it.
-_SYNC_ROUNDS, _SYNC_CALLS = 5, 20
-_REPLAY_ROUNDS, _REPLAY_CALLS = 3, 20
-_clock = time.perf_counter  # module attributes so CPU tests can fake the clock and the device sync
-
-
-def _device_sync() -> None:
-    torch.cuda.synchronize()
-
 
 class OparaNotice(UserWarning):
     """One-line notices: a new input signature was captured, or a call fell back to eager (with the reason)."""
-
-
-class _Selector:
-    """Which candidate plan every graph runs now; shared by the graph runners of one OparaModule."""
-
-    def __init__(self) -> None:
-        self.active = ""
-
-
-@dataclass
-class _GraphRunner:
-    """One dynamo graph with one PlanExecutor per candidate plan; runs the selected one."""
-
-    g: Any
-    profile: Any
-    executors: dict[str, PlanExecutor]
-    selector: _Selector
-    profile_ms: float = 0.0
-    plan_ms: float = 0.0
-
-    def executor(self, key: str | None = None) -> PlanExecutor:
-        return self.executors[key or self.selector.active]
-
-    def __call__(self, *args: Any) -> Any:
-        return self.executor()(*args)
-
-    def close(self) -> None:
-        """Drop the graph, profile and executors: dynamo may keep this runner alive after its module is gone."""
-        self.g = None
-        self.profile = None
-        self.executors = {}
-
-
-@dataclass
-class _Backend:
-    """The dynamo backend of one OparaModule: CapturedGraph -> profile -> candidate plans -> runner."""
-
-    candidates: dict[str, tuple[str, str]]
-    selector: _Selector
-    max_streams: int
-    runners: list[_GraphRunner] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        from ..capture import CapturedGraph
-        from ..profile import profile_graph
-
-        try:
-            g = CapturedGraph.from_gm(gm, example_inputs, len(self.runners))
-            t0 = time.perf_counter()
-            gp = profile_graph(g)
-            t1 = time.perf_counter()
-            # Every candidate gets its executor (planning is cheap next to profiling); only CUDA measures them.
-            executors = {k: PlanExecutor(g, plan_with_profile(g, gp, *spec), max_streams=self.max_streams)
-                         for k, spec in self.candidates.items()}
-            t2 = time.perf_counter()
-        except Exception as exc:  # noqa: BLE001 - an unplannable graph still runs, unscheduled
-            self.notices.append(f"graph {len(self.runners)} runs unscheduled: {_one_line(exc)}")
-            return gm.forward
-        runner = _GraphRunner(g, gp, executors, self.selector, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-        self.runners.append(runner)
-        return _weak_call(runner, len(self.runners) - 1)
-
-    def reset(self) -> None:
-        """Called by ``torch._dynamo.reset()`` (dynamo keeps every backend it saw) and by ``OparaModule.release``."""
-        for runner in self.runners:
-            runner.close()
-        self.runners.clear()
-        self.notices.clear()
-
-
-def _weak_call(runner: _GraphRunner, index: int) -> Callable:
-    """What dynamo keeps for a graph: a plain function holding the runner weakly.
-
-    Dynamo keeps what a backend returns for as long as the process lives (in the trampoline's globals, wrapped by
-    ``functools.wraps``, which copies the returned object's ``__dict__``: a runner returned directly would leave its
-    graph, profile and example inputs, CUDA tensors among them, reachable after ``release()``). Only the backend's
-    ``runners`` list and the cache entries own runners, so ``release()`` frees them.
-    """
-    ref = weakref.ref(runner)
-
-    def run(*args: Any) -> Any:
-        live = ref()
-        if live is None:
-            raise RuntimeError(f"opara_nb graph {index} was released; its OparaModule compiles a fresh function")
-        return live(*args)
-
-    return run
 
 
 @dataclass
@@ -139,7 +43,7 @@ class _Entry:
     call: Callable
     reason: str | None = None
     strategy: str = ""
-    runners: list[_GraphRunner] = field(default_factory=list)
+    runners: list[GraphRunner] = field(default_factory=list)
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     capture_ms: float = 0.0
     graphed: GraphedCall | None = None
@@ -199,9 +103,9 @@ class OparaModule(nn.Module):
         self.strategy, self.order = strategy, order
         self.clone_outputs = clone_outputs
         self.max_graphs = max_graphs
-        self._selector = _Selector()
+        self._selector = Selector()
         self._table = _candidate_table(strategy, order, candidates)
-        self._backend = _Backend(self._table, self._selector, max_streams)
+        self._backend = Backend(self._table, self._selector, max_streams)
         self._compiled: Callable | None = None
         self._cache: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._last: _Entry | None = None
@@ -253,7 +157,7 @@ class OparaModule(nn.Module):
         except OparaUsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - the plain model is always a correct fallback
-            return self._run_fallback("eager", self.original, f"the planned run failed ({_one_line(exc)}); "
+            return self._run_fallback("eager", self.original, f"the planned run failed ({one_line(exc)}); "
                                       "running the original model", args, kwargs)
         if not self._backend.runners:
             reason = "dynamo handed no graph to opara_nb (it skipped the frame): running the original model"
@@ -344,7 +248,7 @@ class OparaModule(nn.Module):
     @staticmethod
     def _time_candidates(captured: dict[str, GraphedCall]) -> tuple[dict[str, float], dict[str, float]]:
         """(synchronous latency, back-to-back replay time) per candidate, medians in ms; "auto" picks by the first."""
-        return _sync_latency_ms(captured), _replay_ms(captured)
+        return timing.sync_latency_ms(captured), timing.replay_ms(captured)
 
     def _notify(self, message: str, once: bool = True) -> None:
         if once and message in self._shown:
@@ -355,7 +259,7 @@ class OparaModule(nn.Module):
         warnings.warn(message, OparaNotice, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------- inspection
-    def _runners(self) -> list[_GraphRunner]:
+    def _runners(self) -> list[GraphRunner]:
         if self._last is not None and self._last.runners:
             return self._last.runners
         return list(self._backend.runners)
@@ -444,7 +348,7 @@ def _attempt(*steps: Callable[[], Any]) -> str | None:
         for step in steps:
             step()
     except Exception as exc:  # noqa: BLE001 - e.g. .item() or a host sync inside the model
-        return _one_line(exc)
+        return one_line(exc)
     return None
 
 
@@ -455,53 +359,8 @@ def _release_quietly() -> None:
         pass
 
 
-def _sync_latency_ms(captured: dict[str, GraphedCall]) -> dict[str, float]:
-    """Median host wall time of ``replay(); synchronize()`` per candidate: the latency of a synchronous call.
-
-    A plan whose replay is fast back to back can still be slow to call one at a time (launch and event overheads
-    that overlap only when replays queue up), so this, not throughput, decides.
-    """
-    samples: dict[str, list[float]] = {k: [] for k in captured}
-    for _ in range(_SYNC_ROUNDS):
-        for k, gc_ in captured.items():
-            gc_.replay_only()  # the first replay after another candidate's pays for its caches: not a sample
-            _device_sync()
-            for _ in range(_SYNC_CALLS):
-                start = _clock()
-                gc_.replay_only()
-                _device_sync()
-                samples[k].append((_clock() - start) * 1e3)
-    return {k: _median(v) for k, v in samples.items()}
-
-
-def _replay_ms(captured: dict[str, GraphedCall]) -> dict[str, float]:
-    """Median GPU time per replay, replays queued back to back (CUDA events): the graph's throughput."""
-    samples: dict[str, list[float]] = {k: [] for k in captured}
-    for _ in range(_REPLAY_ROUNDS):
-        for k, gc_ in captured.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            gc_.replay_only()
-            start.record()
-            for _ in range(_REPLAY_CALLS):
-                gc_.replay_only()
-            end.record()
-            end.synchronize()
-            samples[k].append(start.elapsed_time(end) / _REPLAY_CALLS)
-    return {k: _median(v) for k, v in samples.items()}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
