@@ -376,3 +376,11 @@ def test_a_failed_capture_keeps_nothing_alive(fake_cuda):
     om.release()  # the static inputs were dynamo's example inputs: the plan's graph keeps them until release
     gc.collect()
     assert all(r() is None for r in fake_cuda["failed"])
+
+
+def test_report_text_states_the_fallback_reason_once():
+    from opara_nb.runtime import RunReport
+
+    reason = "CUDA is not available: the plan runs eagerly in its launch order, not accelerated"
+    text = str(RunReport(mode="eager-plan", reason=reason, notices=[f"opara_nb: {reason}", "opara_nb: other"]))
+    assert text.count(reason) == 1 and "other" in text

@@ -50,7 +50,8 @@ class RunReport:
         if self.graph_memory_mb:
             lines.append("  graph pool memory (MiB): " + ", ".join(
                 f"{k}={v:.1f}" for k, v in self.graph_memory_mb.items()))
-        lines.extend(f"  note: {n}" for n in self.notices)
+        # the reason was already printed; notices repeat it when they announced the fallback
+        lines.extend(f"  note: {n}" for n in self.notices if not (self.reason and self.reason in n))
         return lines
 
     def _candidate_text(self) -> str:
