@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .runtime.streams import stream_pool
 from .runtime.warn import user_stacklevel
 
 __all__ = ["opara_backend", "skip_reason"]
@@ -48,13 +49,13 @@ class _CudaGraphRunner:
         self.static = [a if self._is_param(a) else a.detach().clone() for a in args]
         self.static_ptr = [a.data_ptr() for a in self.static]
         torch.cuda.synchronize()
-        side = torch.cuda.Stream()
+        side = stream_pool().capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.executor(*self.static)
         torch.cuda.current_stream().wait_stream(side)
         graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             out = self.executor(*self.static)
         self.outputs, self.spec = torch.utils._pytree.tree_flatten(out)
         self.graph, self.pool = graph, pool

@@ -234,7 +234,7 @@ def test_chained_logical_streams_share_one_physical_stream():
 
 def test_fake_layer_types():
     fake = FakeStreams()
-    assert isinstance(fake.new_stream(), FakeStream) and isinstance(fake.new_event(), FakeEvent)
+    assert all(isinstance(s, FakeStream) for s in fake.side_streams(2, fake.main)) and isinstance(fake.new_event(), FakeEvent)
 
 
 @pytest.mark.parametrize("name", ["inception_block", "tiny_transformer", "graph_break", "deepfm"])
@@ -278,3 +278,27 @@ def test_flat_call_key_matches_pytree_leaf_order_and_separates_signatures():
     assert len(keys) == 7
     assert signature((a, b), {}) == signature((torch.randn(2, 3), torch.randn(4)), {})  # values do not matter
     assert signature((a, 3), {}) != signature((a, 4), {})  # non-tensor leaves by value (pytree path)
+
+
+def test_stream_pool_reuses_streams_and_never_hands_out_the_capture_or_caller_stream():
+    """Executors share side streams (each CUDA stream costs a cuBLAS workspace); a side stream that were the capture
+    stream or the caller's stream would silently serialise two logical streams."""
+    from itertools import count
+
+    from opara_nb.runtime.streams import StreamPool
+
+    ids = count()
+    round_robin = lambda: FakeStream(f"s{next(ids) % 6}")  # noqa: E731 - like torch's pool, it repeats
+    pool = StreamPool(round_robin, key=lambda s: s.name)
+    capture = pool.capture_stream()
+    caller = FakeStream("s1")
+    side = pool.side_streams(3, caller)
+    names = [s.name for s in side]
+    assert len(set(names)) == 3 and capture.name not in names and "s1" not in names
+    assert pool.side_streams(3, caller) == side                       # shared: no new streams
+    assert pool.side_streams(2, FakeStream("elsewhere")) == side[:2]
+    other_caller = side[0]                                            # a caller running on a pooled stream
+    assert other_caller not in pool.side_streams(2, other_caller)
+    assert pool.capture_stream() is capture
+    with pytest.raises(RuntimeError, match="distinct"):
+        pool.side_streams(5, caller)                                  # only 6 streams exist

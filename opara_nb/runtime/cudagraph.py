@@ -15,6 +15,8 @@ from typing import Any, Callable, Hashable
 import torch
 from torch.utils import _pytree as pytree
 
+from .streams import stream_pool
+
 __all__ = ["signature", "GraphedCall", "has_cuda_tensor", "release_cuda_memory"]
 
 
@@ -100,7 +102,7 @@ class GraphedCall:
     def warm_up(self) -> None:
         """Run on a side stream so lazy initialisation (cuBLAS handles, dynamo compilation) stays out of the graph."""
         torch.cuda.synchronize()
-        side = torch.cuda.Stream()
+        side = stream_pool().capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
@@ -112,7 +114,8 @@ class GraphedCall:
         start = time.perf_counter()
         self.graph = torch.cuda.CUDAGraph()
         self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=self.pool, stream=stream_pool().capture_stream(),
+                              capture_error_mode="thread_local"):
             reserved = torch.cuda.memory_reserved()  # here: entering the capture empties the cache
             out = self._call_static()
         self._out_leaves, self._out_spec = pytree.tree_flatten(out)

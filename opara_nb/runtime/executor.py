@@ -60,7 +60,7 @@ class PlanExecutor:
         self._recorded = {u for u, _ in cross}
         self.num_syncs = len(cross)
         self._free_after, self._keep = self._lifetimes()
-        self._side: list[Any] | None = None
+        self._fork: Any = None
         self._events: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- set-up
@@ -93,12 +93,11 @@ class PlanExecutor:
                 free_after[self._order[pos].name].append(name)
         return free_after, keep
 
-    def _ensure_streams(self) -> None:
-        if self._side is None:
-            self._side = [self._layer.new_stream() for _ in range(self.mapping.num_physical - 1)]
+    def _ensure_events(self) -> None:
+        if self._fork is None:
             self._events = {u: self._layer.new_event() for u in self._recorded}
             self._fork = self._layer.new_event()
-            self._joins = [self._layer.new_event() for _ in self._side]
+            self._joins = [self._layer.new_event() for _ in range(self.mapping.num_physical - 1)]
 
     # ----------------------------------------------------------------- running
     @property
@@ -127,13 +126,14 @@ class PlanExecutor:
         return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
     def _run_on_streams(self, env: dict[str, Any]) -> None:
-        self._ensure_streams()
+        self._ensure_events()
         layer = self._layer
         caller = layer.current_stream()
-        physical = [caller, *self._side]
-        if self._side:
+        side = layer.side_streams(self.mapping.num_physical - 1, caller) if self.mapping.num_physical > 1 else []
+        physical = [caller, *side]
+        if side:
             layer.record(self._fork, caller)
-            for s in self._side:
+            for s in side:
                 layer.wait(s, self._fork)
         kept: list[Any] = []
         try:
@@ -149,7 +149,7 @@ class PlanExecutor:
                     kept.append(env[node.name])
         finally:
             # Join even after a failure so the caller's stream (and a capture) is never left forked.
-            for s, ev in zip(self._side, self._joins):
+            for s, ev in zip(side, self._joins):
                 layer.record(ev, s)
                 layer.wait(caller, ev)
         del kept  # cross-stream values die here, after the join, on the caller's timeline
