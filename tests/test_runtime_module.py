@@ -187,7 +187,7 @@ def fake_cuda(monkeypatch):
 
     monkeypatch.setattr(cudagraph.GraphedCall, "capture", capture)
     monkeypatch.setattr(cudagraph.GraphedCall, "warm_up", warm_up)
-    monkeypatch.setattr(module, "has_cuda_tensor", lambda args, kwargs: True)
+    monkeypatch.setattr(module, "has_cuda_tensor", lambda leaves: True)
     monkeypatch.setattr(module, "release_cuda_memory", lambda: None)
     monkeypatch.setattr(module.OparaModule, "_time_candidates", staticmethod(timing))
     monkeypatch.setattr(module, "_cuda_available", lambda: True)

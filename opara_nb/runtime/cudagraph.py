@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .streams import stream_pool
 
-__all__ = ["signature", "GraphedCall", "has_cuda_tensor", "release_cuda_memory"]
+__all__ = ["call_key", "signature", "input_leaves", "GraphedCall", "has_cuda_tensor", "release_cuda_memory"]
 
 
 def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
@@ -40,28 +40,38 @@ def input_leaves(args: tuple, kwargs: dict) -> list[Any]:
     return flat if flat is not None else pytree.tree_leaves((args, kwargs))
 
 
-def signature(args: tuple, kwargs: dict) -> Hashable:
-    """The cache key of a call: input structure, per-tensor (shape, dtype, device, stride), other leaves by value."""
+def call_key(args: tuple, kwargs: dict) -> tuple[Hashable, list[Any]]:
+    """(cache key, input leaves) of a call, in one pass: the replay path needs both.
+
+    The key is the input structure, per tensor (shape, dtype, device, stride, requires_grad), other leaves by value.
+    """
     flat = _flat_tensors(args, kwargs)
     if flat is not None:
-        return ("flat", len(args), tuple(kwargs),
-                *[(t.shape, t.dtype, t.device, t.stride(), t.requires_grad) for t in flat])
+        key = ("flat", len(args), tuple(kwargs), *[(t.shape, t.dtype, t.device, t.stride(), t.requires_grad)
+                                                  for t in flat])
+        return key, flat
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    key: list[Any] = [str(spec)]
+    parts: list[Any] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", tuple(leaf.shape), leaf.dtype, str(leaf.device), leaf.stride(), leaf.requires_grad))
+            parts.append(("T", tuple(leaf.shape), leaf.dtype, str(leaf.device), leaf.stride(), leaf.requires_grad))
         else:
             try:
                 hash(leaf)
-                key.append(("V", type(leaf).__name__, leaf))
+                parts.append(("V", type(leaf).__name__, leaf))
             except TypeError:
-                key.append(("V", type(leaf).__name__, repr(leaf)))
-    return tuple(key)
+                parts.append(("V", type(leaf).__name__, repr(leaf)))
+    return tuple(parts), leaves
 
 
-def has_cuda_tensor(args: tuple, kwargs: dict) -> bool:
-    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in input_leaves(args, kwargs))
+def signature(args: tuple, kwargs: dict) -> Hashable:
+    """The cache key of a call (see ``call_key``)."""
+    return call_key(args, kwargs)[0]
+
+
+def has_cuda_tensor(leaves: list[Any]) -> bool:
+    """Whether any input leaf is a CUDA tensor (and so CUDA is available)."""
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
 
 
 def release_cuda_memory() -> None:
@@ -129,7 +139,10 @@ class GraphedCall:
         self.graph.replay()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves = input_leaves(args, kwargs)
+        return self.replay(input_leaves(args, kwargs))
+
+    def replay(self, leaves: list[Any]) -> Any:
+        """Copy the call's input leaves into the static buffers, replay, and return the (cloned) outputs."""
         if len(leaves) != len(self._static):
             raise ValueError(f"call has {len(leaves)} input leaves, the captured graph {len(self._static)}")
         for i in self._tensor_slots:
