@@ -12,15 +12,13 @@ import argparse
 import datetime
 import platform
 import random
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from opara_nb.bench.timing import host_median_ms  # noqa: E402
 from opara_nb.schedule import DAG, STRATEGIES, allocate_streams, launch_order, make_plan  # noqa: E402
 
 SIZES = (200, 2_000, 10_000)
@@ -48,15 +46,6 @@ def random_layered_dag(n: int, seed: int) -> DAG:
     return DAG([v for layer in layers for v in layer], edges)
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -74,9 +63,9 @@ def rows(sizes: tuple[int, ...], repeats: int) -> list[list[str]]:
         memory_bound = {v for v in dag.nodes if rng.random() < 0.5}
         reps = max(3, repeats if n <= 2_000 else repeats // 3)
         row = [f"{n:,}", f"{len(dag.edges):,}"]
-        row += [f"{median_ms(lambda s=s: allocate_streams(dag, s), reps):.2f}" for s in STRATEGIES]
-        row.append(f"{median_ms(lambda: launch_order(dag, demand, memory_bound), reps):.2f}")
-        row += [f"{median_ms(lambda s=s: make_plan(dag, s, demand, memory_bound), reps):.2f}" for s in STRATEGIES]
+        row += [f"{host_median_ms(lambda s=s: allocate_streams(dag, s), reps):.2f}" for s in STRATEGIES]
+        row.append(f"{host_median_ms(lambda: launch_order(dag, demand, memory_bound), reps):.2f}")
+        row += [f"{host_median_ms(lambda s=s: make_plan(dag, s, demand, memory_bound), reps):.2f}" for s in STRATEGIES]
         row.append(" / ".join(str(make_plan(dag, s, demand, memory_bound).num_streams) for s in STRATEGIES))
         table.append(row)
     return table

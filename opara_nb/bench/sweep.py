@@ -7,14 +7,13 @@ captured models: pure CPU work, so it runs anywhere.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from .harness import BenchResult, benchmark
+from .timing import host_median_ms
 
 __all__ = ["sweep", "sweep_markdown", "allocation_table", "AllocationTable"]
 
@@ -58,15 +57,6 @@ def _ms(value: float | None, digits: int = 3) -> str:
 
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
-
-
-def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def _synthetic_demand(dag: Any) -> tuple[dict[str, float], set[str]]:
@@ -138,10 +128,10 @@ def allocation_table(models: Iterable[Any], repeat: int = 20) -> AllocationTable
         row: dict[str, Any] = {"model": name, "graphs": len(dags), "nodes": sum(len(d.nodes) for d in dags),
                                "edges": sum(len(d.edges) for d in dags), "alloc_ms": {}, "streams": {}}
         for strategy in STRATEGIES:
-            row["alloc_ms"][strategy] = sum(_median_ms(lambda d=d: allocate_streams(d, strategy), repeat) for d in dags)
+            row["alloc_ms"][strategy] = sum(host_median_ms(lambda d=d: allocate_streams(d, strategy), repeat) for d in dags)
             row["streams"][strategy] = max((len(set(allocate_streams(d, strategy).values())) for d in dags), default=0)
         calls = [_order_calls(d) for d in dags]
-        row["order_ms"] = sum(_median_ms(order, repeat) for order, _ in calls)
-        row["plan_ms"] = sum(_median_ms(plan, repeat) for _, plan in calls)
+        row["order_ms"] = sum(host_median_ms(order, repeat) for order, _ in calls)
+        row["plan_ms"] = sum(host_median_ms(plan, repeat) for _, plan in calls)
         table.rows.append(row)
     return table

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Stats", "summarize", "time_sync", "time_gpu", "cuda_ready"]
+__all__ = ["Stats", "summarize", "time_sync", "time_gpu", "cuda_ready", "host_median_ms"]
 
 Call = Callable[[], object]
 
@@ -39,6 +39,16 @@ def summarize(samples_ms: list[float]) -> Stats:
     ordered = sorted(samples_ms)
     rank = max(0, min(len(ordered) - 1, int(round(0.9 * len(ordered))) - 1))
     return Stats(statistics.median(ordered), ordered[rank], len(ordered))
+
+
+def host_median_ms(fn: Call, repeat: int) -> float:
+    """Median host wall time of ``fn()`` over ``repeat`` runs, in ms: for pure CPU work such as planning."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
 
 
 def cuda_ready() -> bool:
