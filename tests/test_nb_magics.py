@@ -72,11 +72,17 @@ def test_no_graph_hides_the_picture(ip):
     assert "Timeline" not in res._repr_html_() and "stream graph" not in repr(res)
 
 
+def _watch_release(monkeypatch, om) -> list:
+    """A list that gets an entry each time ``om.release()`` is called."""
+    released: list = []
+    monkeypatch.setattr(om, "release", lambda: released.append(True))
+    return released
+
+
 def test_rerun_releases_previous_and_never_double_wraps(ip, monkeypatch):
     run(ip, "%%opara model --inputs x\n" + BUILD)
     first = ip.user_ns["model"]
-    released = []
-    monkeypatch.setattr(first, "release", lambda: released.append(True))
+    released = _watch_release(monkeypatch, first)
     run(ip, "%%opara model --inputs x\npass")
     second = ip.user_ns["model"]
     assert second is not first and released == [True]
@@ -86,8 +92,7 @@ def test_rerun_releases_previous_and_never_double_wraps(ip, monkeypatch):
 def test_rerun_of_building_cell_releases_previous(ip, monkeypatch):
     run(ip, "%%opara model --inputs x\n" + BUILD)
     first = ip.user_ns["model"]
-    released = []
-    monkeypatch.setattr(first, "release", lambda: released.append(True))
+    released = _watch_release(monkeypatch, first)
     run(ip, "%%opara model --inputs x\n" + BUILD)
     assert released == [True] and ip.user_ns["model"].original is not first.original
 
@@ -95,8 +100,7 @@ def test_rerun_of_building_cell_releases_previous(ip, monkeypatch):
 def test_undo_rebinds_original_and_releases(ip, monkeypatch):
     run(ip, "%%opara model --inputs x\n" + BUILD)
     om = ip.user_ns["model"]
-    released = []
-    monkeypatch.setattr(om, "release", lambda: released.append(True))
+    released = _watch_release(monkeypatch, om)
     run(ip, "%opara_undo model")
     assert ip.user_ns["model"] is om.original and released == [True]
     with pytest.raises(UsageError, match="not an OparaModule: nothing to undo"):

@@ -16,6 +16,7 @@ from torch import nn
 from opara_nb import models
 from opara_nb.planning import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
+from _nets import ItemNet
 
 pytestmark = pytest.mark.cuda
 
@@ -236,19 +237,8 @@ def test_parameters_keep_their_addresses():
     om.release()
 
 
-class ItemNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(16, 16)
-        self.b = nn.Linear(16, 16)
-
-    def forward(self, x):
-        y = self.a(x) + self.b(x)
-        return y / (y.abs().max().item() + 1.0)
-
-
 def test_item_model_falls_back_with_a_reason():
-    model = ItemNet().eval().cuda()
+    model = ItemNet(16).eval().cuda()
     x = torch.randn(4, 16, device="cuda")
     torch._C._cuda_clearCublasWorkspaces()  # one per stream seen: the side streams would add theirs
     before = torch.cuda.memory_allocated()

@@ -13,6 +13,7 @@ import opara_nb
 from opara_nb import models
 from opara_nb.errors import OparaUsageError
 from opara_nb.runtime import OparaModule, OparaNotice, RunReport, optimize
+from _nets import ItemNet
 
 BUNDLED = ["inception_block", "tiny_transformer", "graph_break", "deepfm"]
 STRATEGIES = ["auto", "opara", "nimble", "wavefront", "sequential"]
@@ -85,20 +86,6 @@ def test_training_mode_falls_back_with_a_reason():
     with torch.no_grad():
         torch.testing.assert_close(out, model(*args, **kwargs))
     assert om.report.mode == "eager-plan"
-
-
-class ItemNet(nn.Module):
-    """Uses .item(): a host sync that dynamo breaks the graph on and a CUDA graph cannot capture."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x):
-        y = self.a(x) + self.b(x)
-        scale = y.abs().max().item()
-        return y / (scale + 1.0)
 
 
 def test_item_model_still_gives_the_right_answer_on_cpu():
