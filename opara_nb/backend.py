@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .runtime.streams import stream_pool
+from .runtime.cudagraph import GraphedCall
 from .runtime.warn import user_stacklevel
 
 __all__ = ["opara_backend", "skip_reason"]
@@ -33,56 +33,41 @@ def skip_reason(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
 
 
 class _CudaGraphRunner:
-    """Capture ``executor`` into its own CUDA graph on the first call; replay afterwards.
+    """Capture ``executor`` into its own CUDA graph on the first call (a ``GraphedCall`` whose parameters stay in
+    place); replay afterwards. A graph that cannot be captured runs uncaptured, with one warning."""
 
-    Inputs are copied into static buffers, except parameters and buffers that are the very tensors seen at capture
-    (same object, or same data pointer): those keep their addresses and need no copy. Outputs are cloned.
-    """
-
-    def __init__(self, executor: Callable, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, executor: Callable) -> None:
         self.executor = executor
-        self.gm = gm
-        self.graph: Any = None
+        self.graphed: GraphedCall | None = None
         self.failed: str | None = None
 
-    def _capture(self, args: list) -> None:
-        self.static = [a if self._is_param(a) else a.detach().clone() for a in args]
-        self.static_ptr = [a.data_ptr() for a in self.static]
+    def _capture(self, args: tuple) -> str | None:
+        graphed = GraphedCall(self.executor, args, {}, warmup=1, in_place=_is_param)
+        try:
+            graphed.warm_up()
+            graphed.capture()
+        except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.graphed = graphed
+            return None
+        graphed.release()  # after the except block, so its traceback no longer pins the failed capture's memory
         torch.cuda.synchronize()
-        side = stream_pool().capture_stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.executor(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-            out = self.executor(*self.static)
-        self.outputs, self.spec = torch.utils._pytree.tree_flatten(out)
-        self.graph, self.pool = graph, pool
-
-    @staticmethod
-    def _is_param(x: Any) -> bool:
-        return isinstance(x, torch.nn.Parameter) or getattr(x, "_is_param", False)
+        return error
 
     def __call__(self, *args: Any) -> Any:
-        if self.failed is not None:
-            return self.executor(*args)
-        if self.graph is None:
-            try:
-                self._capture(list(args))
-            except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
-                self.graph = None
-                self.failed = f"{type(exc).__name__}: {exc}"
-                torch.cuda.synchronize()
+        if self.graphed is None and self.failed is None:
+            self.failed = self._capture(args)
+            if self.failed is not None:
                 warnings.warn(f"opara backend: CUDA graph capture failed ({self.failed}); running the plan eagerly",
                               stacklevel=user_stacklevel())
-                return self.executor(*args)
-        for dst, ptr, src in zip(self.static, self.static_ptr, args):
-            if src is not dst and src.data_ptr() != ptr:
-                dst.copy_(src)
-        self.graph.replay()
-        return torch.utils._pytree.tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o
-                                                   for o in self.outputs], self.spec)
+        if self.failed is not None:
+            return self.executor(*args)
+        return self.graphed.replay(list(args))
+
+
+def _is_param(x: torch.Tensor) -> bool:
+    return isinstance(x, torch.nn.Parameter) or getattr(x, "_is_param", False)
 
 
 def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -103,7 +88,7 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
                       stacklevel=user_stacklevel())
         return gm.forward
     if any(x.is_cuda for x in example_inputs) and torch.cuda.is_available():
-        return _CudaGraphRunner(executor, gm)
+        return _CudaGraphRunner(executor)
     return executor
 
 

@@ -89,13 +89,15 @@ class GraphedCall:
     ``release()`` and falls back."""
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, clone_outputs: bool = True,
-                 warmup: int = 3) -> None:
+                 warmup: int = 3, in_place: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
         self.fn = fn
         self.clone_outputs = clone_outputs
         self.warmup = warmup
         leaves, self._in_spec = pytree.tree_flatten((args, kwargs))
-        # Static buffers: clones keep the caller's tensors free to change between calls.
-        self._static = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        # Static buffers: clones keep the caller's tensors free to change between calls. Leaves ``in_place`` accepts
+        # (parameters, for the torch.compile backend) are read where they are: they keep their addresses.
+        self._static = [(x if in_place(x) else x.detach().clone()) if isinstance(x, torch.Tensor) else x
+                        for x in leaves]
         self._tensor_slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor)]
         self._out_leaves: list[Any] = []
         self._out_spec: Any = None
@@ -147,7 +149,7 @@ class GraphedCall:
             raise ValueError(f"call has {len(leaves)} input leaves, the captured graph {len(self._static)}")
         for i in self._tensor_slots:
             src, dst = leaves[i], self._static[i]
-            if src is not dst:
+            if src is not dst and src.data_ptr() != dst.data_ptr():  # a new view of a static buffer needs no copy
                 dst.copy_(src)
         self.graph.replay()
         outs = self._out_leaves
