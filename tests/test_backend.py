@@ -8,6 +8,7 @@ import torch._dynamo
 import opara_nb.backend as backend
 from opara_nb import models
 from opara_nb.runtime import PlanExecutor
+from _helpers import fake_graph_capture
 
 
 @pytest.mark.parametrize("name", ["inception_block", "graph_break", "tiny_transformer"])
@@ -52,33 +53,11 @@ def test_skip_check_gives_a_reason():
 def test_cuda_graph_runner_keeps_parameters_in_place_and_falls_back_on_capture_failure(monkeypatch):
     """The backend's per-graph runner on a faked capture: parameters are read where they are, other inputs are
     copied into static buffers, replays follow new inputs, and a failed capture runs the plan uncaptured."""
-    from opara_nb.runtime import cudagraph
-
-    class Replay:  # 'replays' by running the captured function again into the static outputs
-        def __init__(self, call):
-            self.call = call
-
-        def replay(self):
-            for dst, src in zip(self.call._out_leaves, [self.call._call_static()]):
-                dst.copy_(src)
-
-        def reset(self):
-            pass
-
-    def capture(self):
-        if fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.graph = Replay(self)
-        self._out_leaves, self._out_spec = torch.utils._pytree.tree_flatten(self._call_static())
-        self._single_out = True
-
-    monkeypatch.setattr(cudagraph.GraphedCall, "warm_up", lambda self: None)
-    monkeypatch.setattr(cudagraph.GraphedCall, "capture", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    state = {"fail": False}
+    fake_graph_capture(monkeypatch, fail=lambda: state["fail"])
     weight = torch.nn.Parameter(torch.randn(3))
     fn = lambda w, x: w * x  # noqa: E731
 
-    fail = False
     runner = backend._CudaGraphRunner(fn)
     x = torch.randn(3)
     with torch.no_grad():
@@ -88,7 +67,7 @@ def test_cuda_graph_runner_keeps_parameters_in_place_and_falls_back_on_capture_f
         x2 = torch.randn(3)
         torch.testing.assert_close(runner(weight, x2), weight * x2)
 
-        fail = True
+        state["fail"] = True
         failing = backend._CudaGraphRunner(fn)
         with pytest.warns(UserWarning, match="capture failed"):
             torch.testing.assert_close(failing(weight, x), weight * x)

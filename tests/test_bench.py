@@ -253,3 +253,23 @@ def test_a_failed_profile_is_a_note_and_every_mode_still_runs(monkeypatch):
     res = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)
     assert res.settings["profiled_first"] is False and "no profiler here" in res.settings["profile_first_error"]
     assert any("profiling before timing failed" in n for n in res.notes) and res.row("eager")["status"] == "ok"
+
+
+def test_sequential_baseline_is_a_graphed_call_of_the_model(monkeypatch):
+    """The baseline replays through the same calling convention as OparaModule: static copies in, clones out."""
+    from _helpers import fake_graph_capture
+
+    from opara_nb.bench.modes import SequentialCudaGraph
+    from opara_nb.models import get
+
+    fake_graph_capture(monkeypatch)
+    model, (x,), _ = get("inception_block")
+    graph = SequentialCudaGraph(model, (x,), {})
+    with torch.no_grad():
+        first = graph(x)
+        torch.testing.assert_close(first, model(x))
+        x2 = torch.randn_like(x)
+        second = graph(x2)
+        torch.testing.assert_close(second, model(x2))
+    torch.testing.assert_close(first, model(x))  # the next replay did not overwrite what the caller holds
+    graph.release()

@@ -16,7 +16,7 @@ from torch import nn
 from opara_nb import models
 from opara_nb.planning import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
-from _nets import ItemNet
+from _helpers import ItemNet
 
 pytestmark = pytest.mark.cuda
 

@@ -13,7 +13,7 @@ import opara_nb
 from opara_nb import models
 from opara_nb.errors import OparaUsageError
 from opara_nb.runtime import OparaModule, OparaNotice, RunReport, optimize
-from _nets import ItemNet
+from _helpers import ItemNet
 
 BUNDLED = ["inception_block", "tiny_transformer", "graph_break", "deepfm"]
 STRATEGIES = ["auto", "opara", "nimble", "wavefront", "sequential"]

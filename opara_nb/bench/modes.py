@@ -79,44 +79,29 @@ def tensor_leaves(obj: Any) -> list[torch.Tensor]:
 
 
 class SequentialCudaGraph:
-    """The eager model captured into one plain ``torch.cuda.CUDAGraph`` on one stream (the paper's baseline)."""
+    """The eager model captured into one plain CUDA graph on one stream (the paper's baseline).
+
+    It is a ``GraphedCall`` of the model itself: the very calling convention of OparaModule's graphs (copy inputs into
+    static buffers, replay, clone outputs), so the comparison is of the graphs alone, not of two call paths.
+    """
 
     def __init__(self, model: Callable, args: tuple, kwargs: dict, warmup: int = 3) -> None:
-        self._model = model
-        self._static_args = map_tensors(lambda t: t.clone(), args)
-        self._static_kwargs = map_tensors(lambda t: t.clone(), kwargs)
-        self._warm_up(warmup)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-            self._static_out = self._run()
+        from ..runtime.cudagraph import GraphedCall
 
-    def _run(self) -> Any:
-        return self._model(*self._static_args, **self._static_kwargs)
-
-    def _warm_up(self, iters: int) -> None:
-        # warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) never lands in the capture
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(iters):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        self._call = GraphedCall(model, args, kwargs, warmup=warmup)
+        try:
+            with torch.no_grad():
+                self._call.warm_up()
+                self._call.capture()
+        except Exception:
+            self._call.release()
+            raise
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        new = tensor_leaves((args, kwargs))
-        static = tensor_leaves((self._static_args, self._static_kwargs))
-        if len(new) != len(static) or any(n.shape != s.shape for n, s in zip(new, static)):
-            raise OparaUsageError("SequentialCudaGraph was captured for other input shapes; build a new one")
-        for dst, src in zip(static, new):
-            dst.copy_(src)
-        self._graph.replay()
-        return map_tensors(lambda t: t.clone(), self._static_out)
+        return self._call(*args, **kwargs)
 
     def release(self) -> None:
-        self._graph.reset()
-        self._static_out = None
+        self._call.release()
 
 
 def _build_eager(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
