@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..errors import OparaUsageError
+from ..errors import OparaUsageError, one_line
 from .modes import (CPU_DEFAULT_MODES, DEFAULT_MODES, MODES, OPARA_MODES, Built, Unavailable, build_mode,
                     candidate_times, kept_candidate, map_tensors, tensor_leaves)
 from .timing import time_gpu, time_sync
@@ -61,7 +61,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _one_line(text: Any, limit: int = 240) -> str:
+def _squeeze(text: Any, limit: int = 240) -> str:
     """A reason squeezed onto one line for tables (the JSON keeps it whole)."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -142,7 +142,7 @@ class BenchResult:
 
     def _footnotes(self) -> list[str]:
         lines = list(self.notes)
-        lines += [f"{r['mode']}: {r['status']}: {_one_line(r['reason'])}" for r in self.rows if r.get("reason")]
+        lines += [f"{r['mode']}: {r['status']}: {_squeeze(r['reason'])}" for r in self.rows if r.get("reason")]
         lines += [line for r in self.rows if (line := _candidates_line(r))]
         return lines
 
@@ -227,8 +227,7 @@ def _run_mode(mode: str, model: Callable, args: tuple, kwargs: dict, reference: 
     except Unavailable as exc:
         row.update(status="unavailable", reason=str(exc))
     except Exception as exc:  # one broken mode must not hide the others' numbers
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        row.update(status="failed", reason=f"{type(exc).__name__}: {first}")
+        row.update(status="failed", reason=one_line(exc))
     finally:
         _release(built, row)
         built = None  # the last reference to the mode's module and graphs: nothing of it may outlive the mode
@@ -267,7 +266,7 @@ def _profile_first(model: Callable, args: tuple, kwargs: dict, chosen: list[str]
         profile_model(model, *args, **kwargs)
         return {"profiled_first": True, "profile_first_ms": (time.perf_counter() - start) * 1e3}
     except Exception as exc:  # the opara modes hit the same error and report it in their rows
-        return {"profiled_first": False, "profile_first_error": f"{type(exc).__name__}: {_one_line(exc, 160)}"}
+        return {"profiled_first": False, "profile_first_error": one_line(exc)}
     finally:
         _settle(cuda)
 

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import one_line
 from ..planning import plan_with_profile
 from .executor import PlanExecutor
 
-__all__ = ["Selector", "GraphRunner", "Backend", "weak_call", "one_line"]
+__all__ = ["Selector", "GraphRunner", "Backend", "weak_call"]
 
 
 class Selector:
@@ -105,9 +106,3 @@ def weak_call(runner: GraphRunner, index: int) -> Callable:
         return live(*args)
 
     return run
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line (type and first line of its message), for notices and fallback reasons."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
