@@ -7,7 +7,7 @@ warnings.simplefilter("ignore")
 os.environ["TEARDOWN_CUPTI"] = sys.argv[1]  # an explicit setting: opara_nb respects it
 from opara_nb.models import get
 from opara_nb.capture import capture_graphs
-from opara_nb.profile import profile_graph
+from opara_nb.profiling import profile_graph
 
 def launch_cost(g, n=300):
     ls, tot = [], []

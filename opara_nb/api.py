@@ -5,8 +5,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .bench import BenchResult
-    from .planning import ModelPlan
-    from .profile import ModelProfile
+    from .pipeline import ModelPlan
+    from .profiling import ModelProfile
     from .runtime import OparaModule
 
 __all__ = ["optimize", "plan", "profile", "benchmark"]
@@ -26,14 +26,14 @@ def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str = "
 
 def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "opara", **kwargs: Any) -> "ModelPlan":
     """Capture, profile and schedule ``model`` without running it on streams (works on CPU)."""
-    from .planning import plan_model
+    from .pipeline import plan_model
 
     return plan_model(model, *args, strategy=strategy, order=order, **kwargs)
 
 
 def profile(model: Callable, *args: Any, **kwargs: Any) -> "ModelProfile":
     """Per-operator profile of ``model`` on the example inputs: kernels, time, resources, compute/memory class."""
-    from .profile import profile_model
+    from .profiling import profile_model
 
     return profile_model(model, *args, **kwargs)
 

@@ -77,7 +77,7 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .planning import plan_graph
+        from .pipeline import plan_graph
         from .runtime import PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))

@@ -1,9 +1,11 @@
-"""Command line: ``python -m opara_nb demo`` (see a plan on a bundled model) and ``python -m opara_nb bench`` (measure).
+"""Command line: ``python -m opara_nb demo`` (see a plan on a bundled model), ``bench`` (measure), ``alloc``
+(stream allocation time) and ``profile`` (per-operator profile).
 
     python -m opara_nb demo --model inception_block --out opara_demo_out
     python -m opara_nb bench --model googlenet --batch 1 --modes eager,cudagraph,opara --json out.json --md out.md
     python -m opara_nb bench --model inception_v3 --batch 1,2,4,8,16,32       # batch sweep (paper Fig. 8/9)
     python -m opara_nb alloc --model all                                      # allocation time (paper Table 1)
+    python -m opara_nb profile --model googlenet --device cuda --json p.json  # per-operator profile and checks
 
 Usage errors (unknown model or mode, bad batch list) exit with status 2 and a message listing what is valid.
 """
@@ -51,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "  python -m opara_nb bench --model googlenet --modes eager,cudagraph,opara,compile\n"
                     "  python -m opara_nb bench --model inception_v3 --batch 1,2,4,8   # batch sweep\n"
                     "  python -m opara_nb alloc --model all          # stream allocation time per strategy\n"
+                    "  python -m opara_nb profile --model googlenet  # per-operator kernels, time, class\n"
                     "  python -m opara_nb bench --help              # all options of one command",
         epilog=f"models: {', '.join(names())}, all (= {', '.join(PAPER_SIX)})\n"
                f"modes: " + "".join(f"\n  {m:11s} {d}" for m, d in MODES.items()))
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,alloc}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,alloc,profile}")
 
     demo = sub.add_parser("demo", help="optimize a bundled model, print its report and profile, draw its streams")
     demo.add_argument("--model", default="inception_block", help="model name (default: inception_block)")
@@ -76,7 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--model", default="all", help="name, comma list, or 'all' (the paper's six)")
     alloc.add_argument("--json", default=None, help="write the table as JSON to this path")
     alloc.add_argument("--md", default=None, help="write the table as markdown to this path")
+    _add_profile_parser(sub)
     return parser
+
+
+def _add_profile_parser(sub: Any) -> None:
+    from .profiling import DEMANDS
+
+    prof = sub.add_parser("profile", help="profile a bundled model per operator and print the attribution checks")
+    prof.add_argument("--model", default="inception_block", help="model name (default: inception_block)")
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--device", default=None, help="cuda (the default when a GPU is present) or cpu")
+    prof.add_argument("--top", type=int, default=25, help="rows to print (most expensive operators)")
+    prof.add_argument("--demand", default=DEMANDS[0], choices=DEMANDS)
+    prof.add_argument("--json", default=None, help="write the profile as JSON to this path")
+    prof.add_argument("--trace", default=None, help="write a Chrome trace of per-operator spans to this path")
 
 
 def resolve_models(spec: str, parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
@@ -195,6 +212,52 @@ def _cmd_alloc(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _profile_checks(prof: Any, seconds: list[float]) -> list[str]:
+    """What a recorded profile run shows besides the table: time to profile, kernel attribution, classes."""
+    from collections import Counter
+
+    lines = [f"profiling time per run (cache off): {', '.join(f'{s:.3f} s' for s in seconds)}"]
+    for _, gp in prof.graphs:
+        attributed = sum(p.kernel_ms for p in gp.nodes.values())
+        lines.append(f"graph {gp.index}: per-node kernel time {attributed:.4f} ms vs profiler total "
+                     f"{gp.profiler_kernel_ms} ms; {gp.unattributed} unattributed GPU activities")
+        classes = Counter((p.op, p.kind) for p in gp.nodes.values())
+        lines.append(f"graph {gp.index}: (op, class) counts: {dict(sorted(classes.items()))}")
+    return lines
+
+
+def _cmd_profile(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from tabulate import tabulate
+
+    from .capture import capture_graphs
+    from .models import get, names
+    from .profiling import ModelProfile, profile_graph
+
+    device = ns.device or _device()
+    if device.startswith("cuda") and _device() != "cuda":
+        parser.error("--device cuda: no CUDA GPU here; use --device cpu (CPU times, FLOPs and bytes only)")
+    if ns.model not in names():
+        parser.error(f"unknown model {ns.model}; valid: {', '.join(names())}")
+    model, args, kwargs = get(ns.model, batch=ns.batch, device=device)
+    graphs = capture_graphs(model, args, kwargs)
+    seconds, profiles = [], []
+    for _ in range(2):  # the second run is the one after warm-up
+        start = time.perf_counter()
+        profiles = [profile_graph(g, demand=ns.demand, cache=False) for g in graphs]
+        seconds.append(time.perf_counter() - start)
+    prof = ModelProfile(list(zip(graphs, profiles)))
+    print(prof._summary())
+    print("\n".join(prof.notes() + _profile_checks(prof, seconds)))
+    print(tabulate(prof.table(top=ns.top), headers="keys"))
+    if ns.json:
+        _write(ns.json, prof.to_json(indent=1))
+    if ns.trace:
+        prof.to_chrome_trace(ns.trace)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opara-nb`` and ``python -m opara_nb``; returns the exit status."""
     parser = build_parser()
@@ -211,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.model not in names():
             parser.error(f"unknown model {ns.model}; valid: {', '.join(names())}")
         return run_demo(ns.model, Path(ns.out), iters=max(1, ns.iters))
-    return {"bench": _cmd_bench, "alloc": _cmd_alloc}[ns.command](ns, parser)
+    return {"bench": _cmd_bench, "alloc": _cmd_alloc, "profile": _cmd_profile}[ns.command](ns, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

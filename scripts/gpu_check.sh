@@ -114,7 +114,7 @@ stage_sweep() {
 stage_profile() {
   # issue 3's recorded run: attribution vs the profiler's total, classes, profiling time
   for m in googlenet bert; do
-    bounded 120 python -m opara_nb.profile --model "$m" --device cuda --top 25 --json "$PARTS/profile_$m.json" \
+    bounded 120 python -m opara_nb profile --model "$m" --device cuda --top 25 --json "$PARTS/profile_$m.json" \
       2>&1 | grep -v "^USDT" | tee "$PARTS/profile_$m.txt"
   done
   report

@@ -1,4 +1,4 @@
-"""What several test files share: small models and a faked CUDA graph capture."""
+"""What several test files share: small models, plan lookups and a faked CUDA graph capture."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +47,13 @@ def fake_graph_capture(monkeypatch, fail=lambda: False) -> None:
     monkeypatch.setattr(cudagraph.GraphedCall, "warm_up", lambda self: None)
     monkeypatch.setattr(cudagraph.GraphedCall, "capture", capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def stream_nodes(plan, stream: int) -> list[str]:
+    """The nodes ``plan`` puts on ``stream``, in launch order."""
+    return [n for n in plan.order if plan.streams[n] == stream]
+
+
+def waits(plan, node: str) -> list[str]:
+    """The nodes whose events ``node`` waits for (the u of every sync ``(u, node)``)."""
+    return [u for u, v in plan.syncs if v == node]

@@ -176,7 +176,7 @@ def test_partial_results_are_reported_after_every_mode():
 
 def test_fair_every_mode_is_timed_after_the_model_was_profiled(monkeypatch):
     events = []
-    prof = importlib.import_module("opara_nb.profile")
+    prof = importlib.import_module("opara_nb.profiling")
     real_profile, real_build = prof.profile_model, harness.build_mode
     monkeypatch.setattr(prof, "profile_model", lambda *a, **k: (events.append("profile"), real_profile(*a, **k))[1])
 
@@ -240,7 +240,7 @@ def test_candidates_are_read_in_both_runtime_shapes():
 
 
 def test_a_failed_profile_is_a_note_and_every_mode_still_runs(monkeypatch):
-    prof = importlib.import_module("opara_nb.profile")
+    prof = importlib.import_module("opara_nb.profiling")
 
     def broken(*a, **k):
         raise RuntimeError("no profiler here")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from opara_nb.report import latencies, summarize
+from opara_nb.nb.summary import latencies, summarize
 from opara_nb.runtime import RunReport
 
 

@@ -11,10 +11,11 @@ from torch import nn
 
 import opara_nb
 from opara_nb.capture import capture_graphs
-from opara_nb.profile import (DeviceInfo, KernelInfo, ModelProfile, cache_dir, critical_path_ms, kernel_demand,
+from opara_nb.schedule.simulate import critical_path
+from opara_nb.profiling import (DeviceInfo, KernelInfo, ModelProfile, cache_dir, kernel_demand,
                               profile_graph)
-from opara_nb.profile import graph as graph_mod
-from opara_nb.profile.trace import attribute
+from opara_nb.profiling import graph as graph_mod
+from opara_nb.profiling.trace import attribute
 from opara_nb.models import get
 from opara_nb.schedule import DAG
 
@@ -75,7 +76,7 @@ def test_kernel_demand_occupancy_model():
 
 def test_critical_path_is_longest_weighted_path():
     dag = DAG(["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
-    assert critical_path_ms(dag, {"a": 1.0, "b": 5.0, "c": 2.0, "d": 1.0}) == 7.0
+    assert critical_path(dag, {"a": 1.0, "b": 5.0, "c": 2.0, "d": 1.0}) == 7.0
 
 
 def _trace_events():
@@ -190,7 +191,7 @@ def test_bad_demand_kind():
 
 def test_profiling_detaches_cupti_on_cuda_12_6_and_later(monkeypatch):
     """CUPTI left attached slows every later CUDA-graph launch; from CUDA 12.6 teardown is safe and requested."""
-    from opara_nb.profile.measure import detach_cupti_after_profiling
+    from opara_nb.profiling.measure import detach_cupti_after_profiling
 
     monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
@@ -221,7 +222,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from test_profile import _SameOps
 from opara_nb.capture import capture_graphs
-from opara_nb.profile import profile_graph
+from opara_nb.profiling import profile_graph
 (g,) = capture_graphs(_SameOps().eval(), (torch.randn(64),), {{}})
 gp = profile_graph(g, cache=False)
 times = sorted(gp.nodes[n].cpu_ms for n in g.dag.nodes[1:])
@@ -247,8 +248,8 @@ def test_first_node_is_not_charged_the_profiler_start_up():
 
 
 def test_profiler_warm_up_span_precedes_the_first_node_and_is_charged_to_none(monkeypatch):
-    from opara_nb.profile import measure
-    from opara_nb.profile.trace import TAG
+    from opara_nb.profiling import measure
+    from opara_nb.profiling.trace import TAG
 
     seen: list[list[dict]] = []
     real = measure.export_events
@@ -263,7 +264,7 @@ def test_profiler_warm_up_span_precedes_the_first_node_and_is_charged_to_none(mo
 
 def test_cache_key_changes_with_the_profile_format(monkeypatch):
     """A fix to what profiles measure must not be hidden by files cached before it."""
-    from opara_nb.profile import cache
+    from opara_nb.profiling import cache
 
     inputs = [torch.randn(2, 3)]
     before = cache.cache_key("code", inputs, "cpu", "occupancy")

@@ -8,9 +8,9 @@ import torch
 
 from opara_nb.capture import capture_graphs
 from opara_nb.models import get
-from opara_nb.profile import profile_graph
-from opara_nb.profile import graph as graph_mod
-from opara_nb.profile.trace import Attribution
+from opara_nb.profiling import profile_graph
+from opara_nb.profiling import graph as graph_mod
+from opara_nb.profiling.trace import Attribution
 
 pytestmark = pytest.mark.cuda
 

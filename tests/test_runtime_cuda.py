@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from opara_nb import models
-from opara_nb.planning import CANDIDATES
+from opara_nb.pipeline import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
 from _helpers import ItemNet
 

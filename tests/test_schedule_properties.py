@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opara_nb.schedule import DAG, ORDERS, STRATEGIES, Plan, allocate_streams, launch_order, make_plan
+from _helpers import stream_nodes
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -164,7 +165,7 @@ def test_opara_matches_alg1_and_streams_are_paths(dag):
     plan = make_plan(dag, "opara", order="topological")
     edges = set(dag.edges)
     for s in range(plan.num_streams):
-        nodes = plan.stream_nodes(s)
+        nodes = stream_nodes(plan, s)
         assert all((a, b) in edges for a, b in zip(nodes, nodes[1:])), f"stream {s} is not a path: {nodes}"
 
 
@@ -176,11 +177,11 @@ def test_nimble_is_a_minimum_path_cover_of_the_transitive_reduction(dag):
     assert plan.num_streams == len(dag) - kuhn_matching_size(reduction)
     succ = {n: dag.succs(n) for n in dag.nodes}
     for s in range(plan.num_streams):
-        nodes = plan.stream_nodes(s)
+        nodes = stream_nodes(plan, s)
         assert all(b in reachable(succ, a) for a, b in zip(nodes, nodes[1:])), f"stream {s} is not a chain"
     reduced = set(reduction)
     for s in range(plan.num_streams):
-        nodes = plan.stream_nodes(s)
+        nodes = stream_nodes(plan, s)
         assert all((a, b) in reduced for a, b in zip(nodes, nodes[1:]))
 
 

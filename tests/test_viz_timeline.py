@@ -6,7 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from opara_nb.viz import simulate, timeline_svg
+from opara_nb.schedule.simulate import simulate
+from opara_nb.viz import timeline_svg
 
 from test_viz_fixtures import FakePlan, diamond
 

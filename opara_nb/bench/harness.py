@@ -259,7 +259,7 @@ def _profile_first(model: Callable, args: tuple, kwargs: dict, chosen: list[str]
     docstring); returns settings for the result. A failure is recorded: the opara rows will show their own error."""
     if not any(mode in OPARA_MODES for mode in chosen):
         return {"profiled_first": False}
-    from ..profile import profile_model  # read at call time, so tests can stand in for the profile layer
+    from ..profiling import profile_model  # read at call time, so tests can stand in for the profile layer
 
     start = time.perf_counter()
     try:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import html
 from typing import Any, Mapping
 
-from ..report import Summary, summarize
-from ..viz import graph_html, graph_labels, plan_to_dot, simulate, timeline_svg
+from .summary import Summary, summarize
+from ..schedule.simulate import simulate
+from ..viz import graph_html, graph_labels, plan_to_dot, timeline_svg
 from ..viz._common import node_facts
 
 __all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms", "labels_of"]
@@ -19,7 +20,7 @@ def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
     times = {n: f.time_ms for n, f in node_facts(profile).items() if f.time_ms is not None}
     # Not profiled: every operator takes one unit, so the numbers still compare plans.
     default = 0.0 if times else 1.0
-    spans = simulate(dag, plan, times, default_ms=default)
+    spans = simulate(dag, plan, times, default=default)
     return max((b for _, b in spans.values()), default=0.0), sum(times.get(n, default) for n in dag.nodes)
 
 

@@ -5,7 +5,7 @@ from .cudagraph import GraphedCall, signature
 from .executor import NodeError, PlanExecutor
 from .module import OparaModule, OparaNotice, optimize
 from .report import RunReport
-from .streams import CudaStreams, FakeStreams, StreamMapping, map_physical_streams
+from .streams import CudaStreams
 
 __all__ = ["OparaModule", "optimize", "PlanExecutor", "RunReport", "NodeError", "OparaNotice", "GraphedCall",
-           "signature", "CudaStreams", "FakeStreams", "StreamMapping", "map_physical_streams"]
+           "signature", "CudaStreams"]

@@ -14,7 +14,8 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
-from .streams import DEFAULT_MAX_STREAMS, CudaStreams, StreamMapping, map_physical_streams
+from ..schedule.physical import DEFAULT_MAX_STREAMS, StreamMapping, map_physical_streams
+from .streams import CudaStreams
 
 __all__ = ["PlanExecutor", "NodeError"]
 

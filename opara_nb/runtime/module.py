@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from ..errors import OparaUsageError, one_line
-from ..planning import CANDIDATES
+from ..pipeline import CANDIDATES
 from . import timing
 from .cudagraph import GraphedCall, call_key, has_cuda_tensor, release_cuda_memory
 from .executor import PlanExecutor
 from .report import RunReport
 from .runners import Backend, GraphRunner, Selector
-from .streams import DEFAULT_MAX_STREAMS
+from ..schedule.physical import DEFAULT_MAX_STREAMS
 from .warn import user_stacklevel
 
 __all__ = ["OparaModule", "optimize", "OparaNotice"]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import one_line
-from ..planning import plan_with_profile
+from ..pipeline import plan_with_profile
 from .executor import PlanExecutor
 
 __all__ = ["Selector", "GraphRunner", "Backend", "weak_call"]
@@ -63,7 +63,7 @@ class Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from ..capture import CapturedGraph
-        from ..profile import profile_graph
+        from ..profiling import profile_graph
 
         try:
             g = CapturedGraph.from_gm(gm, example_inputs, len(self.runners))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from .dag import DAG
 from .order import ORDERS, launch_order
+from .physical import StreamMapping, map_physical_streams
 from .plan import Plan, make_plan
+from .simulate import critical_path, simulate
 from .streams import STRATEGIES, allocate_streams, levels
 
-__all__ = ["DAG", "Plan", "STRATEGIES", "ORDERS", "allocate_streams", "launch_order", "make_plan", "levels"]
+__all__ = ["DAG", "Plan", "STRATEGIES", "ORDERS", "allocate_streams", "launch_order", "make_plan", "levels",
+           "StreamMapping", "map_physical_streams", "critical_path", "simulate"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from typing import AbstractSet, Any, Iterable, Mapping
 
 from .dag import DAG
@@ -35,39 +34,6 @@ class Plan:
     num_streams: int
     strategy: str
     order_kind: str
-
-    def stream_nodes(self, stream: int) -> list[str]:
-        """Nodes of ``stream`` in launch order."""
-        if not 0 <= stream < self.num_streams:
-            raise IndexError(f"stream {stream!r} out of range: this plan has streams 0..{self.num_streams - 1}")
-        return list(self._by_stream[stream])
-
-    def waits(self, node: str) -> list[str]:
-        """The nodes whose events ``node`` waits for before it runs (the u of every sync ``(u, node)``)."""
-        return list(self._waits.get(node, ()))
-
-    def records(self, node: str) -> bool:
-        """Whether an event must be recorded right after ``node`` (another stream waits for it)."""
-        return node in self._recorders
-
-    # Lookup tables for the helpers above, built on first use (a plan is treated as immutable once made).
-    @cached_property
-    def _by_stream(self) -> list[list[str]]:
-        by_stream: list[list[str]] = [[] for _ in range(self.num_streams)]
-        for n in self.order:
-            by_stream[self.streams[n]].append(n)
-        return by_stream
-
-    @cached_property
-    def _waits(self) -> dict[str, list[str]]:
-        waits: dict[str, list[str]] = {}
-        for u, v in self.syncs:
-            waits.setdefault(v, []).append(u)
-        return waits
-
-    @cached_property
-    def _recorders(self) -> frozenset[str]:
-        return frozenset(u for u, _ in self.syncs)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (syncs as lists)."""

@@ -1,7 +1,6 @@
 """Per-stream timeline of a plan as inline SVG: predicted from profile times, or measured per-node spans.
 
-Prediction simulates the plan: nodes are taken in launch order, and a node starts when its stream is free and all its
-predecessors have finished (a stream runs its work in launch order, as CUDA streams do).
+Prediction is ``schedule.simulate`` of the plan on profile times.
 """
 from __future__ import annotations
 
@@ -9,32 +8,15 @@ import math
 from html import escape as _html_escape
 from typing import Any, Mapping
 
+from ..schedule.simulate import simulate
 from ._common import node_facts, node_labels, stream_colour
 
-__all__ = ["timeline_svg", "simulate"]
+__all__ = ["timeline_svg"]
 
 _LANE_H = 26
 _LEFT = 78
 _TOP = 34
 _WIDTH = 900
-
-
-def simulate(dag: Any, plan: Any, times: Mapping[str, float], default_ms: float = 1.0) -> dict[str, tuple[float, float]]:
-    """(start, end) per node in ms when each node takes ``times[node]`` (``default_ms`` when unknown)."""
-    preds = {n: list(dag.preds(n)) for n in dag.nodes}
-    stream_free: dict[int, float] = {}
-    spans: dict[str, tuple[float, float]] = {}
-    for n in plan.order:
-        s = int(plan.streams[n])
-        missing = [p for p in preds[n] if p not in spans]
-        if missing:
-            raise ValueError(f"plan order launches {n!r} before its predecessor {missing[0]!r}")
-        start = max([stream_free.get(s, 0.0)] + [spans[p][1] for p in preds[n]])
-        t = times.get(n)
-        end = start + (default_ms if t is None else float(t))
-        spans[n] = (start, end)
-        stream_free[s] = end
-    return spans
 
 
 def _e(text: Any) -> str:

@@ -30,7 +30,7 @@ def resolve_strategy(strategy: str, order: str) -> tuple[str, str]:
 
 def plan_graph(g: Any, strategy: str = "opara", order: str = "opara", demand: str = "occupancy") -> tuple[Any, Any]:
     """Profile captured graph ``g`` (cached by the profile layer) and schedule it: returns (GraphProfile, Plan)."""
-    from .profile import profile_graph
+    from .profiling import profile_graph
 
     gp = profile_graph(g, demand=demand)
     return gp, plan_with_profile(g, gp, strategy, order)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..schedule.simulate import critical_path
 from . import cache as _cache
 from .device import device_info
 from .measure import NodeCounts, Progress, count_node_work, graph_device, profiled_run
@@ -15,7 +16,7 @@ from .trace import Attribution
 if TYPE_CHECKING:
     from ..capture import CapturedGraph
 
-__all__ = ["profile_graph", "kernel_demand", "critical_path_ms", "DEMANDS"]
+__all__ = ["profile_graph", "kernel_demand", "DEMANDS"]
 
 DEMANDS = ("occupancy", "smem")
 NO_GPU_EVENTS = ("CUDA is in use but torch.profiler recorded no GPU activity (CUPTI unavailable or busy?): "
@@ -42,14 +43,6 @@ def _prod(values: tuple) -> int:
     for v in values:
         out *= int(v)
     return out
-
-
-def critical_path_ms(dag: object, times: dict[str, float]) -> float:
-    """Longest path through ``dag`` (topologically ordered nodes) weighted by per-node time."""
-    finish: dict[str, float] = {}
-    for node in dag.nodes:  # type: ignore[attr-defined]
-        finish[node] = times.get(node, 0.0) + max((finish[p] for p in dag.preds(node)), default=0.0)  # type: ignore[attr-defined]
-    return max(finish.values(), default=0.0)
 
 
 def _classify(prof: NodeProfile, counts: NodeCounts, device: DeviceInfo, gpu: bool, mutates: bool) -> None:
@@ -103,7 +96,7 @@ def _measure(g: "CapturedGraph", device: torch.device, info: DeviceInfo, demand:
 
 
 def _finish(g: "CapturedGraph", gp: GraphProfile) -> GraphProfile:
-    gp.critical_path_ms = critical_path_ms(g.dag, {n: p.time_ms for n, p in gp.nodes.items()})
+    gp.critical_path_ms = critical_path(g.dag, {n: p.time_ms for n, p in gp.nodes.items()})
     gp.total_kernel_ms = sum(p.time_ms for p in gp.nodes.values())
     for name, prof in gp.nodes.items():
         g.node(name).meta.setdefault("opara", {})["profile"] = prof

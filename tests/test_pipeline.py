@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from opara_nb import models
-from opara_nb.planning import CANDIDATES, ModelPlan, plan_graph, plan_model, resolve_strategy
+from opara_nb.pipeline import CANDIDATES, ModelPlan, plan_graph, plan_model, resolve_strategy
 
 
 @pytest.mark.parametrize("strategy", ["opara", "nimble", "wavefront", "sequential"])
