@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .runtime.cudagraph import GraphedCall
-from .runtime.warn import user_stacklevel
+from .errors import one_line, user_stacklevel
 
 __all__ = ["opara_backend", "skip_reason"]
 
@@ -25,49 +24,35 @@ _graph_ids = itertools.count()
 
 def skip_reason(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
     """Why a graph is run as-is rather than planned (None: plan it)."""
-    if not any(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes):
+    from .capture.graph import SCHEDULED_OPS
+
+    if not any(n.op in SCHEDULED_OPS for n in gm.graph.nodes):
         return "the graph has no operators"
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         return "the graph takes non-tensor inputs (symbolic sizes): run it as dynamo gave it"
     return None
 
 
-class _CudaGraphRunner:
-    """Capture ``executor`` into its own CUDA graph on the first call (a ``GraphedCall`` whose parameters stay in
-    place); replay afterwards. A graph that cannot be captured runs uncaptured, with one warning."""
+class _Runner:
+    """A planned graph: captured into its own CUDA graph on CUDA (``runners.GraphCapture``), run eagerly on CPU
+    (saying once that nothing is accelerated)."""
 
-    def __init__(self, executor: Callable) -> None:
+    def __init__(self, executor: Callable, cuda: bool) -> None:
+        from .runtime.runners import GraphCapture
+
+        self.capture = GraphCapture(executor) if cuda else None
         self.executor = executor
-        self.graphed: GraphedCall | None = None
-        self.failed: str | None = None
-
-    def _capture(self, args: tuple) -> str | None:
-        graphed = GraphedCall(self.executor, args, {}, warmup=1, in_place=_is_param)
-        try:
-            graphed.warm_up()
-            graphed.capture()
-        except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
-            error = f"{type(exc).__name__}: {exc}"
-        else:
-            self.graphed = graphed
-            return None
-        graphed.release()  # after the except block, so its traceback no longer pins the failed capture's memory
-        torch.cuda.synchronize()
-        return error
+        self._warned = False
 
     def __call__(self, *args: Any) -> Any:
-        if self.graphed is None and self.failed is None:
-            self.failed = self._capture(args)
-            if self.failed is not None:
-                warnings.warn(f"opara backend: CUDA graph capture failed ({self.failed}); running the plan eagerly",
-                              stacklevel=user_stacklevel())
-        if self.failed is not None:
+        if self.capture is None:
             return self.executor(*args)
-        return self.graphed.replay(list(args))
-
-
-def _is_param(x: torch.Tensor) -> bool:
-    return isinstance(x, torch.nn.Parameter) or getattr(x, "_is_param", False)
+        out = self.capture(*args)
+        if self.capture.failed is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"opara backend: CUDA graph capture failed ({self.capture.failed}); running the plan "
+                          "eagerly", stacklevel=user_stacklevel())
+        return out
 
 
 def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -77,19 +62,20 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .pipeline import plan_graph
+        from .pipeline import PlanSpec, plan_graph
         from .runtime import PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
-        _, plan = plan_graph(g, "opara", "opara")
+        _, plan = plan_graph(g, PlanSpec("opara"))
         executor = PlanExecutor(g, plan)
     except Exception as exc:  # noqa: BLE001 - a graph we cannot plan still runs correctly as given
-        warnings.warn(f"opara backend: running a graph unplanned ({type(exc).__name__}: {exc})",
-                      stacklevel=user_stacklevel())
+        warnings.warn(f"opara backend: running a graph unplanned ({one_line(exc)})", stacklevel=user_stacklevel())
         return gm.forward
-    if any(x.is_cuda for x in example_inputs) and torch.cuda.is_available():
-        return _CudaGraphRunner(executor)
-    return executor
+    cuda = any(x.is_cuda for x in example_inputs) and torch.cuda.is_available()
+    if not cuda:
+        warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
+                      stacklevel=user_stacklevel())
+    return _Runner(executor, cuda)
 
 
 def _register() -> None:

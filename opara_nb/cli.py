@@ -135,12 +135,12 @@ def _write(path: str | None, text: str) -> None:
 
 
 def _check_modes(text: str | None, parser: argparse.ArgumentParser) -> list[str] | None:
-    from .bench.modes import MODES
+    from .bench.modes import MODES, is_mode
 
     if text is None:
         return None
     modes = _csv(text)
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if not is_mode(m)]
     if unknown or not modes:
         parser.error(f"unknown mode {', '.join(unknown) or '(none)'}; valid: {', '.join(MODES)}")
     return modes

@@ -1,47 +1,106 @@
 """The per-graph pipeline shared by everything: captured graph -> profile -> plan, and ``plan_model`` for whole models.
 
-``plan_graph`` is what the runtime, the torch.compile backend and ``opara_nb.plan`` all call, so a plan shown in a
-notebook picture is the plan that runs.
+``plan_with_profile`` is what the runtime, the torch.compile backend, the notebook pictures and ``opara_nb.plan`` all
+call, so a plan shown in a notebook is the plan that runs. ``PlanSpec`` names a plan the same way everywhere
+(``auto``'s candidates, benchmark modes, reports, plan files).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["plan_graph", "plan_with_profile", "plan_model", "ModelPlan", "CANDIDATES", "resolve_strategy"]
+from .errors import OparaUsageError
 
-# strategy="auto" tries these (name -> (strategy, launch order)); "sequential" keeps fx order, i.e. the eager order,
-# so it is exactly the plain sequential CUDA graph and "auto" can never be slower than it.
-CANDIDATES: dict[str, tuple[str, str]] = {
-    "opara": ("opara", "opara"),
-    "opara+topological": ("opara", "topological"),
-    "nimble": ("nimble", "opara"),
-    "wavefront": ("wavefront", "opara"),
-    "sequential": ("sequential", "topological"),
-}
+__all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "spec_for", "plan_graph", "plan_with_profile", "plan_model",
+           "ModelPlan"]
 
-
-def resolve_strategy(strategy: str, order: str) -> tuple[str, str]:
-    """(strategy, order) to plan with when one plan is needed: "auto" means "opara" (nothing measured here)."""
-    if strategy == "auto":
-        return "opara", order
-    return strategy, order
+# The launch order a strategy runs with unless told otherwise. "sequential" keeps fx order, i.e. the eager order, so
+# it is exactly the plain sequential CUDA graph.
+DEFAULT_ORDER: dict[str, str] = {"opara": "opara", "nimble": "opara", "wavefront": "opara",
+                                 "sequential": "topological"}
+_FUSED = "fused"
 
 
-def plan_graph(g: Any, strategy: str = "opara", order: str = "opara", demand: str = "occupancy") -> tuple[Any, Any]:
-    """Profile captured graph ``g`` (cached by the profile layer) and schedule it: returns (GraphProfile, Plan)."""
+@dataclass(frozen=True)
+class PlanSpec:
+    """How one graph is scheduled and run: stream ``strategy``, launch ``order``, and whether operators are fused into
+    TorchInductor segments (``fuse``).
+
+    Its ``name`` is the strategy, then ``+order`` when the order is not the strategy's default, then ``+fused``:
+    ``opara``, ``opara+topological``, ``nimble+topological``, ``sequential``, ``opara+fused``. ``PlanSpec.parse``
+    reads a name back.
+
+    >>> PlanSpec("nimble", "topological").name
+    'nimble+topological'
+    >>> PlanSpec.parse("opara+fused")
+    PlanSpec(strategy='opara', order='opara', fuse=True)
+    """
+
+    strategy: str
+    order: str = ""
+    fuse: bool = False
+
+    def __post_init__(self) -> None:
+        from .schedule import ORDERS, STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise OparaUsageError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if not self.order:
+            object.__setattr__(self, "order", DEFAULT_ORDER[self.strategy])
+        if self.order not in ORDERS:
+            raise OparaUsageError(f"unknown launch order {self.order!r}: use one of {', '.join(ORDERS)}")
+
+    @property
+    def name(self) -> str:
+        parts = [self.strategy]
+        if self.order != DEFAULT_ORDER[self.strategy]:
+            parts.append(self.order)
+        if self.fuse:
+            parts.append(_FUSED)
+        return "+".join(parts)
+
+    @classmethod
+    def parse(cls, name: str) -> "PlanSpec":
+        """The spec a ``name`` stands for; ``ValueError`` naming the valid parts otherwise."""
+        from .schedule import ORDERS
+
+        strategy, *rest = str(name).split("+")
+        fuse = _FUSED in rest
+        rest = [r for r in rest if r != _FUSED]
+        if len(rest) > 1 or (rest and rest[0] not in ORDERS):
+            raise OparaUsageError(f"cannot read plan name {name!r}: write strategy[+order][+fused], order one of "
+                             f"{', '.join(ORDERS)}")
+        return cls(strategy, rest[0] if rest else "", fuse)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# What strategy="auto" tries; "sequential" keeps the eager order, so "auto" is never slower than a sequential graph.
+CANDIDATES: tuple[PlanSpec, ...] = (PlanSpec("opara"), PlanSpec("opara", "topological"), PlanSpec("nimble"),
+                                    PlanSpec("wavefront"), PlanSpec("sequential"))
+
+
+def spec_for(strategy: str, order: str = "", fuse: bool = False) -> PlanSpec:
+    """The one plan to make when one is needed: ``"auto"`` means ``opara`` (nothing is measured here)."""
+    return PlanSpec("opara" if strategy == "auto" else strategy, order, fuse)
+
+
+def plan_with_profile(g: Any, gp: Any, spec: PlanSpec) -> Any:
+    """Schedule captured graph ``g`` with its profile ``gp`` (demands and memory-bound set feed the launch order)."""
+    from .schedule import make_plan
+
+    demand = gp.demands() if gp is not None else None
+    memory_bound = gp.memory_bound_nodes() if gp is not None else None
+    return make_plan(g.dag, strategy=spec.strategy, demand=demand, memory_bound=memory_bound, order=spec.order)
+
+
+def plan_graph(g: Any, spec: PlanSpec, demand: str = "occupancy") -> tuple[Any, Any]:
+    """Profile ``g`` (cached by the profiling layer) and schedule it: returns (GraphProfile, Plan)."""
     from .profiling import profile_graph
 
     gp = profile_graph(g, demand=demand)
-    return gp, plan_with_profile(g, gp, strategy, order)
-
-
-def plan_with_profile(g: Any, gp: Any, strategy: str = "opara", order: str = "opara") -> Any:
-    """Schedule ``g`` with an existing profile (the demands and memory-bound set feed the launch order)."""
-    from .schedule import make_plan
-
-    strategy, order = resolve_strategy(strategy, order)
-    return make_plan(g.dag, strategy=strategy, demand=gp.demands(), memory_bound=gp.memory_bound_nodes(), order=order)
+    return gp, plan_with_profile(g, gp, spec)
 
 
 @dataclass
@@ -49,15 +108,14 @@ class ModelPlan:
     """One entry per dynamo graph, in execution order: (CapturedGraph, GraphProfile, Plan)."""
 
     graphs: list[tuple[Any, Any, Any]] = field(default_factory=list)
-    strategy: str = "opara"
-    order: str = "opara"
+    spec: PlanSpec = field(default_factory=lambda: CANDIDATES[0])
 
     @property
     def plans(self) -> list[Any]:
         return [p for _, _, p in self.graphs]
 
     def __repr__(self) -> str:
-        parts = [f"ModelPlan(strategy={self.strategy!r}, order={self.order!r}, graphs={len(self.graphs)})"]
+        parts = [f"ModelPlan({self.spec.name}, graphs={len(self.graphs)})"]
         for g, gp, p in self.graphs:
             gpu = "" if getattr(gp, "has_gpu_data", False) else ", no GPU resource data"
             parts.append(f"  graph {getattr(g, 'index', '?')}: {len(p.order)} operators on {p.num_streams} streams, "
@@ -65,14 +123,14 @@ class ModelPlan:
         return "\n".join(parts)
 
 
-def plan_model(model: Callable, *args: Any, strategy: str = "opara", order: str = "opara",
-               demand: str = "occupancy", **kwargs: Any) -> ModelPlan:
+def plan_model(model: Callable, *args: Any, strategy: str = "opara", order: str = "", demand: str = "occupancy",
+               **kwargs: Any) -> ModelPlan:
     """Capture ``model`` on the example inputs and plan every graph; nothing runs on streams (works on CPU)."""
     from .capture import capture_graphs
 
-    strategy, order = resolve_strategy(strategy, order)
-    result = ModelPlan(strategy=strategy, order=order)
+    spec = spec_for(strategy, order)
+    result = ModelPlan(spec=spec)
     for g in capture_graphs(model, args, kwargs):
-        gp, plan = plan_graph(g, strategy, order, demand=demand)
+        gp, plan = plan_graph(g, spec, demand=demand)
         result.graphs.append((g, gp, plan))
     return result

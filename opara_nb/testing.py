@@ -1,15 +1,17 @@
 """Test doubles for code that needs CUDA streams or graph capture, usable on a CPU (and by users' own tests).
 
-``FakeStreams`` is a stream/event layer for ``PlanExecutor(..., streams=FakeStreams())`` that only logs what the
-executor asked for: ("record", event, stream), ("wait", stream, event), ("enter", stream), ("exit", stream).
+- ``FakeStreams``: a stream/event layer for ``PlanExecutor(..., streams=FakeStreams())`` that only logs what the
+  executor asked for: ("record", event, stream), ("wait", stream, event), ("enter", stream), ("exit", stream).
+- ``FakeGraphs``: the graph layer for ``OparaModule(..., graphs=FakeGraphs())``: "capturing" runs the call once and
+  "replaying" runs it again into the captured outputs, so the whole capture/replay path runs on a CPU.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["FakeStreams", "FakeStream", "FakeEvent"]
+__all__ = ["FakeStreams", "FakeStream", "FakeEvent", "FakeGraphs"]
 
 
 @dataclass(eq=False)
@@ -62,3 +64,71 @@ class FakeStreams:
 
     def wait(self, stream: FakeStream, event: FakeEvent) -> None:
         self.log.append(("wait", stream, event))
+
+
+class _FakeGraph:
+    """Replays by running the call again and writing the results into the captured outputs' memory (as a CUDA graph
+    writes to fixed addresses, whichever Python objects now point there)."""
+
+    def __init__(self, fn: Callable[[], Any], out: Any) -> None:
+        import torch
+        import torch.utils._pytree as pytree
+
+        self.fn, self.replays, self._pytree, self._torch = fn, 0, pytree, torch
+        self.out = [t.detach() if isinstance(t, torch.Tensor) else t for t in pytree.tree_leaves(out)]
+
+    def replay(self) -> None:
+        self.replays += 1
+        with self._torch.no_grad():
+            for dst, src in zip(self.out, self._pytree.tree_leaves(self.fn())):
+                if isinstance(dst, self._torch.Tensor):
+                    dst.copy_(src)
+
+    def reset(self) -> None:
+        self.fn = None
+
+
+class FakeGraphs:
+    """``runtime.cudagraph.CudaGraphs`` on a CPU. ``fail`` (a callable) makes ``capture`` raise while it returns True,
+    like an operation a CUDA graph cannot capture; ``captures`` counts captures."""
+
+    def __init__(self, fail: Callable[[], bool] = lambda: False) -> None:
+        self.fail, self.captures = fail, 0
+        self.main = FakeStream("main")
+        self._current = self.main
+
+    def usable(self, leaves: list[Any]) -> bool:
+        import torch
+
+        return any(isinstance(x, torch.Tensor) for x in leaves)
+
+    def synchronize(self) -> None:
+        pass
+
+    def warm_up(self, fn: Callable[[], Any], times: int) -> None:
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any, Any, float]:
+        if self.fail():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        out = fn()
+        return _FakeGraph(fn, out), None, out, 0.0
+
+    def stream_id(self) -> Callable[[], int] | None:
+        return lambda: id(self._current)
+
+    def current(self) -> FakeStream:
+        return self._current
+
+    @contextlib.contextmanager
+    def use(self, stream: FakeStream) -> Iterator[None]:
+        previous, self._current = self._current, stream
+        try:
+            yield
+        finally:
+            self._current = previous
+
+    def wait(self, stream: FakeStream, other: FakeStream) -> None:
+        pass

@@ -5,7 +5,7 @@
 #
 # STAGE: env | tests | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
-# MODES=eager,cudagraph,opara,opara-topo,auto,nimble,wavefront and ITERS=200. Every stage rewrites
+# MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
 # (the device tool) results are copied there too. Each bench profiles the model before timing any mode (fairness).
 # Knobs (environment): ITERS (200), BUDGET_S (wall budget for this call, 540), NAME (h100), MODES, SWEEP_MODES,
@@ -25,10 +25,10 @@ ITERS=${ITERS:-200}
 BUDGET_S=${BUDGET_S:-540}
 NAME=${NAME:-h100}
 # most important first: a model that runs out of time still has its baseline and opara rows
-MODES=${MODES:-eager,cudagraph,opara,opara-topo,auto,nimble,wavefront,compile}
+MODES=${MODES:-eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological,compile}
 if [ "$STAGE" = quick ]; then
   # fixed modes and iterations, so that quick checks compare with one another
-  MODES=eager,cudagraph,opara,opara-topo,auto,nimble,wavefront
+  MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological
   ITERS=200
 fi
 SWEEP_MODES=${SWEEP_MODES:-eager,cudagraph,opara,auto}

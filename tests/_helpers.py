@@ -1,4 +1,4 @@
-"""What several test files share: small models, plan lookups and a faked CUDA graph capture."""
+"""What several test files share: small models and plan lookups."""
 from __future__ import annotations
 
 import torch
@@ -16,37 +16,6 @@ class ItemNet(nn.Module):
     def forward(self, x):
         y = self.a(x) + self.b(x)
         return y / (y.abs().max().item() + 1.0)
-
-
-class _Replay:
-    """A 'CUDA graph' that replays by running the captured call again into its static outputs."""
-
-    def __init__(self, call) -> None:
-        self.call = call
-
-    def replay(self) -> None:
-        out = torch.utils._pytree.tree_leaves(self.call._call_static())
-        for dst, src in zip(self.call._out_leaves, out):
-            dst.copy_(src)
-
-    def reset(self) -> None:
-        pass
-
-
-def fake_graph_capture(monkeypatch, fail=lambda: False) -> None:
-    """Make ``GraphedCall`` work on the CPU: no warm-up, and a capture that runs once (or raises while ``fail()``)."""
-    from opara_nb.runtime import cudagraph
-
-    def capture(self):
-        if fail():
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.graph = _Replay(self)
-        self._out_leaves, self._out_spec = torch.utils._pytree.tree_flatten(self._call_static())
-        self._single_out = self._out_spec.is_leaf()
-
-    monkeypatch.setattr(cudagraph.GraphedCall, "warm_up", lambda self: None)
-    monkeypatch.setattr(cudagraph.GraphedCall, "capture", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
 
 def stream_nodes(plan, stream: int) -> list[str]:

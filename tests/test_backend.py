@@ -8,7 +8,7 @@ import torch._dynamo
 import opara_nb.backend as backend
 from opara_nb import models
 from opara_nb.runtime import PlanExecutor
-from _helpers import fake_graph_capture
+from opara_nb.testing import FakeGraphs
 
 
 @pytest.mark.parametrize("name", ["inception_block", "graph_break", "tiny_transformer"])
@@ -20,7 +20,7 @@ def test_torch_compile_with_the_registered_name(name):
         torch.testing.assert_close(compiled(*args, **kwargs), model(*args, **kwargs))
 
 
-def test_backend_returns_a_plan_executor_on_cpu():
+def test_backend_runs_the_plan_eagerly_on_cpu_and_says_so():
     torch._dynamo.reset()
     model, args, kwargs = models.get("inception_block")
     seen = []
@@ -30,11 +30,12 @@ def test_backend_returns_a_plan_executor_on_cpu():
         seen.append(fn)
         return fn
 
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match="not accelerated"):
         out = torch.compile(model, backend=spy)(*args, **kwargs)
+    with torch.no_grad():
         torch.testing.assert_close(out, model(*args, **kwargs))
-    assert seen and all(isinstance(fn, PlanExecutor) for fn in seen)
-    assert seen[0].plan.strategy == "opara"
+    assert seen and all(isinstance(fn.executor, PlanExecutor) and fn.capture is None for fn in seen)
+    assert seen[0].executor.plan.strategy == "opara"
 
 
 def test_registered_with_dynamo():
@@ -50,15 +51,18 @@ def test_skip_check_gives_a_reason():
     assert backend.opara_backend(gm, [torch.ones(1)]) == gm.forward
 
 
-def test_cuda_graph_runner_keeps_parameters_in_place_and_falls_back_on_capture_failure(monkeypatch):
-    """The backend's per-graph runner on a faked capture: parameters are read where they are, other inputs are
-    copied into static buffers, replays follow new inputs, and a failed capture runs the plan uncaptured."""
+def test_per_graph_capture_keeps_parameters_in_place_recaptures_when_they_move_and_falls_back():
+    """The backend's (and piecewise mode's) per-graph runner on faked graphs: parameters are read where they are,
+    other inputs are copied into static buffers, a moved parameter means a new capture, a failed capture runs the
+    plan uncaptured."""
+    from opara_nb.runtime.runners import GraphCapture
+
     state = {"fail": False}
-    fake_graph_capture(monkeypatch, fail=lambda: state["fail"])
+    graphs = FakeGraphs(fail=lambda: state["fail"])
     weight = torch.nn.Parameter(torch.randn(3))
     fn = lambda w, x: w * x  # noqa: E731
 
-    runner = backend._CudaGraphRunner(fn)
+    runner = GraphCapture(fn, graphs)
     x = torch.randn(3)
     with torch.no_grad():
         torch.testing.assert_close(runner(weight, x), weight * x)
@@ -66,9 +70,12 @@ def test_cuda_graph_runner_keeps_parameters_in_place_and_falls_back_on_capture_f
         assert static[0] is weight and static[1] is not x
         x2 = torch.randn(3)
         torch.testing.assert_close(runner(weight, x2), weight * x2)
+        assert graphs.captures == 1
+        weight.data = torch.randn(3)  # the captured graph read the old memory
+        torch.testing.assert_close(runner(weight, x2), weight * x2)
+        assert graphs.captures == 2
 
         state["fail"] = True
-        failing = backend._CudaGraphRunner(fn)
-        with pytest.warns(UserWarning, match="capture failed"):
-            torch.testing.assert_close(failing(weight, x), weight * x)
-        assert failing.graphed is None and failing.failed
+        failing = GraphCapture(fn, graphs)
+        torch.testing.assert_close(failing(weight, x), weight * x)
+        assert failing.graphed is None and "not permitted" in failing.failed

@@ -14,7 +14,7 @@ from opara_nb.bench import BenchResult, allocation_table, benchmark, sweep_markd
 from opara_nb.bench import collect as collect_mod
 from opara_nb.bench import harness
 from opara_nb.bench.harness import COLUMNS, _add_speedups, _max_abs_diff
-from opara_nb.bench.modes import Built, candidate_times, kept_candidate, map_tensors, tensor_leaves
+from opara_nb.bench.modes import Built, map_tensors, tensor_leaves
 from opara_nb.bench.timing import summarize
 from opara_nb.errors import OparaUsageError
 from opara_nb.models import get
@@ -127,10 +127,11 @@ def test_allocation_table_times_every_strategy():
 
 
 def _fake_result(batch: int = 1) -> BenchResult:
-    rows = [_row("cudagraph", 2.0, 1.8, p90=2.1), _row("opara", 1.0, 0.9), _row("opara-topo", 1.5, 1.2),
-            _row("auto", 1.0, 0.9), _row("nimble", 2.05, 1.7), _row("wavefront", 2.5, 1.6),
+    rows = [_row("cudagraph", 2.0, 1.8, p90=2.1), _row("opara", 1.0, 0.9), _row("opara+topological", 1.5, 1.2),
+            _row("auto", 1.0, 0.9), _row("nimble+topological", 2.05, 1.7), _row("wavefront+topological", 2.5, 1.6),
             _row("compile", None, status="failed")]
     rows[3]["candidates"] = {"opara": {"sync_ms": 1.0, "replay_ms": 0.8}, "sequential": {"sync_ms": 2.0, "replay_ms": 1.7}}
+    rows[3]["kept"] = "opara"
     _add_speedups(rows)
     modes = [r["mode"] for r in rows]
     return BenchResult("googlenet", rows, {"device": "fake"}, {"batch": batch, "iters": 3, "modes": modes}, [])
@@ -152,7 +153,7 @@ def test_collect_merges_parts_into_one_report(tmp_path):
     assert "opara 2.00x over the sequential CUDA graph (GPU-side 2.00x)" in md
     assert "auto 2.00x (GPU-side 2.00x; never slower: OK; kept opara)" in md
     # cudagraph's p90 - median is 0.1 ms: wavefront (+0.5) is flagged, nimble (+0.05) is within the noise
-    assert "FLAG slower than cudagraph by more than its p90-median spread (0.100 ms): wavefront +0.500 ms" in md
+    assert "FLAG slower than cudagraph by more than its p90-median spread (0.100 ms): wavefront+topological +0.500 ms" in md
     assert "nimble +" not in md
     assert "launch order vs topological: 1.50x" in md and "never slower: OK" in md
     assert "unreadable part: bench_broken.json" in md
@@ -227,14 +228,10 @@ def test_each_mode_is_released_and_collected_before_the_next_is_built(monkeypatc
     assert all(not any(before) for _, before in log if before is not None)  # nothing of an earlier mode survives
 
 
-def test_candidates_are_read_in_both_runtime_shapes():
-    new = {"opara": {"sync_ms": 0.9, "replay_ms": 0.5}, "sequential": {"sync_ms": 0.8, "replay_ms": 0.6}}
-    assert candidate_times(new) == new and kept_candidate(new) == "sequential"  # auto keeps the fastest sync
-    old = {"opara": 0.5, "sequential": 0.6}
-    assert candidate_times(old)["opara"] == {"sync_ms": None, "replay_ms": 0.5} and kept_candidate(old) == "opara"
-    assert candidate_times(None) == {} and kept_candidate({}) is None
+def test_the_candidates_line_marks_the_plan_auto_kept():
     row = _row("auto", 0.8)
-    row["candidates"] = new
+    row["candidates"] = {"opara": {"sync_ms": 0.9, "replay_ms": 0.5}, "sequential": {"sync_ms": 0.8, "replay_ms": 0.6}}
+    row["kept"] = "sequential"
     res = BenchResult("m", [row], {"device": "fake"}, {"batch": 1}, [])
     assert "auto: candidates sync/replay ms: opara 0.900/0.500, sequential 0.800/0.600 (kept)" in res.to_markdown()
 
@@ -249,27 +246,7 @@ def test_a_failed_profile_is_a_note_and_every_mode_still_runs(monkeypatch):
     model, args, kwargs = get("graph_break")
     res = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)  # no opara mode: never profiled
     assert not any("profil" in n for n in res.notes) and res.settings["profiled_first"] is False
-    monkeypatch.setattr(harness, "OPARA_MODES", {"eager": ("opara", "opara")})  # make eager count as an opara mode
+    monkeypatch.setattr(harness, "opara_mode", lambda mode: ("opara", "", False))  # every mode counts as an opara mode
     res = benchmark(model, *args, modes="eager", iters=1, warmup=0, **kwargs)
     assert res.settings["profiled_first"] is False and "no profiler here" in res.settings["profile_first_error"]
     assert any("profiling before timing failed" in n for n in res.notes) and res.row("eager")["status"] == "ok"
-
-
-def test_sequential_baseline_is_a_graphed_call_of_the_model(monkeypatch):
-    """The baseline replays through the same calling convention as OparaModule: static copies in, clones out."""
-    from _helpers import fake_graph_capture
-
-    from opara_nb.bench.modes import SequentialCudaGraph
-    from opara_nb.models import get
-
-    fake_graph_capture(monkeypatch)
-    model, (x,), _ = get("inception_block")
-    graph = SequentialCudaGraph(model, (x,), {})
-    with torch.no_grad():
-        first = graph(x)
-        torch.testing.assert_close(first, model(x))
-        x2 = torch.randn_like(x)
-        second = graph(x2)
-        torch.testing.assert_close(second, model(x2))
-    torch.testing.assert_close(first, model(x))  # the next replay did not overwrite what the caller holds
-    graph.release()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opara_nb.bench import SequentialCudaGraph, benchmark
+from opara_nb.bench import PlainCudaGraph, benchmark
 from opara_nb.bench.timing import time_gpu
 from opara_nb.models import get
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cuda
 
 def test_sequential_cuda_graph_matches_eager_and_returns_fresh_outputs():
     model, (x,), _ = get("inception_block", device="cuda")
-    graph = SequentialCudaGraph(model, (x,), {})
+    graph = PlainCudaGraph(model, (x,), {})
     with torch.no_grad():
         first = graph(x)
         expected = model(x)
@@ -32,7 +32,7 @@ def test_gpu_side_timing_measures_the_call():
 
 def test_benchmark_on_cuda_fills_every_column():
     model, args, kwargs = get("inception_block", device="cuda")
-    res = benchmark(model, *args, modes="eager,cudagraph,opara,opara-topo", iters=20, warmup=3, **kwargs)
+    res = benchmark(model, *args, modes="eager,cudagraph,opara,opara+topological", iters=20, warmup=3, **kwargs)
     assert res.notes == []
     for row in res.rows:
         assert row["status"] in ("ok", "fallback"), row

@@ -20,13 +20,13 @@ def _exit_code(argv: list[str]) -> int:
 def test_help_lists_commands_models_and_modes(capsys):
     assert _exit_code(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(w in out for w in ("demo", "bench", "alloc", "inception_block", "opara-topo", "compile"))
+    assert all(w in out for w in ("demo", "bench", "alloc", "inception_block", "opara+topological", "compile"))
     assert cli.main([]) == 0  # no command: help, not a traceback
 
 
 @pytest.mark.parametrize("argv, listed", [
     (["bench", "--model", "resnet9000"], "inception_block"),
-    (["bench", "--modes", "eager,turbo"], "opara-topo"),
+    (["bench", "--modes", "eager,turbo"], "opara+topological"),
     (["alloc", "--model", "nope"], "deepfm"),
     (["demo", "--model", "nope"], "tiny_transformer"),
 ])

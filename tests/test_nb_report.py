@@ -8,7 +8,7 @@ from opara_nb.runtime import RunReport
 
 
 def _report(**kw):
-    base = dict(mode="cuda-graph", strategy="opara", order="opara", capture_ms=12.5,
+    base = dict(mode="cuda-graph", kept="opara", order="opara", capture_ms=12.5,
                 graphs=[{"nodes": 40, "logical_streams": 5, "physical_streams": 4, "syncs": 9},
                         {"nodes": 2, "logical_streams": 1, "physical_streams": 1, "syncs": 0}])
     base.update(kw)

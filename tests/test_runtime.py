@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from opara_nb.runtime import NodeError, PlanExecutor
+from opara_nb.runtime import PlanExecutor
 from opara_nb.testing import FakeEvent, FakeStream, FakeStreams
 from opara_nb.schedule import DAG, STRATEGIES, make_plan
 
@@ -141,15 +141,26 @@ def test_cross_stream_syncs_become_record_wait_pairs():
     assert plan.num_streams > 1 and cross
 
 
-def test_node_failure_names_the_node():
+def test_node_failure_keeps_the_operators_own_error_and_names_the_node():
     class Bad(nn.Module):
         def forward(self, x):
             return torch.matmul(x, x)
 
     g = _graph(Bad())
     ex = PlanExecutor(g, make_plan(g.dag, strategy="opara"))
-    with pytest.raises(NodeError, match="matmul"):
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
         ex(torch.randn(2, 3))
+    assert any("matmul" in note for note in info.value.__notes__)
+
+
+def test_a_plan_whose_sync_was_deleted_is_rejected_naming_the_edge():
+    g = _graph()
+    plan = make_plan(g.dag, strategy="opara")
+    assert plan.syncs
+    u, v = plan.syncs[0]
+    plan.syncs = plan.syncs[1:]
+    with pytest.raises(ValueError, match=f"edge.*{u}.*{v}"):
+        PlanExecutor(g, plan)
 
 
 def test_plan_for_another_graph_is_rejected():
@@ -159,17 +170,29 @@ def test_plan_for_another_graph_is_rejected():
         PlanExecutor(g, plan)
 
 
-def test_cross_stream_values_are_kept_until_the_join():
+@pytest.mark.parametrize("strategy", ["opara", "wavefront", "nimble"])
+def test_a_value_read_on_another_stream_is_dropped_only_where_its_stream_follows_every_reader(strategy):
+    from opara_nb.schedule.lifetimes import happens_before
+
     g = _graph()
-    plan = make_plan(g.dag, strategy="wavefront")
+    plan = make_plan(g.dag, strategy=strategy)
     ex = PlanExecutor(g, plan)
-    produced_on = {n: ex.mapping.physical[plan.streams[n]] for n in plan.order}
-    for node in g.gm.graph.nodes:
-        for src in node.all_input_nodes:
-            if src.name in produced_on and node.name in produced_on and produced_on[src.name] != produced_on[node.name]:
-                assert src.name in ex._keep
-    freed = {name for names in ex._free_after.values() for name in names}
-    assert not freed & ex._keep
+    names = [n.name for n in ex.order if n.op in _OPS]
+    phys = {n.name: p for n, p in ex._phys.items()}
+    before = happens_before(names, phys, ex._cross)
+    pos = {n: i for i, n in enumerate(names)}
+    readers = {n: [u.name for u in n.users if u.name in pos] for n in ex.order}
+    cross = 0
+    for point, values in ex._free_streams.items():
+        for value in values:
+            if value.name not in pos:
+                continue
+            users = readers[value] + [value.name]
+            cross += any(phys[u] != phys[value.name] for u in users)
+            assert point.name in pos and phys[point.name] == phys[value.name]
+            assert all(before[point.name] >> pos[u] & 1 for u in users), f"{value.name} dropped too early"
+    kept = {v for vs in ex._free_plain.values() for v in vs} - {v for vs in ex._free_streams.values() for v in vs}
+    assert plan.num_streams > 1 and (cross or kept)
 
 
 # ---------------------------------------------------------------- physical stream mapping
@@ -182,13 +205,13 @@ def test_fake_layer_types():
 def test_dynamo_graphs_run_on_fake_streams_like_the_graph_module(name):
     from opara_nb import models
     from opara_nb.capture import capture_graphs
-    from opara_nb.pipeline import plan_graph
+    from opara_nb.pipeline import PlanSpec, plan_graph
 
     model, args, kwargs = models.get(name)
     with torch.no_grad():
         for g in capture_graphs(model, args, kwargs):
             expected = g.gm(*g.example_inputs)
-            profile, _ = plan_graph(g)
+            profile, _ = plan_graph(g, PlanSpec("opara"))
             for strategy in STRATEGIES:
                 fake = FakeStreams()
                 plan = make_plan(g.dag, strategy=strategy, demand=profile.demands(),
@@ -197,28 +220,6 @@ def test_dynamo_graphs_run_on_fake_streams_like_the_graph_module(name):
                 torch.testing.assert_close(ex(*g.example_inputs), expected)
                 assert fake.current is fake.main  # every stream context was left
                 assert ex.mapping.num_physical <= 3
-
-
-# ---------------------------------------------------------------- the replay hot path's call key
-def test_flat_call_key_matches_pytree_leaf_order_and_separates_signatures():
-    from torch.utils import _pytree as pytree
-
-    from opara_nb.runtime.cudagraph import input_leaves, signature
-
-    a, b, m = torch.randn(2, 3), torch.randn(4), torch.ones(2, dtype=torch.bool)
-    assert input_leaves((a, b), {"mask": m}) == pytree.tree_leaves(((a, b), {"mask": m}))
-    keys = {
-        signature((a, b), {}),
-        signature((a, b), {"mask": m}),
-        signature((a,), {"b": b}),                    # same tensors, positional vs keyword
-        signature(((a, b),), {}),                     # nested: the pytree path
-        signature((a.double(), b), {}),               # dtype
-        signature((a.t().contiguous().t(), b), {}),   # stride
-        signature((torch.randn(3, 3), b), {}),        # shape
-    }
-    assert len(keys) == 7
-    assert signature((a, b), {}) == signature((torch.randn(2, 3), torch.randn(4)), {})  # values do not matter
-    assert signature((a, 3), {}) != signature((a, 4), {})  # non-tensor leaves by value (pytree path)
 
 
 def test_stream_pool_reuses_streams_and_never_hands_out_the_capture_or_caller_stream():

@@ -2,10 +2,15 @@
 
 Every candidate plan of ``strategy="auto"`` is captured and its replay checked against eager before the fastest is kept,
 so one capture per model checks every strategy. Comparisons run with TF32 off so eager and the graph do the same math.
+The trust tests replay after the model or the call context changed and compare with what the model returns now.
 """
 from __future__ import annotations
 
+import copy
 import gc
+import threading
+import traceback
+import tracemalloc
 import warnings
 import weakref
 
@@ -56,37 +61,41 @@ def _max_diff(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(fa, fb))
 
 
+def _eager(model, *args, **kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
 class CheckingModule(OparaModule):
-    """Replays every captured candidate on the example inputs and compares it with eager before timing."""
+    """Replays every captured candidate on the example inputs and compares it with eager before choosing."""
 
-    def __init__(self, *a, expected=None, call=None, tol=0.0, **kw):
+    def __init__(self, *a, expected=None, call=None, **kw):
         super().__init__(*a, **kw)
-        self.expected, self.call, self.tol, self.diffs = expected, call, tol, {}
+        self.expected, self.call, self.diffs = expected, call, {}
 
-    def _time_candidates(self, captured):
+    def _choose(self, captured, errors, runners, args, kwargs):
         for key, graphed in captured.items():
             self.diffs[key] = _max_diff(graphed(*self.call[0], **self.call[1]), self.expected)
-        return OparaModule._time_candidates(captured)
+        return super()._choose(captured, errors, runners, args, kwargs)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
 def test_every_strategy_matches_eager(name):
     model, args, kwargs = _build(name)
-    with torch.no_grad():
-        expected = model(*args, **kwargs)
-    candidates = NASNET_CANDIDATES if name == "nasnet" else tuple(CANDIDATES)
-    om = CheckingModule(model, strategy="auto", candidates=candidates, expected=expected, call=(args, kwargs),
-                        tol=PAPER[name])
+    expected = _eager(model, *args, **kwargs)
+    candidates = NASNET_CANDIDATES if name == "nasnet" else tuple(s.name for s in CANDIDATES)
+    om = CheckingModule(model, strategy="auto", candidates=candidates, expected=expected, call=(args, kwargs))
     out = _quiet(om, *args, **kwargs)
     rep = om.report
     assert rep.mode == "cuda-graph", rep.reason
-    assert set(om.diffs) == set(candidates), rep.notices
+    assert set(om.diffs) >= set(candidates), rep.notices
     bad = {k: d for k, d in om.diffs.items() if d > PAPER[name]}
     assert not bad, f"{name}: max abs diff over {PAPER[name]}: {bad}"
     assert _max_diff(out, expected) <= PAPER[name]
-    assert set(rep.candidates) == set(candidates)
-    assert rep.strategy == min(rep.candidates, key=lambda k: rep.candidates[k]["sync_ms"])
+    assert set(rep.candidates) >= set(candidates)
+    assert rep.kept == min(rep.candidates, key=lambda k: rep.candidates[k]["sync_ms"])
     assert all(t["sync_ms"] > 0 and t["replay_ms"] > 0 for t in rep.candidates.values())
+    assert rep.eager_ms and rep.eager_ms > 0
     assert all(g["physical_streams"] <= g["logical_streams"] for g in rep.graphs)
     print(f"\n{name}: {rep}")
     om.release()
@@ -95,10 +104,9 @@ def test_every_strategy_matches_eager(name):
 @pytest.mark.parametrize("strategy", ["opara", "sequential"])
 def test_fixed_strategy_on_a_paper_cnn(strategy):
     model, args, kwargs = _build("googlenet")
-    with torch.no_grad():
-        expected = model(*args, **kwargs)
+    expected = _eager(model, *args, **kwargs)
     om = _quiet(optimize, model, *args, strategy=strategy, **kwargs)
-    assert om.report.mode == "cuda-graph" and om.report.strategy == strategy
+    assert om.report.mode == "cuda-graph" and om.report.kept == strategy
     assert _max_diff(_quiet(om, *args, **kwargs), expected) <= CNN_TOL
     if strategy == "opara":
         assert max(g["logical_streams"] for g in om.report.graphs) > 1
@@ -121,30 +129,38 @@ def test_sequential_is_the_plain_cuda_graph():
     om.release()
 
 
-def test_ten_thousand_replays_keep_memory_flat():
+def test_thirty_thousand_calls_keep_device_and_host_memory_flat():
     model, args, kwargs = _build("deepfm")
     om = _quiet(optimize, model, *args, strategy="opara", **kwargs)
-    _quiet(om, *args, **kwargs)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    for _ in range(10_000):
+    for _ in range(100):
         out = om(*args, **kwargs)
     del out
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(30_000):
+        out = om(*args, **kwargs)
+    del out
+    grown = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+    assert grown < 256 * 1024, f"host memory grew by {grown} bytes over 30,000 calls"
     om.release()
 
 
 class TwoBranch(nn.Module):
-    """Small enough that 20 compile + capture cycles stay cheap, with two streams' worth of parallel work."""
+    """Small enough that many compile + capture cycles stay cheap, with two streams' worth of parallel work."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
         self.b = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
 
-    def forward(self, x):
-        return self.a(x) * self.b(x)
+    def forward(self, x, scale=None):
+        out = self.a(x) * self.b(x)
+        return out * scale if scale is not None else out
 
 
 def test_optimize_release_cycles_return_memory():
@@ -169,10 +185,10 @@ def test_optimize_release_cycles_return_memory():
 class WatchingModule(OparaModule):
     """Keeps weak references to every candidate's CUDA graph and static buffers."""
 
-    def _time_candidates(self, captured):
+    def _choose(self, captured, errors, runners, args, kwargs):
         self.refs = [weakref.ref(g.graph) for g in captured.values()]
-        self.refs += [weakref.ref(t) for g in captured.values() for t in g.static_inputs + list(g._out_leaves)]
-        return OparaModule._time_candidates(captured)
+        self.refs += [weakref.ref(t) for g in captured.values() for t in g.static_inputs + list(g._out)]
+        return super()._choose(captured, errors, runners, args, kwargs)
 
 
 def test_release_leaves_no_cuda_graph_or_buffer_alive():
@@ -184,7 +200,6 @@ def test_release_leaves_no_cuda_graph_or_buffer_alive():
     om = WatchingModule(model, strategy="auto")
     _quiet(om, x)
     assert om.report.mode == "cuda-graph" and len(om.refs) > len(om.report.candidates)
-    assert all(set(t) == {"sync_ms", "replay_ms"} for t in om.report.candidates.values())
     refs = list(om.refs)
     om.release()
     del om
@@ -195,45 +210,205 @@ def test_release_leaves_no_cuda_graph_or_buffer_alive():
     assert torch.cuda.memory_allocated() == start
 
 
+def test_auto_ends_with_the_footprint_of_the_plan_it_kept():
+    model, x = TwoBranch().eval().cuda(), torch.randn(8, 64, device="cuda")
+    om = WatchingModule(model, strategy="auto")
+    _quiet(om, x)
+    gc.collect()
+    alive = [r() for r in om.refs[:len(om.report.candidates)] if r() is not None]
+    assert alive == [om._last.graphed.graph], "a candidate auto did not keep still holds its graph"
+    assert om.report.candidates[om.report.kept]["pool_mb"] >= 0
+    om.release()
+
+
+def test_lru_eviction_drops_graphs_and_runners():
+    model = TwoBranch().eval().cuda()
+    om = OparaModule(model, strategy="opara", max_graphs=2)
+    for batch in (1, 2, 3, 4, 5, 6):
+        x = torch.randn(batch, 64, device="cuda")
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=CNN_TOL, rtol=0)
+    assert len(om._cache) == 2
+    assert len(om._backend.runners) <= 2
+    om.release()
+
+
 def test_batch_size_change_recaptures_and_stays_correct():
     model, args, kwargs = _build("inception_block", batch=1)
     om = _quiet(optimize, model, *args, strategy="opara", **kwargs)
     x3 = torch.randn(3, *args[0].shape[1:], device="cuda")
     with pytest.warns(UserWarning, match="new input signature"):
         y3 = om(x3)
-    with torch.no_grad():
-        torch.testing.assert_close(y3, model(x3), atol=CNN_TOL, rtol=0)
-        torch.testing.assert_close(_quiet(om, *args), model(*args), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(y3, _eager(model, x3), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(_quiet(om, *args), _eager(model, *args), atol=CNN_TOL, rtol=0)
     assert len(om._cache) == 2 and om.report.mode == "cuda-graph"
     om.release()
 
 
-def test_outputs_are_cloned_unless_asked_not_to():
+def test_outputs_the_caller_holds_are_never_overwritten():
     model, args, kwargs = _build("inception_block")
     x1, x2 = torch.randn_like(args[0]), torch.randn_like(args[0])
     om = _quiet(optimize, model, x1, strategy="opara")
     y1 = om(x1)
     y2 = om(x2)
-    assert not torch.equal(y1, y2)
+    torch.testing.assert_close(y1, _eager(model, x1), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(y2, _eager(model, x2), atol=CNN_TOL, rtol=0)
+    view = om(x1)[0]
+    y3 = _quiet(om, x2)  # the view is alive: this call runs without the graph, later ones copy
+    torch.testing.assert_close(view, _eager(model, x1)[0], atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(y3, _eager(model, x2), atol=CNN_TOL, rtol=0)
+    assert om.clone_outputs is True
     fast = _quiet(optimize, model, x1, strategy="opara", clone_outputs=False)
     z1 = fast(x1).clone()
     z1_view = fast(x1)
     fast(x2)
-    # documented: without clones the next call overwrites the previous outputs
-    torch.testing.assert_close(z1_view, y2, atol=CNN_TOL, rtol=0)
-    torch.testing.assert_close(z1, y1, atol=CNN_TOL, rtol=0)
+    # documented: without copies the next call overwrites the previous outputs
+    torch.testing.assert_close(z1_view, _eager(model, x2), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(z1, _eager(model, x1), atol=CNN_TOL, rtol=0)
     om.release()
     fast.release()
 
 
-def test_parameters_keep_their_addresses():
+def test_parameters_keep_their_addresses_and_in_place_updates_are_seen():
     model, args, kwargs = _build("inception_block")
     ptrs = [p.data_ptr() for p in model.parameters()]
     om = _quiet(optimize, model, *args, strategy="opara", **kwargs)
     assert [p.data_ptr() for p in model.parameters()] == ptrs
     with torch.no_grad():  # an in-place weight update is seen by the replay: the graph reads the real parameters
         next(model.parameters()).mul_(0.5)
-        torch.testing.assert_close(_quiet(om, *args, **kwargs), model(*args, **kwargs), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(_quiet(om, *args, **kwargs), _eager(model, *args, **kwargs), atol=CNN_TOL, rtol=0)
+    om.release()
+
+
+# ------------------------------------------------------------------------------------------------ trust: never stale
+class Stale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 16, 1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x, scale=None):
+        y = torch.relu(self.bn(self.conv(x)))
+        z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
+        out = self.head(z)
+        return out * scale if scale is not None else out
+
+
+@pytest.fixture
+def stale():
+    torch.manual_seed(0)
+    model, x = Stale().eval().cuda(), torch.randn(4, 3, 16, 16, device="cuda")
+    om = _quiet(optimize, model, x)
+    _quiet(om, x)
+    yield model, x, om
+    om.release()
+
+
+def test_1_cpu_scalar_arguments_are_never_baked_in(stale):
+    model, x, om = stale
+    for value in (2.0, 3.0, -1.5, 2.0):
+        scale = torch.tensor(value)
+        torch.testing.assert_close(_quiet(om, x, scale=scale), _eager(model, x, scale=scale), atol=CNN_TOL, rtol=0)
+
+
+def test_2_param_data_replaced(stale):
+    model, x, om = stale
+    model.head.weight.data = torch.randn_like(model.head.weight)
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=CNN_TOL, rtol=0)
+
+
+def test_3_submodule_replaced(stale):
+    model, x, om = stale
+    model.head = nn.Linear(32, 10).cuda()
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=CNN_TOL, rtol=0)
+
+
+def test_4_a_batchnorm_switched_to_train_inside_an_eval_model(stale):
+    model, x, om = stale
+    model.bn.train()
+    reference = copy.deepcopy(model)
+    out = _quiet(om, x)
+    torch.testing.assert_close(out, _eager(reference, x), atol=CNN_TOL, rtol=0)
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)  # updated once, like eager
+
+
+def test_5_autocast_runs_in_bf16_like_eager(stale):
+    model, x, om = stale
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = _quiet(om, x)
+        expected = _eager(model, x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    assert _quiet(om, x).dtype == torch.float32  # and back
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.lin(x)
+
+
+def test_6_an_input_changed_in_place_is_changed_for_the_caller():
+    model = InPlace().eval().cuda()
+    x = torch.randn(8, 64, device="cuda")
+    x0 = x.clone()
+    om = _quiet(optimize, model, x)
+    assert torch.equal(x, x0)  # optimize works on copies
+    out = om(x)
+    torch.testing.assert_close(x, x0 * 2)
+    torch.testing.assert_close(out, _eager(model, x0.clone()), atol=CNN_TOL, rtol=0)
+    om.release()
+
+
+def test_7_threads_each_on_its_own_stream_get_their_own_results(stale):
+    model, x, om = stale
+    inputs = [torch.randn_like(x) for _ in range(4)]
+    expected = [_eager(model, xi) for xi in inputs]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                outs = [_quiet(om, inputs[i]) for _ in range(20)]
+                results[i] = [o.clone() for o in outs]
+            stream.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        for out in results[i]:
+            torch.testing.assert_close(out, expected[i], atol=CNN_TOL, rtol=0)
+
+
+def test_a_cpu_input_to_a_gpu_model_gives_the_models_own_short_error(stale):
+    model, x, om = stale
+    with pytest.raises(RuntimeError) as info:
+        _quiet(om, x.cpu())
+    text = "".join(traceback.format_exception(info.value))
+    assert "device" in str(info.value) and len(text.splitlines()) <= 30, text
+
+
+def test_planning_leaves_buffers_as_they_were():
+    model = Stale().eval().cuda()
+    model.bn.train()  # every forward updates the running stats: planning runs it hundreds of times
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    om = _quiet(optimize, model, x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"optimize changed {k}"
     om.release()
 
 
@@ -241,18 +416,11 @@ def test_item_model_falls_back_with_a_reason():
     model = ItemNet(16).eval().cuda()
     x = torch.randn(4, 16, device="cuda")
     torch._C._cuda_clearCublasWorkspaces()  # one per stream seen: the side streams would add theirs
-    before = torch.cuda.memory_allocated()
     om = _quiet(optimize, model, x, strategy="opara")
-    assert om.report.mode in ("eager-plan", "eager") and om.fallback_reason
+    assert om.report.mode in ("piecewise", "eager") and om.fallback_reason
     assert "captur" in om.fallback_reason
-    with torch.no_grad():
-        torch.testing.assert_close(_quiet(om, x), model(x))
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x))
     om.release()
-    del om
-    gc.collect()
-    torch.cuda.synchronize()
-    torch._C._cuda_clearCublasWorkspaces()
-    assert torch.cuda.memory_allocated() - before < 2**20  # the failed capture's pool was given back
 
 
 def test_training_mode_runs_eagerly():
@@ -271,8 +439,8 @@ def test_torch_compile_backend_on_cuda():
     torch._dynamo.reset()
     model, args, kwargs = _build("inception_block")
     compiled = torch.compile(model, backend="opara")
+    expected = _eager(model, *args, **kwargs)
     with torch.no_grad():
-        expected = model(*args, **kwargs)
         for _ in range(3):  # first call captures, the next ones replay
             torch.testing.assert_close(_quiet(compiled, *args, **kwargs), expected, atol=CNN_TOL, rtol=0)
     torch._dynamo.reset()

@@ -8,8 +8,8 @@ Also ``sweep`` (batch sizes) and ``allocation_table`` (stream-allocation time pe
 from __future__ import annotations
 
 from .harness import CPU_NOTE, BenchResult, benchmark
-from .modes import DEFAULT_MODES, MODES, SequentialCudaGraph
+from .modes import DEFAULT_MODES, MODES, PlainCudaGraph
 from .sweep import AllocationTable, allocation_table, sweep, sweep_markdown
 
-__all__ = ["benchmark", "BenchResult", "MODES", "DEFAULT_MODES", "CPU_NOTE", "SequentialCudaGraph", "sweep",
+__all__ = ["benchmark", "BenchResult", "MODES", "DEFAULT_MODES", "CPU_NOTE", "PlainCudaGraph", "sweep",
            "sweep_markdown", "allocation_table", "AllocationTable"]

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .harness import BenchResult
-from .modes import kept_candidate
+from .modes import MODES
 from .sweep import AllocationTable, sweep_markdown
 
 __all__ = ["collect", "summary_markdown", "observations", "slower_than_baseline", "main"]
 
-_SUMMARY_MODES = ("eager", "cudagraph", "opara", "nimble", "wavefront", "opara-topo", "auto", "compile")
+_SUMMARY_MODES = tuple(MODES)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def _auto_fact(res: BenchResult) -> str | None:
         return None
     verdict = "never slower: OK" if auto <= base * 1.02 else "SLOWER than the baseline"
     row = _ok_row(res, "auto") or {}
-    kept = kept_candidate(row.get("candidates")) or row.get("strategy")
+    kept = row.get("kept") or row.get("strategy")
     gpu = _ratio(_lat(res, "cudagraph", "gpu"), _lat(res, "auto", "gpu"))
     return f"auto {base / auto:.2f}x (GPU-side {gpu}; {verdict}{f'; kept {kept}' if kept else ''})"
 
@@ -114,7 +114,7 @@ def observations(results: Sequence[BenchResult]) -> list[str]:
     auto's guarantee, compile, and every mode slower than the baseline beyond its noise."""
     lines = []
     for res in results:
-        opara, topo, auto, comp = (_lat(res, m) for m in ("opara", "opara-topo", "auto", "compile"))
+        opara, topo, auto, comp = (_lat(res, m) for m in ("opara", "opara+topological", "auto", "compile"))
         facts = [f for f in (_speedups(res, "opara"),) if f]
         if opara and topo:
             facts.append(f"Alg. 2 launch order vs topological: {topo / opara:.2f}x")

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..errors import OparaUsageError, one_line
-from .modes import (CPU_DEFAULT_MODES, DEFAULT_MODES, MODES, OPARA_MODES, Built, Unavailable, build_mode,
-                    candidate_times, kept_candidate, map_tensors, tensor_leaves)
+from .modes import (CPU_DEFAULT_MODES, DEFAULT_MODES, MODES, Built, Unavailable, build_mode, is_mode,
+                    opara_mode,
+                    map_tensors, tensor_leaves)
 from .timing import time_gpu, time_sync
 
 __all__ = ["benchmark", "run_benchmark", "BenchResult", "CPU_NOTE", "PROFILED_FIRST_NOTE", "environment", "COLUMNS"]
@@ -44,7 +45,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 _ROW_KEYS = ("mode", "status", "reason", "run_mode", "strategy", "order", "graphs", "nodes", "logical_streams",
              "physical_streams", "sync_median_ms", "sync_p90_ms", "gpu_median_ms", "gpu_p90_ms", "speedup",
              "gpu_speedup", "peak_mem_mb", "resident_mem_mb", "max_abs_diff", "profile_ms", "plan_ms", "capture_ms",
-             "critical_path_ms", "candidates", "requested")
+             "critical_path_ms", "candidates", "kept", "eager_ms", "requested")
 
 
 def environment() -> dict[str, Any]:
@@ -164,11 +165,11 @@ class BenchResult:
 
 def _candidates_line(row: dict[str, Any]) -> str | None:
     """What auto measured at capture time: per candidate "sync/replay" ms, the kept one marked."""
-    times = candidate_times(row.get("candidates"))
+    times = row.get("candidates") or {}
     if not times:
         return None
-    kept = kept_candidate(times)
-    cells = [f"{name} {_fmt(t['sync_ms'])}/{_fmt(t['replay_ms'])}{' (kept)' if name == kept else ''}"
+    kept = row.get("kept")
+    cells = [f"{name} {_fmt(t.get('sync_ms'))}/{_fmt(t.get('replay_ms'))}{' (kept)' if name == kept else ''}"
              for name, t in times.items()]
     return f"{row['mode']}: candidates sync/replay ms: " + ", ".join(cells)
 
@@ -257,7 +258,7 @@ def _settle(cuda: bool) -> None:
 def _profile_first(model: Callable, args: tuple, kwargs: dict, chosen: list[str], cuda: bool) -> dict[str, Any]:
     """Profile the model once before any mode is timed, when an opara mode will profile it anyway (see the module
     docstring); returns settings for the result. A failure is recorded: the opara rows will show their own error."""
-    if not any(mode in OPARA_MODES for mode in chosen):
+    if not any(opara_mode(mode) is not None for mode in chosen):
         return {"profiled_first": False}
     from ..profiling import profile_model  # read at call time, so tests can stand in for the profile layer
 
@@ -281,10 +282,10 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
 
 def _check_modes(modes: Iterable[str]) -> list[str]:
     chosen = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
-    unknown = [m for m in chosen if m not in MODES]
+    unknown = [m for m in chosen if not is_mode(m)]
     if unknown or not chosen:
         raise OparaUsageError(f"unknown benchmark mode(s) {', '.join(unknown) or '(none given)'}; "
-                              f"choose from: {', '.join(MODES)}")
+                              f"choose from: {', '.join(MODES)} or any plan name (strategy[+order][+fused])")
     return chosen
 
 
@@ -300,7 +301,7 @@ def benchmark(model: Callable, *args: Any, modes: Iterable[str] | str | None = N
               warmup: int = 20, **kwargs: Any) -> BenchResult:
     """Measure ``modes`` of ``model(*args, **kwargs)`` in this process, on these inputs; returns a BenchResult.
 
-    Modes: eager, cudagraph (sequential CUDA graph), opara, nimble, wavefront, opara-topo, auto, compile. Without
+    Modes (``MODES``): eager, cudagraph (plain CUDA graph), opara and other plan names, auto, compile. Without
     CUDA only eager and plan-ordered (opara_nb, no streams) execution run; the others are rows that say why. When
     an opara mode is asked for, the model is profiled once before anything is timed, so every mode runs in the same
     process state (the profiler can leave later CUDA-graph launches slower; the opara modes reuse this profile).

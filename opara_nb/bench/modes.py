@@ -16,29 +16,26 @@ import torch
 
 from ..errors import OparaUsageError
 
-__all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "OPARA_MODES", "Built", "Unavailable", "build_mode",
-           "SequentialCudaGraph", "map_tensors", "tensor_leaves", "candidate_times", "kept_candidate"]
+__all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "opara_mode", "is_mode", "Built", "Unavailable", "build_mode",
+           "PlainCudaGraph", "map_tensors", "tensor_leaves"]
 
-# mode -> (strategy, launch order) for the modes that go through opara_nb.optimize. Nimble and wavefront launch in
-# topological order as those systems do; "opara-topo" is the launch-order ablation of opara (Alg. 1 without Alg. 2).
-OPARA_MODES: dict[str, tuple[str, str]] = {
-    "opara": ("opara", "opara"),
-    "nimble": ("nimble", "topological"),
-    "wavefront": ("wavefront", "topological"),
-    "opara-topo": ("opara", "topological"),
-    "auto": ("auto", "opara"),
-}
+# The modes that go through opara_nb.optimize are named like plans (pipeline.PlanSpec: strategy[+order][+fused]), plus
+# "auto" and "auto+fused"; any plan name is a mode. Nimble and wavefront launch in topological order as those systems
+# do; "opara+topological" is the launch-order ablation of opara (Alg. 1 without Alg. 2).
 MODES: dict[str, str] = {
     "eager": "the model as given",
-    "cudagraph": "sequential CUDA Graph of the eager model (one stream; the baseline)",
+    "cudagraph": "the eager model in one plain torch.cuda.CUDAGraph (one stream; the baseline)",
     "opara": "opara_nb: Alg. 1 streams + Alg. 2 launch order",
-    "nimble": "opara_nb with Nimble's stream assignment (minimum chain cover), topological order",
-    "wavefront": "opara_nb with wavefront (BFS level) streams, topological order",
-    "opara-topo": "opara_nb: Alg. 1 streams, topological launch order (launch-order ablation)",
+    "nimble+topological": "opara_nb with Nimble's stream assignment (minimum chain cover), topological order",
+    "wavefront+topological": "opara_nb with wavefront (BFS level) streams, topological order",
+    "opara+topological": "opara_nb: Alg. 1 streams, topological launch order (launch-order ablation)",
     "auto": "opara_nb default: measures candidate plans at capture time, keeps the fastest",
+    "opara+fused": "opara_nb: Alg. 1 streams over TorchInductor-fused segments",
+    "auto+fused": "opara_nb default with fused candidates added (fuse=True)",
     "compile": "torch.compile(mode='reduce-overhead')",
 }
-DEFAULT_MODES: tuple[str, ...] = ("eager", "cudagraph", "opara", "nimble", "wavefront", "opara-topo", "auto")
+DEFAULT_MODES: tuple[str, ...] = ("eager", "cudagraph", "opara", "nimble+topological", "wavefront+topological",
+                                  "opara+topological", "auto")
 CPU_DEFAULT_MODES: tuple[str, ...] = ("eager", "cudagraph", "opara")
 
 
@@ -78,30 +75,44 @@ def tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return found
 
 
-class SequentialCudaGraph:
-    """The eager model captured into one plain CUDA graph on one stream (the paper's baseline).
+class PlainCudaGraph:
+    """The eager model in one plain ``torch.cuda.CUDAGraph`` on one stream: the baseline opara_nb must never lose to.
 
-    It is a ``GraphedCall`` of the model itself: the very calling convention of OparaModule's graphs (copy inputs into
-    static buffers, replay, clone outputs), so the comparison is of the graphs alone, not of two call paths.
+    Written here with nothing of opara_nb, as a user would write it by hand (warm up on a side stream, capture, then
+    per call: copy the inputs into the static buffers, replay, return the static outputs, which the next call
+    overwrites). ``calls`` do no guard, copy-back or output protection: it is the leanest replay there is.
     """
 
     def __init__(self, model: Callable, args: tuple, kwargs: dict, warmup: int = 3) -> None:
-        from ..runtime.cudagraph import GraphedCall
+        from torch.utils import _pytree as pytree
 
-        self._call = GraphedCall(model, args, kwargs, warmup=warmup)
-        try:
-            with torch.no_grad():
-                self._call.warm_up()
-                self._call.capture()
-        except Exception:
-            self._call.release()
-            raise
+        leaves, self._spec = pytree.tree_flatten((args, kwargs))
+        self._static = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        self._slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor)]
+        static_args, static_kwargs = pytree.tree_unflatten(self._static, self._spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad():
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    model(*static_args, **static_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._out = model(*static_args, **static_kwargs)
+        torch.cuda.synchronize()
+        self._pytree = pytree
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(*args, **kwargs)
+        leaves = self._pytree.tree_leaves((args, kwargs))
+        for i in self._slots:
+            self._static[i].copy_(leaves[i])
+        self.graph.replay()
+        return self._out
 
     def release(self) -> None:
-        self._call.release()
+        self.graph.reset()
+        self._static, self._out = [], None
 
 
 def _build_eager(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
@@ -125,10 +136,10 @@ def _build_cudagraph(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> 
     info: dict[str, Any] = {"run_mode": "cuda-graph", "strategy": "sequential", "order": "topological",
                             "logical_streams": 1, "physical_streams": 1}
     try:
-        graph = SequentialCudaGraph(model, args, kwargs)
+        graph = PlainCudaGraph(model, args, kwargs)
     except RuntimeError as exc:  # e.g. a host sync inside the model: not allowed while capturing
         torch.cuda.synchronize()
-        graph = SequentialCudaGraph(_dynamo_traced(model), args, kwargs)
+        graph = PlainCudaGraph(_dynamo_traced(model), args, kwargs)
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         info["reason"] = f"captured the dynamo-traced model: capturing the eager model failed ({first})"
     return Built(lambda: graph(*args, **kwargs), info, graph.release)
@@ -152,36 +163,6 @@ def _build_compile(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Bu
     return Built(call, {"run_mode": "compile"}, torch._dynamo.reset)
 
 
-def _ms_or_none(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def candidate_times(candidates: Mapping[str, Any] | None) -> dict[str, dict[str, float | None]]:
-    """``RunReport.candidates`` in one shape: name -> {"sync_ms": .., "replay_ms": ..} (None where not measured).
-
-    Accepts both shapes the runtime has reported: name -> {"sync_ms", "replay_ms"} (auto chooses by synchronous
-    latency) and the older name -> replay ms.
-    """
-    out: dict[str, dict[str, float | None]] = {}
-    for name, value in (candidates or {}).items():
-        if isinstance(value, Mapping):
-            out[str(name)] = {"sync_ms": _ms_or_none(value.get("sync_ms")),
-                              "replay_ms": _ms_or_none(value.get("replay_ms"))}
-        else:
-            out[str(name)] = {"sync_ms": None, "replay_ms": _ms_or_none(value)}
-    return out
-
-
-def kept_candidate(candidates: Mapping[str, Any] | None) -> str | None:
-    """The candidate auto keeps: fastest synchronous latency where measured, else fastest replay; None if none."""
-    times = candidate_times(candidates)
-    for key in ("sync_ms", "replay_ms"):
-        measured = {name: t[key] for name, t in times.items() if t[key] is not None}
-        if measured:
-            return min(measured, key=measured.__getitem__)
-    return None
-
-
 def _opara_info(om: Any) -> dict[str, Any]:
     report = om.report
     graphs = list(getattr(report, "graphs", []) or [])
@@ -195,19 +176,35 @@ def _opara_info(om: Any) -> dict[str, Any]:
         "nodes": sum(g.get("nodes", 0) for g in graphs),
         "profile_ms": report.profile_ms, "plan_ms": report.plan_ms, "capture_ms": report.capture_ms,
         "critical_path_ms": sum(crit) if crit and len(crit) == len(profiles) else None,
-        "candidates": candidate_times(getattr(report, "candidates", None)),
+        "candidates": {k: dict(v) for k, v in report.candidates.items()}, "kept": report.kept,
+        "eager_ms": report.eager_ms,
     }
 
 
+def opara_mode(mode: str) -> tuple[str, str, bool] | None:
+    """(strategy, order, fuse) of a mode that runs through opara_nb.optimize, None for eager/cudagraph/compile."""
+    if mode in ("auto", "auto+fused"):
+        return "auto", "", mode.endswith("+fused")
+    if mode in _BUILDERS:
+        return None
+    from ..pipeline import PlanSpec
+
+    try:
+        spec = PlanSpec.parse(mode)
+    except ValueError:
+        return None
+    return spec.strategy, spec.order, spec.fuse
+
+
 def _build_opara(mode: str) -> Callable[[Callable, tuple, dict, bool], Built]:
-    strategy, order = OPARA_MODES[mode]
+    strategy, order, fuse = opara_mode(mode)  # type: ignore[misc]
 
     def build(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
         from ..runtime import optimize  # the runtime layer is only needed for these modes
 
-        om = optimize(model, *args, strategy=strategy, order=order, **kwargs)
+        om = optimize(model, *args, strategy=strategy, order=order, fuse=fuse, **kwargs)
         info = _opara_info(om)
-        info["requested"] = f"{strategy}/{order}"
+        info["requested"] = mode
         return Built(lambda: om(*args, **kwargs), info, om.release, lambda: _opara_info(om))
 
     return build
@@ -215,12 +212,18 @@ def _build_opara(mode: str) -> Callable[[Callable, tuple, dict, bool], Built]:
 
 _BUILDERS: dict[str, Callable[[Callable, tuple, dict, bool], Built]] = {
     "eager": _build_eager, "cudagraph": _build_cudagraph, "compile": _build_compile,
-    **{m: _build_opara(m) for m in OPARA_MODES},
 }
+
+
+def is_mode(mode: str) -> bool:
+    return mode in _BUILDERS or opara_mode(mode) is not None
 
 
 def build_mode(mode: str, model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
     """Build ``mode`` for ``model``; raises Unavailable when it cannot run here, OparaUsageError for a bad name."""
-    if mode not in _BUILDERS:
-        raise OparaUsageError(f"unknown benchmark mode {mode!r}; choose from: {', '.join(MODES)}")
-    return _BUILDERS[mode](model, args, kwargs, cuda)
+    if mode in _BUILDERS:
+        return _BUILDERS[mode](model, args, kwargs, cuda)
+    if opara_mode(mode) is None:
+        raise OparaUsageError(f"unknown benchmark mode {mode!r}; choose from: {', '.join(MODES)} or any plan name "
+                              "(strategy[+order][+fused])")
+    return _build_opara(mode)(model, args, kwargs, cuda)

@@ -5,16 +5,21 @@ and recompile limit never mix one capture with another or with the user's own ``
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import OparaUsageError
+from ..errors import ModelError, OparaUsageError
 from .graph import CapturedGraph
+from .sandbox import Sandbox, clone_inputs, model_error
 
-__all__ = ["compile_with_backend", "capture_graphs", "check_inputs"]
+__all__ = ["compile_with_backend", "capture_graphs", "check_inputs", "quiet_tracing_logs"]
+
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
 _counter = itertools.count()
 _ALLOWED_LEAVES = (int, float, bool, complex, str, type(None), torch.dtype, torch.device)
@@ -55,14 +60,30 @@ def compile_with_backend(model: Callable, backend: Callable) -> Callable:
     import torch._dynamo
 
     compiled = torch.compile(_fresh_trampoline(), backend=backend, dynamic=False, fullgraph=False)
-    patch = _limit_patch()
+    # One patch object, entered on every call: each new one would leave a ContextVar behind (~200 bytes a call).
+    patch = torch._dynamo.config.patch(**_limit_patch())
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(**patch):
+        with patch, quiet_tracing_logs():
             return compiled(model, args, kwargs)
 
     run.__wrapped__ = model  # type: ignore[attr-defined]
     return run
+
+
+@contextlib.contextmanager
+def quiet_tracing_logs() -> Iterator[None]:
+    """Silence the error log lines fake-tensor tracing prints before dynamo raises: the model's own error is what
+    the user should see (opara_nb reports it once, see errors.ModelError)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _check_leaves(value: Any, path: str) -> int:
@@ -101,12 +122,19 @@ def capture_graphs(model: Callable, args: tuple | list = (), kwargs: dict | None
     kwargs = dict(kwargs or {})
     args = tuple(args)
     check_inputs(model, args, kwargs)
+    args, kwargs = clone_inputs(args, kwargs)  # the graphs' example inputs: profiling runs on them, not the user's
     recorded: list[tuple[torch.fx.GraphModule, list]] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         recorded.append((gm, list(example_inputs)))
         return gm.forward
 
-    with torch.no_grad():
-        compile_with_backend(model, record)(*args, **kwargs)
+    try:
+        with Sandbox(model), torch.no_grad():
+            compile_with_backend(model, record)(*args, **kwargs)
+    except Exception as exc:
+        own = model_error(model, args, kwargs)
+        if own is not None:
+            raise ModelError(own) from None
+        raise
     return [CapturedGraph.from_gm(gm, ex, i) for i, (gm, ex) in enumerate(recorded)]

@@ -1,89 +1,78 @@
-"""A tiny fx interpreter: compute one node's value from its inputs' values, or run a whole graph in order.
+"""The one fx interpreter: run a captured graph node by node, in graph order or a plan's launch order.
 
-The profiler runs graphs node by node with it and the runtime reuses ``run_node`` to launch nodes on streams.
-``env`` maps ``torch.fx.Node`` -> value (like ``torch.fx.Interpreter``).
+``GraphInterpreter`` is a ``torch.fx.Interpreter`` that runs its nodes in a given order and frees each value after its
+last use in that order. Everything that runs a graph node by node subclasses it and overrides ``run_node`` only: the
+executor puts each node on its stream, the profiler tags each node for torch.profiler, the work counter counts FLOPs.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
-from torch.fx.node import map_arg
+import torch.fx
 
-__all__ = ["run_node", "bind_inputs", "run_graph", "last_uses"]
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    return operator.attrgetter(target)(gm)
+__all__ = ["GraphInterpreter", "run_graph"]
 
 
-def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        self_obj, *rest = args
-        return getattr(self_obj, node.target)(*rest, **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "get_attr":
-        return _fetch_attr(gm, node.target)
-    if node.op == "output":
-        return args[0]
-    raise ValueError(f"run_node cannot compute node {node.name!r} with op {node.op!r}; bind placeholders first")
+class GraphInterpreter(torch.fx.Interpreter):
+    """Runs ``gm`` with ``run(*inputs)``; ``order`` (default: graph order) lists every non-placeholder, non-output node
+    in the order to run them, topologically. A node that fails re-raises its own exception with a note naming it.
+
+    >>> GraphInterpreter(gm).run(x)            # doctest: +SKIP
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, order: Sequence[torch.fx.Node] | None = None) -> None:
+        super().__init__(gm, garbage_collect_values=False)  # frees follow our order, not graph order: see free_points
+        nodes = list(gm.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.output_node = next(n for n in nodes if n.op == "output")
+        body = [n for n in nodes if n.op not in ("placeholder", "output")]
+        if order is None:
+            order = body
+        else:  # get_attr nodes are never scheduled: fetch them first
+            order = [n for n in body if n.op == "get_attr"] + list(order)
+        self.order: list[torch.fx.Node] = list(order)
+        self.free_after = self.free_points()
+
+    def free_points(self) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+        """node -> values to drop after it runs: each value's last reader in ``order``; graph outputs are kept."""
+        position = {n: i for i, n in enumerate(self.order)}
+        last: dict[torch.fx.Node, int] = {}
+        for node in self.order:
+            for src in node.all_input_nodes:
+                if src in position:
+                    last[src] = max(last.get(src, -1), position[node])
+        outputs = set(self.output_node.all_input_nodes)
+        freed: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for value, pos in last.items():
+            if value not in outputs:
+                freed.setdefault(self.order[pos], []).append(value)
+        return freed
+
+    def run(self, *inputs: Any, **_: Any) -> Any:  # type: ignore[override]
+        if len(inputs) != len(self.placeholders):
+            raise ValueError(f"the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
+        self.env = dict(zip(self.placeholders, inputs))
+        try:
+            for node in self.order:
+                self.env[node] = self.run_node(node)
+                for dead in self.free_after.get(node, ()):
+                    self.env.pop(dead, None)
+            return self.map_nodes_to_values(self.output_node.args[0], self.output_node)
+        finally:
+            self.env = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            if hasattr(exc, "add_note") and not getattr(exc, "_opara_noted", False):
+                exc.add_note(f"while running fx node {n.format_node()}")
+                exc._opara_noted = True  # type: ignore[attr-defined]  # one note, however deep the failure
+            raise
 
 
-def run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict[torch.fx.Node, Any]) -> Any:
-    """The value of ``node`` given ``env`` (values of the nodes it reads); failures name the node."""
-    args = map_arg(node.args, env.__getitem__)
-    kwargs = map_arg(node.kwargs, env.__getitem__)
-    try:
-        return _call(gm, node, args, kwargs)
-    except Exception as exc:
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"while running fx node {node.format_node()}")
-        raise
-
-
-def bind_inputs(gm: torch.fx.GraphModule, inputs: Iterable[Any]) -> dict[torch.fx.Node, Any]:
-    """A fresh env with the graph's placeholders bound to ``inputs`` in order."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = list(inputs)
-    if len(inputs) != len(placeholders):
-        raise ValueError(f"graph has {len(placeholders)} placeholders but got {len(inputs)} inputs")
-    return dict(zip(placeholders, inputs))
-
-
-def last_uses(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:
-    """node -> the values that can be freed after it runs (their last reader)."""
-    freed: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    seen: set[torch.fx.Node] = set()
-    for node in reversed(list(gm.graph.nodes)):
-        for inp in node.all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                freed.setdefault(node, []).append(inp)
-    return freed
-
-
-def run_graph(gm: torch.fx.GraphModule, inputs: Iterable[Any],
-              around: Callable[[torch.fx.Node], Any] | None = None) -> Any:
-    """Run ``gm`` node by node on ``inputs`` and return its output; ``around(node)`` may return a context manager
-    entered around each non-placeholder node (used to tag nodes for the profiler)."""
-    env = bind_inputs(gm, inputs)
-    freed = last_uses(gm)
-    result = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if around is None:
-            value = run_node(gm, node, env)
-        else:
-            with around(node):
-                value = run_node(gm, node, env)
-        if node.op == "output":
-            result = value
-        env[node] = value
-        for dead in freed.get(node, ()):
-            env.pop(dead, None)
-    return result
+def run_graph(gm: torch.fx.GraphModule, inputs: Iterable[Any]) -> Any:
+    """Run ``gm`` node by node in graph order on ``inputs`` and return its output."""
+    return GraphInterpreter(gm).run(*inputs)

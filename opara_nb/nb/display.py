@@ -130,7 +130,7 @@ class ProfileResult:
 
     headers = ["op", "module", "ms", "class", "demand", "fx node"]
 
-    def __init__(self, mp: Any, top: int = 20, strategy: str = "opara", order: str = "opara",
+    def __init__(self, mp: Any, top: int = 20, strategy: str = "opara", order: str = "",
                  show_graph: bool = True, max_nodes: int = 150) -> None:
         self.profile, self.top, self.strategy, self.order = mp, top, strategy, order
         self.show_graph, self.max_nodes = show_graph, max_nodes
@@ -139,12 +139,10 @@ class ProfileResult:
     def plans(self) -> list[Any]:
         """The plan each graph would get with this strategy and order (made on first use; pure, fast)."""
         if self._plans is None:
-            from ..schedule import make_plan
+            from ..pipeline import plan_with_profile, spec_for
 
-            strategy = "opara" if self.strategy == "auto" else self.strategy
-            self._plans = [make_plan(g.dag, strategy=strategy, demand=gp.demands(),
-                                     memory_bound=gp.memory_bound_nodes(), order=self.order)
-                           for g, gp in self.profile.graphs]
+            spec = spec_for(self.strategy, self.order)
+            self._plans = [plan_with_profile(g, gp, spec) for g, gp in self.profile.graphs]
         return self._plans
 
     def _head(self) -> str:

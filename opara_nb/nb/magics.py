@@ -15,6 +15,7 @@ from traitlets import Bool, Integer, Unicode, validate
 from traitlets.config import Configurable
 
 from ..errors import OparaUsageError
+from ..schedule import ORDERS, STRATEGIES
 from .display import OparaResult, ProfileResult
 from .options import (CellOptions, changed_names, find_inputs, find_model, parse_kwargs, split_names,
                       usage_error)
@@ -22,8 +23,8 @@ from .progress import Progress
 
 __all__ = ["OparaMagics", "STRATEGY_CHOICES", "ORDER_CHOICES"]
 
-STRATEGY_CHOICES = ("auto", "opara", "nimble", "wavefront", "sequential")
-ORDER_CHOICES = ("opara", "topological")
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
+ORDER_CHOICES = ("", *ORDERS)  # "": each strategy's default launch order
 
 
 def is_opara_module(obj: Any) -> bool:
@@ -78,7 +79,8 @@ class OparaMagics(Magics, Configurable):
     """opara_nb's magics; options via ``%config OparaMagics.<name> = value``."""
 
     strategy = Unicode("auto", help="stream allocation: auto, opara, nimble, wavefront or sequential").tag(config=True)
-    order = Unicode("opara", help="launch order: opara (paper Alg. 2) or topological").tag(config=True)
+    order = Unicode("", help="launch order: opara (paper Alg. 2), topological, or empty for each strategy's "
+                    "default").tag(config=True)
     graph = Bool(True, help="show the stream graph and timeline under %%opara and %opara_profile").tag(config=True)
     max_nodes = Integer(150, help="collapse graphs with more operators than this (chains / module groups)"
                         ).tag(config=True)
@@ -104,7 +106,7 @@ class OparaMagics(Magics, Configurable):
     @argument("--inputs", "-i", default=None, help="example inputs X[,Y...] (default: the tensors the cell assigned)")
     @argument("--kwargs", default=None, help="keyword inputs NAME=VARIABLE[,...], e.g. --kwargs mask=mask")
     @argument("--strategy", "-s", default=None, help=f"stream allocation: {', '.join(STRATEGY_CHOICES)}")
-    @argument("--order", default=None, help=f"launch order: {', '.join(ORDER_CHOICES)}")
+    @argument("--order", default=None, help=f"launch order: {', '.join(ORDERS)} (default: the strategy's own)")
     @argument("--no-graph", action="store_true", help="do not show the stream graph")
     @argument("--bench", action="store_true", help="measure eager / sequential CUDA graph / opara latency")
     @argument("--dashboard", action="store_true", help="show a dashboard to try strategies and launch orders")

@@ -22,7 +22,7 @@ class CellOptions:
     inputs: list[str] = field(default_factory=list)
     kwargs: dict[str, str] = field(default_factory=dict)
     strategy: str = "auto"
-    order: str = "opara"
+    order: str = ""
     graph: bool = True
     bench: bool = False
     dashboard: bool = False

@@ -40,6 +40,10 @@ class Summary:
                 f"{f'<ul>{notes}</ul>' if notes else ''}</div>")
 
 
+def _opt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
+
+
 def _ms(value: Any) -> str:
     return "-" if value is None else f"{float(value):.3f} ms"
 
@@ -78,14 +82,19 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, ti
     """A Summary of an OparaModule (or a RunReport), with latencies from ``bench`` and the check against eager."""
     report = getattr(obj, "report", obj)
     rows = [("ran as", _MODE_TEXT.get(report.mode, report.mode))]
+    gain = report.gain() if hasattr(report, "gain") else None
+    if gain:
+        rows.insert(0, ("result", gain))
     if report.strategy:
-        rows.append(("strategy / launch order", f"{report.strategy} / {report.order}"))
+        rows.append(("plan kept", report.strategy + (f" (asked: {report.requested})"
+                                                    if report.requested and report.requested != report.strategy
+                                                    else "")))
     rows += _graph_rows(list(report.graphs))
     rows.append(("profile / plan / capture", f"{report.profile_ms:.1f} / {report.plan_ms:.1f} / "
                                              f"{report.capture_ms:.1f} ms"))
     if report.candidates:
         rows.append(("auto: sync / replay ms per candidate", ", ".join(
-            f"{k} {t['sync_ms']:.4f} / {t['replay_ms']:.4f}{' (kept)' if k == report.strategy else ''}"
+            f"{k} {_opt(t.get('sync_ms'))} / {_opt(t.get('replay_ms'))}{' (kept)' if k == report.strategy else ''}"
             for k, t in report.candidates.items())))
     if bench is not None:
         rows += _bench_rows(bench)

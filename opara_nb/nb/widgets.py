@@ -10,12 +10,9 @@ from typing import Any
 
 from .._optional import require
 from .display import graph_section, labels_of, predicted_ms
-from .magics import ORDER_CHOICES
+from ..schedule import ORDERS, STRATEGIES
 
-__all__ = ["Dashboard", "dashboard", "DASHBOARD_STRATEGIES"]
-
-# "auto" measures candidates on a GPU; the dashboard shows plans, so it offers the concrete strategies.
-DASHBOARD_STRATEGIES = ("opara", "nimble", "wavefront", "sequential")
+__all__ = ["Dashboard", "dashboard"]
 
 
 class Dashboard:
@@ -32,11 +29,11 @@ class Dashboard:
             raise ValueError("the OparaModule has no captured graphs to show (it fell back to eager: see om.report)")
         report = getattr(om, "report", None)
         strategy = getattr(report, "strategy", "") or "opara"
-        self.strategy = widgets.Dropdown(options=list(DASHBOARD_STRATEGIES), description="streams",
-                                         value=strategy if strategy in DASHBOARD_STRATEGIES else "opara")
+        self.strategy = widgets.Dropdown(options=list(STRATEGIES), description="streams",
+                                         value=strategy if strategy in STRATEGIES else "opara")
         order = getattr(report, "order", "") or "opara"
-        self.order = widgets.Dropdown(options=list(ORDER_CHOICES), description="launch order",
-                                      value=order if order in ORDER_CHOICES else "opara")
+        self.order = widgets.Dropdown(options=list(ORDERS), description="launch order",
+                                      value=order if order in ORDERS else "opara")
         self.graph = widgets.Dropdown(options=[(f"graph {i}", i) for i in range(len(self.graphs))], value=0,
                                       description="graph")
         self.output = widgets.Output()
@@ -52,14 +49,10 @@ class Dashboard:
 
     def plan(self) -> Any:
         """The plan for the selected graph, strategy and launch order."""
-        from ..schedule import make_plan
+        from ..pipeline import PlanSpec, plan_with_profile
 
         i = self.graph.value
-        gp = self._profile(i)
-        demand = gp.demands() if gp is not None else None
-        memory_bound = gp.memory_bound_nodes() if gp is not None else None
-        return make_plan(self.graphs[i].dag, strategy=self.strategy.value, demand=demand,
-                         memory_bound=memory_bound, order=self.order.value)
+        return plan_with_profile(self.graphs[i], self._profile(i), PlanSpec(self.strategy.value, self.order.value))
 
     def _profile(self, i: int) -> Any:
         profiles = list(getattr(self.om, "profiles", []) or [])

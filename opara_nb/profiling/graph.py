@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..capture.interp import run_graph
 from ..schedule.simulate import critical_path
 from . import cache as _cache
 from .device import device_info
@@ -80,8 +81,6 @@ def _measure(g: "CapturedGraph", device: torch.device, info: DeviceInfo, demand:
              progress: Progress | None) -> GraphProfile:
     gm, inputs = g.gm, g.example_inputs
     with torch.no_grad():
-        from ..capture.interp import run_graph
-
         run_graph(gm, inputs)  # warm-up 1: allocator, cuDNN/cuBLAS autotuning, lazy init
         counts = count_node_work(gm, inputs, label=f"profiling graph {g.index}", progress=progress)  # warm-up 2
         seen = profiled_run(gm, inputs, device)

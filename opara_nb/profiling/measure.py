@@ -1,7 +1,6 @@
 """Measure one captured graph: FLOPs and bytes per node, then one tagged run under torch.profiler."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -9,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
 from ..capture.graph import SCHEDULED_OPS
-from ..capture.interp import bind_inputs, last_uses, run_graph, run_node
+from ..capture.interp import GraphInterpreter
 from .trace import TAG, Attribution, attribute, export_events
 
 __all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress", "detach_cupti_after_profiling"]
@@ -89,33 +87,44 @@ class _Ticker:
             print(f"opara_nb: {self.label}: {done}/{self.total} nodes", end=end, file=sys.stderr, flush=True)
 
 
+class _WorkCounter(GraphInterpreter):
+    """Runs the graph under one FlopCounterMode and records, per scheduled node, its FLOPs and bytes read + written."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counter: Any, tick: "_Ticker") -> None:
+        super().__init__(gm)
+        self.counter, self.tick = counter, tick
+        self.counts: dict[str, NodeCounts] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        value = super().run_node(n)
+        if n.op in SCHEDULED_OPS:
+            args = tree_leaves(self.map_nodes_to_values((n.args, n.kwargs), n))
+            self.counts[n.name] = _counts(args, value, self.counter.get_total_flops() - before)
+            self.tick(len(self.counts))
+        return value
+
+
 def count_node_work(gm: torch.fx.GraphModule, inputs: list, label: str = "counting FLOPs",
                     progress: Progress | None = None) -> dict[str, NodeCounts]:
     """Run ``gm`` once, node by node, under one FlopCounterMode; per node its FLOPs and bytes read + written."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    env = bind_inputs(gm, inputs)
-    freed = last_uses(gm)
-    counts: dict[str, NodeCounts] = {}
-    nodes = [n for n in gm.graph.nodes if n.op != "placeholder"]
-    tick = _Ticker(sum(n.op in SCHEDULED_OPS for n in nodes), label, progress)
+    tick = _Ticker(sum(n.op in SCHEDULED_OPS for n in gm.graph.nodes), label, progress)
     with FlopCounterMode(display=False) as counter:
-        for node in nodes:
-            before = counter.get_total_flops()
-            env[node] = run_node(gm, node, env)
-            if node.op in SCHEDULED_OPS:
-                args = tree_leaves(map_arg((node.args, node.kwargs), env.__getitem__))
-                counts[node.name] = _counts(args, env[node], counter.get_total_flops() - before)
-                tick(len(counts))
-            for dead in freed.get(node, ()):
-                env.pop(dead, None)
-    return counts
+        runner = _WorkCounter(gm, counter, tick)
+        runner.run(*inputs)
+    return runner.counts
 
 
-def _tag(node: torch.fx.Node) -> Any:
-    if node.op in SCHEDULED_OPS:
-        return torch.profiler.record_function(TAG + node.name)
-    return contextlib.nullcontext()
+class _Tagged(GraphInterpreter):
+    """Runs each scheduled node inside ``record_function("opara::<node>")`` so the trace ties kernels to nodes."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op not in SCHEDULED_OPS:
+            return super().run_node(n)
+        with torch.profiler.record_function(TAG + n.name):
+            return super().run_node(n)
 
 
 def detach_cupti_after_profiling() -> bool:
@@ -154,6 +163,6 @@ def profiled_run(gm: torch.fx.GraphModule, inputs: list, device: torch.device) -
     _sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         _absorb_profiler_start()
-        run_graph(gm, inputs, around=_tag)
+        _Tagged(gm).run(*inputs)
         _sync(device)
     return attribute(export_events(prof))

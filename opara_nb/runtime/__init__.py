@@ -1,11 +1,12 @@
-"""Runtime: execute plans on CUDA streams, capture whole calls into CUDA graphs, and the OparaModule (issue 4)."""
+"""Runtime: run plans on CUDA streams, capture whole calls into CUDA graphs behind guards, and the OparaModule."""
 from __future__ import annotations
 
-from .cudagraph import GraphedCall, signature
-from .executor import NodeError, PlanExecutor
+from .cudagraph import CudaGraphs, GraphedCall
+from .executor import PlanExecutor
+from .guards import CallState, ModelGuard, call_key
 from .module import OparaModule, OparaNotice, optimize
 from .report import RunReport
 from .streams import CudaStreams
 
-__all__ = ["OparaModule", "optimize", "PlanExecutor", "RunReport", "NodeError", "OparaNotice", "GraphedCall",
-           "signature", "CudaStreams"]
+__all__ = ["OparaModule", "optimize", "PlanExecutor", "RunReport", "OparaNotice", "GraphedCall", "CudaGraphs",
+           "CudaStreams", "CallState", "ModelGuard", "call_key"]

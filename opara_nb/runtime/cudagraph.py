@@ -1,77 +1,42 @@
-"""Whole-call CUDA graph capture and replay with static input buffers, plus the per-signature LRU key.
+"""One call captured into a CUDA graph: static inputs, replay, in-place inputs copied back, outputs kept safe.
 
-``GraphedCall`` captures ``fn(*args, **kwargs)`` (any Python callable: here the dynamo-compiled model, all its graphs
-and the glue between graph breaks) into one ``torch.cuda.CUDAGraph`` reading from clones of the example inputs. Replay
-copies the caller's tensors into those buffers (skipped when the caller passes the buffer itself), replays, and returns
-the outputs rebuilt with the captured output structure, cloned unless ``clone_outputs=False`` (then the next call
-overwrites them).
+``GraphedCall`` captures ``fn(*args, **kwargs)`` (any Python callable: the dynamo-compiled model with all its graphs
+and the glue between graph breaks, one planned graph, or the plain model) into one ``torch.cuda.CUDAGraph`` that reads
+clones of the example inputs. ``replay(leaves)`` copies the caller's tensors into those buffers, replays, copies back
+any input the model changes in place, and returns the outputs.
+
+Outputs (``clone_outputs``):
+
+- ``None`` (default): the graph's output tensors are returned as they are, and before the next replay overwrites
+  them opara_nb checks whether the caller still holds them. A held tensor is moved to memory of its own first (one
+  copy, paid only then); a held *view* of one cannot be moved, so ``replay`` raises ``OutputsHeld`` and the caller
+  runs that call without the graph (OparaModule then clones from there on).
+- ``True``: every call returns fresh copies. ``False``: the graph's buffers, overwritten by the next call.
+
+The CUDA calls go through a small layer (``CudaGraphs``) that ``opara_nb.testing.FakeGraphs`` replaces on a CPU.
 """
 from __future__ import annotations
 
 import gc
+import sys
 import time
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .guards import _ptrs_equal
 from .streams import stream_pool
 
-__all__ = ["call_key", "signature", "input_leaves", "GraphedCall", "has_cuda_tensor", "release_cuda_memory"]
+__all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "release_cuda_memory"]
 
 
-def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
-    """The inputs as a list when every one is a plain tensor (the common call), else None.
-
-    This runs on every replay: plain-tensor calls skip pytree, which costs tens of microseconds per call on a
-    GPU host. The list is in pytree's leaf order (positional, then keyword values in insertion order).
-    """
-    for a in args:
-        if type(a) is not torch.Tensor:
-            return None
-    for v in kwargs.values():
-        if type(v) is not torch.Tensor:
-            return None
-    return [*args, *kwargs.values()]
+# References to a handed-out output while the caller holds none: our output list, a local name, getrefcount's argument.
+_OWN_REFS = 3
 
 
-def input_leaves(args: tuple, kwargs: dict) -> list[Any]:
-    flat = _flat_tensors(args, kwargs)
-    return flat if flat is not None else pytree.tree_leaves((args, kwargs))
-
-
-def call_key(args: tuple, kwargs: dict) -> tuple[Hashable, list[Any]]:
-    """(cache key, input leaves) of a call, in one pass: the replay path needs both.
-
-    The key is the input structure, per tensor (shape, dtype, device, stride, requires_grad), other leaves by value.
-    """
-    flat = _flat_tensors(args, kwargs)
-    if flat is not None:
-        key = ("flat", len(args), tuple(kwargs), *[(t.shape, t.dtype, t.device, t.stride(), t.requires_grad)
-                                                  for t in flat])
-        return key, flat
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    parts: list[Any] = [str(spec)]
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            parts.append(("T", tuple(leaf.shape), leaf.dtype, str(leaf.device), leaf.stride(), leaf.requires_grad))
-        else:
-            try:
-                hash(leaf)
-                parts.append(("V", type(leaf).__name__, leaf))
-            except TypeError:
-                parts.append(("V", type(leaf).__name__, repr(leaf)))
-    return tuple(parts), leaves
-
-
-def signature(args: tuple, kwargs: dict) -> Hashable:
-    """The cache key of a call (see ``call_key``)."""
-    return call_key(args, kwargs)[0]
-
-
-def has_cuda_tensor(leaves: list[Any]) -> bool:
-    """Whether any input leaf is a CUDA tensor (and so CUDA is available)."""
-    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
+class OutputsHeld(RuntimeError):
+    """A view of an earlier output is still alive: replaying would overwrite what the caller holds."""
 
 
 def release_cuda_memory() -> None:
@@ -84,80 +49,194 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class GraphedCall:
-    """One captured call. ``capture()`` may raise (e.g. an op that syncs with the CPU); the caller then calls
-    ``release()`` and falls back."""
+class CudaGraphs:
+    """The CUDA side of capture and replay, in one place so CPU tests can swap it (``testing.FakeGraphs``)."""
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, clone_outputs: bool = True,
-                 warmup: int = 3, in_place: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
-        self.fn = fn
-        self.clone_outputs = clone_outputs
-        self.warmup = warmup
-        leaves, self._in_spec = pytree.tree_flatten((args, kwargs))
-        # Static buffers: clones keep the caller's tensors free to change between calls. Leaves ``in_place`` accepts
-        # (parameters, for the torch.compile backend) are read where they are: they keep their addresses.
-        self._static = [(x if in_place(x) else x.detach().clone()) if isinstance(x, torch.Tensor) else x
-                        for x in leaves]
-        self._tensor_slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor)]
-        self._out_leaves: list[Any] = []
-        self._out_spec: Any = None
-        self._single_out = False
-        self.graph: Any = None
-        self.pool: Any = None
-        self.capture_ms = 0.0
-        self.pool_mb = 0.0
+    def usable(self, leaves: list[Any]) -> bool:
+        """Whether a call with these input leaves can be captured: CUDA is there and some input is on it."""
+        return torch.cuda.is_available() and any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
 
-    def _call_static(self) -> Any:
-        args, kwargs = pytree.tree_unflatten(self._static, self._in_spec)
-        return self.fn(*args, **kwargs)
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
 
-    def warm_up(self) -> None:
+    def warm_up(self, fn: Callable[[], Any], times: int) -> None:
         """Run on a side stream so lazy initialisation (cuBLAS handles, dynamo compilation) stays out of the graph."""
         torch.cuda.synchronize()
         side = stream_pool().capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._call_static()
+            for _ in range(times):
+                fn()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
-    def capture(self) -> None:
-        start = time.perf_counter()
-        self.graph = torch.cuda.CUDAGraph()
-        self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=self.pool, stream=stream_pool().capture_stream(),
+    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any, Any, float]:
+        """(graph, pool, fn's output, MiB the graph's private pool took) with fn captured on the capture stream."""
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=pool, stream=stream_pool().capture_stream(),
                               capture_error_mode="thread_local"):
             reserved = torch.cuda.memory_reserved()  # here: entering the capture empties the cache
-            out = self._call_static()
-        self._out_leaves, self._out_spec = pytree.tree_flatten(out)
-        self._single_out = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
+            out = fn()
         torch.cuda.synchronize()
+        return graph, pool, out, max(0.0, (torch.cuda.memory_reserved() - reserved) / 2**20)
+
+    def stream_id(self) -> Callable[[], int] | None:
+        """A cheap function giving the id of the calling thread's current stream on this device."""
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is None:
+            return None
+        device = torch.cuda.current_device()
+        return lambda: raw(device)
+
+    def current(self) -> Any:
+        return torch.cuda.current_stream()
+
+    def use(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def wait(self, stream: Any, other: Any) -> None:
+        stream.wait_stream(other)
+
+
+class GraphedCall:
+    """One captured call; ``warm_up()`` then ``capture()`` (either may raise: the caller ``release()``s and falls
+    back). ``in_place(t)`` marks input leaves read where they are (parameters given to a per-graph capture): they keep
+    their addresses, and a replay whose such inputs moved raises ``ValueError``."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, clone_outputs: bool | None = None,
+                 warmup: int = 3, in_place: Callable[[torch.Tensor], bool] = lambda t: False,
+                 graphs: CudaGraphs | None = None, owned: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
+        self.fn = fn
+        self.clone_outputs = clone_outputs
+        self.warmup = warmup
+        self.layer = graphs or CudaGraphs()
+        leaves, self._in_spec = pytree.tree_flatten((args, kwargs))
+        # Static buffers: clones keep the caller's tensors free to change between calls.
+        self._static = [(x if in_place(x) else x.detach().clone()) if isinstance(x, torch.Tensor) else x
+                        for x in leaves]
+        self._fixed = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and in_place(x)]
+        self._fixed_ptrs = [self._static[i].data_ptr() for i in self._fixed]
+        self._fixed_index = list(range(len(self._fixed)))
+        self._slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor) and i not in self._fixed]
+        self._owned = owned  # tensors the caller owns (parameters, buffers): outputs aliasing them are copied
+        self._mutated: list[int] = []
+        self._out: list[Any] = []
+        self._out_spec: Any = None
+        self._single = False
+        self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
+        self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
+        self._uses: list[tuple[int, int]] = []
+        self._stream: Any = None
+        self._stream_id: Callable[[], int] | None = None
+        self._stream_key: Any = None
+        self.graph: Any = None
+        self.pool: Any = None
+        self.capture_ms = 0.0
+        self.pool_mb = 0.0
+
+    # ------------------------------------------------------------------ capture
+    def _call_static(self) -> Any:
+        args, kwargs = pytree.tree_unflatten(self._static, self._in_spec)
+        return self.fn(*args, **kwargs)
+
+    def warm_up(self) -> None:
+        self.layer.warm_up(self._call_static, self.warmup)
+
+    def capture(self) -> None:
+        start = time.perf_counter()
+        versions = [self._static[i]._version for i in self._slots]
+        self.graph, self.pool, out, self.pool_mb = self.layer.capture(self._call_static)
+        self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
+        self._out, self._out_spec = pytree.tree_flatten(out)
+        del out  # counted references to the outputs must be ours alone
+        self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
         self.capture_ms = (time.perf_counter() - start) * 1e3
-        # The private pool's growth is the graph's memory footprint (activations kept for replay).
-        self.pool_mb = (torch.cuda.memory_reserved() - reserved) / 2**20
+        self._classify_outputs()
+        self._stream, self._stream_id = self.layer.current(), self.layer.stream_id()
+        self._stream_key = self._stream_id() if self._stream_id is not None else None
 
-    def replay_only(self) -> None:
-        self.graph.replay()
+    def _classify_outputs(self) -> None:
+        inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
+        self._guarded, self._copied = [], []
+        for i, t in enumerate(self._out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.untyped_storage().data_ptr() in inputs or self._owned(t):
+                self._copied.append(i)
+            else:
+                self._guarded.append(i)
+        self._uses = []  # counted at the first replay, when nothing of the capture is left and nothing handed out
 
+    def _count_uses(self) -> None:
+        """How many tensors use each output's memory while only this object holds them."""
+        cdata = [self._out[i].untyped_storage()._cdata for i in self._guarded]
+        self._uses = [(c, torch._C._storage_Use_Count(c)) for c in cdata]
+
+    # ------------------------------------------------------------------ replay
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.replay(input_leaves(args, kwargs))
+        return self.replay(pytree.tree_leaves((args, kwargs)))
 
     def replay(self, leaves: list[Any]) -> Any:
-        """Copy the call's input leaves into the static buffers, replay, and return the (cloned) outputs."""
+        """Copy the call's input leaves into the static buffers, replay, and return the outputs."""
         if len(leaves) != len(self._static):
             raise ValueError(f"call has {len(leaves)} input leaves, the captured graph {len(self._static)}")
-        for i in self._tensor_slots:
+        if self._stream_id is not None and self._stream_id() != self._stream_key:
+            self._follow_stream()
+        if self._fixed and not _ptrs_equal([leaves[i] for i in self._fixed], self._fixed_ptrs, self._fixed_index):
+            raise ValueError("an input captured in place (a parameter) moved to other memory")
+        if self._mutated and _aliased([leaves[i] for i in self._slots]):
+            raise OutputsHeld("inputs that share memory go to a graph that writes one of them in place")
+        if self.clone_outputs is None and self._guarded:
+            if self._uses:
+                self._protect_outputs()
+            else:
+                self._count_uses()
+        for i in self._slots:
             src, dst = leaves[i], self._static[i]
-            if src is not dst and src.data_ptr() != dst.data_ptr():  # a new view of a static buffer needs no copy
+            if src.data_ptr() != dst.data_ptr():  # the caller may pass the static buffer itself (or a view of it)
                 dst.copy_(src)
         self.graph.replay()
-        outs = self._out_leaves
+        for i in self._mutated:
+            leaves[i].copy_(self._static[i])
+        return self._outputs()
+
+    def replay_only(self) -> None:
+        """Replay with the buffers as they are (for timing)."""
+        self.graph.replay()
+
+    def _outputs(self) -> Any:
+        outs = self._out
         if self.clone_outputs:
             outs = [x.clone() if isinstance(x, torch.Tensor) else x for x in outs]
-        if self._single_out:
+        elif self._copied:
+            outs = list(outs)
+            for i in self._copied:
+                outs[i] = outs[i].clone()
+        if self._single:
             return outs[0]
         return pytree.tree_unflatten(outs, self._out_spec)
+
+    def _protect_outputs(self) -> None:
+        """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
+        for k, i in enumerate(self._guarded):
+            cdata, uses = self._uses[k]
+            if torch._C._storage_Use_Count(cdata) > uses:
+                raise OutputsHeld("a view of an earlier output is still alive")
+            held = self._out[i]
+            if sys.getrefcount(held) > _OWN_REFS:
+                with self.layer.use(self._stream):  # on the stream the caller last used it on
+                    fresh = held.detach()
+                    held.set_(held.clone())
+                self._out[i] = fresh
+                del held
+
+    def _follow_stream(self) -> None:
+        """Another stream (another thread) calls now: make it wait for everything the last one queued."""
+        current = self.layer.current()
+        if self.clone_outputs is None and self._guarded:
+            self._protect_outputs()  # while the outputs still belong to the last stream
+        self.layer.wait(current, self._stream)
+        self._stream, self._stream_key = current, self._stream_id()
 
     @property
     def static_inputs(self) -> list[Any]:
@@ -171,12 +250,18 @@ class GraphedCall:
                 pass
         self.graph = None
         self.pool = None
-        self._out_leaves = []
+        self._out = []
         self._static = []
-        self._tensor_slots = []
+        self._slots = []
+        self._guarded = []
 
     def __del__(self) -> None:
         try:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _aliased(tensors: list[torch.Tensor]) -> bool:
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    return len(set(ptrs)) != len(ptrs)

@@ -4,95 +4,89 @@ Choreography per call (CUDA inputs): every side stream waits on the caller's str
 physical stream after waiting on the events of its cross-stream predecessors, a node that another stream waits on
 records its event, and finally the caller's stream waits on every side stream (join). Inside a CUDA graph capture this
 becomes the graph's dependency edges. With CPU inputs the same order runs on the current thread without streams.
+
+Memory read across streams is released only where that is safe (``schedule.lifetimes``): the caching allocator reuses
+a block on the stream that allocated it, so a block another stream reads is dropped once a later node of the
+allocating stream happens after every reader, or at the join.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.node import map_arg
 
+from ..capture.graph import SCHEDULED_OPS
+from ..capture.hazards import storage_keys
+from ..capture.interp import GraphInterpreter
+from ..schedule.lifetimes import release_points
 from ..schedule.physical import DEFAULT_MAX_STREAMS, StreamMapping, map_physical_streams
 from .streams import CudaStreams
 
-__all__ = ["PlanExecutor", "NodeError"]
-
-_SCHEDULED = ("call_function", "call_method", "call_module")
+__all__ = ["PlanExecutor"]
 
 
-class NodeError(RuntimeError):
-    """An operator failed while the plan ran; the message names the fx node."""
-
-
-def _succ_lists(dag: Any) -> dict[str, list[str]]:
-    return {n: list(dag.succs(n)) for n in dag.nodes}
-
-
-class PlanExecutor:
+class PlanExecutor(GraphInterpreter):
     """Runs ``g.gm``'s graph in ``plan.order`` with one physical stream per (mapped) logical stream.
 
-    ``g`` is a CapturedGraph (``.gm``, ``.dag``); ``streams`` is the stream/event layer (``CudaStreams`` by default,
-    ``FakeStreams`` in tests, where it is used even for CPU tensors). Called with the graph's flat inputs, it returns
-    what ``g.gm(*inputs)`` returns.
+    ``g`` is a CapturedGraph (``.gm``, ``.dag``); ``plan`` is validated against ``g.dag`` first (every DAG edge must
+    be ordered by stream order or a sync: ``ValueError`` names the first one that is not). ``streams`` is the
+    stream/event layer (``CudaStreams`` by default; ``opara_nb.testing.FakeStreams`` in tests, where it is used even
+    for CPU tensors). Called with the graph's flat inputs, it returns what ``g.gm(*inputs)`` returns.
     """
 
     def __init__(self, g: Any, plan: Any, streams: Any = None, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
-        self.g = g
-        self.plan = plan
-        self.gm: torch.fx.GraphModule = g.gm
+        _check_covers(g, plan)
+        plan.check(g.dag)
+        self.g, self.plan = g, plan
+        by_name = {n.name: n for n in g.gm.graph.nodes}
+        super().__init__(g.gm, order=[by_name[n] for n in plan.order])
         self._layer = streams if streams is not None else CudaStreams()
         self._force_streams = streams is not None
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        self._placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        self._attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr"]
-        self._output = next(n for n in self.gm.graph.nodes if n.op == "output")
-        self._check_plan()
-        self._order = [nodes[name] for name in plan.order]
         self.mapping: StreamMapping = map_physical_streams(
-            list(g.dag.nodes), _succ_lists(g.dag), list(plan.order), dict(plan.streams), max_streams)
-        self._phys = {name: self.mapping.physical[plan.streams[name]] for name in plan.order}
+            list(g.dag.nodes), {n: list(g.dag.succs(n)) for n in g.dag.nodes}, list(plan.order),
+            dict(plan.streams), max_streams)
+        self._phys = {by_name[n]: self.mapping.physical[plan.streams[n]] for n in plan.order}
         # Syncs between logical streams that now share a physical stream are kept by stream order: drop them.
-        cross = [(u, v) for u, v in plan.syncs if self._phys[u] != self._phys[v]]
-        self._waits: dict[str, list[str]] = defaultdict(list)
-        for u, v in cross:
-            self._waits[v].append(u)
-        self._recorded = {u for u, _ in cross}
-        self.num_syncs = len(cross)
-        self._free_after, self._keep = self._lifetimes()
+        self._cross = [(u, v) for u, v in plan.syncs if self._phys[by_name[u]] != self._phys[by_name[v]]]
+        self._waits: dict[torch.fx.Node, list[torch.fx.Node]] = defaultdict(list)
+        for u, v in self._cross:
+            self._waits[by_name[v]].append(by_name[u])
+        self._recorded = {by_name[u] for u, _ in self._cross}
+        self.num_syncs = len(self._cross)
+        self._free_plain = self.free_after
+        self._free_streams = self._stream_free_points()
+        self._events: dict[torch.fx.Node, Any] = {}
         self._fork: Any = None
-        self._events: dict[str, Any] = {}
+        self._joins: list[Any] = []
+        self._physical: list[Any] = []
 
     # ----------------------------------------------------------------- set-up
-    def _check_plan(self) -> None:
-        scheduled = {n.name for n in self.gm.graph.nodes if n.op in _SCHEDULED}
-        if set(self.plan.order) != scheduled or len(self.plan.order) != len(scheduled):
-            missing = sorted(scheduled - set(self.plan.order))[:5]
-            extra = sorted(set(self.plan.order) - scheduled)[:5]
-            raise ValueError(f"plan.order does not match the graph's operators: missing {missing}, unknown {extra}")
-
-    def _lifetimes(self) -> tuple[dict[str, list[str]], set[str]]:
-        """Which values to drop after each node (last use, same stream), and which to keep until the join.
-
-        A value read on another physical stream than its producer's must outlive the join: freed earlier, the caching
-        allocator could hand its block to new work on the producer's stream while the reader is still running.
-        """
-        position = {n.name: i for i, n in enumerate(self._order)}
-        last_use: dict[str, int] = {}
-        keep: set[str] = set()
-        for node in self._order:
-            for src in node.all_input_nodes:
-                if src.name in position:
-                    last_use[src.name] = max(last_use.get(src.name, -1), position[node.name])
-                    if self._phys[src.name] != self._phys[node.name]:
-                        keep.add(src.name)
-        outputs = {n.name for n in self._output.all_input_nodes}
-        free_after: dict[str, list[str]] = defaultdict(list)
-        for name, pos in last_use.items():
-            if name not in keep and name not in outputs:
-                free_after[self._order[pos].name].append(name)
-        return free_after, keep
+    def _stream_free_points(self) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+        """Like ``free_points``, but a value stays alive until every block it holds may be released."""
+        position = {n: i for i, n in enumerate(self.order)}
+        keys = storage_keys(self.module)
+        blocks = _blocks(self.module, position, keys)
+        stream = {n.name: self._phys[n] for n in self.order if n in self._phys}
+        names = [n.name for n in self.order if n in self._phys]
+        released = release_points(names, stream, self._cross, {k: (o.name, [u.name for u in us])
+                                                                  for k, (o, us) in blocks.items()})
+        by_name = {n.name: n for n in self.order}
+        drop_at: dict[torch.fx.Node, int] = {}
+        for node, frees in self.free_after.items():
+            for value in frees:
+                at = position[node]
+                for key in keys.get(value, ()):
+                    if key in released:
+                        point = released[key]
+                        at = max(at, position[by_name[point]]) if point is not None else len(self.order)
+                drop_at[value] = at
+        freed: dict[torch.fx.Node, list[torch.fx.Node]] = defaultdict(list)
+        for value, at in drop_at.items():
+            if at < len(self.order):  # else: kept until the join
+                freed[self.order[at]].append(value)
+        return dict(freed)
 
     def _ensure_events(self) -> None:
         if self._fork is None:
@@ -100,85 +94,89 @@ class PlanExecutor:
             self._fork = self._layer.new_event()
             self._joins = [self._layer.new_event() for _ in range(self.mapping.num_physical - 1)]
 
-    # ----------------------------------------------------------------- running
     @property
     def num_physical_streams(self) -> int:
         return self.mapping.num_physical
 
+    # ----------------------------------------------------------------- running
     def __call__(self, *args: Any) -> Any:
-        if len(args) == 1 and isinstance(args[0], list) and len(self._placeholders) != 1:
+        if len(args) == 1 and isinstance(args[0], list) and len(self.placeholders) != 1:
             args = tuple(args[0])  # dynamo's boxed calling convention
-        if len(args) != len(self._placeholders):
-            raise ValueError(f"graph {getattr(self.g, 'index', '?')} takes {len(self._placeholders)} inputs, "
-                             f"got {len(args)}")
-        env: dict[str, Any] = {p.name: a for p, a in zip(self._placeholders, args)}
-        for node in self._attrs:
-            env[node.name] = self._fetch_attr(node.target)
-        if self._use_streams(args):
-            self._run_on_streams(env)
-        else:
-            for node in self._order:
-                self._run_node(node, env)
-        return map_arg(self._output.args[0], lambda n: env[n.name])
+        if not self._use_streams(args):
+            self.free_after = self._free_plain
+            return self.run(*args)
+        return self._run_on_streams(args)
 
-    def _use_streams(self, args: Sequence[Any]) -> bool:
-        if self._force_streams:
-            return True
-        return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    def _use_streams(self, args: tuple) -> bool:
+        return self._force_streams or any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
-    def _run_on_streams(self, env: dict[str, Any]) -> None:
+    def _run_on_streams(self, args: tuple) -> Any:
         self._ensure_events()
         layer = self._layer
         caller = layer.current_stream()
-        side = layer.side_streams(self.mapping.num_physical - 1, caller) if self.mapping.num_physical > 1 else []
-        physical = [caller, *side]
+        n_side = self.mapping.num_physical - 1
+        side = layer.side_streams(n_side, caller) if n_side > 0 else []
+        self._physical = [caller, *side]
         if side:
             layer.record(self._fork, caller)
             for s in side:
                 layer.wait(s, self._fork)
-        kept: list[Any] = []
+        self.free_after = self._free_streams
         try:
-            for node in self._order:
-                stream = physical[self._phys[node.name]]
-                with layer.use(stream):
-                    for u in self._waits.get(node.name, ()):
-                        layer.wait(stream, self._events[u])
-                    self._run_node(node, env)
-                    if node.name in self._recorded:
-                        layer.record(self._events[node.name], stream)
-                if node.name in self._keep:
-                    kept.append(env[node.name])
+            return self.run(*args)
         finally:
-            # Join even after a failure so the caller's stream (and a capture) is never left forked.
+            # Join even after a failure so the caller's stream (and a capture) is never left forked; values kept
+            # for other streams die after this, on the caller's timeline (run() clears the environment last).
             for s, ev in zip(side, self._joins):
                 layer.record(ev, s)
                 layer.wait(caller, ev)
-        del kept  # cross-stream values die here, after the join, on the caller's timeline
+            self._physical = []
 
-    def _run_node(self, node: torch.fx.Node, env: dict[str, Any]) -> None:
-        args = map_arg(node.args, lambda n: env[n.name])
-        kwargs = map_arg(node.kwargs, lambda n: env[n.name])
-        try:
-            if node.op == "call_function":
-                result = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                self_obj, *rest = args
-                result = getattr(self_obj, node.target)(*rest, **kwargs)
-            else:
-                result = self.gm.get_submodule(node.target)(*args, **kwargs)
-        except Exception as exc:
-            raise NodeError(f"operator failed: {node.format_node()}: {type(exc).__name__}: {exc}") from exc
-        env[node.name] = result
-        for name in self._free_after.get(node.name, ()):
-            env.pop(name, None)
-
-    def _fetch_attr(self, target: str) -> Any:
-        obj: Any = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if not self._physical or n.op not in SCHEDULED_OPS:
+            return super().run_node(n)
+        layer = self._layer
+        stream = self._physical[self._phys[n]]
+        with layer.use(stream):
+            for u in self._waits.get(n, ()):
+                layer.wait(stream, self._events[u])
+            value = super().run_node(n)
+            if n in self._recorded:
+                layer.record(self._events[n], stream)
+        return value
 
     def __repr__(self) -> str:
-        return (f"PlanExecutor(graph={getattr(self.g, 'index', '?')}, nodes={len(self._order)}, "
+        return (f"PlanExecutor(graph={getattr(self.g, 'index', '?')}, nodes={len(self.plan.order)}, "
                 f"logical_streams={self.mapping.num_logical}, physical_streams={self.mapping.num_physical}, "
                 f"syncs={len(self.plan.syncs)})")
+
+
+def _check_covers(g: Any, plan: Any) -> None:
+    scheduled = {n.name for n in g.gm.graph.nodes if n.op in SCHEDULED_OPS}
+    if set(plan.order) != scheduled or len(plan.order) != len(scheduled):
+        missing = sorted(scheduled - set(plan.order))[:5]
+        extra = sorted(set(plan.order) - scheduled)[:5]
+        raise ValueError(f"plan.order does not match the graph's operators: missing {missing}, unknown {extra}")
+
+
+def _blocks(gm: torch.fx.GraphModule, position: dict[torch.fx.Node, int], keys: dict[torch.fx.Node, set]
+            ) -> dict[object, tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    """storage -> (the scheduled node that allocated it, the scheduled nodes that make, read or write it).
+
+    Storages of placeholders and attributes belong to the caller and are never released here."""
+    owner: dict[object, torch.fx.Node] = {}
+    outside: set[object] = set()
+    users: dict[object, list[torch.fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            outside |= keys.get(node, set())
+            continue
+        if node not in position:
+            continue
+        for key in keys.get(node, ()):
+            owner.setdefault(key, node)
+            users[key].append(node)
+        for src in node.all_input_nodes:
+            for key in keys.get(src, ()):
+                users[key].append(node)
+    return {k: (o, users[k]) for k, o in owner.items() if k not in outside}

@@ -1,15 +1,19 @@
 """OparaModule and optimize(): the model, compiled through dynamo into planned graphs, replayed from one CUDA graph.
 
-Per input signature the whole compiled call (every dynamo graph, each a ``PlanExecutor`` on its streams, and dynamo's
-glue between graph breaks) is captured into one CUDA graph. ``strategy="auto"`` captures one graph per candidate
-plan, times each the way users call it (``replay(); synchronize()``, host wall clock) and keeps the fastest;
-"sequential" is always a candidate, so "auto" is never slower than the plain sequential CUDA graph. Anything that
-cannot be accelerated falls back to eager with a one-line reason.
+Per input signature (and global state) the whole compiled call (every dynamo graph, each a ``PlanExecutor`` on its
+streams, and dynamo's glue between graph breaks) is captured into one CUDA graph. ``strategy="auto"`` captures one
+graph per candidate plan plus the plain CUDA graph of the model, times each through the very call path users get, and
+keeps the fastest, so it is never slower than a plain CUDA graph beyond noise. A replay runs only while its guards hold
+(``guards.py``); otherwise the module re-plans or falls back, with a one-line notice.
 
-The dynamo backend and its per-graph runners live in ``runners.py``; how "auto" times candidates, in ``timing.py``.
+Control flow of a call: ``forward`` tries the hot path (the last entry's key, global state and model guard), else
+``_dispatch`` decides: fall back (training, grad-requiring input), run the plan eagerly (no CUDA), re-plan (the model
+changed), look the entry up or capture it (``_capture``), then ``_run`` it.
 """
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,36 +22,38 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
-from ..errors import OparaUsageError, one_line
-from ..pipeline import CANDIDATES
-from . import timing
-from .cudagraph import GraphedCall, call_key, has_cuda_tensor, release_cuda_memory
-from .executor import PlanExecutor
-from .report import RunReport
-from .runners import Backend, GraphRunner, Selector
+from ..capture.sandbox import Sandbox, clone_inputs, model_error
+from ..errors import ModelError, OparaUsageError, one_line, user_stacklevel, user_traceback
+from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
-from .warn import user_stacklevel
+from . import timing
+from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
+from .guards import CallState, ModelGuard, call_key
+from .report import PLAIN_GRAPH, RunReport
+from .runners import Backend, GraphRunner
 
 __all__ = ["OparaModule", "optimize", "OparaNotice"]
 
 
 class OparaNotice(UserWarning):
-    """One-line notices: a new input signature was captured, or a call fell back to eager (with the reason)."""
+    """One-line notices: a new input signature was captured, the model changed, or a call fell back (and why)."""
 
 
 @dataclass
-class _Entry:
-    """What one input signature runs: a captured graph, or a fallback with its reason."""
+class Entry:
+    """What one input signature runs: a captured graph, the plan run piecewise or eagerly, or the original model."""
 
     mode: str
-    call: Callable
     reason: str | None = None
-    strategy: str = ""
+    kept: str = ""
+    graphed: GraphedCall | None = None
     runners: list[GraphRunner] = field(default_factory=list)
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     capture_ms: float = 0.0
-    graphed: GraphedCall | None = None
-    pool_mb: dict[str, float] = field(default_factory=dict)
+    eager_ms: float | None = None
+    key: Hashable = None
+    state: CallState | None = None
+    calls: int = 0
 
     def release(self) -> None:
         if self.graphed is not None:
@@ -55,88 +61,144 @@ class _Entry:
             self.graphed = None
 
 
-def _candidate_table(strategy: str, order: str, candidates: tuple[str, ...] | None) -> dict[str, tuple[str, str]]:
-    if strategy == "auto":
-        names = candidates or tuple(CANDIDATES)
-        unknown = [n for n in names if n not in CANDIDATES]
-        if unknown:
-            raise OparaUsageError(f"unknown candidate(s) {unknown}: choose from {', '.join(CANDIDATES)}")
-        table = {n: CANDIDATES[n] for n in names}
-        if order != "opara":  # the user's order replaces the default one where the strategy takes an order
-            table = {k: (s, order if o == "opara" else o) for k, (s, o) in table.items()}
-        return table
-    return {strategy if order == "opara" else f"{strategy}+{order}": (strategy, order)}
-
-
-def _check_strategy(strategy: str, order: str) -> None:
-    from ..schedule import ORDERS, STRATEGIES
-
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise OparaUsageError(f"unknown strategy {strategy!r}: use 'auto' or one of {', '.join(STRATEGIES)}")
-    if order not in ORDERS:
-        raise OparaUsageError(f"unknown launch order {order!r}: use one of {', '.join(ORDERS)}")
+def _candidate_specs(strategy: str, order: str, fuse: bool, candidates: tuple[str, ...] | None) -> tuple[PlanSpec, ...]:
+    """The plans to build: auto's candidates (or the ones named), else the one asked for; ``order`` overrides the
+    launch order of every candidate that has a choice, ``fuse`` adds fused twins."""
+    try:
+        if strategy != "auto":
+            specs: tuple[PlanSpec, ...] = (PlanSpec(strategy, order, fuse),)
+        elif candidates:
+            specs = tuple(PlanSpec.parse(n) for n in candidates)
+        else:
+            specs = tuple(PlanSpec(s.strategy, order if order and s.strategy != "sequential" else s.order)
+                          for s in CANDIDATES)
+            if fuse:
+                specs += tuple(PlanSpec(s.strategy, s.order, True) for s in specs if s.strategy != "sequential")
+    except ValueError as exc:
+        raise OparaUsageError(str(exc)) from None
+    return tuple(dict.fromkeys(specs))
 
 
 class OparaModule(nn.Module):
     """A drop-in module that replays ``model`` from one multi-stream CUDA graph per input signature.
 
-    ``original`` is the wrapped model (never mutated; its parameters keep their addresses). With
-    ``clone_outputs=False`` replays return the graph's static output buffers: the next call overwrites them.
-    ``strategy="auto"`` captures each of ``candidates`` (default: all of ``planning.CANDIDATES``, which include
-    "sequential") and keeps the fastest. ``max_graphs`` bounds the per-signature cache, ``max_streams`` the physical
-    CUDA streams per graph. Calls run under ``torch.no_grad()``: this is an inference module.
+    ``original`` is the wrapped model (never changed; its parameters keep their addresses). ``strategy`` is "auto"
+    (measure candidate plans, keep the fastest) or a stream strategy; ``order`` a launch order (default: the
+    strategy's own). ``clone_outputs``: None (default) returns the graph's outputs and copies one before the next call
+    only if the caller still holds it; True copies every output; False returns the graph's buffers, overwritten by the
+    next call. ``max_graphs`` bounds the per-signature cache, ``max_streams`` the CUDA streams per graph,
+    ``max_memory_mb`` the graph memory of the kept plan. Calls run without autograd: this is an inference module.
 
     >>> om = OparaModule(model.eval().cuda())      # doctest: +SKIP
     >>> om(x)                                      # captured on the first call per shape, replayed afterwards
     """
 
-    def __init__(self, model: nn.Module | Callable, strategy: str = "auto", order: str = "opara",
-                 clone_outputs: bool = True, max_graphs: int = 4, max_streams: int = DEFAULT_MAX_STREAMS,
-                 candidates: tuple[str, ...] | None = None) -> None:
+    def __init__(self, model: nn.Module | Callable, strategy: str = "auto", order: str = "",
+                 clone_outputs: bool | None = None, max_graphs: int = 4, max_streams: int = DEFAULT_MAX_STREAMS,
+                 candidates: tuple[str, ...] | None = None, fuse: bool = False, max_memory_mb: float | None = None,
+                 graphs: CudaGraphs | None = None) -> None:
         super().__init__()
+        if isinstance(model, OparaModule):
+            raise OparaUsageError("the model is already an OparaModule: optimize its .original instead "
+                                  "(opara_nb.optimize does that for you)")
         if not callable(model):
             raise OparaUsageError(f"optimize needs a callable model (an nn.Module), got {type(model).__name__}")
         if max_graphs < 1:
             raise OparaUsageError(f"max_graphs must be at least 1, got {max_graphs}")
-        _check_strategy(strategy, order)
+        if strategy != "auto":
+            from ..schedule import STRATEGIES
+
+            if strategy not in STRATEGIES:
+                raise OparaUsageError(f"unknown strategy {strategy!r}: use 'auto' or one of {', '.join(STRATEGIES)}")
         self.original = model
         self.strategy, self.order = strategy, order
         self.clone_outputs = clone_outputs
-        self.max_graphs = max_graphs
-        self._selector = Selector()
-        self._table = _candidate_table(strategy, order, candidates)
-        self._backend = Backend(self._table, self._selector, max_streams)
+        self.max_graphs, self.max_memory_mb = max_graphs, max_memory_mb
+        self._options = dict(strategy=strategy, order=order, clone_outputs=clone_outputs, max_graphs=max_graphs,
+                             max_streams=max_streams, candidates=candidates, fuse=fuse, max_memory_mb=max_memory_mb)
+        self._specs = _candidate_specs(strategy, order, fuse, candidates)
+        self._graphs = graphs or CudaGraphs()
+        self._backend = Backend(self._specs, max_streams, graphs=graphs, presets=None)
+        self._lock = threading.RLock()
         self._compiled: Callable | None = None
-        self._cache: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._last: _Entry | None = None
+        self._cache: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._last: Entry | None = None
+        self._guard: ModelGuard | None = None
         self._shown: set[str] = set()
+        self._evicted_unused = 0
         self.notices: list[str] = []
 
     # ------------------------------------------------------------------ calls
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self.original, nn.Module) and self.original.training:
-            return self._run_fallback("eager", self.original,
-                                      "the model is in training mode: call .eval() on it to optimize", args, kwargs)
-        # An inference tool: no autograd graph is recorded (captured graphs could not replay one anyway).
-        with torch.no_grad():
-            return self._forward_planned(args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module.__call__ costs microseconds per call; it is only needed for hooks registered on this wrapper.
+        try:
+            return self._call(args, kwargs)
+        except ModelError as exc:  # the model's own error, shown as the model raised it, from the user's line
+            raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
-    def _forward_planned(self, args: tuple, kwargs: dict) -> Any:
-        # The replay path: the inputs are flattened once, for the key, the CUDA check and the copy.
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        if self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks():
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            entry = self._last
+            if entry is not None and entry.graphed is not None:
+                key, leaves = call_key(args, kwargs)
+                if key == entry.key[0] and entry.state.check() and (self._guard is None or self._guard.clean()):
+                    try:
+                        return entry.graphed.replay(leaves)
+                    except OutputsHeld as exc:
+                        return self._run_uncaptured(entry, args, kwargs, str(exc))
+            return self._dispatch(args, kwargs)
+
+    def _dispatch(self, args: tuple, kwargs: dict) -> Any:
+        if isinstance(self.original, nn.Module) and self.original.training:
+            return self._fallback("the model is in training mode: call .eval() on it to optimize", args, kwargs)
         key, leaves = call_key(args, kwargs)
-        if not has_cuda_tensor(leaves):
-            return self._run_eager_plan(args, kwargs)
-        entry = self._cache.get(key)
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
+            return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
+                                  "original model (autograd works as usual)", args, kwargs)
+        if not self._graphs.usable(leaves):
+            return self._run_eager_plan(args, kwargs, leaves)
+        self._check_model()
+        full_key = (key, CallState.key())
+        entry = self._cache.get(full_key)
         if entry is None:
-            entry = self._capture(key, args, kwargs)
+            entry = self._capture(full_key, args, kwargs)
         else:
-            self._cache.move_to_end(key)
+            self._cache.move_to_end(full_key)
         self._last = entry
+        return self._run(entry, args, kwargs, leaves)
+
+    def _run(self, entry: Entry, args: tuple, kwargs: dict, leaves: list) -> Any:
+        entry.calls += 1
         if entry.graphed is not None:
-            return entry.graphed.replay(leaves)
-        if entry.mode == "eager-plan":
-            self._selector.active = entry.strategy
-        return entry.call(*args, **kwargs)
+            try:
+                return entry.graphed.replay(leaves)
+            except OutputsHeld as exc:
+                return self._run_uncaptured(entry, args, kwargs, str(exc))
+        if entry.mode in ("piecewise", "eager-plan"):
+            with torch.no_grad(), self._backend.selecting(entry.kept, per_graph=entry.mode == "piecewise"):
+                return self._compiled_fn()(*args, **kwargs)
+        return self.original(*args, **kwargs)
+
+    def _run_uncaptured(self, entry: Entry, args: tuple, kwargs: dict, why: str) -> Any:
+        """This call may not overwrite the graph's outputs: run the original model; copy outputs from now on."""
+        self._notify(f"opara_nb: {why}; this call ran without the CUDA graph, and results are copied from now on "
+                     "(pass clone_outputs=True to start that way)")
+        self.clone_outputs = True
+        for e in self._cache.values():
+            if e.graphed is not None:
+                e.graphed.clone_outputs = True
+        with torch.no_grad():
+            return self.original(*args, **kwargs)
+
+    def _fallback(self, reason: str, args: tuple, kwargs: dict) -> Any:
+        self._last = Entry("eager", reason)
+        self._notify(f"opara_nb: {reason}")
+        return self.original(*args, **kwargs)
 
     def _compiled_fn(self) -> Callable:
         if self._compiled is None:
@@ -145,113 +207,200 @@ class OparaModule(nn.Module):
             self._compiled = compile_with_backend(self.original, self._backend)
         return self._compiled
 
-    def _run_fallback(self, mode: str, fn: Callable, reason: str, args: tuple, kwargs: dict) -> Any:
-        self._last = _Entry(mode, fn, reason, runners=list(self._backend.runners))
-        self._notify(f"opara_nb: {reason}")
-        return fn(*args, **kwargs)
+    def _check_model(self) -> None:
+        """Re-plan from scratch when the model changed since the last capture (a false alarm only re-snapshots)."""
+        if not isinstance(self.original, nn.Module):
+            return
+        if self._guard is None:
+            self._guard = ModelGuard(self.original)
+            return
+        if self._guard.clean():
+            return
+        changes = self._guard.changes()
+        if not changes:
+            self._guard.snapshot()
+            return
+        self._notify(f"opara_nb: the model changed since it was captured ({'; '.join(changes[:3])}"
+                     f"{' ...' if len(changes) > 3 else ''}): re-planning", once=False)
+        self._reset()
+        self._guard.snapshot()
 
-    def _run_eager_plan(self, args: tuple, kwargs: dict) -> Any:
-        where = "CUDA is not available" if not _cuda_available() else "the inputs are on the CPU"
-        first = next(iter(self._table))
-        self._selector.active = first
+    def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list) -> Any:
+        where = "CUDA is not available" if not torch.cuda.is_available() else "the inputs are on the CPU"
+        kept = self._specs[0].name
         runners_before = len(self._backend.runners)
         try:
-            out = self._compiled_fn()(*args, **kwargs)
-        except OparaUsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the plain model is always a correct fallback
-            return self._run_fallback("eager", self.original, f"the planned run failed ({one_line(exc)}); "
-                                      "running the original model", args, kwargs)
+            with torch.no_grad(), self._backend.selecting(kept):
+                out = self._compiled_fn()(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - either the model's own error, or ours: then run the original
+            own = model_error(self.original, args, kwargs)
+            if own is not None:
+                raise ModelError(own) from None
+            return self._fallback(f"the planned run failed ({one_line(exc)}); running the original model",
+                                  args, kwargs)
         if not self._backend.runners:
-            reason = "dynamo handed no graph to opara_nb (it skipped the frame): running the original model"
-            self._last = _Entry("eager", self.original, reason)
-            self._notify(f"opara_nb: {reason}")
+            self._last = Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the "
+                                        "original model")
+            self._notify(f"opara_nb: {self._last.reason}")
             return out
-        note = " (auto picks 'opara': there is nothing to measure without CUDA)" if self.strategy == "auto" else ""
+        note = " (auto keeps 'opara': there is nothing to measure without CUDA)" if self.strategy == "auto" else ""
         reason = f"{where}: the plan runs eagerly in its launch order, not accelerated{note}"
-        runners = self._backend.runners[runners_before:] or self._backend.runners
-        self._last = _Entry("eager-plan", self._compiled_fn(), reason, first, runners)
+        runners = self._backend.runners[runners_before:] or list(self._backend.runners)
+        self._last = Entry("eager-plan", reason, kept, runners=runners)
         self._notify(f"opara_nb: {reason}")
         return out
 
     # ---------------------------------------------------------------- capture
-    def _capture(self, key: Hashable, args: tuple, kwargs: dict) -> _Entry:
+    def _capture(self, key: Hashable, args: tuple, kwargs: dict) -> Entry:
+        if self._evicted_unused > 2 * self.max_graphs:
+            reason = ("the inputs change on almost every call (new shapes or CPU-scalar values), so graphs are not "
+                      "reused: running the original model")
+            entry = Entry("eager", reason, key=key)
+            self._notify(f"opara_nb: {reason}")
+            return entry
         self._notify(f"opara_nb: capturing a CUDA graph for a new input signature ({_describe(args, kwargs)})",
                      once=False)
-        entry = self._capture_entry(args, kwargs)
+        with Sandbox(self.original) as box, torch.no_grad():
+            entry = self._plan_and_capture(*clone_inputs(args, kwargs))
+        if box.note():
+            self.notices.append(box.note())
+        if self._guard is not None:
+            self._guard.snapshot()
+        entry.key, entry.state = key, CallState()
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
-            _, old = self._cache.popitem(last=False)
-            old.release()
-            release_cuda_memory()
+            self._evict()
         if entry.reason:
             self._notify(f"opara_nb: {entry.reason}")
         return entry
 
-    def _capture_entry(self, args: tuple, kwargs: dict) -> _Entry:
-        runners_before = len(self._backend.runners)
-        keys = list(self._table)
-        self._selector.active = keys[0]
-        first = GraphedCall(self._compiled_fn(), args, kwargs, self.clone_outputs)
-        error = _attempt(first.warm_up)
-        if error is not None:
-            first.release()
-            release_cuda_memory()
-            return _Entry("eager", self.original, f"the compiled model failed to run ({error}); "
-                          "running the original model")
-        runners = self._backend.runners[runners_before:] or list(self._backend.runners)
-        if not self._backend.runners:
-            first.release()
-            release_cuda_memory()
-            return _Entry("eager", self.original, "dynamo handed no graph to opara_nb (it skipped the frame): "
-                          "running the original model")
-        if self.original.training if isinstance(self.original, nn.Module) else False:
-            first.release()
-            release_cuda_memory()
-            return _Entry("eager", self.original, "the model is in training mode: call .eval() to optimize")
-        captured, errors = self._capture_candidates(first, keys, args, kwargs)
-        if not captured:
-            self._selector.active = keys[0]
-            reason = (f"capturing the CUDA graph failed ({errors[0]}); running the plan eagerly on streams, "
-                      "not captured")
-            return _Entry("eager-plan", self._compiled_fn(), reason, keys[0], runners)
-        times, replay = self._time_candidates(captured) if len(captured) > 1 else ({}, {})
-        best = min(times, key=times.get) if times else next(iter(captured))
-        for k, gc_ in captured.items():
-            if k != best:
-                gc_.release()
-        if len(captured) > 1:
-            release_cuda_memory()
-        chosen = captured[best]
-        for err in errors:
-            self.notices.append(f"candidate not captured: {err}")
-        measured = {k: {"sync_ms": times[k], "replay_ms": replay[k]} for k in times}
-        return _Entry("cuda-graph", chosen, None, best, runners, measured,
-                      sum(c.capture_ms for c in captured.values()), chosen, {k: c.pool_mb for k, c in captured.items()})
+    def _evict(self) -> None:
+        """Drop the least recently used entry, its runners too: dynamo's cache still knows them, so the next capture
+        compiles a fresh function."""
+        _, old = self._cache.popitem(last=False)
+        self._evicted_unused += old.calls < 2
+        old.release()
+        for runner in old.runners:
+            if runner in self._backend.runners:
+                self._backend.runners.remove(runner)
+            runner.close()
+        self._compiled = None
+        release_cuda_memory()
 
-    def _capture_candidates(self, first: GraphedCall, keys: list[str], args: tuple,
+    def _plan_and_capture(self, args: tuple, kwargs: dict) -> Entry:
+        """Compile, plan and capture every candidate on copies of the inputs; keep the fastest."""
+        runners_before = len(self._backend.runners)
+        first = self._specs[0].name
+        compiled = self._compiled_fn()
+        graphed = GraphedCall(compiled, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
+        try:
+            with self._backend.selecting(first):
+                graphed.warm_up()
+        except Exception as exc:  # noqa: BLE001 - the model's own error is raised; ours falls back
+            graphed.release()
+            own = model_error(self.original, args, kwargs)
+            if own is not None:
+                raise ModelError(own) from None
+            return Entry("eager", f"the compiled model failed to run ({one_line(exc)}); running the original model")
+        runners = self._backend.runners[runners_before:] or list(self._backend.runners)
+        if not runners:
+            graphed.release()
+            return Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the original "
+                                  "model")
+        captured, errors = self._capture_candidates(graphed, compiled, args, kwargs)
+        if not captured:
+            return self._piecewise(runners, args, kwargs, errors[0])
+        return self._choose(captured, errors, runners, args, kwargs)
+
+    def _capture_candidates(self, first: GraphedCall, compiled: Callable, args: tuple,
                             kwargs: dict) -> tuple[dict[str, GraphedCall], list[str]]:
         captured: dict[str, GraphedCall] = {}
         errors: list[str] = []
-        for i, k in enumerate(keys):
-            self._selector.active = k
-            gc_ = first if i == 0 else GraphedCall(self._compiled_fn(), args, kwargs, self.clone_outputs, warmup=1)
-            # A later candidate warms up first: its streams and events are made outside the capture.
-            error = _attempt(gc_.warm_up, gc_.capture) if i > 0 else _attempt(gc_.capture)
+        for i, spec in enumerate(self._specs):
+            graphed = first if i == 0 else GraphedCall(compiled, args, kwargs, self.clone_outputs, warmup=1,
+                                                       graphs=self._graphs, owned=self._owned)
+            with self._backend.selecting(spec.name):
+                # A later candidate warms up first: its streams and events are made outside the capture.
+                error = _attempt(graphed.warm_up, graphed.capture) if i > 0 else _attempt(graphed.capture)
             if error is None:
-                captured[k] = gc_
+                captured[spec.name] = graphed
                 continue
-            gc_.release()
-            _release_quietly()
-            errors.append(f"{k}: {error}")
+            graphed.release()
+            release_cuda_memory()
+            errors.append(f"{spec.name}: {error}")
             if i == 0:
-                break  # the first failure is the model's, not the plan's: the others would fail alike
+                return captured, errors  # the first failure is the model's, not the plan's: the others would fail alike
+        if self.strategy == "auto" and isinstance(self.original, nn.Module):
+            plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs,
+                                owned=self._owned)
+            if _attempt(plain.warm_up, plain.capture) is None:
+                captured[PLAIN_GRAPH] = plain
+            else:
+                plain.release()
         return captured, errors
 
-    @staticmethod
-    def _time_candidates(captured: dict[str, GraphedCall]) -> tuple[dict[str, float], dict[str, float]]:
-        """(synchronous latency, back-to-back replay time) per candidate, medians in ms; "auto" picks by the first."""
-        return timing.sync_latency_ms(captured), timing.replay_ms(captured)
+    def _choose(self, captured: dict[str, GraphedCall], errors: list[str], runners: list[GraphRunner],
+                args: tuple, kwargs: dict) -> Entry:
+        leaves = _leaves(args, kwargs)
+        times: dict[str, float] = {}
+        replays: dict[str, float] = {}
+        eager_ms = None
+        if len(captured) > 1:
+            calls = {k: (lambda g=g: g.replay(leaves)) for k, g in captured.items()}
+            calls["eager"] = lambda: self.original(*args, **kwargs)
+            times = timing.sync_latency_ms(calls, self._graphs.synchronize)
+            eager_ms = times.pop("eager")
+            replays = timing.replay_ms(captured) if isinstance(self._graphs, CudaGraphs) else {}
+        pools = {k: g.pool_mb for k, g in captured.items()}
+        best = _fastest(times, pools, self.max_memory_mb) if times else next(iter(captured))
+        for k, g in captured.items():
+            if k != best:
+                g.release()
+        if len(captured) > 1:
+            release_cuda_memory()
+        for err in errors:
+            self.notices.append(f"candidate not captured: {err}")
+        measured = {k: {"sync_ms": times.get(k), "replay_ms": replays.get(k), "pool_mb": pools[k]} for k in captured}
+        return Entry("cuda-graph", None, best, captured[best], runners, measured,
+                     sum(g.capture_ms for g in captured.values()), eager_ms)
+
+    def _piecewise(self, runners: list[GraphRunner], args: tuple, kwargs: dict, error: str) -> Entry:
+        """The whole call cannot be captured: each dynamo graph gets its own CUDA graph; kept only if it beats
+        running the original model."""
+        kept = self._specs[0].name
+        try:
+            with self._backend.selecting(kept, per_graph=True):
+                self._compiled_fn()(*args, **kwargs)  # captures each graph on its first call
+        except Exception as exc:  # noqa: BLE001
+            return Entry("eager", f"capturing failed ({error}) and so did capturing graph by graph "
+                                  f"({one_line(exc)}): running the original model")
+
+        def piecewise() -> Any:
+            with self._backend.selecting(kept, per_graph=True):
+                return self._compiled_fn()(*args, **kwargs)
+
+        times = timing.sync_latency_ms({"piecewise": piecewise, "eager": lambda: self.original(*args, **kwargs)},
+                                       self._graphs.synchronize, rounds=3, per_round=10)
+        measured = {"piecewise": {"sync_ms": times["piecewise"], "replay_ms": None, "pool_mb": None}}
+        if times["piecewise"] >= times["eager"]:
+            for runner in runners:
+                for capture in runner.captures.values():
+                    capture.release()
+            return Entry("eager", f"the whole call cannot be captured ({error}), and graph-by-graph capture is "
+                                  f"slower than the original model ({times['piecewise']:.3f} vs "
+                                  f"{times['eager']:.3f} ms): running the original model",
+                         candidates=measured, eager_ms=times["eager"])
+        return Entry("piecewise", f"the whole call cannot be captured ({error}): each graph replays its own CUDA "
+                                  "graph and the Python between them runs eagerly", kept, None, runners, measured,
+                     eager_ms=times["eager"])
+
+    def _owned(self, t: torch.Tensor) -> bool:
+        """Whether an output aliases one of the model's own tensors (then it is always copied)."""
+        if not isinstance(self.original, nn.Module):
+            return False
+        ptr = t.untyped_storage().data_ptr()
+        return any(p.untyped_storage().data_ptr() == ptr for p in self.original.parameters()) or \
+            any(b.untyped_storage().data_ptr() == ptr for b in self.original.buffers())
 
     def _notify(self, message: str, once: bool = True) -> None:
         if once and message in self._shown:
@@ -275,14 +424,17 @@ class OparaModule(nn.Module):
     def profiles(self) -> list[Any]:
         return [r.profile for r in self._runners()]
 
+    def _kept_spec(self) -> str:
+        kept = self._last.kept if self._last is not None else ""
+        return kept if kept and kept != PLAIN_GRAPH else self._specs[0].name
+
     @property
-    def executors(self) -> list[PlanExecutor]:
-        key = self._last.strategy if self._last is not None else None
-        return [r.executor(key or None) for r in self._runners()]
+    def executors(self) -> list[Any]:
+        return [r.executor(self._kept_spec()) for r in self._runners()]
 
     @property
     def plans(self) -> list[Any]:
-        return [e.plan for e in self.executors]
+        return [r.plans[self._kept_spec()] for r in self._runners()]
 
     @property
     def plan(self) -> Any:
@@ -297,27 +449,36 @@ class OparaModule(nn.Module):
 
     @property
     def report(self) -> RunReport:
-        last = self._last or _Entry("eager", self.original, "not called yet")
+        last = self._last or Entry("eager", "not called yet")
         runners = self._runners() if last.mode != "eager" or last.runners else []
-        strategy = last.strategy or (next(iter(self._table)) if runners else "")
         graphs = []
-        for r in runners:
-            ex = r.executor(strategy or None)
-            graphs.append({"nodes": len(ex.plan.order), "logical_streams": ex.mapping.num_logical,
-                           "physical_streams": ex.mapping.num_physical, "syncs": ex.num_syncs,
-                           "forced_shares": ex.mapping.forced})
+        if last.kept != PLAIN_GRAPH:
+            for ex in (r.executor(self._kept_spec()) for r in runners):
+                graphs.append({"nodes": len(ex.plan.order), "logical_streams": ex.mapping.num_logical,
+                               "physical_streams": ex.mapping.num_physical, "syncs": ex.num_syncs,
+                               "forced_shares": ex.mapping.forced})
         notes = list(self.notices) + list(self._backend.notices)
-        notes += [n for r in runners for n in r.executor(strategy or None).mapping.notes]
-        order = self._table[strategy][1] if strategy in self._table else self.order
-        return RunReport(mode=last.mode, reason=last.reason, strategy=strategy, order=order, graphs=graphs,
-                         profile_ms=sum(r.profile_ms for r in runners), plan_ms=sum(r.plan_ms for r in runners),
-                         capture_ms=last.capture_ms,
-                         candidates={k: dict(v) for k, v in last.candidates.items()}, notices=notes,
-                         graph_memory_mb=dict(last.pool_mb),
-                         accelerated=last.mode == "cuda-graph")
+        notes += [n for ex in (r.executor(self._kept_spec()) for r in runners) for n in ex.mapping.notes]
+        kept = last.kept or (self._specs[0].name if runners else "")
+        order = PlanSpec.parse(kept).order if kept and kept != PLAIN_GRAPH else ""
+        return RunReport(mode=last.mode, reason=last.reason, requested=self.strategy, kept=kept, order=order,
+                         graphs=graphs, profile_ms=sum(r.profile_ms for r in runners),
+                         plan_ms=sum(r.plan_ms for r in runners), capture_ms=last.capture_ms,
+                         candidates={k: dict(v) for k, v in last.candidates.items()}, eager_ms=last.eager_ms,
+                         notices=notes, accelerated=last.mode in ("cuda-graph", "piecewise"))
 
-    def release(self) -> None:
-        """Free every captured graph, its static buffers and memory pool; later calls capture again."""
+    def refresh(self) -> None:
+        """Check the whole model now (also what the per-call guard cannot see, such as a replaced ``forward``) and
+        re-plan if anything changed."""
+        with self._lock:
+            if self._guard is not None and isinstance(self.original, nn.Module):
+                changes = self._guard.changes() + _forward_overrides(self.original)
+                if changes:
+                    self._notify(f"opara_nb: the model changed ({'; '.join(changes[:3])}): re-planning", once=False)
+                    self._reset()
+                    self._guard.snapshot()
+
+    def _reset(self) -> None:
         for entry in self._cache.values():
             entry.release()
         self._cache.clear()
@@ -327,6 +488,11 @@ class OparaModule(nn.Module):
         self._compiled = None
         self._backend.reset()
         release_cuda_memory()
+
+    def release(self) -> None:
+        """Free every captured graph, its static buffers and memory pool; later calls capture again."""
+        with self._lock:
+            self._reset()
 
     def __del__(self) -> None:
         try:
@@ -338,10 +504,32 @@ class OparaModule(nn.Module):
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
 
+    # ------------------------------------------------------------- copies
+    def __deepcopy__(self, memo: dict) -> "OparaModule":
+        """A new OparaModule around a deep copy of the original; it captures again on its first call."""
+        return OparaModule(copy.deepcopy(self.original, memo), **self._options)
+
+    def __reduce__(self) -> tuple:
+        """Pickling keeps the original model and the options; graphs are made again after unpickling."""
+        return (_rebuild, (self.original, self._options))
+
     def extra_repr(self) -> str:
         last = self._last
         mode = last.mode if last is not None else "not called yet"
-        return f"strategy={self.strategy!r}, order={self.order!r}, mode={mode!r}, graphs_cached={len(self._cache)}"
+        kept = f", kept={last.kept!r}" if last is not None and last.kept else ""
+        return f"strategy={self.strategy!r}{kept}, mode={mode!r}, graphs_cached={len(self._cache)}"
+
+
+def _rebuild(original: Any, options: dict) -> OparaModule:
+    return OparaModule(original, **options)
+
+
+def _fastest(times: dict[str, float], pools: dict[str, float], limit: float | None) -> str:
+    """The fastest candidate whose graph memory fits ``limit`` (the smallest one if none does)."""
+    fitting = [k for k in times if limit is None or pools.get(k, 0.0) <= limit]
+    if not fitting:
+        return min(times, key=lambda k: pools.get(k, 0.0))
+    return min(fitting, key=times.__getitem__)
 
 
 def _attempt(*steps: Callable[[], Any]) -> str | None:
@@ -355,31 +543,51 @@ def _attempt(*steps: Callable[[], Any]) -> str | None:
     return None
 
 
-def _release_quietly() -> None:
-    try:
-        release_cuda_memory()
-    except Exception:  # noqa: BLE001 - the fallback must not crash on cleanup
-        pass
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    from torch.utils import _pytree as pytree
 
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
+    return pytree.tree_leaves((args, kwargs))
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
-    from torch.utils import _pytree as pytree
-
-    shapes = [f"{tuple(x.shape)}" for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    shapes = [f"{tuple(x.shape)}" for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)]
     return ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
 
 
-def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", order: str = "opara",
-             clone_outputs: bool = True, **kwargs: Any) -> OparaModule:
-    """Wrap ``model`` in an OparaModule and run it once on the example inputs (capture, plan, CUDA graph).
+def _global_forward_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def _forward_overrides(model: nn.Module) -> list[str]:
+    return [f"'{name or type(model).__name__}'.forward was replaced on the instance"
+            for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", order: str = "",
+             clone_outputs: bool | None = None, fuse: bool = False, max_memory_mb: float | None = None,
+             candidates: tuple[str, ...] | None = None, max_graphs: int = 4,
+             max_streams: int = DEFAULT_MAX_STREAMS, graphs: CudaGraphs | None = None, **kwargs: Any) -> OparaModule:
+    """Wrap ``model`` in an OparaModule and run it once on copies of the example inputs (capture, plan, CUDA graph).
+
+    The model and the inputs are left as they were. ``kwargs`` are the model's keyword inputs. An OparaModule given
+    as ``model`` is unwrapped (its original is optimized again).
 
     >>> om = optimize(model.eval().cuda(), x)       # doctest: +SKIP
     >>> torch.testing.assert_close(om(x), model(x))
     """
-    om = OparaModule(model, strategy=strategy, order=order, clone_outputs=clone_outputs)
-    om(*args, **kwargs)
+    if isinstance(model, OparaModule):
+        warnings.warn("opara_nb: the model is already an OparaModule: optimizing its original model again",
+                      OparaNotice, stacklevel=user_stacklevel())
+        model = model.original
+    om = OparaModule(model, strategy=strategy, order=order, clone_outputs=clone_outputs, fuse=fuse,
+                     max_memory_mb=max_memory_mb, candidates=candidates, max_graphs=max_graphs,
+                     max_streams=max_streams, graphs=graphs)
+    copies = clone_inputs(args, kwargs)
+    try:
+        with Sandbox(model):  # this first call plans and captures: it must change nothing of the user's
+            om._call(*copies)
+    except ModelError as exc:
+        raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
     return om

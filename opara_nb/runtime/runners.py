@@ -1,85 +1,168 @@
 """The dynamo-backend side of an OparaModule: what dynamo calls per graph, and what it keeps afterwards.
 
-``Backend`` turns each graph dynamo hands over into a ``GraphRunner`` (the graph, its profile and one
-``PlanExecutor`` per candidate plan); a shared ``Selector`` says which candidate every runner runs now; dynamo keeps
-only ``weak_call``'s plain function, so ``OparaModule.release()`` can free everything.
+``Backend`` turns each graph dynamo hands over into a ``GraphRunner`` (the graph, its profile and its plans, one per
+candidate ``PlanSpec``, each with its executor made on first use). Which candidate the runners run is chosen by the
+module around each call with ``backend.selecting(name)``; ``backend.piecewise()`` makes each runner replay its own
+CUDA graph (``GraphCapture``) when the whole call cannot be captured. Dynamo keeps only ``weak_call``'s plain
+function, so ``OparaModule.release()`` can free everything.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import one_line
-from ..pipeline import plan_with_profile
+from ..pipeline import PlanSpec, plan_with_profile
+from .cudagraph import CudaGraphs, GraphedCall, release_cuda_memory
 from .executor import PlanExecutor
 
-__all__ = ["Selector", "GraphRunner", "Backend", "weak_call"]
+__all__ = ["Backend", "GraphRunner", "GraphCapture", "weak_call", "is_parameter"]
 
 
-class Selector:
-    """Which candidate plan every graph runs now; shared by the graph runners of one OparaModule."""
+def is_parameter(x: torch.Tensor) -> bool:
+    """Parameters and buffers given to a dynamo graph as inputs: read in place, their addresses baked in."""
+    return isinstance(x, torch.nn.Parameter) or getattr(x, "_is_param", False)
 
-    def __init__(self) -> None:
-        self.active = ""
+
+class GraphCapture:
+    """One planned graph in its own CUDA graph, captured on the first call (parameters stay in place), replayed
+    afterwards; outputs are copies (the Python between graphs may keep them). A graph that cannot be captured, or
+    whose parameters moved, runs uncaptured with ``failed`` saying why."""
+
+    def __init__(self, executor: Callable, graphs: CudaGraphs | None = None) -> None:
+        self.executor = executor
+        self.graphs = graphs
+        self.graphed: GraphedCall | None = None
+        self.failed: str | None = None
+
+    def _capture(self, args: tuple) -> str | None:
+        graphed = GraphedCall(self.executor, args, {}, clone_outputs=True, warmup=1, in_place=is_parameter,
+                              graphs=self.graphs)
+        try:
+            graphed.warm_up()
+            graphed.capture()
+        except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
+            error = one_line(exc)
+        else:
+            self.graphed = graphed
+            return None
+        graphed.release()  # after the except block, so its traceback no longer pins the failed capture's memory
+        release_cuda_memory()
+        return error
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) == 1 and isinstance(args[0], list):
+            args = tuple(args[0])  # dynamo's boxed calling convention
+        if self.graphed is None and self.failed is None:
+            self.failed = self._capture(args)
+        if self.failed is not None:
+            return self.executor(*args)
+        try:
+            return self.graphed.replay(list(args))
+        except ValueError as exc:  # a parameter moved (param.data = ...): capture again
+            self.release()
+            self.failed = self._capture(args)
+            if self.failed is None:
+                return self.graphed.replay(list(args))
+            self.failed = f"{one_line(exc)}; {self.failed}"
+            return self.executor(*args)
+
+    def release(self) -> None:
+        if self.graphed is not None:
+            self.graphed.release()
+            self.graphed = None
 
 
 @dataclass
 class GraphRunner:
-    """One dynamo graph with one PlanExecutor per candidate plan; runs the selected one."""
+    """One dynamo graph with its profile and one plan per candidate; runs the candidate its backend selects."""
 
     g: Any
     profile: Any
-    executors: dict[str, PlanExecutor]
-    selector: Selector
+    plans: dict[str, Any]
+    backend: "Backend"
     profile_ms: float = 0.0
     plan_ms: float = 0.0
+    executors: dict[str, PlanExecutor] = field(default_factory=dict)
+    captures: dict[str, GraphCapture] = field(default_factory=dict)
 
-    def executor(self, key: str | None = None) -> PlanExecutor:
-        return self.executors[key or self.selector.active]
+    def executor(self, name: str) -> PlanExecutor:
+        if name not in self.executors:
+            self.executors[name] = self.backend.make_executor(self.g, self.plans[name], PlanSpec.parse(name))
+        return self.executors[name]
 
     def __call__(self, *args: Any) -> Any:
-        return self.executor()(*args)
+        name = self.backend.active
+        if not self.backend.per_graph:
+            return self.executor(name)(*args)
+        if name not in self.captures:
+            self.captures[name] = GraphCapture(self.executor(name), self.backend.graphs)
+        return self.captures[name](*args)
 
     def close(self) -> None:
         """Drop the graph, profile and executors: dynamo may keep this runner alive after its module is gone."""
-        self.g = None
-        self.profile = None
-        self.executors = {}
+        for capture in self.captures.values():
+            capture.release()
+        self.g, self.profile, self.plans, self.executors, self.captures = None, None, {}, {}, {}
 
 
-@dataclass
 class Backend:
-    """The dynamo backend of one OparaModule: CapturedGraph -> profile -> candidate plans -> runner."""
+    """The dynamo backend of one OparaModule: CapturedGraph -> profile -> one plan per candidate -> runner.
 
-    candidates: dict[str, tuple[str, str]]
-    selector: Selector
-    max_streams: int
-    runners: list[GraphRunner] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
+    ``presets`` (from a plan file): per graph index, candidate name -> Plan; those graphs are not profiled.
+    """
+
+    def __init__(self, specs: tuple[PlanSpec, ...], max_streams: int, graphs: CudaGraphs | None = None,
+                 presets: Callable[[Any], dict[str, Any]] | None = None) -> None:
+        self.specs = specs
+        self.max_streams = max_streams
+        self.graphs = graphs
+        self.presets = presets
+        self.runners: list[GraphRunner] = []
+        self.notices: list[str] = []
+        self.active = specs[0].name
+        self.per_graph = False
+
+    @contextlib.contextmanager
+    def selecting(self, name: str, per_graph: bool = False) -> Iterator[None]:
+        """Run candidate ``name`` in every graph for the duration (each graph in its own CUDA graph if
+        ``per_graph``)."""
+        previous = self.active, self.per_graph
+        self.active, self.per_graph = name, per_graph
+        try:
+            yield
+        finally:
+            self.active, self.per_graph = previous
+
+    def make_executor(self, g: Any, plan: Any, spec: PlanSpec) -> PlanExecutor:
+        return PlanExecutor(g, plan, max_streams=self.max_streams)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from ..capture import CapturedGraph
         from ..profiling import profile_graph
 
+        index = len(self.runners)
         try:
-            g = CapturedGraph.from_gm(gm, example_inputs, len(self.runners))
+            g = CapturedGraph.from_gm(gm, example_inputs, index)
             t0 = time.perf_counter()
-            gp = profile_graph(g)
+            preset = self.presets(g) if self.presets is not None else None
+            gp = profile_graph(g) if preset is None else None
             t1 = time.perf_counter()
-            # Every candidate gets its executor (planning is cheap next to profiling); only CUDA measures them.
-            executors = {k: PlanExecutor(g, plan_with_profile(g, gp, *spec), max_streams=self.max_streams)
-                         for k, spec in self.candidates.items()}
+            plans = preset if preset is not None else {s.name: plan_with_profile(g, gp, s) for s in self.specs}
             t2 = time.perf_counter()
-        except Exception as exc:  # noqa: BLE001 - an unplannable graph still runs, unscheduled
-            self.notices.append(f"graph {len(self.runners)} runs unscheduled: {one_line(exc)}")
+        except Exception as exc:
+            if getattr(exc, "opara_fatal", False):
+                raise
+            self.notices.append(f"graph {index} runs unscheduled: {one_line(exc)}")
             return gm.forward
-        runner = GraphRunner(g, gp, executors, self.selector, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        runner = GraphRunner(g, gp, plans, self, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
         self.runners.append(runner)
-        return weak_call(runner, len(self.runners) - 1)
+        return weak_call(runner, index)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()`` (dynamo keeps every backend it saw) and by ``OparaModule.release``."""
@@ -95,7 +178,7 @@ def weak_call(runner: GraphRunner, index: int) -> Callable:
     Dynamo keeps what a backend returns for as long as the process lives (in the trampoline's globals, wrapped by
     ``functools.wraps``, which copies the returned object's ``__dict__``: a runner returned directly would leave its
     graph, profile and example inputs, CUDA tensors among them, reachable after ``release()``). Only the backend's
-    ``runners`` list and the cache entries own runners, so ``release()`` frees them.
+    ``runners`` list owns runners, so ``release()`` frees them.
     """
     ref = weakref.ref(runner)
 

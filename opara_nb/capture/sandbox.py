@@ -1,0 +1,95 @@
+"""Planning without side effects: work on copies of the inputs, and put back any model state that planning changed.
+
+Planning runs the user's forward many times (dynamo's trace, profiling, warm-ups, capture, candidate timing). Eager
+would run it once per call, so a forward that updates state (BatchNorm left in training mode inside an eval model,
+a call counter) must not see those runs: ``Sandbox`` records every parameter's and buffer's version counter and keeps
+copies of the buffers (and of the parameters, up to a size limit); afterwards whatever changed is copied back in place
+(graphs baked in the addresses, so the tensors themselves stay).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import OparaUsageError
+
+__all__ = ["Sandbox", "clone_inputs", "model_error"]
+
+PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not copied
+
+
+def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Copies of every tensor in ``(args, kwargs)`` (same device, dtype, strides); other leaves as they are."""
+    def copy(x: Any) -> Any:
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(copy, (tuple(args), dict(kwargs)))
+
+
+class Sandbox:
+    """``with Sandbox(model) as box:`` plan; on exit changed state is restored and ``box.restored`` names it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model if isinstance(model, nn.Module) else None
+        self.restored: list[str] = []
+
+    def __enter__(self) -> "Sandbox":
+        if self.model is None:
+            return self
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        self._tensors = {**params, **buffers}
+        self._versions = {k: t._version for k, t in self._tensors.items()}
+        copy_params = sum(p.numel() * p.element_size() for p in params.values()) <= PARAM_COPY_LIMIT
+        with torch.no_grad():
+            self._saved = {k: t.detach().clone() for k, t in self._tensors.items()
+                           if k in buffers or copy_params}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.model is None:
+            return
+        # Versions do not catch everything (BatchNorm's kernel updates running stats without a bump): compare values.
+        with torch.no_grad():
+            changed = [k for k, t in self._tensors.items()
+                       if t._version != self._versions[k] or (k in self._saved and not _same(t, self._saved[k]))]
+            for k in changed:
+                if k in self._saved:
+                    self._tensors[k].copy_(self._saved[k])
+        lost = [k for k in changed if k not in self._saved]
+        self.restored = [k for k in changed if k in self._saved]
+        self._saved = {}
+        if lost and exc[0] is None:
+            raise OparaUsageError(f"the model's forward writes parameter(s) {', '.join(lost[:3])} in place, and "
+                                  "they are too large to keep a copy while planning: opara_nb cannot optimize it "
+                                  "without changing the model")
+
+    def note(self) -> str | None:
+        """One line for the report when planning had to restore state, else None."""
+        if not self.restored:
+            return None
+        names = ", ".join(self.restored[:3]) + (" ..." if len(self.restored) > 3 else "")
+        return (f"the forward updates model state ({names}): restored after planning; each call updates it as "
+                "the original model would")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool((a == b).logical_or(a.isnan() & b.isnan()).all()) if a.is_floating_point() \
+        else torch.equal(a, b)
+
+
+def model_error(model: Any, args: tuple, kwargs: dict) -> BaseException | None:
+    """The error the model itself raises on copies of these inputs, run eagerly (None if it runs).
+
+    When running through dynamo failed, this tells the model's own mistake (reported as the model raised it) from
+    opara_nb's or dynamo's (then opara_nb falls back and says so). State the run changes is restored."""
+    args, kwargs = clone_inputs(args, kwargs)
+    try:
+        with Sandbox(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any error of the model is the answer
+        return exc
+    return None

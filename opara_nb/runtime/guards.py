@@ -1,0 +1,330 @@
+"""Guards: when a captured CUDA graph may be replayed, and what changed when it may not.
+
+A replay bakes in the input structure and tensor metadata, the values of non-tensor and CPU-scalar arguments, the
+addresses of every parameter and buffer, the module tree, each submodule's training flag and the global state
+(grad mode, autocast, TF32, ...). Dynamo guards all of that on every call; a raw replay does not, so OparaModule
+checks it itself, cheaply:
+
+- ``call_key``: the cache key of a call (structure, per-tensor shape/dtype/device/stride, values of other leaves and
+  of 0-dim CPU tensors, whose value a kernel takes as an argument at capture).
+- ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's TF32/determinism.
+- ``ModelGuard``: on the hot path a few integer compares and one C call: a global counter that module, parameter and
+  buffer registration hooks bump, the global hook-handle counter (any new forward hook), the training flags of the
+  submodules whose code reads ``training``, and the data pointers of every parameter and buffer (``param.data = t``
+  keeps the object but moves its memory). Any signal makes it walk the whole model and say what changed.
+
+Not seen without a walk: a submodule's ``forward`` replaced on the instance, or a buffer swapped by writing
+``module._buffers`` directly; ``om.refresh()`` re-checks everything (see docs/user_guide.md).
+"""
+from __future__ import annotations
+
+import dis
+import functools
+import operator
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["call_key", "input_leaves", "CallState", "ModelGuard", "registration_epoch"]
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+    """The inputs as a list when every one is a plain tensor (the common call), else None: those calls skip pytree,
+    which costs tens of microseconds per call. Leaf order is pytree's (positional, then keyword values)."""
+    for a in args:
+        if type(a) is not torch.Tensor:
+            return None
+    for v in kwargs.values():
+        if type(v) is not torch.Tensor:
+            return None
+    return [*args, *kwargs.values()]
+
+
+def input_leaves(args: tuple, kwargs: dict) -> list[Any]:
+    flat = _flat_tensors(args, kwargs)
+    return flat if flat is not None else pytree.tree_leaves((args, kwargs))
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    device = t.get_device()  # an int (-1: CPU), much cheaper than t.device
+    if device < 0 and t.dim() == 0:  # a CUDA kernel took a CPU scalar's value as an argument at capture
+        return (t.shape, t.dtype, device, (), t.requires_grad, t.item())
+    return (t.shape, t.dtype, device, t.stride(), t.requires_grad)
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return ("T", type(leaf), *_tensor_key(leaf))
+    try:
+        hash(leaf)
+        return ("V", type(leaf), leaf)
+    except TypeError:
+        return ("V", type(leaf), repr(leaf))
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple[Hashable, list[Any]]:
+    """(cache key, input leaves) of a call, in one pass: the replay path needs both."""
+    flat = _flat_tensors(args, kwargs)
+    if flat is not None:
+        return ("flat", len(args), tuple(kwargs), *map(_tensor_key, flat)), flat
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (spec, *map(_leaf_key, leaves)), leaves
+
+
+# ---------------------------------------------------------------------------------------------- global state
+
+try:
+    from torch._C._dynamo.guards import GlobalStateGuard as _GlobalStateGuard
+except ImportError:  # pragma: no cover - present in every supported torch; kept for forks
+    _GlobalStateGuard = None
+
+
+def _cudnn_state() -> tuple:
+    return (torch._C._get_cudnn_allow_tf32(), torch._C._get_cudnn_deterministic(), torch._C._get_cudnn_enabled())
+
+
+class CallState:
+    """The global state a graph was captured under, ignoring grad mode (calls run without autograd anyway).
+
+    ``check()`` is one C++ call plus cuDNN's flags; ``key()`` is a hashable form for the cache (slow path only).
+    """
+
+    def __init__(self) -> None:
+        grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            self._on = _GlobalStateGuard() if _GlobalStateGuard is not None else None
+        with torch.no_grad():
+            self._off = _GlobalStateGuard() if _GlobalStateGuard is not None else None
+        torch.set_grad_enabled(grad)
+        self._cudnn = _cudnn_state()
+
+    def check(self) -> bool:
+        guard = self._on if torch.is_grad_enabled() else self._off
+        return (guard is None or guard.check()) and _cudnn_state() == self._cudnn
+
+    def reason(self) -> str:
+        guard = self._on if torch.is_grad_enabled() else self._off
+        why = guard.reason().strip() if guard is not None and not guard.check() else ""
+        if _cudnn_state() != self._cudnn:
+            why = f"{why} cudnn flags".strip()
+        return why or "global state"
+
+    @staticmethod
+    def key() -> Hashable:
+        """A hashable description of the current global state (grad mode excluded)."""
+        with torch.no_grad():
+            state = _GlobalStateGuard().__getstate__() if _GlobalStateGuard is not None else _python_state()
+        return state, _cudnn_state()
+
+
+def _python_state() -> tuple:  # pragma: no cover - only without dynamo's GlobalStateGuard
+    autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    return (autocast, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+_EPOCH = [0]  # bumped by the registration hooks below: a module, parameter or buffer was (re)assigned somewhere
+_hooks_installed = False
+
+
+def registration_epoch() -> int:
+    return _EPOCH[0]
+
+
+def _bump(*_: Any) -> None:
+    _EPOCH[0] += 1
+
+
+def _install_hooks() -> None:
+    """Global registration hooks that only count (they return None, so they change nothing)."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    from torch.nn.modules import module as nn_module
+
+    nn_module.register_module_module_registration_hook(_bump)
+    nn_module.register_module_parameter_registration_hook(_bump)
+    nn_module.register_module_buffer_registration_hook(_bump)
+    _hooks_installed = True
+
+
+_RANK = ("", "self", "other")
+
+
+def _worse(a: str, b: str) -> str:
+    return a if _RANK.index(a) >= _RANK.index(b) else b
+
+
+@functools.lru_cache(maxsize=None)
+def reads_training(cls: type) -> str:
+    """How ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads a ``training`` flag:
+    "" (never), "self" (only ``self.training``) or "other" (another module's, e.g. ``self.child.training``)."""
+    found, seen, todo = "", set(), ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        func = getattr(cls, name, None)
+        code = getattr(getattr(func, "__func__", func), "__code__", None)
+        if code is None or getattr(func, "__qualname__", "").startswith("Module."):
+            continue
+        how, called = _code_reads(code)
+        found = _worse(found, how)
+        todo += called
+    return found
+
+
+def _code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
+    """(how ``code`` reads ``training``, the names it loads from its first argument), nested functions included."""
+    me = me or (code.co_varnames[0] if code.co_argcount else "")
+    found, called, previous = "", [], None
+    for ins in dis.get_instructions(code):
+        self_load = previous is not None and previous.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) \
+            and previous.argval == me
+        if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
+            if ins.argval == "training":
+                found = _worse(found, "self" if self_load else "other")
+            elif self_load:
+                called.append(ins.argval)
+        elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
+            found = "other"
+        previous = ins
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            how, more = _code_reads(const, me)
+            found, called = _worse(found, how), called + more
+    return found, called
+
+
+def _tracked_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose training flag can change what the model computes (see ``reads_training``)."""
+    tracked: dict[int, nn.Module] = {id(model): model}
+    for m in model.modules():
+        how = reads_training(type(m))
+        if how:
+            tracked[id(m)] = m
+        if how == "other":
+            tracked.update((id(d), d) for d in m.modules())
+    return list(tracked.values())
+
+
+try:
+    _ptrs_equal = torch._C._tensors_data_ptrs_at_indices_equal  # one C++ loop (CUDA builds)
+except AttributeError:
+    def _ptrs_equal(tensors: list, ptrs: list, indices: list) -> bool:
+        return [t.data_ptr() for t in tensors] == ptrs
+
+
+_training = operator.itemgetter("training")
+
+
+def _hook_dicts(m: nn.Module) -> tuple:
+    return tuple(len(getattr(m, name, None) or ()) for name in
+                 ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module as nn_module
+
+    return tuple(len(getattr(nn_module, name, ())) for name in
+                 ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks"))
+
+
+class ModelGuard:
+    """What a captured graph assumed about ``model``; ``clean()`` on the hot path, ``changes()`` to explain.
+
+    >>> guard = ModelGuard(model)          # doctest: +SKIP
+    >>> model.head = nn.Linear(4, 2)       # doctest: +SKIP
+    >>> guard.clean(), guard.changes()     # doctest: +SKIP
+    (False, ["submodule 'head' was replaced"])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        _install_hooks()
+        self.model = model
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Record the model as it is now (after a capture, or after ``changes()`` found nothing)."""
+        model = self.model
+        self._modules = dict(model.named_modules(remove_duplicate=False))
+        self._ids = {name: (id(m), type(m)) for name, m in self._modules.items()}
+        self._flags_all = {name: m.training for name, m in self._modules.items()}
+        self._hooks = {name: _hook_dicts(m) for name, m in self._modules.items()}
+        self._global = _global_hooks()
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+        self._tensor_names = [n for n, _ in named]
+        self._tensors = [t for _, t in named]
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+        self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
+        self._indices = list(range(len(self._tensors)))
+        self._attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
+                       if isinstance(v, torch.Tensor)]
+        tracked = _tracked_modules(model)
+        self._dicts = [m.__dict__ for m in tracked]
+        self._flags = list(map(_training, self._dicts))
+        self._epoch = _EPOCH[0]
+        self._handles = RemovableHandle.next_id
+
+    def clean(self) -> bool:
+        """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
+        return (_EPOCH[0] == self._epoch and RemovableHandle.next_id == self._handles
+                and list(map(_training, self._dicts)) == self._flags
+                and all(d.get(k) is v for d, k, v in self._attrs)
+                and _ptrs_equal(self._tensors, self._ptrs, self._indices))
+
+    def changes(self) -> list[str]:
+        """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
+        model = self.model
+        now = dict(model.named_modules(remove_duplicate=False))
+        lines = _diff_modules(self._ids, {n: (id(m), type(m)) for n, m in now.items()})
+        lines += [f"submodule '{n or type(model).__name__}' switched to {'train' if m.training else 'eval'} mode"
+                  for n, m in now.items() if n in self._flags_all and m.training != self._flags_all[n]]
+        lines += [f"hooks added or removed on '{n or type(model).__name__}'" for n, m in now.items()
+                  if n in self._hooks and _hook_dicts(m) != self._hooks[n]]
+        if _global_hooks() != self._global:
+            lines.append("global module hooks were added or removed")
+        lines += self._tensor_changes(model)
+        lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._attrs if d.get(k) is not v]
+        return lines
+
+    def _tensor_changes(self, model: nn.Module) -> list[str]:
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+        current = dict(named)
+        lines = []
+        if [n for n, _ in named] != self._tensor_names:
+            lines.append("parameters or buffers were added or removed")
+        for name, old, ptr, meta in zip(self._tensor_names, self._tensors, self._ptrs, self._meta):
+            t = current.get(name)
+            if t is None:
+                continue
+            if t is not old:
+                lines.append(f"'{name}' was replaced by another tensor")
+            elif t.data_ptr() != ptr or (t.dtype, t.shape, t.device) != meta:
+                lines.append(f"'{name}' now lives in other memory ({_describe_meta(t, meta)})")
+        return lines
+
+
+def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:
+    lines = [f"submodule '{n}' was removed" for n in old if n not in new]
+    lines += [f"submodule '{n}' was added" for n in new if n not in old]
+    lines += [f"submodule '{n}' was replaced" for n in old if n in new and old[n] != new[n]]
+    return lines[:10]
+
+
+def _describe_meta(t: torch.Tensor, meta: tuple) -> str:
+    dtype, shape, device = meta
+    if (t.dtype, t.shape, t.device) == meta:
+        return "e.g. param.data = ..."
+    return f"was {dtype} {tuple(shape)} on {device}, now {t.dtype} {tuple(t.shape)} on {t.device}"

@@ -1,0 +1,264 @@
+"""Trust, on CPU: a replay never outlives what it baked in, planning changes nothing, outputs the caller holds survive,
+errors are the model's own. The graph layer is faked (``FakeGraphs``), so these test the mechanism (re-plans, copies,
+notices); ``test_runtime_cuda.py`` checks the values on a GPU."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import traceback
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from opara_nb import models
+from opara_nb.runtime import OparaModule, OparaNotice, optimize
+from opara_nb.testing import FakeGraphs
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, scale=None):
+        y = torch.relu(self.bn(self.conv(x)))
+        z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
+        out = self.head(z)
+        return out * scale if scale is not None else out
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model, x, graphs = Net().eval(), torch.randn(2, 3, 8, 8), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    return model, x, graphs, om
+
+
+def _expect(model, *args, **kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(m, "head", nn.Linear(16, 4)),
+    lambda m: m.bn.train(),
+    lambda m: setattr(m.a.weight, "data", torch.randn_like(m.a.weight)),
+    lambda m: m.b.register_forward_hook(lambda mod, i, o: o * 0),
+], ids=["submodule-replaced", "bn-train", "param-data", "hook-added"])
+def test_a_changed_model_is_replanned_with_a_notice(setup, edit):
+    model, x, graphs, om = setup
+    _quiet(om, x)
+    before = graphs.captures
+    edit(model)
+    with pytest.warns(OparaNotice, match="model changed since it was captured"):
+        out = om(x)
+    assert graphs.captures > before
+    torch.testing.assert_close(out, _expect(model, x))
+    _quiet(om, x)
+    assert graphs.captures == before + 1  # the new graph is replayed from then on
+
+
+def test_an_unrelated_new_module_is_no_reason_to_replan(setup):
+    model, x, graphs, om = setup
+    _quiet(om, x)
+    before = graphs.captures
+    nn.Linear(3, 3).register_forward_hook(lambda *a: None)  # bumps the global counters the guard watches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        om(x)
+    assert graphs.captures == before
+
+
+def test_cpu_scalar_values_get_their_own_graph(setup):
+    model, x, graphs, om = setup
+    outs = [_quiet(om, x, scale=torch.tensor(v)) for v in (2.0, 3.0, 2.0)]
+    torch.testing.assert_close(outs[0], _expect(model, x) * 2)
+    torch.testing.assert_close(outs[1], _expect(model, x) * 3)
+    torch.testing.assert_close(outs[2], outs[0])
+
+
+def test_autocast_gets_its_own_graph(setup):
+    model, x, graphs, om = setup
+    _quiet(om, x)
+    before = graphs.captures
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _quiet(om, x)
+        expected = _expect(model, x)
+    assert graphs.captures == before + 1 and out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.lin(x)
+
+
+def test_an_input_the_model_changes_in_place_is_changed_once_like_eager():
+    model, graphs = InPlace().eval(), FakeGraphs()
+    x = torch.randn(3, 4)
+    x0 = x.clone()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    assert torch.equal(x, x0)  # optimize worked on copies
+    out = _quiet(om, x)
+    torch.testing.assert_close(x, x0 * 2)
+    torch.testing.assert_close(out, _expect(model, x0.clone()))
+    _quiet(om, x)
+    torch.testing.assert_close(x, x0 * 4)
+
+
+class TrainBN(nn.Module):
+    """A BatchNorm left in training mode inside an eval model: every forward updates its running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs()], ids=["cpu", "graph"])
+def test_optimize_leaves_model_and_inputs_bit_identical(graphs):
+    model = TrainBN().eval()
+    model.bn.train()
+    x = torch.randn(2, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x0 = x.clone()
+    with pytest.warns(OparaNotice):
+        om = optimize(model, x, strategy="opara", graphs=graphs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"optimize changed {k}"
+    assert torch.equal(x, x0)
+    if graphs is not None:
+        assert any("updates model state" in n and "bn.running_mean" in n for n in om.notices)
+        reference = copy.deepcopy(model)
+        torch.testing.assert_close(_quiet(om, x), _expect(reference, x))  # each call updates the stats once
+        torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+
+
+def test_outputs_the_caller_holds_survive_the_next_call_without_copying_otherwise(setup):
+    model, x, graphs, om = setup
+    x2 = torch.randn_like(x)
+    first = _quiet(om, x)
+    kept = first.clone()
+    second = _quiet(om, x2)               # `first` is still held: it is moved to its own memory first
+    assert torch.equal(first, kept) and first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(second, _expect(model, x2))
+    ptr = second.data_ptr()
+    del first, second
+    third = _quiet(om, x)                 # nothing held: the graph's own buffer, no copy
+    assert third.data_ptr() == ptr
+
+
+def test_a_view_of_an_earlier_output_switches_to_copies(setup):
+    model, x, graphs, om = setup
+    row = _quiet(om, x)[0]                # a view into the graph's output buffer
+    kept = row.clone()
+    with pytest.warns(OparaNotice, match="results are copied from now on"):
+        out = om(torch.randn_like(x))
+    assert torch.equal(row, kept)
+    assert om.clone_outputs is True
+    row2 = out[0]
+    _quiet(om, x)
+    assert torch.equal(row2, out[0]) and out.data_ptr() != _quiet(om, x).data_ptr()
+
+
+def test_explicit_clone_choices(setup):
+    model, x, graphs, om = setup
+    fast = _quiet(optimize, model, x, strategy="opara", clone_outputs=False, graphs=graphs)
+    z1, z2 = _quiet(fast, x), _quiet(fast, torch.randn_like(x))
+    assert z1.data_ptr() == z2.data_ptr()  # documented: the next call overwrites
+    safe = _quiet(optimize, model, x, strategy="opara", clone_outputs=True, graphs=graphs)
+    assert _quiet(safe, x).data_ptr() != _quiet(safe, x).data_ptr()
+
+
+def test_threads_get_their_own_correct_results(setup):
+    model, x, graphs, om = setup
+    inputs = [torch.randn_like(x) for _ in range(8)]
+    expected = [_expect(model, xi) for xi in inputs]
+    results: dict[int, list] = {}
+
+    def work(i):
+        results[i] = [_quiet(om, inputs[i]).clone() for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        for out in results[i]:
+            torch.testing.assert_close(out, expected[i])
+
+
+def test_grad_requiring_inputs_run_the_original_so_autograd_works(setup):
+    model, x, graphs, om = setup
+    xg = x.clone().requires_grad_()
+    with pytest.warns(OparaNotice, match="requires grad"):
+        out = om(xg)
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_deepcopy_and_pickle_give_a_working_module(setup):
+    model, x, graphs, om = setup
+    twin = copy.deepcopy(om)
+    assert isinstance(twin, OparaModule) and twin.original is not model
+    torch.testing.assert_close(_quiet(twin, x), _expect(model, x))
+    back = pickle.loads(pickle.dumps(om))
+    assert isinstance(back, OparaModule) and back.strategy == "opara"
+    torch.testing.assert_close(_quiet(back, x), _expect(model, x))
+
+
+def test_optimizing_an_optimized_module_optimizes_its_original(setup):
+    model, x, graphs, om = setup
+    with pytest.warns(OparaNotice, match="already an OparaModule"):
+        again = optimize(om, x, strategy="opara", graphs=graphs)
+    assert again.original is model and again is not om
+    with pytest.raises(Exception, match="already an OparaModule"):
+        OparaModule(om)
+
+
+class Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = x * 2
+        return self.fc(y)  # the caller passes 5 features
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs()], ids=["cpu", "graph"])
+def test_a_model_that_raises_shows_its_own_error_once_and_short(graphs):
+    with pytest.raises(RuntimeError) as info:
+        _quiet(optimize, Broken().eval(), torch.randn(2, 5), strategy="opara", graphs=graphs)
+    err = info.value
+    assert "shapes cannot be multiplied" in str(err)
+    assert err.__cause__ is None and err.__suppress_context__
+    text = "".join(traceback.format_exception(err))
+    frames = traceback.extract_tb(err.__traceback__)
+    assert len(frames) <= 5, text
+    assert any(f.name == "forward" and f.filename == __file__ for f in frames)  # the model's own line
+    ours = [f for f in frames if "/opara_nb/" in f.filename]
+    assert len(ours) <= 1 and "_dynamo" not in text  # at most the public function that raised it
