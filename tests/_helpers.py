@@ -1,7 +1,6 @@
 """What several test files share: small models and plan lookups."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

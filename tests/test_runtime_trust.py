@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from opara_nb import models
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
 

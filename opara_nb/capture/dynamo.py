@@ -132,7 +132,7 @@ def capture_graphs(model: Callable, args: tuple | list = (), kwargs: dict | None
     try:
         with Sandbox(model), torch.no_grad():
             compile_with_backend(model, record)(*args, **kwargs)
-    except Exception as exc:
+    except Exception:
         own = model_error(model, args, kwargs)
         if own is not None:
             raise ModelError(own) from None
