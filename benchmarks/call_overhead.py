@@ -1,0 +1,147 @@
+"""Per-call host overhead of OparaModule over a raw ``torch.cuda.CUDAGraph`` replay of the same model, with the guard
+work timed on its own. Run on the GPU machine from the checkout root:
+
+    PYTHONPATH=. python benchmarks/call_overhead.py [--md FILE]
+
+For each model: a raw replay (``bench.modes.PlainCudaGraph``: copy the inputs into static buffers, replay, return the
+static outputs), and OparaModule with ``strategy="sequential"`` (one stream: the same kernels, so the difference is the
+call path) and with the default ``auto``. Host time per call is measured while the GPU is kept busy
+(``torch.cuda._sleep``), so it is the time to enqueue the call and never includes waiting for the device; the
+synchronous latency (call, then synchronize) is reported too. The guard rows time each check of the hot path alone.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from opara_nb import models
+from opara_nb.bench.modes import PlainCudaGraph
+from opara_nb.runtime import OparaModule, call_key
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class Nested(nn.Module):
+    """Nested inputs with a non-tensor leaf: a dict of tensors, a tuple, a float and a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.gate = nn.Linear(64, 64)
+
+    def forward(self, batch, pair, scale=1.0, use_gate=True):
+        x = self.proj(batch["x"]) * batch["mask"]
+        y = pair[0] + pair[1]
+        out = x + y * scale
+        return {"out": self.gate(out) if use_gate else out, "aux": (x, y)}
+
+
+def _cases() -> list[tuple[str, nn.Module, tuple, dict]]:
+    dev = "cuda"
+    cases = [("tiny (2 linears, batch 1)", Tiny().eval().to(dev), (torch.randn(1, 64, device=dev),), {})]
+    x = torch.randn(4, 64, device=dev)
+    cases.append(("nested inputs (dict, tuple, float, bool)", Nested().eval().to(dev),
+                  ({"x": x, "mask": torch.ones_like(x)}, (x.clone(), x.clone())), {"scale": 0.5, "use_gate": True}))
+    for name in ("googlenet", "deepfm"):
+        if name in models.available():
+            model, args, kwargs = models.get(name, device=dev)
+            cases.append((name, model, args, kwargs))
+    return cases
+
+
+def _host_us(call: Callable[[], Any], iters: int = 300) -> float:
+    """Median host time of one call while the GPU is busy (enqueue only)."""
+    samples = []
+    for _ in range(iters):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work ahead of the call
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def _sync_us(call: Callable[[], Any], iters: int = 300) -> float:
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)
+
+
+def _python_us(call: Callable[[], Any], iters: int = 20000) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = PlainCudaGraph(model, args, kwargs)
+        seq = OparaModule(model, strategy="sequential")
+        seq(*args, **kwargs)
+        auto = OparaModule(model)
+        auto(*args, **kwargs)
+    rows = []
+    calls = {"raw CUDAGraph replay": lambda: raw(*args, **kwargs),
+             "OparaModule sequential": lambda: seq(*args, **kwargs),
+             f"OparaModule auto (kept {auto.report.kept})": lambda: auto(*args, **kwargs)}
+    for _ in range(50):
+        for call in calls.values():
+            call()
+    host = {k: _host_us(c) for k, c in calls.items()}
+    sync = {k: _sync_us(c) for k, c in calls.items()}
+    base = host["raw CUDAGraph replay"]
+    for k in calls:
+        over = "" if k.startswith("raw") else f"{host[k] - base:+.1f}"
+        rows.append(f"| {name} | {k} | {host[k]:.1f} | {over} | {sync[k]:.1f} |")
+    entry = seq._last
+    guards = {"call key (inputs)": lambda: call_key(args, kwargs),
+              "global state": entry.state.check,
+              "model guard": seq._guard.clean}
+    for k, fn in guards.items():
+        rows.append(f"| {name} | guard: {k} | {_python_us(fn):.2f} | | |")
+    raw.release()
+    seq.release()
+    auto.release()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--md", default=None)
+    ns = parser.parse_args()
+    head = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"command: PYTHONPATH=. python benchmarks/call_overhead.py")
+    lines = [head, "", "| model | call path | host us/call (GPU busy) | over raw | sync latency us |",
+             "|---|---|---|---|---|"]
+    for case in _cases():
+        lines += measure(*case)
+        print("\n".join(lines[-6:]), flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if ns.md:
+        with open(ns.md, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
