@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .guards import _ptrs_equal
+from .guards import _ptrs_equal, install_watch, registration_epoch
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "release_cuda_memory"]
@@ -107,7 +107,7 @@ class GraphedCall:
                  warmup: int = 3, in_place: Callable[[torch.Tensor], bool] = lambda t: False,
                  graphs: CudaGraphs | None = None, owned: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
         self.fn = fn
-        self.clone_outputs = clone_outputs
+        self._clone_outputs = clone_outputs
         self.warmup = warmup
         self.layer = graphs or CudaGraphs()
         leaves, self._in_spec = pytree.tree_flatten((args, kwargs))
@@ -117,7 +117,11 @@ class GraphedCall:
         self._fixed = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and in_place(x)]
         self._fixed_ptrs = [self._static[i].data_ptr() for i in self._fixed]
         self._fixed_index = list(range(len(self._fixed)))
+        self._fixed_epoch = registration_epoch()
+        if self._fixed:
+            install_watch()
         self._slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor) and i not in self._fixed]
+        self._copies = [(i, self._static[i]) for i in self._slots]
         self._owned = owned  # tensors the caller owns (parameters, buffers): outputs aliasing them are copied
         self._mutated: list[int] = []
         self._out: list[Any] = []
@@ -125,6 +129,7 @@ class GraphedCall:
         self._single = False
         self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
+        self._protect = self._as_is = False
         self._uses: list[tuple[int, int]] = []
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
@@ -166,6 +171,22 @@ class GraphedCall:
             else:
                 self._guarded.append(i)
         self._uses = []  # counted at the first replay, when nothing of the capture is left and nothing handed out
+        self._configure()
+
+    @property
+    def clone_outputs(self) -> bool | None:
+        return self._clone_outputs
+
+    @clone_outputs.setter
+    def clone_outputs(self, value: bool | None) -> None:
+        self._clone_outputs = value
+        self._configure()
+
+    def _configure(self) -> None:
+        """The replay path's flags, from the output classification and the clone choice."""
+        guarded = getattr(self, "_guarded", [])
+        self._protect = self._clone_outputs is None and bool(guarded)
+        self._as_is = not self._clone_outputs and not getattr(self, "_copied", [])
 
     def _count_uses(self) -> None:
         """How many tensors use each output's memory while only this object holds them."""
@@ -177,28 +198,38 @@ class GraphedCall:
         return self.replay(pytree.tree_leaves((args, kwargs)))
 
     def replay(self, leaves: list[Any]) -> Any:
-        """Copy the call's input leaves into the static buffers, replay, and return the outputs."""
-        if len(leaves) != len(self._static):
-            raise ValueError(f"call has {len(leaves)} input leaves, the captured graph {len(self._static)}")
+        """Copy the call's input leaves into the static buffers, replay, and return the outputs.
+
+        This is the hot path of every call: rare work (another stream, parameters moved, inputs changed in place,
+        outputs to protect) is behind one flag each."""
         if self._stream_id is not None and self._stream_id() != self._stream_key:
             self._follow_stream()
-        if self._fixed and not _ptrs_equal([leaves[i] for i in self._fixed], self._fixed_ptrs, self._fixed_index):
-            raise ValueError("an input captured in place (a parameter) moved to other memory")
+        if self._fixed:
+            self._check_fixed(leaves)
         if self._mutated and _aliased([leaves[i] for i in self._slots]):
             raise OutputsHeld("inputs that share memory go to a graph that writes one of them in place")
-        if self.clone_outputs is None and self._guarded:
-            if self._uses:
-                self._protect_outputs()
-            else:
-                self._count_uses()
-        for i in self._slots:
-            src, dst = leaves[i], self._static[i]
-            if src.data_ptr() != dst.data_ptr():  # the caller may pass the static buffer itself (or a view of it)
+        if self._protect:
+            self._protect_outputs()
+        for i, dst in self._copies:
+            src = leaves[i]
+            if src is not dst:  # the caller may pass the static buffer itself
                 dst.copy_(src)
         self.graph.replay()
         for i in self._mutated:
             leaves[i].copy_(self._static[i])
+        if self._as_is:
+            return self._out[0] if self._single else pytree.tree_unflatten(self._out, self._out_spec)
         return self._outputs()
+
+    def _check_fixed(self, leaves: list[Any]) -> None:
+        """Inputs captured in place (parameters) must still be where the graph reads them; checked only after
+        something moved a tensor somewhere (the registration counter changed)."""
+        epoch = registration_epoch()
+        if epoch == self._fixed_epoch:
+            return
+        if not _ptrs_equal([leaves[i] for i in self._fixed], self._fixed_ptrs, self._fixed_index):
+            raise ValueError("an input captured in place (a parameter) moved to other memory")
+        self._fixed_epoch = epoch
 
     def replay_only(self) -> None:
         """Replay with the buffers as they are (for timing)."""
@@ -218,6 +249,9 @@ class GraphedCall:
 
     def _protect_outputs(self) -> None:
         """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
+        if not self._uses:
+            self._count_uses()
+            return
         for k, i in enumerate(self._guarded):
             cdata, uses = self._uses[k]
             if torch._C._storage_Use_Count(cdata) > uses:
@@ -233,7 +267,7 @@ class GraphedCall:
     def _follow_stream(self) -> None:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""
         current = self.layer.current()
-        if self.clone_outputs is None and self._guarded:
+        if self._protect:
             self._protect_outputs()  # while the outputs still belong to the last stream
         self.layer.wait(current, self._stream)
         self._stream, self._stream_key = current, self._stream_id()
@@ -253,7 +287,9 @@ class GraphedCall:
         self._out = []
         self._static = []
         self._slots = []
+        self._copies = []
         self._guarded = []
+        self._protect = False
 
     def __del__(self) -> None:
         try:

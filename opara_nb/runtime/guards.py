@@ -8,13 +8,15 @@ checks it itself, cheaply:
 - ``call_key``: the cache key of a call (structure, per-tensor shape/dtype/device/stride, values of other leaves and
   of 0-dim CPU tensors, whose value a kernel takes as an argument at capture).
 - ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's TF32/determinism.
-- ``ModelGuard``: on the hot path a few integer compares and one C call: a global counter that module, parameter and
-  buffer registration hooks bump, the global hook-handle counter (any new forward hook), the training flags of the
-  submodules whose code reads ``training``, and the data pointers of every parameter and buffer (``param.data = t``
-  keeps the object but moves its memory). Any signal makes it walk the whole model and say what changed.
+- ``ModelGuard``: on the hot path two integer compares and the training flags of the submodules whose code reads
+  ``training``. The integers: a global counter that module, parameter and buffer registration hooks bump, and so do
+  ``param.data = t`` (it keeps the object but moves its memory) and ``Module._apply`` (``.to()``, ``.half()``); and
+  the global hook-handle counter (any new hook). Any signal makes it walk the whole model (identities, flags, hooks,
+  data pointers) and say what changed.
 
-Not seen without a walk: a submodule's ``forward`` replaced on the instance, or a buffer swapped by writing
-``module._buffers`` directly; ``om.refresh()`` re-checks everything (see docs/user_guide.md).
+Not seen without a walk: a submodule's ``forward`` replaced on the instance, a buffer swapped by writing
+``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor buffer, ``torch.utils.swap_tensors`` called by
+hand; ``om.refresh()`` re-checks everything (see docs/user_guide.md).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["call_key", "input_leaves", "CallState", "ModelGuard", "registration_epoch"]
+__all__ = ["call_key", "input_leaves", "flat_signature", "matches", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -68,6 +70,27 @@ def _leaf_key(leaf: Any) -> Any:
         return ("V", type(leaf), repr(leaf))
 
 
+def flat_signature(args: tuple, kwargs: dict) -> list[tuple] | None:
+    """Per tensor (shape, dtype, device index, stride) of a call made of positional plain tensors only, none of them
+    a CPU scalar (whose value matters) or needing grad; None for any other call (those use ``call_key``)."""
+    if kwargs or not args or any(type(a) is not torch.Tensor for a in args):
+        return None
+    if any(a.requires_grad or (a.get_device() < 0 and a.dim() == 0) for a in args):
+        return None
+    return [(a.shape, a.dtype, a.get_device(), a.stride()) for a in args]
+
+
+def matches(args: tuple, signature: list[tuple]) -> bool:
+    """Whether positional tensors ``args`` have ``signature`` (``flat_signature``): the hot path's input guard."""
+    if len(args) != len(signature):
+        return False
+    for a, (shape, dtype, device, stride) in zip(args, signature):
+        if (type(a) is not torch.Tensor or a.shape != shape or a.dtype != dtype or a.get_device() != device
+                or a.stride() != stride or a.requires_grad):
+            return False
+    return True
+
+
 def call_key(args: tuple, kwargs: dict) -> tuple[Hashable, list[Any]]:
     """(cache key, input leaves) of a call, in one pass: the replay path needs both."""
     flat = _flat_tensors(args, kwargs)
@@ -85,8 +108,14 @@ except ImportError:  # pragma: no cover - present in every supported torch; kept
     _GlobalStateGuard = None
 
 
+_grad_enabled = torch.is_grad_enabled
+_cudnn_tf32 = torch._C._get_cudnn_allow_tf32
+_cudnn_deterministic = torch._C._get_cudnn_deterministic
+_cudnn_enabled = torch._C._get_cudnn_enabled
+
+
 def _cudnn_state() -> tuple:
-    return (torch._C._get_cudnn_allow_tf32(), torch._C._get_cudnn_deterministic(), torch._C._get_cudnn_enabled())
+    return _cudnn_tf32(), _cudnn_deterministic(), _cudnn_enabled()
 
 
 class CallState:
@@ -105,8 +134,10 @@ class CallState:
         self._cudnn = _cudnn_state()
 
     def check(self) -> bool:
-        guard = self._on if torch.is_grad_enabled() else self._off
-        return (guard is None or guard.check()) and _cudnn_state() == self._cudnn
+        guard = self._on if _grad_enabled() else self._off
+        tf32, deterministic, enabled = self._cudnn
+        return ((guard is None or guard.check()) and _cudnn_tf32() == tf32 and _cudnn_deterministic() == deterministic
+                and _cudnn_enabled() == enabled)
 
     def reason(self) -> str:
         guard = self._on if torch.is_grad_enabled() else self._off
@@ -143,8 +174,37 @@ def _bump(*_: Any) -> None:
     _EPOCH[0] += 1
 
 
-def _install_hooks() -> None:
-    """Global registration hooks that only count (they return None, so they change nothing)."""
+class _CountedData:
+    """``nn.Parameter.data``, unchanged, except that assigning it bumps the counter: ``param.data = t`` keeps the
+    parameter object but moves its memory, which a captured graph would keep reading."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        return self if obj is None else self.base.__get__(obj, cls)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self.base.__set__(obj, value)
+        _EPOCH[0] += 1
+
+
+def _counted_apply(apply: Any) -> Any:
+    @functools.wraps(apply)
+    def _apply(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return apply(self, *args, **kwargs)
+        finally:  # .to() / .half() / .cuda() may swap buffers in place of the old ones
+            _EPOCH[0] += 1
+
+    _apply._opara_counted = True  # type: ignore[attr-defined]
+    return _apply
+
+
+def install_watch() -> None:
+    """Make every way of moving a model's tensors bump ``_EPOCH``: the global registration hooks (a module, parameter
+    or buffer assigned), ``nn.Parameter.data`` assignment and ``nn.Module._apply`` (``.to()``, ``.half()`` ...).
+    They only count: behaviour is unchanged, and nothing runs until the first OparaModule is made."""
     global _hooks_installed
     if _hooks_installed:
         return
@@ -153,6 +213,10 @@ def _install_hooks() -> None:
     nn_module.register_module_module_registration_hook(_bump)
     nn_module.register_module_parameter_registration_hook(_bump)
     nn_module.register_module_buffer_registration_hook(_bump)
+    if not isinstance(nn.Parameter.__dict__.get("data"), _CountedData):
+        nn.Parameter.data = _CountedData(torch._C.TensorBase.data)  # type: ignore[assignment]
+    if not getattr(nn.Module._apply, "_opara_counted", False):
+        nn.Module._apply = _counted_apply(nn.Module._apply)  # type: ignore[method-assign]
     _hooks_installed = True
 
 
@@ -251,7 +315,7 @@ class ModelGuard:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        _install_hooks()
+        install_watch()
         self.model = model
         self.snapshot()
 
@@ -268,7 +332,6 @@ class ModelGuard:
         self._tensors = [t for _, t in named]
         self._ptrs = [t.data_ptr() for t in self._tensors]
         self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
-        self._indices = list(range(len(self._tensors)))
         self._attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                        if isinstance(v, torch.Tensor)]
         tracked = _tracked_modules(model)
@@ -279,10 +342,11 @@ class ModelGuard:
 
     def clean(self) -> bool:
         """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
-        return (_EPOCH[0] == self._epoch and RemovableHandle.next_id == self._handles
-                and list(map(_training, self._dicts)) == self._flags
-                and all(d.get(k) is v for d, k, v in self._attrs)
-                and _ptrs_equal(self._tensors, self._ptrs, self._indices))
+        if _EPOCH[0] != self._epoch or RemovableHandle.next_id != self._handles:
+            return False
+        if list(map(_training, self._dicts)) != self._flags:
+            return False
+        return not self._attrs or all(d.get(k) is v for d, k, v in self._attrs)
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""

@@ -28,11 +28,15 @@ from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
-from .guards import CallState, ModelGuard, call_key
+from .guards import CallState, ModelGuard, call_key, flat_signature, matches
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
 __all__ = ["OparaModule", "optimize", "OparaNotice"]
+
+
+# torch's global forward hooks: a dict each, changed in place, so one lookup per call tells whether there are any.
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 
 class OparaNotice(UserWarning):
@@ -53,6 +57,7 @@ class Entry:
     eager_ms: float | None = None
     key: Hashable = None
     state: CallState | None = None
+    flat: list[tuple] | None = None  # the signature of a plain-tensor call, for the hot path (guards.matches)
     calls: int = 0
 
     def release(self) -> None:
@@ -132,12 +137,15 @@ class OparaModule(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # nn.Module.__call__ costs microseconds per call; it is only needed for hooks registered on this wrapper.
         try:
-            return self._call(args, kwargs)
+            if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+                return super().__call__(*args, **kwargs)
+            return self.forward(*args, **kwargs)
         except ModelError as exc:  # the model's own error, shown as the model raised it, from the user's line
             raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
-        if self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks():
+        """A call that lets ``ModelError`` through (for ``optimize``, which re-raises it from its own frame)."""
+        if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
             return super().__call__(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
@@ -145,8 +153,14 @@ class OparaModule(nn.Module):
         with self._lock:
             entry = self._last
             if entry is not None and entry.graphed is not None:
-                key, leaves = call_key(args, kwargs)
-                if key == entry.key[0] and entry.state.check() and (self._guard is None or self._guard.clean()):
+                # The hot path: the same signature as the last call, and its guards hold.
+                if entry.flat is not None and not kwargs:
+                    same, leaves = matches(args, entry.flat), args
+                else:
+                    key, leaves = call_key(args, kwargs)
+                    same = key == entry.key[0]
+                if same and entry.state.check() and (self._guard is None or self._guard.clean()):
+                    entry.calls += 1
                     try:
                         return entry.graphed.replay(leaves)
                     except OutputsHeld as exc:
@@ -266,7 +280,7 @@ class OparaModule(nn.Module):
             self.notices.append(box.note())
         if self._guard is not None:
             self._guard.snapshot()
-        entry.key, entry.state = key, CallState()
+        entry.key, entry.state, entry.flat = key, CallState(), flat_signature(args, kwargs)
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
             self._evict()
@@ -552,12 +566,6 @@ def _leaves(args: tuple, kwargs: dict) -> list[Any]:
 def _describe(args: tuple, kwargs: dict) -> str:
     shapes = [f"{tuple(x.shape)}" for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)]
     return ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
-
-
-def _global_forward_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _forward_overrides(model: nn.Module) -> list[str]:
