@@ -62,27 +62,32 @@ def _cases() -> list[tuple[str, nn.Module, tuple, dict]]:
     return cases
 
 
-def _host_us(call: Callable[[], Any], iters: int = 300) -> float:
-    """Median host time of one call while the GPU is busy (enqueue only)."""
-    samples = []
-    for _ in range(iters):
-        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work ahead of the call
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+def _host_us(calls: dict[str, Callable[[], Any]], rounds: int = 40, burst: int = 20) -> dict[str, float]:
+    """Median host time per call, in bursts of ``burst`` calls queued behind a long GPU sleep (so no call waits for
+    the device), variants interleaved round by round so that drift is shared."""
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            torch.cuda._sleep(40_000_000)  # tens of ms of GPU work ahead of the burst
+            start = time.perf_counter()
+            for _ in range(burst):
+                call()
+            samples[k].append((time.perf_counter() - start) / burst * 1e6)
+            torch.cuda.synchronize()
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _sync_us(call: Callable[[], Any], iters: int = 300) -> float:
-    samples = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples)
+def _sync_us(calls: dict[str, Callable[[], Any]], rounds: int = 20, per_round: int = 20) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            for _ in range(per_round):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                samples[k].append((time.perf_counter() - start) * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _python_us(call: Callable[[], Any], iters: int = 20000) -> float:
@@ -107,8 +112,8 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     for _ in range(50):
         for call in calls.values():
             call()
-    host = {k: _host_us(c) for k, c in calls.items()}
-    sync = {k: _sync_us(c) for k, c in calls.items()}
+    host = _host_us(calls)
+    sync = _sync_us(calls)
     base = host["raw CUDAGraph replay"]
     for k in calls:
         over = "" if k.startswith("raw") else f"{host[k] - base:+.1f}"

@@ -57,7 +57,9 @@ def _hf(config_cls: str, model_cls: str, vocab: int = 30000, seq: int = 128, **c
 
 def _bundled(name: str) -> Callable[[], tuple]:
     def build() -> tuple:
-        return opara_nb.models.get(name)
+        from opara_nb import models
+
+        return models.get(name)
 
     return build
 

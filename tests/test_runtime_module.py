@@ -195,6 +195,16 @@ def test_auto_keeps_the_fastest_candidate_and_includes_the_plain_graph(fake_cuda
     assert "candidates" in str(rep)
 
 
+def test_a_plan_must_beat_the_plain_graph_beyond_the_noise_to_be_kept():
+    from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN, _fastest
+
+    just_inside = 1.0 - PLAIN_GRAPH_MARGIN / 2
+    assert _fastest({"opara": just_inside, "cudagraph": 1.0}, {}, None) == "cudagraph"
+    assert _fastest({"opara": 0.9, "cudagraph": 1.0}, {}, None) == "opara"
+    assert _fastest({"opara": 0.9, "sequential": 1.0}, {}, None) == "opara"  # no plain graph: the fastest
+    assert _fastest({"opara": 0.9, "cudagraph": 1.0}, {"opara": 90.0, "cudagraph": 10.0}, 50) == "cudagraph"
+
+
 def test_the_plain_graph_wins_when_streams_do_not_help(fake_cuda):
     fake_cuda["times"] = {"cudagraph": 0.5}
     model, args, kwargs = models.get("deepfm")
@@ -207,7 +217,7 @@ def test_the_plain_graph_wins_when_streams_do_not_help(fake_cuda):
 def test_max_memory_mb_drops_candidates_whose_graph_is_too_big(fake_cuda, monkeypatch):
     from opara_nb.runtime import cudagraph
 
-    fake_cuda["times"] = {"opara": 1.0, "sequential": 2.0}
+    fake_cuda["times"] = {"opara": 1.0, "sequential": 2.0, "cudagraph": 2.0}
     real_capture = cudagraph.GraphedCall.capture
 
     def capture(self):

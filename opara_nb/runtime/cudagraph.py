@@ -153,6 +153,7 @@ class GraphedCall:
         self.graph, self.pool, out, self.pool_mb = self.layer.capture(self._call_static)
         self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
         self._out, self._out_spec = pytree.tree_flatten(out)
+        self._rebuild = _rebuilder(out, self._out_spec)
         del out  # counted references to the outputs must be ours alone
         self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
         self.capture_ms = (time.perf_counter() - start) * 1e3
@@ -218,7 +219,7 @@ class GraphedCall:
         for i in self._mutated:
             leaves[i].copy_(self._static[i])
         if self._as_is:
-            return self._out[0] if self._single else pytree.tree_unflatten(self._out, self._out_spec)
+            return self._out[0] if self._single else self._rebuild(self._out)
         return self._outputs()
 
     def _check_fixed(self, leaves: list[Any]) -> None:
@@ -245,7 +246,7 @@ class GraphedCall:
                 outs[i] = outs[i].clone()
         if self._single:
             return outs[0]
-        return pytree.tree_unflatten(outs, self._out_spec)
+        return self._rebuild(outs)
 
     def _protect_outputs(self) -> None:
         """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
@@ -296,6 +297,32 @@ class GraphedCall:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:
+    """A function from output leaves to the output's structure: direct code for tuples, lists and dicts of tensors
+    (pytree's unflatten costs ~10 us a call), pytree for anything else (a ModelOutput, a namedtuple)."""
+    build = _builder(out)
+    if build is None:
+        return lambda leaves: pytree.tree_unflatten(leaves, spec)
+    return lambda leaves: build(iter(leaves))
+
+
+def _builder(obj: Any) -> Callable[[Any], Any] | None:
+    kind = type(obj)
+    if kind is torch.Tensor:
+        return next
+    if kind is tuple or kind is list:
+        parts = [_builder(v) for v in obj]
+        if any(p is None for p in parts):
+            return None
+        return lambda it: kind([p(it) for p in parts])
+    if kind is dict:
+        keys, parts = list(obj), [_builder(v) for v in obj.values()]
+        if any(p is None for p in parts):
+            return None
+        return lambda it: {k: p(it) for k, p in zip(keys, parts)}
+    return None  # scalars, None and other containers: pytree rebuilds them exactly
 
 
 def _aliased(tensors: list[torch.Tensor]) -> bool:
