@@ -1,4 +1,6 @@
-"""Optional dependencies (IPython, ipywidgets, graphviz) imported lazily, with one line saying what to install."""
+"""Optional dependencies (IPython, ipywidgets) imported lazily, with one line saying what to install.
+
+Pictures need no Python binding: Graphviz's `dot` program is run when installed (viz/render.py)."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +8,7 @@ from types import ModuleType
 
 __all__ = ["require", "MissingDependency"]
 
-_PIP_NAMES = {"IPython": "ipython", "ipywidgets": "ipywidgets", "graphviz": "graphviz"}
+_PIP_NAMES = {"IPython": "ipython", "ipywidgets": "ipywidgets"}
 
 
 class MissingDependency(ImportError):
