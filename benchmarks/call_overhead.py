@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from opara_nb import models
+from benchmarks._table import emit
 from opara_nb.bench.modes import PlainCudaGraph
 from opara_nb.runtime import OparaModule, call_key
 
@@ -141,11 +142,7 @@ def main() -> None:
     for case in _cases():
         lines += measure(*case)
         print("\n".join(lines[-6:]), flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if ns.md:
-        with open(ns.md, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    emit(lines, ns.md)
 
 
 if __name__ == "__main__":

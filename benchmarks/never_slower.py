@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 import opara_nb
+from benchmarks._table import emit
 from opara_nb.bench.modes import PlainCudaGraph
 
 
@@ -156,11 +157,7 @@ def main() -> None:
             lines.append(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
-    text = "\n".join(lines)
-    print(text)
-    if ns.md:
-        with open(ns.md, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    emit(lines, ns.md)
 
 
 if __name__ == "__main__":

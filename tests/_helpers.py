@@ -1,6 +1,7 @@
 """What several test files share: small models and plan lookups."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -25,3 +26,22 @@ def stream_nodes(plan, stream: int) -> list[str]:
 def waits(plan, node: str) -> list[str]:
     """The nodes whose events ``node`` waits for (the u of every sync ``(u, node)``)."""
     return [u for u, v in plan.syncs if v == node]
+
+
+class BranchNet(nn.Module):
+    """Conv + BatchNorm, then two branches that can run on two streams, then a head; ``scale`` is an optional
+    (CPU-scalar) argument."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.a = nn.Conv2d(width, width, 1)
+        self.b = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(2 * width, 4)
+
+    def forward(self, x, scale=None):
+        y = torch.relu(self.bn(self.conv(x)))
+        z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
+        out = self.head(z)
+        return out * scale if scale is not None else out

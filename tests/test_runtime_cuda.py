@@ -21,7 +21,7 @@ from torch import nn
 from opara_nb import models
 from opara_nb.pipeline import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
-from _helpers import ItemNet
+from _helpers import BranchNet, ItemNet
 
 pytestmark = pytest.mark.cuda
 
@@ -280,26 +280,10 @@ def test_parameters_keep_their_addresses_and_in_place_updates_are_seen():
 
 
 # ------------------------------------------------------------------------------------------------ trust: never stale
-class Stale(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.a = nn.Conv2d(16, 16, 1)
-        self.b = nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x, scale=None):
-        y = torch.relu(self.bn(self.conv(x)))
-        z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
-        out = self.head(z)
-        return out * scale if scale is not None else out
-
-
 @pytest.fixture
 def stale():
     torch.manual_seed(0)
-    model, x = Stale().eval().cuda(), torch.randn(4, 3, 16, 16, device="cuda")
+    model, x = BranchNet(16).eval().cuda(), torch.randn(4, 3, 16, 16, device="cuda")
     om = _quiet(optimize, model, x)
     _quiet(om, x)
     yield model, x, om
@@ -321,7 +305,7 @@ def test_2_param_data_replaced(stale):
 
 def test_3_submodule_replaced(stale):
     model, x, om = stale
-    model.head = nn.Linear(32, 10).cuda()
+    model.head = nn.Linear(32, 4).cuda()
     torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=CNN_TOL, rtol=0)
 
 
@@ -402,7 +386,7 @@ def test_a_cpu_input_to_a_gpu_model_gives_the_models_own_short_error(stale):
 
 
 def test_planning_leaves_buffers_as_they_were():
-    model = Stale().eval().cuda()
+    model = BranchNet(16).eval().cuda()
     model.bn.train()  # every forward updates the running stats: planning runs it hundreds of times
     x = torch.randn(4, 3, 16, 16, device="cuda")
     state = {k: v.clone() for k, v in model.state_dict().items()}

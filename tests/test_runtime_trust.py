@@ -15,6 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
+from _helpers import BranchNet
 
 
 def _quiet(fn, *args, **kwargs):
@@ -23,26 +24,10 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.a = nn.Conv2d(8, 8, 1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x, scale=None):
-        y = torch.relu(self.bn(self.conv(x)))
-        z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
-        out = self.head(z)
-        return out * scale if scale is not None else out
-
-
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    model, x, graphs = Net().eval(), torch.randn(2, 3, 8, 8), FakeGraphs()
+    model, x, graphs = BranchNet().eval(), torch.randn(2, 3, 8, 8), FakeGraphs()
     om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
     return model, x, graphs, om
 
