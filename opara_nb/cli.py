@@ -164,6 +164,7 @@ def _save(ns: argparse.Namespace, notes: list[str], results: list[Any]) -> None:
 
 def _cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench import sweep_markdown
+    from .errors import one_line
     from .bench.harness import run_benchmark
     from .models import get
 
@@ -184,7 +185,7 @@ def _cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                     on_row=lambda partial: _save(ns, notes, done + [partial]))
             except Exception as exc:  # a model that cannot be built must not cost the other models their numbers
                 failed = True
-                notes.append(f"{name} (batch {batch}) failed: {type(exc).__name__}: {exc}")
+                notes.append(f"{name} (batch {batch}) failed: {one_line(exc)}")
                 print(f"error: {notes[-1]}", file=sys.stderr, flush=True)
                 continue
             print(repr(res), "\n", flush=True)

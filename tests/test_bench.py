@@ -13,7 +13,8 @@ import torch
 from opara_nb.bench import BenchResult, allocation_table, benchmark, sweep_markdown
 from opara_nb.bench import collect as collect_mod
 from opara_nb.bench import harness
-from opara_nb.bench.harness import COLUMNS, _add_speedups, _max_abs_diff
+from opara_nb._tensors import max_abs_diff as _max_abs_diff
+from opara_nb.bench.harness import COLUMNS, _add_speedups
 from opara_nb.bench.modes import Built, map_tensors, tensor_leaves
 from opara_nb.bench.timing import summarize
 from opara_nb.errors import OparaUsageError

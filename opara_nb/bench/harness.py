@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .._tensors import max_abs_diff
 from ..errors import OparaUsageError, one_line
 from .modes import (CPU_DEFAULT_MODES, DEFAULT_MODES, MODES, Built, Unavailable, build_mode, is_mode,
                     opara_mode,
@@ -180,19 +181,9 @@ def _empty_row(mode: str) -> dict[str, Any]:
     return row
 
 
-def _max_abs_diff(reference: Any, out: Any) -> float | None:
-    """Largest elementwise difference over all floating outputs; inf when the output structure or shapes differ."""
-    ref, got = tensor_leaves(reference), tensor_leaves(out)
-    if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
-        return float("inf")
-    diffs = [(r.double() - g.double().to(r.device)).abs().max().item() for r, g in zip(ref, got)
-             if r.numel() and (r.is_floating_point() or g.is_floating_point())]
-    return max(diffs, default=0.0)
-
-
 def _measure(row: dict[str, Any], built: Built, reference: Any, iters: int, warmup: int, cuda: bool) -> None:
     out = map_tensors(lambda t: t.detach().clone(), built.call())
-    row["max_abs_diff"] = _max_abs_diff(reference, out)
+    row["max_abs_diff"] = max_abs_diff(reference, out)
     sync = time_sync(built.call, iters, warmup, cuda)
     row["sync_median_ms"], row["sync_p90_ms"] = sync.median_ms, sync.p90_ms
     gpu = time_gpu(built.call, iters, warmup=2) if cuda else None
@@ -243,7 +234,7 @@ def _release(built: Built | None, row: dict[str, Any]) -> None:
     try:
         built.release()
     except Exception as exc:
-        row["reason"] = (row["reason"] + "; " if row["reason"] else "") + f"release failed: {type(exc).__name__}: {exc}"
+        row["reason"] = (row["reason"] + "; " if row["reason"] else "") + f"release failed: {one_line(exc)}"
 
 
 def _settle(cuda: bool) -> None:

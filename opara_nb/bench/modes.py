@@ -8,12 +8,12 @@ buffers, replay, clone outputs.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from .._tensors import map_tensors, tensor_leaves
 from ..errors import OparaUsageError
 
 __all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "opara_mode", "is_mode", "Built", "Unavailable", "build_mode",
@@ -50,29 +50,6 @@ class Built:
     release: Callable[[], None] = lambda: None
     # facts read again after the timed calls (a module may capture or re-plan on its first calls)
     refresh: Callable[[], dict[str, Any]] | None = None
-
-
-def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
-    """Apply ``fn`` to every tensor in a nest of tuples, lists and mappings (Hugging Face ModelOutput included)."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        mapped = {k: map_tensors(fn, v) for k, v in obj.items()}
-        try:
-            return type(obj)(**mapped)
-        except TypeError:  # a mapping type that cannot be rebuilt from keywords: a plain dict keeps the values
-            return mapped
-    if isinstance(obj, (list, tuple)):
-        items = [map_tensors(fn, v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
-
-
-def tensor_leaves(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a nest of tuples, lists and mappings, in a stable order."""
-    found: list[torch.Tensor] = []
-    map_tensors(found.append, obj)
-    return found
 
 
 class PlainCudaGraph:
