@@ -6,9 +6,9 @@
 # STAGE: env | tests | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
-# benchmarks/results/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
+# benchmarks/results/$NAME/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
 # (the device tool) results are copied there too. Each bench profiles the model before timing any mode (fairness).
-# Knobs (environment): ITERS (200), BUDGET_S (wall budget for this call, 540), NAME (h100), MODES, SWEEP_MODES,
+# Knobs (environment): ITERS (200), BUDGET_S (wall budget for this call, 540), NAME (h200), MODES, SWEEP_MODES,
 # SWEEP_BATCHES, SWEEP_MODEL (inception_v3), CUDA_TEST_TIMEOUT (300), MODEL_TIMEOUT_S (per-model default table).
 # To stay under 10 minutes per call, split it, e.g.:
 #   scripts/gpu_check.sh tests; scripts/gpu_check.sh bench googlenet inception_v3 deepfm;
@@ -23,7 +23,7 @@ STAGE=${1:-all}
 shift || true
 ITERS=${ITERS:-200}
 BUDGET_S=${BUDGET_S:-540}
-NAME=${NAME:-h100}
+NAME=${NAME:-h200}
 # most important first: a model that runs out of time still has its baseline and opara rows
 MODES=${MODES:-eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological,compile}
 if [ "$STAGE" = quick ]; then
@@ -34,7 +34,7 @@ fi
 SWEEP_MODES=${SWEEP_MODES:-eager,cudagraph,opara,auto}
 SWEEP_BATCHES=${SWEEP_BATCHES:-1,2,4,8,16,32}
 SWEEP_MODEL=${SWEEP_MODEL:-inception_v3}
-RES=benchmarks/results
+RES=benchmarks/results/$NAME
 PARTS=$RES/parts
 mkdir -p "$PARTS"
 MODELS=("$@")
