@@ -131,6 +131,41 @@ def test_check_catches_broken_plans():
         same_stream.check(dag)
 
 
+def _edited(plan, **changes):
+    fields = dict(streams=dict(plan.streams), order=list(plan.order), syncs=list(plan.syncs),
+                  num_streams=plan.num_streams, strategy=plan.strategy, order_kind=plan.order_kind)
+    fields.update(changes)
+    return Plan(**fields)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: dict(order=p.order + ["z"]), ["'z'", "does not have"]),
+    (lambda p: dict(streams={**p.streams, "z": 0}), ["'z'", "does not have"]),
+    (lambda p: dict(order=p.order + [p.order[1]]), ["duplicate", repr("a")]),
+    (lambda p: dict(order=p.order[:-1]), ["leaves out", "'y'"]),
+    (lambda p: dict(syncs=p.syncs + [("x", "zz")]), ["sync", "'zz'"]),
+    (lambda p: dict(syncs=p.syncs + [("y", "b")]), ["cannot run"]),
+])
+def test_check_names_what_is_wrong(edit, words):
+    dag = branches()
+    plan = make_plan(dag)
+    assert plan.order[1] == "a"
+    with pytest.raises(ValueError) as info:
+        _edited(plan, **edit(plan)).check(dag)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_happens_before_catches_cycles_between_streams():
+    dag = branches()
+    plan = make_plan(dag)
+    # b and c on other streams than each other: b waits for c and c for b
+    b, c = plan.streams["b"], plan.streams["c"]
+    assert b != c
+    with pytest.raises(ValueError, match="cycle"):
+        _edited(plan, syncs=plan.syncs + [("b", "c"), ("c", "b")]).happens_before()
+
+
 def test_plans_on_a_long_chain_and_wide_fan():
     # deep graphs must not hit recursion limits; wide ones must not blow up
     n = 3000

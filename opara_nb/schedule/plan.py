@@ -73,22 +73,49 @@ class Plan:
             raise ValueError(f"not a plan: malformed field ({exc})") from None
 
     def check(self, dag: DAG) -> None:
-        """Raise ``ValueError`` unless this plan is a valid schedule of ``dag`` (used by tests and as a guard)."""
-        index = {n: i for i, n in enumerate(dag.nodes)}
-        if set(self.streams) != set(dag.nodes) or sorted(self.order) != sorted(dag.nodes):
-            raise ValueError("plan does not cover exactly the DAG's nodes")
+        """Raise ``ValueError`` naming the first problem unless this plan is a valid schedule of ``dag``: it names only
+        the DAG's nodes, each once, with a stream each; syncs join two streams; stream order plus syncs form no cycle
+        and follow the launch order; every DAG edge is ordered by stream order or a sync. Used as a guard before a
+        plan runs, and on plans read from files."""
+        unknown = [n for n in [*self.order, *self.streams] if n not in dag]
+        if unknown:
+            raise ValueError(f"plan names node {unknown[0]!r}, which the graph does not have "
+                             f"({len(set(unknown))} unknown node(s) in all)")
+        for u, v in self.syncs:
+            if u not in dag or v not in dag:
+                raise ValueError(f"sync ({u!r}, {v!r}) names a node the graph does not have")
+        missing = [n for n in dag.nodes if n not in self.streams or n not in self.order]
+        if missing:
+            raise ValueError(f"plan leaves out node {missing[0]!r} ({len(missing)} node(s) in all)")
+        self.happens_before()
         if set(self.streams.values()) != set(range(self.num_streams)):
             raise ValueError(f"stream ids {sorted(set(self.streams.values()))} are not 0..{self.num_streams - 1}")
+        index = {n: i for i, n in enumerate(dag.nodes)}
         stream = [self.streams[n] for n in dag.nodes]
         for u, v in self.syncs:
-            if u not in index or v not in index or stream[index[u]] == stream[index[v]]:
-                raise ValueError(f"sync ({u!r}, {v!r}) does not join two streams of this DAG")
+            if stream[index[u]] == stream[index[v]]:
+                raise ValueError(f"sync ({u!r}, {v!r}) does not join two streams (both on stream {stream[index[u]]})")
         order = [index[n] for n in self.order]
-        missing = unimplied(stream, order, [(index[u], index[v]) for u, v in self.syncs], dag._preds)
-        if missing:
-            u, v = missing[0]
+        missing_edges = unimplied(stream, order, [(index[u], index[v]) for u, v in self.syncs], dag._preds)
+        if missing_edges:
+            u, v = missing_edges[0]
             raise ValueError(f"plan does not order edge ({dag.nodes[u]!r}, {dag.nodes[v]!r}) "
-                             f"({len(missing)} edge(s) in all)")
+                             f"({len(missing_edges)} edge(s) in all)")
+
+    def happens_before(self) -> DAG:
+        """Stream order plus syncs as a DAG over the launch order. Its validation names what makes the plan
+        impossible to run: a node launched twice, a cycle, or a sync that waits for a node launched after it."""
+        last: dict[int, str] = {}
+        edges: list[tuple[str, str]] = []
+        for n in self.order:
+            s = self.streams[n]
+            if s in last:
+                edges.append((last[s], n))
+            last[s] = n
+        try:
+            return DAG(self.order, edges + list(self.syncs))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"the plan's launch order and syncs cannot run: {exc}") from None
 
 
 def make_plan(dag: DAG, strategy: str = "opara", demand: Mapping[str, float] | None = None,
