@@ -1,6 +1,7 @@
 """The public entry points: optimize, plan, profile, benchmark. Thin: each delegates to its layer."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -12,16 +13,24 @@ if TYPE_CHECKING:
 __all__ = ["optimize", "plan", "profile", "benchmark"]
 
 
-def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str = "opara",
-             clone_outputs: bool = True, **kwargs: Any) -> "OparaModule":
+def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str | None = None,
+             clone_outputs: bool = True, plan: str | os.PathLike | None = None, **kwargs: Any) -> "OparaModule":
     """Capture ``model`` on example inputs, schedule its operators on CUDA streams and return an ``OparaModule``.
+
+    ``order`` defaults to "opara" (paper Alg. 2). ``plan``: a plan file written by ``om.save_plan(path)`` (or
+    ``python -m opara_nb tune``): its plans run as they are, with no profiling and no candidate timing; it fixes
+    strategy and order, and a file that does not fit the model or the inputs raises ``PlanFileError``.
 
     >>> om = opara_nb.optimize(model, x)          # doctest: +SKIP
     >>> om(x)                                      # same result as model(x), replayed from one CUDA graph
+    >>> om.save_plan("model.plan.json")
+    >>> om = opara_nb.optimize(model, x, plan="model.plan.json")    # elsewhere: no profiling, no timing
     """
     from .runtime import optimize as _optimize
 
-    return _optimize(model, *args, strategy=strategy, order=order, clone_outputs=clone_outputs, **kwargs)
+    if order is None:
+        order = "opara" if plan is None else ""
+    return _optimize(model, *args, strategy=strategy, order=order, clone_outputs=clone_outputs, plan=plan, **kwargs)
 
 
 def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "opara", **kwargs: Any) -> "ModelPlan":

@@ -2,6 +2,10 @@
 multi-stream CUDA graph (captured on the first call, replayed afterwards).
 
     compiled = torch.compile(model, backend="opara")
+    compiled = torch.compile(model, backend="opara", options={"plan": "model.plan.json"})   # from om.save_plan
+
+With ``options={"plan": path}`` each graph runs the plan file's plan for it (found by the graph's fingerprint): no
+profiling; a graph the file does not have raises ``PlanFileError`` naming the difference.
 
 Registered with dynamo when this module is imported and through the ``torch_dynamo_backends`` entry point
 (``opara = "opara_nb.backend:opara_backend"``), so the string works whether or not opara_nb was imported first.
@@ -11,15 +15,17 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import one_line, user_stacklevel
+from .errors import OparaUsageError, one_line, user_stacklevel
 
 __all__ = ["opara_backend", "skip_reason"]
 
 _graph_ids = itertools.count()
+_OPTIONS = ("plan",)
+_noticed: set[str] = set()  # plan files whose "tuned elsewhere" notice was shown
 
 
 def skip_reason(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
@@ -55,20 +61,24 @@ class _Runner:
         return out
 
 
-def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Plan ``gm`` (capture -> profile -> plan with strategy "opara") and return its runner; see the module doc."""
+def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
+                  options: Mapping[str, Any] | None = None) -> Callable:
+    """Plan ``gm`` (capture -> profile -> plan with strategy "opara", or the plan file's plan with
+    ``options={"plan": path}``) and return its runner; see the module doc."""
+    plan_file = _plan_option(options)
     reason = skip_reason(gm, example_inputs)
     if reason is not None:
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .pipeline import PlanSpec, plan_graph
         from .runtime import PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
-        _, plan = plan_graph(g, PlanSpec("opara"))
+        plan = _planned(g) if plan_file is None else _from_file(g, plan_file, example_inputs)
         executor = PlanExecutor(g, plan)
     except Exception as exc:  # noqa: BLE001 - a graph we cannot plan still runs correctly as given
+        if getattr(exc, "opara_fatal", False):  # the plan file does not fit: the user must know
+            raise
         warnings.warn(f"opara backend: running a graph unplanned ({one_line(exc)})", stacklevel=user_stacklevel())
         return gm.forward
     cuda = any(x.is_cuda for x in example_inputs) and torch.cuda.is_available()
@@ -76,6 +86,37 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
                       stacklevel=user_stacklevel())
     return _Runner(executor, cuda)
+
+
+def _plan_option(options: Mapping[str, Any] | None) -> str | None:
+    unknown = sorted(set(options or {}) - set(_OPTIONS))
+    if unknown:
+        raise OparaUsageError(f"unknown option(s) {', '.join(unknown)} for the opara backend: it takes "
+                              "options={'plan': 'path/to/plan.json'} (a file from om.save_plan)")
+    return None if options is None or options.get("plan") is None else str(options["plan"])
+
+
+def _planned(g: Any) -> Any:
+    from .pipeline import PlanSpec, plan_graph
+
+    return plan_graph(g, PlanSpec("opara"))[1]
+
+
+def _from_file(g: Any, path: str, example_inputs: list) -> Any:
+    """The plan file's plan for graph ``g``. Where the file kept the plain CUDA graph of the model, this graph runs
+    on one stream in its own order, which captured per graph is that plain graph."""
+    from .planfile import read_cached
+    from .runtime import OparaNotice
+    from .schedule import make_plan
+
+    planfile = read_cached(path)
+    plan = next(iter(planfile.plans_for(g).values()))
+    device = next((str(x.device) for x in example_inputs if x.is_cuda), "cpu")
+    notice = planfile.notice(device)
+    if notice and planfile.path not in _noticed:
+        _noticed.add(planfile.path)
+        warnings.warn(notice, OparaNotice, stacklevel=user_stacklevel())
+    return plan if plan is not None else make_plan(g.dag, "sequential", order="topological")
 
 
 def _register() -> None:

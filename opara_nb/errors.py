@@ -9,7 +9,8 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["OparaUsageError", "ModelError", "one_line", "user_stacklevel", "user_traceback", "is_internal"]
+__all__ = ["OparaUsageError", "ModelError", "fatal_cause", "one_line", "user_stacklevel", "user_traceback",
+           "is_internal"]
 
 
 class OparaUsageError(ValueError):
@@ -24,6 +25,24 @@ class ModelError(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def fatal_cause(exc: BaseException) -> BaseException | None:
+    """The error marked ``opara_fatal`` (a plan file that does not fit) that ``exc`` carries, or None.
+
+    Dynamo wraps what a backend raises (``BackendCompilerFailed.inner_exception``); such an error must reach the user
+    as it is instead of turning into a silent fallback."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "opara_fatal", False):
+            return e
+        todo += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+    return None
 
 
 def one_line(exc: BaseException) -> str:

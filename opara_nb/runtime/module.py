@@ -13,6 +13,7 @@ changed), look the entry up or capture it (``_capture``), then ``_run`` it.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..capture.sandbox import Sandbox, clone_inputs, model_error
-from ..errors import ModelError, OparaUsageError, one_line, user_stacklevel, user_traceback
+from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
 from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
 from . import timing
@@ -59,6 +60,9 @@ class Entry:
     state: CallState | None = None
     flat: list[tuple] | None = None  # the signature of a plain-tensor call, for the hot path (guards.matches)
     calls: int = 0
+    signature: dict[str, Any] | None = None  # the inputs as a plan file describes them
+    device: str = "cpu"
+    source: Any = None  # the plan file's SignatureRecord this entry runs, when loaded from one
 
     def release(self) -> None:
         if self.graphed is not None:
@@ -92,7 +96,10 @@ class OparaModule(nn.Module):
     strategy's own). ``clone_outputs``: None (default) returns the graph's outputs and copies one before the next call
     only if the caller still holds it; True copies every output; False returns the graph's buffers, overwritten by the
     next call. ``max_graphs`` bounds the per-signature cache, ``max_streams`` the CUDA streams per graph,
-    ``max_memory_mb`` the graph memory of the kept plan. Calls run without autograd: this is an inference module.
+    ``max_memory_mb`` the graph memory of the kept plan. ``plan``: a plan file (``save_plan``'s path, or a read
+    ``planfile.PlanFile``) whose plans run as they are, nothing profiled or timed; it fixes strategy, order and
+    candidates, and must fit the model and inputs (``planfile.PlanFileError`` otherwise). Calls run without autograd:
+    this is an inference module.
 
     >>> om = OparaModule(model.eval().cuda())      # doctest: +SKIP
     >>> om(x)                                      # captured on the first call per shape, replayed afterwards
@@ -101,7 +108,7 @@ class OparaModule(nn.Module):
     def __init__(self, model: nn.Module | Callable, strategy: str = "auto", order: str = "",
                  clone_outputs: bool | None = None, max_graphs: int = 4, max_streams: int = DEFAULT_MAX_STREAMS,
                  candidates: tuple[str, ...] | None = None, fuse: bool = False, max_memory_mb: float | None = None,
-                 graphs: CudaGraphs | None = None) -> None:
+                 plan: str | os.PathLike | Any | None = None, graphs: CudaGraphs | None = None) -> None:
         super().__init__()
         if isinstance(model, OparaModule):
             raise OparaUsageError("the model is already an OparaModule: optimize its .original instead "
@@ -120,10 +127,15 @@ class OparaModule(nn.Module):
         self.clone_outputs = clone_outputs
         self.max_graphs, self.max_memory_mb = max_graphs, max_memory_mb
         self._options = dict(strategy=strategy, order=order, clone_outputs=clone_outputs, max_graphs=max_graphs,
-                             max_streams=max_streams, candidates=candidates, fuse=fuse, max_memory_mb=max_memory_mb)
-        self._specs = _candidate_specs(strategy, order, fuse, candidates)
+                             max_streams=max_streams, candidates=candidates, fuse=fuse, max_memory_mb=max_memory_mb,
+                             plan=plan)
+        self._planfile = _read_plan(plan, model, strategy=strategy, order=order, fuse=fuse, candidates=candidates)
+        self._records: dict[Hashable, Any] = {}  # call key -> the plan file's record for it
+        self._specs = _candidate_specs(strategy, order, fuse, candidates) if self._planfile is None else \
+            _file_specs(self._planfile)
         self._graphs = graphs or CudaGraphs()
-        self._backend = Backend(self._specs, max_streams, graphs=graphs, presets=None)
+        presets = None if self._planfile is None else self._planfile.plans_for
+        self._backend = Backend(self._specs, max_streams, graphs=graphs, presets=presets)
         self._lock = threading.RLock()
         self._compiled: Callable | None = None
         self._cache: OrderedDict[Hashable, Entry] = OrderedDict()
@@ -174,17 +186,32 @@ class OparaModule(nn.Module):
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
             return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
                                   "original model (autograd works as usual)", args, kwargs)
+        record = self._record(key, args, kwargs)
         if not self._graphs.usable(leaves):
-            return self._run_eager_plan(args, kwargs, leaves)
+            return self._run_eager_plan(args, kwargs, leaves, record)
         self._check_model()
         full_key = (key, CallState.key())
         entry = self._cache.get(full_key)
         if entry is None:
-            entry = self._capture(full_key, args, kwargs)
+            entry = self._capture(full_key, args, kwargs, record)
         else:
             self._cache.move_to_end(full_key)
         self._last = entry
         return self._run(entry, args, kwargs, leaves)
+
+    def _record(self, key: Hashable, args: tuple, kwargs: dict) -> Any:
+        """The plan file's record for this call (None without a plan file); ``PlanFileError`` if it has none."""
+        if self._planfile is None:
+            return None
+        record = self._records.get(key)
+        if record is None:
+            from ..planfile import input_device
+
+            record = self._records[key] = self._planfile.match(args, kwargs)
+            notice = self._planfile.notice(input_device(args, kwargs))
+            if notice:
+                self._notify(notice)
+        return record
 
     def _run(self, entry: Entry, args: tuple, kwargs: dict, leaves: list) -> Any:
         entry.calls += 1
@@ -238,15 +265,21 @@ class OparaModule(nn.Module):
                      f"{' ...' if len(changes) > 3 else ''}): re-planning", once=False)
         self._reset()
         self._guard.snapshot()
+        if self._planfile is not None:
+            self._planfile.check_model(self.original)
 
-    def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list) -> Any:
+    def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list, record: Any = None) -> Any:
         where = "CUDA is not available" if not torch.cuda.is_available() else "the inputs are on the CPU"
-        kept = self._specs[0].name
+        kept = record.kept if record is not None else self._specs[0].name
+        if kept == PLAIN_GRAPH:
+            return self._fallback(f"{where}: the plan file keeps the plain CUDA graph of the model, so the original "
+                                  "model runs", args, kwargs)
         runners_before = len(self._backend.runners)
         try:
             with torch.no_grad(), self._backend.selecting(kept):
                 out = self._compiled_fn()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - either the model's own error, or ours: then run the original
+            _raise_fatal(exc)
             own = model_error(self.original, args, kwargs)
             if own is not None:
                 raise ModelError(own) from None
@@ -257,15 +290,17 @@ class OparaModule(nn.Module):
                                         "original model")
             self._notify(f"opara_nb: {self._last.reason}")
             return out
-        note = " (auto keeps 'opara': there is nothing to measure without CUDA)" if self.strategy == "auto" else ""
+        note = " (auto keeps 'opara': there is nothing to measure without CUDA)" \
+            if self.strategy == "auto" and record is None else ""
         reason = f"{where}: the plan runs eagerly in its launch order, not accelerated{note}"
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
-        self._last = Entry("eager-plan", reason, kept, runners=runners)
+        self._last = Entry("eager-plan", reason, kept, runners=runners, source=record)
+        _describe_inputs(self._last, args, kwargs)
         self._notify(f"opara_nb: {reason}")
         return out
 
     # ---------------------------------------------------------------- capture
-    def _capture(self, key: Hashable, args: tuple, kwargs: dict) -> Entry:
+    def _capture(self, key: Hashable, args: tuple, kwargs: dict, record: Any = None) -> Entry:
         if self._evicted_unused > 2 * self.max_graphs:
             reason = ("the inputs change on almost every call (new shapes or CPU-scalar values), so graphs are not "
                       "reused: running the original model")
@@ -275,7 +310,9 @@ class OparaModule(nn.Module):
         self._notify(f"opara_nb: capturing a CUDA graph for a new input signature ({_describe(args, kwargs)})",
                      once=False)
         with Sandbox(self.original) as box, torch.no_grad():
-            entry = self._plan_and_capture(*clone_inputs(args, kwargs))
+            entry = self._plan_and_capture(*clone_inputs(args, kwargs), record)
+        entry.source = record
+        _describe_inputs(entry, args, kwargs)
         if box.note():
             self.notices.append(box.note())
         if self._guard is not None:
@@ -301,10 +338,14 @@ class OparaModule(nn.Module):
         self._compiled = None
         release_cuda_memory()
 
-    def _plan_and_capture(self, args: tuple, kwargs: dict) -> Entry:
-        """Compile, plan and capture every candidate on copies of the inputs; keep the fastest."""
+    def _plan_and_capture(self, args: tuple, kwargs: dict, record: Any = None) -> Entry:
+        """Compile, plan and capture every candidate on copies of the inputs; keep the fastest. With a plan file's
+        ``record``, its kept plan is the only candidate (or the plain CUDA graph, captured without dynamo)."""
+        if record is not None and record.kept == PLAIN_GRAPH:
+            return self._capture_plain(args, kwargs)
+        specs = self._specs if record is None else (PlanSpec.parse(record.kept),)
         runners_before = len(self._backend.runners)
-        first = self._specs[0].name
+        first = specs[0].name
         compiled = self._compiled_fn()
         graphed = GraphedCall(compiled, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
         try:
@@ -312,6 +353,7 @@ class OparaModule(nn.Module):
                 graphed.warm_up()
         except Exception as exc:  # noqa: BLE001 - the model's own error is raised; ours falls back
             graphed.release()
+            _raise_fatal(exc)
             own = model_error(self.original, args, kwargs)
             if own is not None:
                 raise ModelError(own) from None
@@ -321,16 +363,31 @@ class OparaModule(nn.Module):
             graphed.release()
             return Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the original "
                                   "model")
-        captured, errors = self._capture_candidates(graphed, compiled, args, kwargs)
+        captured, errors = self._capture_candidates(graphed, compiled, args, kwargs, specs)
         if not captured:
-            return self._piecewise(runners, args, kwargs, errors[0])
+            return self._piecewise(runners, args, kwargs, errors[0], first)
         return self._choose(captured, errors, runners, args, kwargs)
 
-    def _capture_candidates(self, first: GraphedCall, compiled: Callable, args: tuple,
-                            kwargs: dict) -> tuple[dict[str, GraphedCall], list[str]]:
+    def _capture_plain(self, args: tuple, kwargs: dict) -> Entry:
+        """The plan file keeps the plain CUDA graph of the model: capture it directly (no dynamo, no plan)."""
+        plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
+        error = _attempt(plain.warm_up, plain.capture)
+        if error is None:
+            measured = {PLAIN_GRAPH: {"sync_ms": None, "replay_ms": None, "pool_mb": plain.pool_mb}}
+            return Entry("cuda-graph", None, PLAIN_GRAPH, plain, [], measured, plain.capture_ms)
+        plain.release()
+        release_cuda_memory()
+        own = model_error(self.original, args, kwargs)
+        if own is not None:
+            raise ModelError(own) from None
+        return Entry("eager", f"the plan file keeps the plain CUDA graph, which cannot be captured here ({error}): "
+                              "running the original model")
+
+    def _capture_candidates(self, first: GraphedCall, compiled: Callable, args: tuple, kwargs: dict,
+                            specs: tuple[PlanSpec, ...]) -> tuple[dict[str, GraphedCall], list[str]]:
         captured: dict[str, GraphedCall] = {}
         errors: list[str] = []
-        for i, spec in enumerate(self._specs):
+        for i, spec in enumerate(specs):
             graphed = first if i == 0 else GraphedCall(compiled, args, kwargs, self.clone_outputs, warmup=1,
                                                        graphs=self._graphs, owned=self._owned)
             with self._backend.selecting(spec.name):
@@ -344,7 +401,7 @@ class OparaModule(nn.Module):
             errors.append(f"{spec.name}: {error}")
             if i == 0:
                 return captured, errors  # the first failure is the model's, not the plan's: the others would fail alike
-        if self.strategy == "auto" and isinstance(self.original, nn.Module):
+        if self.strategy == "auto" and self._planfile is None and isinstance(self.original, nn.Module):
             plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs,
                                 owned=self._owned)
             if _attempt(plain.warm_up, plain.capture) is None:
@@ -378,16 +435,20 @@ class OparaModule(nn.Module):
         return Entry("cuda-graph", None, best, captured[best], runners, measured,
                      sum(g.capture_ms for g in captured.values()), eager_ms)
 
-    def _piecewise(self, runners: list[GraphRunner], args: tuple, kwargs: dict, error: str) -> Entry:
+    def _piecewise(self, runners: list[GraphRunner], args: tuple, kwargs: dict, error: str, kept: str) -> Entry:
         """The whole call cannot be captured: each dynamo graph gets its own CUDA graph; kept only if it beats
-        running the original model."""
-        kept = self._specs[0].name
+        running the original model (with a plan file: kept, nothing is timed)."""
         try:
             with self._backend.selecting(kept, per_graph=True):
                 self._compiled_fn()(*args, **kwargs)  # captures each graph on its first call
         except Exception as exc:  # noqa: BLE001
             return Entry("eager", f"capturing failed ({error}) and so did capturing graph by graph "
                                   f"({one_line(exc)}): running the original model")
+
+        reason = (f"the whole call cannot be captured ({error}): each graph replays its own CUDA graph and the Python "
+                  "between them runs eagerly")
+        if self._planfile is not None:
+            return Entry("piecewise", reason, kept, None, runners)
 
         def piecewise() -> Any:
             with self._backend.selecting(kept, per_graph=True):
@@ -404,9 +465,7 @@ class OparaModule(nn.Module):
                                   f"slower than the original model ({times['piecewise']:.3f} vs "
                                   f"{times['eager']:.3f} ms): running the original model",
                          candidates=measured, eager_ms=times["eager"])
-        return Entry("piecewise", f"the whole call cannot be captured ({error}): each graph replays its own CUDA "
-                                  "graph and the Python between them runs eagerly", kept, None, runners, measured,
-                     eager_ms=times["eager"])
+        return Entry("piecewise", reason, kept, None, runners, measured, eager_ms=times["eager"])
 
     def _owned(self, t: torch.Tensor) -> bool:
         """Whether an output aliases one of the model's own tensors (then it is always copied)."""
@@ -475,11 +534,55 @@ class OparaModule(nn.Module):
         notes += [n for ex in (r.executor(self._kept_spec()) for r in runners) for n in ex.mapping.notes]
         kept = last.kept or (self._specs[0].name if runners else "")
         order = PlanSpec.parse(kept).order if kept and kept != PLAIN_GRAPH else ""
+        source = self._planfile.source_line(last.source) if last.source is not None else ""
         return RunReport(mode=last.mode, reason=last.reason, requested=self.strategy, kept=kept, order=order,
                          graphs=graphs, profile_ms=sum(r.profile_ms for r in runners),
                          plan_ms=sum(r.plan_ms for r in runners), capture_ms=last.capture_ms,
                          candidates={k: dict(v) for k, v in last.candidates.items()}, eager_ms=last.eager_ms,
-                         notices=notes, accelerated=last.mode in ("cuda-graph", "piecewise"))
+                         notices=notes, accelerated=last.mode in ("cuda-graph", "piecewise"), plan_source=source,
+                         profiled_graphs=sum(r.profile is not None for r in runners))
+
+    def save_plan(self, path: str | os.PathLike) -> Any:
+        """Write what this module decided to a JSON plan file at ``path`` and return its ``pathlib.Path``.
+
+        Per input signature captured so far (on a CPU: the last call's): the kept plan of every dynamo graph (or
+        "cudagraph" for the plain CUDA graph), what ``auto`` measured, and fingerprints of the inputs, the graphs and
+        the model, with the environment it ran on. ``optimize(model, *inputs, plan=path)`` then skips profiling and
+        candidate timing.
+
+        >>> om = opara_nb.optimize(model, x)          # doctest: +SKIP
+        >>> om.save_plan("model.plan.json")
+        >>> om2 = opara_nb.optimize(model, x, plan="model.plan.json")    # in a script, a test, a server replica
+        """
+        from ..planfile import PlanFile, environment, model_fingerprint
+
+        with self._lock:
+            records = [self._saved_record(e) for e in self._saved_entries()]
+        if not records:
+            why = self.fallback_reason or "it has not been called yet"
+            raise OparaUsageError(f"nothing to save: this module runs no plan ({why}); call it on example inputs "
+                                  "where it can plan (a CUDA model in eval mode)")
+        env = self._planfile.environment if self._planfile is not None else environment(records[-1].device)
+        return PlanFile(records, model_fingerprint(self.original), env).save(path)
+
+    def _saved_entries(self) -> list[Entry]:
+        """The entries a plan file keeps, one per input signature (the most recent one wins)."""
+        entries = [e for e in self._cache.values() if e.mode in ("cuda-graph", "piecewise")]
+        if self._last is not None and self._last.mode == "eager-plan":
+            entries.append(self._last)
+        unique: dict[str, Entry] = {}
+        for e in entries:
+            unique[repr(e.signature)] = e
+        return list(unique.values())
+
+    def _saved_record(self, entry: Entry) -> Any:
+        from ..planfile import SignatureRecord, graph_record
+
+        if entry.source is not None:  # loaded: the file's record, with what tuning measured
+            return entry.source
+        graphs = [graph_record(r.g, r.plans.get(entry.kept)) for r in entry.runners]
+        return SignatureRecord(entry.signature or {}, entry.device, entry.mode, self.strategy, entry.kept,
+                               {k: dict(v) for k, v in entry.candidates.items()}, entry.eager_ms, graphs)
 
     def refresh(self) -> None:
         """Check the whole model now (also what the per-call guard cannot see, such as a replaced ``forward``) and
@@ -538,6 +641,41 @@ def _rebuild(original: Any, options: dict) -> OparaModule:
     return OparaModule(original, **options)
 
 
+def _read_plan(plan: Any, model: Any, **options: Any) -> Any:
+    """The plan file ``plan`` (a path or a read ``PlanFile``) checked against ``model``; None without one."""
+    if plan is None:
+        return None
+    defaults = {"strategy": "auto", "order": "", "fuse": False, "candidates": None}
+    given = [k for k, v in options.items() if v != defaults[k] and not (k == "candidates" and not v)]
+    if given:
+        raise OparaUsageError(f"plan= fixes the plan: drop {', '.join(f'{k}=' for k in given)} (or drop plan= to "
+                              "tune again)")
+    from ..planfile import load
+
+    planfile = load(plan)
+    planfile.check_model(model)
+    return planfile
+
+
+def _file_specs(planfile: Any) -> tuple[PlanSpec, ...]:
+    """The plans a plan file keeps (the first one runs when a call has no record yet, e.g. for inspection)."""
+    specs = tuple(dict.fromkeys(PlanSpec.parse(r.kept) for r in planfile.signatures if r.kept != PLAIN_GRAPH))
+    return specs or (CANDIDATES[0],)
+
+
+def _raise_fatal(exc: BaseException) -> None:
+    """Re-raise a plan-file mismatch that dynamo wrapped: it is the user's to fix, not a reason to fall back."""
+    fatal = fatal_cause(exc)
+    if fatal is not None:
+        raise fatal.with_traceback(None) from None
+
+
+def _describe_inputs(entry: Entry, args: tuple, kwargs: dict) -> None:
+    from ..planfile import input_device, input_signature
+
+    entry.signature, entry.device = input_signature(args, kwargs), input_device(args, kwargs)
+
+
 # A plan is kept over the plain CUDA graph only when it measured faster by more than this fraction: a win inside the
 # timing noise (about 1-2% between rounds on an H200) is no reason to take on streams and their memory.
 PLAIN_GRAPH_MARGIN = 0.02
@@ -586,11 +724,13 @@ def _forward_overrides(model: nn.Module) -> list[str]:
 def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", order: str = "",
              clone_outputs: bool | None = None, fuse: bool = False, max_memory_mb: float | None = None,
              candidates: tuple[str, ...] | None = None, max_graphs: int = 4,
-             max_streams: int = DEFAULT_MAX_STREAMS, graphs: CudaGraphs | None = None, **kwargs: Any) -> OparaModule:
+             max_streams: int = DEFAULT_MAX_STREAMS, plan: str | os.PathLike | Any | None = None,
+             graphs: CudaGraphs | None = None, **kwargs: Any) -> OparaModule:
     """Wrap ``model`` in an OparaModule and run it once on copies of the example inputs (capture, plan, CUDA graph).
 
     The model and the inputs are left as they were. ``kwargs`` are the model's keyword inputs. An OparaModule given
-    as ``model`` is unwrapped (its original is optimized again).
+    as ``model`` is unwrapped (its original is optimized again). ``plan``: a plan file from ``om.save_plan`` to use
+    instead of profiling and timing candidates (see ``OparaModule``).
 
     >>> om = optimize(model.eval().cuda(), x)       # doctest: +SKIP
     >>> torch.testing.assert_close(om(x), model(x))
@@ -601,7 +741,7 @@ def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", or
         model = model.original
     om = OparaModule(model, strategy=strategy, order=order, clone_outputs=clone_outputs, fuse=fuse,
                      max_memory_mb=max_memory_mb, candidates=candidates, max_graphs=max_graphs,
-                     max_streams=max_streams, graphs=graphs)
+                     max_streams=max_streams, plan=plan, graphs=graphs)
     copies = clone_inputs(args, kwargs)
     try:
         with Sandbox(model):  # this first call plans and captures: it must change nothing of the user's

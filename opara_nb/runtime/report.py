@@ -21,6 +21,9 @@ class RunReport:
     ``sync_ms`` (host wall clock of one call through the module's replay path, then synchronize: what "auto" picks
     by), ``replay_ms`` (GPU time per replay when replays queue back to back) and ``pool_mb`` (its graph's private
     memory pool), and ``eager_ms`` is the original model's synchronous latency measured alongside.
+
+    ``plan_source`` says where the plan came from when it was loaded from a plan file ("plan loaded from ...");
+    ``profiled_graphs`` counts the graphs this module profiled (0 when every plan came from a file).
     """
 
     mode: str = "eager"
@@ -37,6 +40,7 @@ class RunReport:
     notices: list[str] = field(default_factory=list)
     accelerated: bool = False
     plan_source: str = ""
+    profiled_graphs: int = 0
 
     @property
     def strategy(self) -> str:
@@ -101,7 +105,7 @@ class RunReport:
             lines.append(f"  {self.plan_source}")
         lines.append(f"  profile {self.profile_ms:.1f} ms, plan {self.plan_ms:.1f} ms, "
                      f"capture {self.capture_ms:.1f} ms")
-        if self.candidates:
+        if any(t.get("sync_ms") is not None for t in self.candidates.values()):
             lines.append("  " + self._candidate_text())
         memory = self.memory_line()
         if memory:

@@ -114,7 +114,8 @@ class GraphRunner:
 class Backend:
     """The dynamo backend of one OparaModule: CapturedGraph -> profile -> one plan per candidate -> runner.
 
-    ``presets`` (from a plan file): per graph index, candidate name -> Plan; those graphs are not profiled.
+    ``presets`` (from a plan file): graph -> {plan name: Plan}, or None to plan it here; a graph with presets is not
+    profiled. An error it raises with ``opara_fatal`` set (the file does not fit) propagates to the caller.
     """
 
     def __init__(self, specs: tuple[PlanSpec, ...], max_streams: int, graphs: CudaGraphs | None = None,
@@ -144,25 +145,33 @@ class Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from ..capture import CapturedGraph
-        from ..profiling import profile_graph
 
         index = len(self.runners)
         try:
             g = CapturedGraph.from_gm(gm, example_inputs, index)
-            t0 = time.perf_counter()
-            preset = self.presets(g) if self.presets is not None else None
-            gp = profile_graph(g) if preset is None else None
-            t1 = time.perf_counter()
-            plans = preset if preset is not None else {s.name: plan_with_profile(g, gp, s) for s in self.specs}
-            t2 = time.perf_counter()
+            gp, plans, profile_ms, plan_ms = self._plan(g)
         except Exception as exc:
             if getattr(exc, "opara_fatal", False):
                 raise
             self.notices.append(f"graph {index} runs unscheduled: {one_line(exc)}")
             return gm.forward
-        runner = GraphRunner(g, gp, plans, self, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        runner = GraphRunner(g, gp, plans, self, profile_ms, plan_ms)
         self.runners.append(runner)
         return weak_call(runner, index)
+
+    def _plan(self, g: Any) -> tuple[Any, dict[str, Any], float, float]:
+        """(profile or None, plans, profile ms, plan ms): the presets when they have this graph (nothing profiled),
+        else a profile and one plan per candidate."""
+        from ..profiling import profile_graph
+
+        t0 = time.perf_counter()
+        preset = self.presets(g) if self.presets is not None else None
+        if preset is not None:
+            return None, preset, 0.0, (time.perf_counter() - t0) * 1e3
+        gp = profile_graph(g)
+        t1 = time.perf_counter()
+        plans = {s.name: plan_with_profile(g, gp, s) for s in self.specs}
+        return gp, plans, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()`` (dynamo keeps every backend it saw) and by ``OparaModule.release``."""
