@@ -40,7 +40,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "PlanFileError", "PlanFile", "SignatureRe
 FORMAT = "opara_nb plan"
 # Bump when a field changes meaning or a reader needs something new; readers refuse newer versions.
 FORMAT_VERSION = 1
-_RETUNE = "tune again for it (opara_nb.optimize(model, *inputs) then om.save_plan(path), or python -m opara_nb tune)"
+_RETUNE = ("tune again for this model and these inputs (opara_nb.optimize(model, *inputs) then om.save_plan(path), "
+           "or python -m opara_nb tune)")
 
 
 class PlanFileError(OparaUsageError):
@@ -115,23 +116,40 @@ def graph_record(g: Any, plan: Plan | None) -> GraphRecord:
     return GraphRecord(inputs=inputs, nodes=nodes, plan=plan)
 
 
-def _fingerprint(inputs: list, nodes: list) -> str:
-    return hashlib.sha256(json.dumps([inputs, nodes], sort_keys=True).encode("utf-8")).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------- records
 @dataclass
 class GraphRecord:
     """One dynamo graph: its placeholders (``[name, kind]``), its operators (``[name, op, output kind,
-    [predecessors]]``, in graph order) and its plan (None when the plain CUDA graph of the model was kept)."""
+    [predecessors]]``, in graph order) and its plan (None when the plain CUDA graph of the model was kept).
+
+    Names are kept for reading and for the plan, but a graph is identified by what does not depend on them
+    (``canonical``): dynamo names placeholders after the caller's variables ("l_self_..." under ``torch.compile``,
+    "l_model_..." under an OparaModule), so the same model may come with other names, matched by position.
+    """
 
     inputs: list[list[Any]]
     nodes: list[list[Any]]
     plan: Plan | None
 
+    def canonical(self) -> list[Any]:
+        """Input kinds, and per operator its op, output kind and predecessors' positions."""
+        position = {n[0]: i for i, n in enumerate(self.nodes)}
+        return [[kind for _, kind in self.inputs], [[op, out, [position[p] for p in preds]]
+                                                   for _, op, out, preds in self.nodes]]
+
     @property
     def fingerprint(self) -> str:
-        return _fingerprint(self.inputs, self.nodes)
+        return hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode("utf-8")).hexdigest()
+
+    def plan_as(self, live: GraphRecord) -> Plan | None:
+        """This record's plan in the node names of ``live``, a graph with the same fingerprint."""
+        if self.plan is None:
+            return None
+        name = {mine[0]: theirs[0] for mine, theirs in zip(self.nodes, live.nodes)}
+        p = self.plan
+        return Plan(streams={name[n]: s for n, s in p.streams.items()}, order=[name[n] for n in p.order],
+                    syncs=[(name[u], name[v]) for u, v in p.syncs], num_streams=p.num_streams, strategy=p.strategy,
+                    order_kind=p.order_kind)
 
     def dag(self) -> DAG:
         """The stored operator DAG (its validation names unknown and duplicate nodes and cycles)."""
@@ -146,12 +164,14 @@ class GraphRecord:
         """Read and check one graph: its fingerprint matches its operators, its DAG is valid, its plan schedules it."""
         inputs, nodes = data["inputs"], data["nodes"]
         if not isinstance(inputs, list) or not isinstance(nodes, list) or \
+                any(not isinstance(i, list) or len(i) != 2 for i in inputs) or \
                 any(not isinstance(n, list) or len(n) != 4 or not isinstance(n[3], list) for n in nodes):
-            raise ValueError("inputs and nodes must be lists ([name, op, output, [predecessors]] per node)")
+            raise ValueError("inputs and nodes must be lists ([name, kind] per input, [name, op, output, "
+                             "[predecessors]] per node)")
         record = cls(inputs, nodes, Plan.from_dict(data["plan"]) if data["plan"] is not None else None)
+        dag = record.dag()  # first: it names unknown, duplicate and cyclic nodes
         if data.get("fingerprint") != record.fingerprint:
             raise ValueError("its fingerprint does not match its operators")
-        dag = record.dag()
         if record.plan is not None:
             record.plan.check(dag)
         return record
@@ -239,18 +259,21 @@ class PlanFile:
     # ------------------------------------------------------------------------------------------ checks
     def check_model(self, model: Any) -> None:
         """Raise ``PlanFileError`` unless ``model`` has the parameters and buffers the plan was tuned with."""
-        here, there = model_fingerprint(model)["tensors"], self.model.get("tensors", [])
-        for i, (mine, theirs) in enumerate(zip(here, there)):
-            if mine != theirs:
-                self._mismatch(f"parameter {i} is {mine[0]!r} {mine[1]} here, {theirs[0]!r} {theirs[1]} in the file")
+        mine = model_fingerprint(model)
+        here, there = mine["tensors"], self.model.get("tensors", [])
+        theirs = self.model.get("type")
+        kinds = "" if mine["type"] == theirs else f" ({theirs} in the file, {mine['type']} here)"
+        for i, (a, b) in enumerate(zip(here, there)):
+            if a != b:
+                self._mismatch(kinds, f"parameter {i} is {a[0]!r} {a[1]} here, {b[0]!r} {b[1]} in the file")
         if len(here) != len(there):
             extra = here[len(there)] if len(here) > len(there) else there[len(here)]
             side = "this model has" if len(here) > len(there) else "the file's model has"
-            self._mismatch(f"{side} {abs(len(here) - len(there))} more parameter(s)/buffer(s), from {extra[0]!r}")
+            self._mismatch(kinds, f"{side} {abs(len(here) - len(there))} more parameter(s)/buffer(s), from "
+                                  f"{extra[0]!r}")
 
-    def _mismatch(self, what: str) -> None:
-        raise PlanFileError(f"{self.path} was tuned for another model ({self.model.get('type')}): {what}; "
-                            f"{_RETUNE}")
+    def _mismatch(self, kinds: str, what: str) -> None:
+        raise PlanFileError(f"{self.path} was tuned for another model{kinds}: {what}; {_RETUNE}")
 
     def match(self, args: tuple, kwargs: dict) -> SignatureRecord:
         """The record for a call with these inputs; ``PlanFileError`` naming both signatures when there is none."""
@@ -260,7 +283,7 @@ class PlanFile:
                 return record
         tuned = "; ".join(_show_signature(r.inputs) for r in self.signatures)
         raise PlanFileError(f"{self.path} was tuned for inputs {tuned}, not {_show_signature(signature)}: call with "
-                            f"those, or {_RETUNE} with these inputs")
+                            f"those inputs, or {_RETUNE}")
 
     def plans_for(self, g: Any) -> dict[str, Plan | None]:
         """Kept plan name -> plan (None: the plain CUDA graph) of every signature that has graph ``g`` (a
@@ -271,10 +294,10 @@ class PlanFile:
         for record in self.signatures:
             for stored in record.graphs:
                 if stored.fingerprint == live.fingerprint and record.kept not in found:
-                    found[record.kept] = self._checked(stored.plan, g)
+                    found[record.kept] = self._checked(stored.plan_as(live), g)
         if not found:
             raise PlanFileError(f"{self.path} does not fit graph {g.index} of this model ({self._difference(live)}): "
-                                f"another model or other inputs{self._torch_hint()}; {_RETUNE}")
+                                f"it was tuned for another model or other inputs{self._torch_hint()}; {_RETUNE}")
         return found
 
     def _checked(self, plan: Plan | None, g: Any) -> Plan | None:
@@ -291,10 +314,12 @@ class PlanFile:
         if not stored:
             return "the file has no graph"
         closest = max(stored, key=lambda s: _common_prefix(live, s))
-        for kind, mine, theirs in (("input", live.inputs, closest.inputs), ("operator", live.nodes, closest.nodes)):
-            for i, (a, b) in enumerate(zip(mine, theirs)):
-                if a != b:
-                    return f"{kind} {i} is {_show_item(a)} here, {_show_item(b)} in the file"
+        pairs = (("input", live.inputs, closest.inputs, 0), ("operator", live.nodes, closest.nodes, 1))
+        for kind, mine, theirs, part in pairs:
+            same = [a == b for a, b in zip(live.canonical()[part], closest.canonical()[part])]
+            if not all(same):
+                i = same.index(False)
+                return f"{kind} {i} is {_show_item(mine[i])} here, {_show_item(theirs[i])} in the file"
             if len(mine) != len(theirs):
                 return f"{len(mine)} {kind}s here, {len(theirs)} in the file"
         return "the same operators in another order"
@@ -340,7 +365,8 @@ def _dumps(value: Any, level: int = 0) -> str:
 
 def _common_prefix(a: GraphRecord, b: GraphRecord) -> int:
     n = 0
-    for x, y in zip(a.inputs + a.nodes, b.inputs + b.nodes):
+    ca, cb = a.canonical(), b.canonical()
+    for x, y in zip(ca[0] + ca[1], cb[0] + cb[1]):
         if x != y:
             break
         n += 1

@@ -158,23 +158,8 @@ def test_report_leads_with_the_measured_gain():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The CUDA-graph path on CPU: FakeGraphs "captures" by running the call once and "replays" by running it again.
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """Graphs faked, candidate timing scripted: ``state["times"]`` name -> ms (default 1.0; eager 10.0)."""
-    from opara_nb.runtime import timing
-
-    state = {"times": {}, "graphs": FakeGraphs()}
-
-    def sync_latency(calls, sync, rounds=5, per_round=20):
-        for call in calls.values():
-            call()  # the candidates really run, through the path users get
-        return {k: state["times"].get(k, 10.0 if k == "eager" else 1.0) for k in calls}
-
-    monkeypatch.setattr(timing, "sync_latency_ms", sync_latency)
-    return state
-
-
+# The CUDA-graph path on CPU: FakeGraphs "captures" by running the call once and "replays" by running it again
+# (the ``fake_cuda`` fixture is in conftest.py).
 def _optimize(state, model, *args, **kwargs):
     return _quiet(optimize, model, *args, graphs=state["graphs"], **kwargs)
 
