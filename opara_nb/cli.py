@@ -1,11 +1,12 @@
 """Command line: ``python -m opara_nb demo`` (see a plan on a bundled model), ``bench`` (measure), ``alloc``
-(stream allocation time) and ``profile`` (per-operator profile).
+(stream allocation time), ``profile`` (per-operator profile) and ``tune`` (write a plan file for your model).
 
     python -m opara_nb demo --model inception_block --out opara_demo_out
     python -m opara_nb bench --model googlenet --batch 1 --modes eager,cudagraph,opara --json out.json --md out.md
     python -m opara_nb bench --model inception_v3 --batch 1,2,4,8,16,32       # batch sweep (paper Fig. 8/9)
     python -m opara_nb alloc --model all                                      # allocation time (paper Table 1)
     python -m opara_nb profile --model googlenet --device cuda --json p.json  # per-operator profile and checks
+    python -m opara_nb tune --factory mypkg.models:build --inputs "randn(1,3,224,224)" -o plan.json
 
 Usage errors (unknown model or mode, bad batch list) exit with status 2 and a message listing what is valid.
 """
@@ -54,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "  python -m opara_nb bench --model inception_v3 --batch 1,2,4,8   # batch sweep\n"
                     "  python -m opara_nb alloc --model all          # stream allocation time per strategy\n"
                     "  python -m opara_nb profile --model googlenet  # per-operator kernels, time, class\n"
+                    "  python -m opara_nb tune --factory mypkg.models:build --inputs \"randn(1,3,224,224)\" "
+                    "-o plan.json\n"
                     "  python -m opara_nb bench --help              # all options of one command",
         epilog=f"models: {', '.join(names())}, all (= {', '.join(PAPER_SIX)})\n"
                f"modes: " + "".join(f"\n  {m:11s} {d}" for m, d in MODES.items()))
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,alloc,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,alloc,profile,tune}")
 
     demo = sub.add_parser("demo", help="optimize a bundled model, print its report and profile, draw its streams")
     demo.add_argument("--model", default="inception_block", help="model name (default: inception_block)")
@@ -80,7 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--json", default=None, help="write the table as JSON to this path")
     alloc.add_argument("--md", default=None, help="write the table as markdown to this path")
     _add_profile_parser(sub)
+    _add_tune_parser(sub)
     return parser
+
+
+def _add_tune_parser(sub: Any) -> None:
+    from .tune import INPUTS_EXAMPLE, MAKERS
+
+    tune = sub.add_parser(
+        "tune", help="tune your model once (profile, time the candidates) and write its plan file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build the model with --factory, optimize it on the --inputs and write the plan file that\n"
+                    "opara_nb.optimize(model, *inputs, plan=PATH) and torch.compile(model, backend=\"opara\",\n"
+                    "options={\"plan\": PATH}) load without profiling or timing anything.",
+        epilog=f"--inputs: positional and keyword inputs, e.g. {INPUTS_EXAMPLE}.\n"
+               f"Tensor makers: {', '.join(MAKERS)} (torch's arguments; dtype=float16 etc.); numbers,\n"
+               "strings, tuples, lists and dicts as they are. Only the factory runs code.")
+    tune.add_argument("--factory", required=True,
+                      help="module:function (or path/to/file.py:function) that returns the model")
+    tune.add_argument("--inputs", required=True, help="the example inputs (see below)")
+    tune.add_argument("-o", "--out", required=True, help="where to write the plan file (JSON)")
+    tune.add_argument("--strategy", default="auto", help="auto (default: measure the candidates, keep the fastest) "
+                                                        "or one stream strategy")
+    tune.add_argument("--fuse", action="store_true", help="add TorchInductor-fused candidates")
+    tune.add_argument("--device", default=None, help="cuda (the default when a GPU is present) or cpu")
+    tune.add_argument("--seed", type=int, default=0, help="seed for the factory's weights and random inputs "
+                                                         "(default 0)")
 
 
 def _add_profile_parser(sub: Any) -> None:
@@ -259,6 +287,26 @@ def _cmd_profile(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _cmd_tune(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .errors import OparaUsageError
+    from .runtime import optimize
+    from .tune import build_model, parse_inputs
+
+    device = ns.device or _device()
+    if device.startswith("cuda") and _device() != "cuda":
+        parser.error("--device cuda: no CUDA GPU here; use --device cpu (nothing is measured without a GPU)")
+    try:
+        model = build_model(ns.factory, device, seed=ns.seed)
+        args, kwargs = parse_inputs(ns.inputs, device, seed=ns.seed)
+        om = optimize(model, *args, strategy=ns.strategy, fuse=ns.fuse, **kwargs)
+    except OparaUsageError as exc:
+        parser.error(str(exc))
+    print(om.report)
+    path = om.save_plan(ns.out)
+    print(f"wrote {path}: load it with opara_nb.optimize(model, *inputs, plan={str(path)!r})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opara-nb`` and ``python -m opara_nb``; returns the exit status."""
     parser = build_parser()
@@ -275,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.model not in names():
             parser.error(f"unknown model {ns.model}; valid: {', '.join(names())}")
         return run_demo(ns.model, Path(ns.out), iters=max(1, ns.iters))
-    return {"bench": _cmd_bench, "alloc": _cmd_alloc, "profile": _cmd_profile}[ns.command](ns, parser)
+    commands = {"bench": _cmd_bench, "alloc": _cmd_alloc, "profile": _cmd_profile, "tune": _cmd_tune}
+    return commands[ns.command](ns, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

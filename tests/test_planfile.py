@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,3 +364,60 @@ def test_torch_compile_backend_refuses_a_file_that_does_not_fit(saved):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown option.*plam"):
         _quiet(torch.compile(model, backend="opara", options={"plam": "x"}), torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------------------------------------------- tune (CLI)
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = f"{Path(__file__).resolve()}:Branchy"
+
+
+def test_tune_in_one_process_load_in_another(tmp_path, monkeypatch):
+    """The CLI tunes in a fresh process; this one loads the file with nothing profiled, same plan as tuning made."""
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "opara_nb", "tune", "--factory", FACTORY, "--inputs", "randn(4,8)",
+                           "--strategy", "opara", "--device", "cpu", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout and "plan=" in proc.stdout
+    from opara_nb import profiling
+    from opara_nb.tune import build_model, parse_inputs
+
+    model = build_model(FACTORY, seed=0)
+    args, _ = parse_inputs("randn(4,8)", seed=0)
+    tuned_here = _quiet(optimize, _branchy()[0], *args, strategy="opara")
+    monkeypatch.setattr(profiling, "profile_graph", lambda *a, **k: pytest.fail("profiled"))
+    loaded = _quiet(optimize, model, *args, plan=out)
+    assert loaded.report.kept == "opara" and loaded.report.profiled_graphs == 0
+    assert _plans(loaded) == _plans(tuned_here)
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(loaded, *args), model(*args))
+
+
+def test_tune_bad_factory_or_inputs_exit_2_saying_what_to_write(tmp_path, capsys):
+    from opara_nb.cli import main
+
+    for argv, words in [
+        (["--factory", "nocolon", "--inputs", "randn(1)"], "module:function"),
+        (["--factory", "no_such_module_xyz:build", "--inputs", "randn(1)"], "cannot import"),
+        (["--factory", f"{Path(__file__).resolve()}:Nope", "--inputs", "randn(1)"], "has no 'Nope'"),
+        (["--factory", FACTORY, "--inputs", "open('x')"], "unknown tensor maker 'open'"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["tune", *argv, "-o", str(tmp_path / "p.json")])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_inputs_language_reads_tensors_and_values_without_eval():
+    from opara_nb.tune import parse_inputs
+
+    args, kwargs = parse_inputs("randint(0,10,(2,3)), zeros(2,dtype=float16), mask=ones(2,3,dtype=bool), k=3, "
+                                "t=(rand(1), 'a')")
+    assert args[0].shape == (2, 3) and args[0].dtype == torch.int64 and args[1].dtype == torch.float16
+    assert kwargs["mask"].dtype == torch.bool and kwargs["k"] == 3 and kwargs["t"][1] == "a"
+    same, _ = parse_inputs("randint(0,10,(2,3))")
+    assert torch.equal(same[0], args[0])  # seeded: every process draws the same inputs
+    for bad in ["1) + (2", "__import__('os')", "randn(1, device='cuda')", "randn(n)", "", "**d"]:
+        with pytest.raises(OparaUsageError):
+            parse_inputs(bad)
