@@ -21,6 +21,7 @@ from opara_nb import models, planfile
 from opara_nb.errors import OparaUsageError
 from opara_nb.planfile import FORMAT_VERSION, PlanFileError
 from opara_nb.runtime import OparaNotice, optimize
+from _helpers import ItemNet
 
 
 class Branchy(nn.Module):
@@ -153,6 +154,31 @@ def test_plain_cuda_graph_kept_is_captured_directly(fake_cuda, tmp_path, request
     # Without CUDA there is nothing to replay it with: the original model runs, and the report says why.
     on_cpu = _quiet(optimize, model, *args, plan=path, **kwargs)
     assert on_cpu.report.mode == "eager" and "plain CUDA graph" in on_cpu.report.reason
+
+
+def test_piecewise_plan_is_loaded_without_timing_it_against_eager(fake_cuda, tmp_path, request):
+    torch.manual_seed(0)
+    model, x = ItemNet().eval(), torch.randn(3, 4)
+    calls = {"n": 0}
+
+    def whole_call_fails():  # .item() in the model: the whole call cannot be captured, each graph alone can
+        calls["n"] += 1
+        return calls["n"] == 1
+
+    fake_cuda["graphs"].fail = whole_call_fails
+    fake_cuda["times"] = {"piecewise": 2.0, "eager": 10.0}
+    om = _quiet(optimize, model, x, strategy="opara", graphs=fake_cuda["graphs"])
+    assert om.report.mode == "piecewise"
+    path = om.save_plan(tmp_path / "piecewise.json")
+    record = json.loads(path.read_text())["signatures"][0]
+    assert record["mode"] == "piecewise" and len(record["graphs"]) == len(om.plans) >= 2
+
+    request.getfixturevalue("no_tuning")
+    calls["n"] = 0
+    loaded = _quiet(optimize, model, x, plan=path, graphs=fake_cuda["graphs"])
+    assert loaded.report.mode == "piecewise" and loaded.report.profiled_graphs == 0
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(loaded, x), model(x))
 
 
 def test_every_captured_signature_is_saved_and_served(fake_cuda, tmp_path, request):
@@ -421,3 +447,29 @@ def test_inputs_language_reads_tensors_and_values_without_eval():
     for bad in ["1) + (2", "__import__('os')", "randn(1, device='cuda')", "randn(n)", "", "**d"]:
         with pytest.raises(OparaUsageError):
             parse_inputs(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- on the GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["auto", "opara"])
+def test_gpu_round_trip_replays_the_same_plan_without_profiling(strategy, tmp_path, request, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, args, kwargs = models.get("inception_block", device="cuda")
+    om = _quiet(optimize, model, *args, strategy=strategy, **kwargs)
+    assert om.report.mode == "cuda-graph"
+    path = om.save_plan(tmp_path / "gpu.json")
+    assert json.loads(path.read_text())["environment"]["device"] == torch.cuda.get_device_name()
+    request.getfixturevalue("no_tuning")
+    loaded = _quiet(optimize, model, *args, plan=path, **kwargs)
+    rep = loaded.report
+    assert rep.mode == "cuda-graph" and rep.kept == om.report.kept and rep.profiled_graphs == 0
+    if rep.kept != "cudagraph":
+        assert _plans(loaded) == _plans(om)
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+    torch.testing.assert_close(_quiet(loaded, *args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="opara", options={"plan": str(path)})
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(compiled, *args, **kwargs), expected, rtol=1e-5, atol=1e-5)
