@@ -24,7 +24,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch.utils import _pytree as pytree
@@ -40,6 +40,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "PlanFileError", "PlanFile", "SignatureRe
 FORMAT = "opara_nb plan"
 # Bump when a field changes meaning or a reader needs something new; readers refuse newer versions.
 FORMAT_VERSION = 1
+_T = TypeVar("_T")
 _RETUNE = ("tune again for this model and these inputs (opara_nb.optimize(model, *inputs) then om.save_plan(path), "
            "or python -m opara_nb tune)")
 
@@ -209,12 +210,7 @@ class SignatureRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SignatureRecord:
-        graphs = []
-        for i, g in enumerate(data["graphs"]):
-            try:
-                graphs.append(GraphRecord.from_dict(g))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"graph {i}: {_reason(exc)}") from None
+        graphs = _read_each(data["graphs"], GraphRecord.from_dict, "graph")
         record = cls(inputs=data["inputs"], device=str(data["device"]), mode=str(data["mode"]),
                      requested=str(data["requested"]), kept=str(data["kept"]), candidates=dict(data["candidates"]),
                      eager_ms=data["eager_ms"], graphs=graphs)
@@ -227,6 +223,17 @@ class SignatureRecord:
 
 def _reason(exc: BaseException) -> str:
     return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
+def _read_each(items: Any, read: Callable[[Any], _T], what: str) -> list[_T]:
+    """``read`` of every item; a failure says which item ("graph 2: ...")."""
+    done = []
+    for i, item in enumerate(items):
+        try:
+            done.append(read(item))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{what} {i}: {_reason(exc)}") from None
+    return done
 
 
 # ----------------------------------------------------------------------------------------------- the file
@@ -405,14 +412,9 @@ def read(path: str | os.PathLike) -> PlanFile:
         raise PlanFileError(f"{where} has no valid format version ({version!r}); {_RETUNE}")
     if version > FORMAT_VERSION:
         raise PlanFileError(f"{where} was written by a newer opara_nb (plan format {version}; this one reads up to "
-                            f"{FORMAT_VERSION}): upgrade opara_nb, or {_RETUNE} with this one")
+                            f"{FORMAT_VERSION}): upgrade opara_nb, or {_RETUNE}")
     try:
-        signatures = []
-        for i, s in enumerate(data["signatures"]):
-            try:
-                signatures.append(SignatureRecord.from_dict(s))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"signature {i}, {_reason(exc)}") from None
+        signatures = _read_each(data["signatures"], SignatureRecord.from_dict, "signature")
         if not signatures:
             raise ValueError("it holds no plan")
         return PlanFile(signatures, dict(data["model"]), dict(data["environment"]), version, where)

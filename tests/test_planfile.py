@@ -400,7 +400,8 @@ FACTORY = f"{Path(__file__).resolve()}:Branchy"
 def test_tune_in_one_process_load_in_another(tmp_path, monkeypatch):
     """The CLI tunes in a fresh process; this one loads the file with nothing profiled, same plan as tuning made."""
     out = tmp_path / "plan.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]  # this checkout; the factory's imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     proc = subprocess.run([sys.executable, "-m", "opara_nb", "tune", "--factory", FACTORY, "--inputs", "randn(4,8)",
                            "--strategy", "opara", "--device", "cpu", "-o", str(out)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
