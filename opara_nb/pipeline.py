@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .errors import OparaUsageError
 
-__all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "spec_for", "plan_graph", "plan_with_profile", "plan_model",
+__all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "PLAIN_GRAPH", "spec_for", "plan_graph", "plan_with_profile", "plan_model",
            "ModelPlan"]
 
 # The launch order a strategy runs with unless told otherwise. "sequential" keeps fx order, i.e. the eager order, so
@@ -19,6 +19,8 @@ __all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "spec_for", "plan_graph", 
 DEFAULT_ORDER: dict[str, str] = {"opara": "opara", "nimble": "opara", "wavefront": "opara",
                                  "sequential": "topological"}
 _FUSED = "fused"
+# The candidate that is the original model in one plain CUDA graph (no dynamo, no plan): reports and plan files name it.
+PLAIN_GRAPH = "cudagraph"
 
 
 @dataclass(frozen=True)

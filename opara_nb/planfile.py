@@ -30,7 +30,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import OparaUsageError
-from .runtime.report import PLAIN_GRAPH
+from .pipeline import PLAIN_GRAPH, PlanSpec
 from .schedule import DAG, Plan
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PlanFileError", "PlanFile", "SignatureRecord", "GraphRecord", "read",
@@ -198,8 +198,6 @@ class SignatureRecord:
         """The kept plan's strategy, launch order and fusion (None for the plain CUDA graph)."""
         if self.kept == PLAIN_GRAPH:
             return None
-        from .pipeline import PlanSpec
-
         spec = PlanSpec.parse(self.kept)
         return {"strategy": spec.strategy, "order": spec.order, "fused": spec.fuse}
 

@@ -12,12 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "opara_nb"
 # Layers, lowest first: a module may import (at module level) only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "_optional", "schedule", "models", "testing"},
+    {"errors", "_optional", "_tensors", "schedule", "models", "testing"},
     {"capture"},
     {"profiling"},
-    {"pipeline"},
+    {"pipeline", "planfile"},
     {"runtime"},
-    {"backend", "api", "bench", "viz"},
+    {"backend", "api", "bench", "viz", "tune"},
     {"nb", "cli", "__main__", "__init__"},
 ]
 CORE = ("capture", "profiling", "schedule", "runtime", "pipeline", "api")

@@ -5,9 +5,10 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..pipeline import PLAIN_GRAPH
+
 __all__ = ["RunReport", "PLAIN_GRAPH"]
 
-PLAIN_GRAPH = "cudagraph"  # the candidate that is the original model in one plain CUDA graph (no dynamo, no plan)
 
 
 @dataclass
