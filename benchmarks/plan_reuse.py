@@ -35,9 +35,9 @@ def _phase(ns: argparse.Namespace) -> dict[str, Any]:
     import warnings
 
     import torch
-    from torch.utils import _pytree as pytree
 
     from opara_nb import models
+    from opara_nb._tensors import map_tensors, max_abs_diff
     from opara_nb.bench.timing import time_gpu, time_sync
     from opara_nb.runtime import optimize
 
@@ -55,16 +55,14 @@ def _phase(ns: argparse.Namespace) -> dict[str, Any]:
         out = om(*args, **kwargs)
         sync()
         first_s = time.perf_counter() - start
-        held = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+        held = map_tensors(torch.clone, out)
         del out
         call = lambda: om(*args, **kwargs)  # noqa: E731
         host = time_sync(call, ns.iters, ns.warmup, cuda)
         gpu = time_gpu(call, ns.iters, ns.warmup) if cuda else None
     with torch.no_grad():
         expected = model(*args, **kwargs)
-    diff = max(((a.float() - b.float()).abs().max().item() for a, b in
-                zip(pytree.tree_leaves(held), pytree.tree_leaves(expected)) if isinstance(a, torch.Tensor)),
-               default=0.0)
+    diff = max_abs_diff(expected, held)
     if ns.phase == "tune":
         om.save_plan(ns.plan)
     rep = om.report
