@@ -13,11 +13,16 @@ if TYPE_CHECKING:
 __all__ = ["optimize", "plan", "profile", "benchmark"]
 
 
-def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str | None = None,
-             clone_outputs: bool = True, plan: str | os.PathLike | None = None, **kwargs: Any) -> "OparaModule":
+def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str = "", clone_outputs: bool | None = None,
+             fuse: bool = False, max_memory_mb: float | None = None, plan: str | os.PathLike | None = None,
+             **kwargs: Any) -> "OparaModule":
     """Capture ``model`` on example inputs, schedule its operators on CUDA streams and return an ``OparaModule``.
 
-    ``order`` defaults to "opara" (paper Alg. 2). ``plan``: a plan file written by ``om.save_plan(path)`` (or
+    ``strategy``: "auto" (measure candidate plans and the plain CUDA graph, keep the fastest) or a stream strategy;
+    ``order``: a launch order for every candidate (default: each strategy's own); ``clone_outputs``: None copies an
+    output only if you still hold it when the next call would overwrite it, True always, False never (see
+    docs/trust.md); ``fuse``: add TorchInductor-fused candidates; ``max_memory_mb``: keep only plans whose graph memory
+    fits. ``kwargs`` are the model's keyword inputs. ``plan``: a plan file written by ``om.save_plan(path)`` (or
     ``python -m opara_nb tune``): its plans run as they are, with no profiling and no candidate timing; it fixes
     strategy and order, and a file that does not fit the model or the inputs raises ``PlanFileError``.
 
@@ -28,12 +33,11 @@ def optimize(model: Callable, *args: Any, strategy: str = "auto", order: str | N
     """
     from .runtime import optimize as _optimize
 
-    if order is None:
-        order = "opara" if plan is None else ""
-    return _optimize(model, *args, strategy=strategy, order=order, clone_outputs=clone_outputs, plan=plan, **kwargs)
+    return _optimize(model, *args, strategy=strategy, order=order, clone_outputs=clone_outputs, fuse=fuse,
+                     max_memory_mb=max_memory_mb, plan=plan, **kwargs)
 
 
-def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "opara", **kwargs: Any) -> "ModelPlan":
+def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "", **kwargs: Any) -> "ModelPlan":
     """Capture, profile and schedule ``model`` without running it on streams (works on CPU)."""
     from .pipeline import plan_model
 
