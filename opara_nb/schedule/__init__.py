@@ -10,9 +10,13 @@ from __future__ import annotations
 from .dag import DAG
 from .order import ORDERS, launch_order
 from .physical import StreamMapping, map_physical_streams
-from .plan import Plan, make_plan
+from .merge import fused_times, makespan, merge_cheap_streams
+from .plan import Plan, make_plan, plan_on_streams
+from .segments import Segment, SegmentIO, partition, segment_io, segment_plan
 from .simulate import critical_path, simulate
 from .streams import STRATEGIES, allocate_streams, levels
 
 __all__ = ["DAG", "Plan", "STRATEGIES", "ORDERS", "allocate_streams", "launch_order", "make_plan", "levels",
-           "StreamMapping", "map_physical_streams", "critical_path", "simulate"]
+           "plan_on_streams", "StreamMapping", "map_physical_streams", "critical_path", "simulate",
+           "merge_cheap_streams", "fused_times", "makespan", "Segment", "SegmentIO", "partition", "segment_plan",
+           "segment_io"]

@@ -15,7 +15,7 @@ from .order import ORDERS, launch_order, level_order
 from .streams import _levels, allocate_streams
 from .syncs import barrier_requirements, minimal_syncs, unimplied
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "make_plan", "plan_on_streams"]
 
 
 @dataclass
@@ -147,3 +147,26 @@ def make_plan(dag: DAG, strategy: str = "opara", demand: Mapping[str, float] | N
     syncs = [(dag.nodes[u], dag.nodes[v]) for u, v in minimal_syncs(stream, index, needs)]
     return Plan(streams=streams, order=names, syncs=syncs, num_streams=len(set(stream)), strategy=strategy,
                 order_kind=order)
+
+
+def plan_on_streams(dag: DAG, streams: Mapping[str, int], order: Iterable[str], strategy: str,
+                    order_kind: str) -> Plan:
+    """The plan that runs ``dag`` with the given node -> stream map and launch order: stream ids renumbered by first
+    use along ``dag.nodes``, minimal syncs for every DAG edge. Used after streams were merged (``merge.py``).
+
+    ``order`` must be a topological order of ``dag`` (``ValueError`` otherwise).
+
+    >>> dag = DAG(["a", "b", "c"], [("a", "c"), ("b", "c")])
+    >>> p = plan_on_streams(dag, {"a": 5, "b": 2, "c": 2}, ["a", "b", "c"], "opara", "topological")
+    >>> p.streams, p.syncs, p.num_streams
+    ({'a': 0, 'b': 1, 'c': 1}, [('a', 'c')], 2)
+    """
+    renumber: dict[int, int] = {}
+    stream = [renumber.setdefault(streams[n], len(renumber)) for n in dag.nodes]
+    names = list(order)
+    index = [dag.index(n) for n in names]
+    if sorted(index) != list(range(len(dag))):
+        raise ValueError("order must list every node of the DAG exactly once")
+    syncs = [(dag.nodes[u], dag.nodes[v]) for u, v in minimal_syncs(stream, index, dag._preds)]
+    return Plan(streams=dict(zip(dag.nodes, stream)), order=names, syncs=syncs, num_streams=len(renumber),
+                strategy=strategy, order_kind=order_kind)
