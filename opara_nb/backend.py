@@ -3,9 +3,12 @@ multi-stream CUDA graph (captured on the first call, replayed afterwards).
 
     compiled = torch.compile(model, backend="opara")
     compiled = torch.compile(model, backend="opara", options={"plan": "model.plan.json"})   # from om.save_plan
+    fused = torch.compile(model, backend="opara", options={"fuse": True})   # segments compiled by TorchInductor
 
 With ``options={"plan": path}`` each graph runs the plan file's plan for it (found by the graph's fingerprint): no
-profiling; a graph the file does not have raises ``PlanFileError`` naming the difference.
+profiling; a graph the file does not have raises ``PlanFileError`` naming the difference. With ``{"fuse": True}``
+(or a plan file that kept a fused plan) the plan's segments are compiled by TorchInductor on the first call
+(``runtime.fused``).
 
 Registered with dynamo when this module is imported and through the ``torch_dynamo_backends`` entry point
 (``opara = "opara_nb.backend:opara_backend"``), so the string works whether or not opara_nb was imported first.
@@ -24,7 +27,7 @@ from .errors import OparaUsageError, one_line, user_stacklevel
 __all__ = ["opara_backend", "skip_reason"]
 
 _graph_ids = itertools.count()
-_OPTIONS = ("plan",)
+_OPTIONS = ("plan", "fuse")
 _noticed: set[str] = set()  # plan files whose "tuned elsewhere" notice was shown
 
 
@@ -65,17 +68,21 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
                   options: Mapping[str, Any] | None = None) -> Callable:
     """Plan ``gm`` (capture -> profile -> plan with strategy "opara", or the plan file's plan with
     ``options={"plan": path}``) and return its runner; see the module doc."""
-    plan_file = _plan_option(options)
+    plan_file, fuse = _read_options(options)
     reason = skip_reason(gm, example_inputs)
     if reason is not None:
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .runtime import PlanExecutor
+        from .runtime import FusedExecutor, PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
-        plan = _planned(g) if plan_file is None else _from_file(g, plan_file, example_inputs)
-        executor = PlanExecutor(g, plan)
+        if plan_file is None:
+            plan = _planned(g, fuse)
+        else:
+            plan, fused_in_file = _from_file(g, plan_file, example_inputs)
+            fuse = fuse or fused_in_file
+        executor = FusedExecutor(g, plan) if fuse else PlanExecutor(g, plan)
     except Exception as exc:  # noqa: BLE001 - a graph we cannot plan still runs correctly as given
         if getattr(exc, "opara_fatal", False):  # the plan file does not fit: the user must know
             raise
@@ -88,35 +95,42 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
     return _Runner(executor, cuda)
 
 
-def _plan_option(options: Mapping[str, Any] | None) -> str | None:
+def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:
+    """(plan file path or None, fuse) from ``torch.compile(..., options=...)``."""
     unknown = sorted(set(options or {}) - set(_OPTIONS))
     if unknown:
         raise OparaUsageError(f"unknown option(s) {', '.join(unknown)} for the opara backend: it takes "
-                              "options={'plan': 'path/to/plan.json'} (a file from om.save_plan)")
-    return None if options is None or options.get("plan") is None else str(options["plan"])
+                              "options={'plan': 'path/to/plan.json'} (a file from om.save_plan) and "
+                              "options={'fuse': True} (TorchInductor-compiled segments)")
+    options = options or {}
+    return (None if options.get("plan") is None else str(options["plan"])), bool(options.get("fuse", False))
 
 
-def _planned(g: Any) -> Any:
+def _planned(g: Any, fuse: bool) -> Any:
     from .pipeline import PlanSpec, plan_graph
 
-    return plan_graph(g, PlanSpec("opara"))[1]
+    return plan_graph(g, PlanSpec("opara", fuse=fuse))[1]
 
 
-def _from_file(g: Any, path: str, example_inputs: list) -> Any:
-    """The plan file's plan for graph ``g``. Where the file kept the plain CUDA graph of the model, this graph runs
-    on one stream in its own order, which captured per graph is that plain graph."""
+def _from_file(g: Any, path: str, example_inputs: list) -> tuple[Any, bool]:
+    """The plan file's plan for graph ``g``, and whether the file kept it fused. Where the file kept the plain CUDA
+    graph of the model, this graph runs on one stream in its own order, which captured per graph is that plain
+    graph."""
+    from .pipeline import PLAIN_GRAPH, PlanSpec
     from .planfile import read_cached
     from .runtime import OparaNotice
     from .schedule import make_plan
 
     planfile = read_cached(path)
-    plan = next(iter(planfile.plans_for(g).values()))
+    kept, plan = next(iter(planfile.plans_for(g).items()))
     device = next((str(x.device) for x in example_inputs if x.is_cuda), "cpu")
     notice = planfile.notice(device)
     if notice and planfile.path not in _noticed:
         _noticed.add(planfile.path)
         warnings.warn(notice, OparaNotice, stacklevel=user_stacklevel())
-    return plan if plan is not None else make_plan(g.dag, "sequential", order="topological")
+    if plan is None:
+        return make_plan(g.dag, "sequential", order="topological"), False
+    return plan, kept != PLAIN_GRAPH and PlanSpec.parse(kept).fuse
 
 
 def _register() -> None:

@@ -6,13 +6,14 @@ call, so a plan shown in a notebook is the plan that runs. ``PlanSpec`` names a 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import OparaUsageError
 
-__all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "PLAIN_GRAPH", "spec_for", "plan_graph", "plan_with_profile", "plan_model",
-           "ModelPlan"]
+__all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "PLAIN_GRAPH", "spec_for", "plan_graph", "plan_with_profile",
+           "plan_model", "ModelPlan", "EVENT_COST_MS", "MERGE_WORK_FACTOR", "event_cost_ms"]
 
 # The launch order a strategy runs with unless told otherwise. "sequential" keeps fx order, i.e. the eager order, so
 # it is exactly the plain sequential CUDA graph.
@@ -21,6 +22,13 @@ DEFAULT_ORDER: dict[str, str] = {"opara": "opara", "nimble": "opara", "wavefront
 _FUSED = "fused"
 # The candidate that is the original model in one plain CUDA graph (no dynamo, no plan): reports and plan files name it.
 PLAIN_GRAPH = "cudagraph"
+
+# What a cross-stream dependency (event record + wait) costs inside a CUDA graph, in ms of GPU time. Streams whose
+# work is below MERGE_WORK_FACTOR x this are merged onto a neighbouring stream where the simulated time does not get
+# worse (schedule/merge.py). Measure it with `python benchmarks/event_cost.py`; the environment variables
+# OPARA_NB_EVENT_COST_MS and OPARA_NB_MERGE_WORK_FACTOR override both (OPARA_NB_EVENT_COST_MS=0: no merging).
+EVENT_COST_MS = 0.004
+MERGE_WORK_FACTOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,12 +97,47 @@ def spec_for(strategy: str, order: str = "", fuse: bool = False) -> PlanSpec:
 
 
 def plan_with_profile(g: Any, gp: Any, spec: PlanSpec) -> Any:
-    """Schedule captured graph ``g`` with its profile ``gp`` (demands and memory-bound set feed the launch order)."""
+    """Schedule captured graph ``g`` with its profile ``gp`` (demands and memory-bound set feed the launch order).
+
+    With GPU times, streams whose work is below the cost of an event are merged onto a neighbour
+    (``merge_cheap_streams``); for a fused spec the times are first those of fused operators (``fused_times``)."""
     from .schedule import make_plan
 
     demand = gp.demands() if gp is not None else None
     memory_bound = gp.memory_bound_nodes() if gp is not None else None
-    return make_plan(g.dag, strategy=spec.strategy, demand=demand, memory_bound=memory_bound, order=spec.order)
+    plan = make_plan(g.dag, strategy=spec.strategy, demand=demand, memory_bound=memory_bound, order=spec.order)
+    if gp is None or not gp.has_gpu_data:
+        return plan  # CPU op times say nothing about the cost of events inside a CUDA graph
+    return _merge_cheap(g.dag, gp, spec, plan)
+
+
+def _merge_cheap(dag: Any, gp: Any, spec: PlanSpec, plan: Any) -> Any:
+    from .schedule import fused_times, merge_cheap_streams
+
+    cost = event_cost_ms()
+    times = gp.times()
+    if spec.fuse:
+        times = fused_times(dag, times, gp.fusible_nodes())
+    return merge_cheap_streams(dag, plan, times, cost, max_work=cost * _env_float("OPARA_NB_MERGE_WORK_FACTOR",
+                                                                                 MERGE_WORK_FACTOR))
+
+
+def event_cost_ms() -> float:
+    """The event cost planning uses: ``OPARA_NB_EVENT_COST_MS`` if set, else ``EVENT_COST_MS``."""
+    return _env_float("OPARA_NB_EVENT_COST_MS", EVENT_COST_MS)
+
+
+def _env_float(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise OparaUsageError(f"{name}={text!r} is not a number: set it to a value >= 0 or unset it") from None
+    if not value >= 0:
+        raise OparaUsageError(f"{name}={text!r} must be >= 0")
+    return value
 
 
 def plan_graph(g: Any, spec: PlanSpec, demand: str = "occupancy") -> tuple[Any, Any]:

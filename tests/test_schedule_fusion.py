@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opara_nb.schedule import (DAG, STRATEGIES, Plan, critical_path, fused_times, make_plan, makespan, merge_cheap_streams,
-                               partition, plan_on_streams, segment_io, segment_plan, simulate)
+from opara_nb.schedule import (DAG, STRATEGIES, Plan, critical_path, fused_times, make_plan, makespan,
+                               merge_cheap_streams, partition, plan_on_streams, segment_io, segment_plan, simulate)
 from opara_nb.schedule.segments import segment_of
 from test_schedule_properties import SETTINGS, dags, unimplied
 

@@ -12,7 +12,7 @@ from typing import Any, Hashable
 
 import torch
 
-__all__ = ["mutated_inputs", "is_mutating", "storage_keys", "UNKNOWN"]
+__all__ = ["mutated_inputs", "is_mutating", "is_view_like", "storage_keys", "UNKNOWN"]
 
 # Sentinel: the node mutates something, but we cannot tell what.
 UNKNOWN: object = object()
@@ -104,7 +104,8 @@ def is_mutating(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     return written is UNKNOWN or bool(written)
 
 
-def _is_view_like(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+def is_view_like(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Whether ``node``'s value lives in its first input's memory: getitem, view methods, in-place ops."""
     if node.op == "call_function" and node.target is operator.getitem:
         return True
     name = _name(node.target) if node.op != "call_module" else ""
@@ -138,7 +139,7 @@ def storage_keys(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, set[Hashable]]
             keys[node] = set()  # a non-tensor value (shape, int): nothing to alias
         elif found:
             keys[node] = found
-        elif _is_view_like(node, gm) and node.all_input_nodes:
+        elif is_view_like(node, gm) and node.all_input_nodes:
             keys[node] = set(keys.get(node.all_input_nodes[0], {("node", node.all_input_nodes[0].name)}))
         else:
             keys[node] = {("node", node.name)}

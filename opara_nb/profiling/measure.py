@@ -14,7 +14,8 @@ from ..capture.graph import SCHEDULED_OPS
 from ..capture.interp import GraphInterpreter
 from .trace import TAG, Attribution, attribute, export_events
 
-__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress", "detach_cupti_after_profiling"]
+__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress", "detach_cupti_after_profiling",
+           "Ticker"]
 
 Progress = Callable[[int, int], None]
 _QUIET_S = 2.0  # show progress only for graphs that take longer than this
@@ -69,11 +70,12 @@ def _counts(inputs: list, output: Any, flops: int) -> NodeCounts:
                       has_tensor_output=bool(outs))
 
 
-class _Ticker:
-    """Calls ``progress`` per node; with none, prints to stderr once the run has taken over _QUIET_S."""
+class Ticker:
+    """Calls ``progress(done, total)`` per item done; with none, prints to stderr once the work has taken over
+    _QUIET_S."""
 
-    def __init__(self, total: int, label: str, progress: Progress | None) -> None:
-        self.total, self.label, self.progress = total, label, progress
+    def __init__(self, total: int, label: str, progress: Progress | None, unit: str = "nodes") -> None:
+        self.total, self.label, self.progress, self.unit = total, label, progress, unit
         self.start = self.last = time.perf_counter()
 
     def __call__(self, done: int) -> None:
@@ -84,13 +86,13 @@ class _Ticker:
         if now - self.start > _QUIET_S and (now - self.last > 1.0 or done == self.total):
             self.last = now
             end = "\n" if done == self.total else "\r"
-            print(f"opara_nb: {self.label}: {done}/{self.total} nodes", end=end, file=sys.stderr, flush=True)
+            print(f"opara_nb: {self.label}: {done}/{self.total} {self.unit}", end=end, file=sys.stderr, flush=True)
 
 
 class _WorkCounter(GraphInterpreter):
     """Runs the graph under one FlopCounterMode and records, per scheduled node, its FLOPs and bytes read + written."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counter: Any, tick: "_Ticker") -> None:
+    def __init__(self, gm: torch.fx.GraphModule, counter: Any, tick: "Ticker") -> None:
         super().__init__(gm)
         self.counter, self.tick = counter, tick
         self.counts: dict[str, NodeCounts] = {}
@@ -110,7 +112,7 @@ def count_node_work(gm: torch.fx.GraphModule, inputs: list, label: str = "counti
     """Run ``gm`` once, node by node, under one FlopCounterMode; per node its FLOPs and bytes read + written."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tick = _Ticker(sum(n.op in SCHEDULED_OPS for n in gm.graph.nodes), label, progress)
+    tick = Ticker(sum(n.op in SCHEDULED_OPS for n in gm.graph.nodes), label, progress)
     with FlopCounterMode(display=False) as counter:
         runner = _WorkCounter(gm, counter, tick)
         runner.run(*inputs)

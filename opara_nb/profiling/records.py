@@ -127,6 +127,15 @@ class GraphProfile:
     def memory_bound_nodes(self) -> set[str]:
         return {name for name, node in self.nodes.items() if node.memory_bound}
 
+    def fusible_nodes(self) -> set[str]:
+        """Nodes with no counted FLOPs (no matmul, convolution or attention): TorchInductor generates their code
+        itself and fuses them with their neighbours, where the others call a library kernel."""
+        return {name for name, node in self.nodes.items() if node.flops == 0}
+
+    def times(self) -> dict[str, float]:
+        """Per-node time (ms): GPU kernel time with CUDA, CPU op time without."""
+        return {name: node.time_ms for name, node in self.nodes.items()}
+
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("nodes", "device")}
         data["device"] = self.device.to_dict()

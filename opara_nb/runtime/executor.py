@@ -24,7 +24,7 @@ from ..schedule.lifetimes import release_points
 from ..schedule.physical import DEFAULT_MAX_STREAMS, StreamMapping, map_physical_streams
 from .streams import CudaStreams
 
-__all__ = ["PlanExecutor"]
+__all__ = ["PlanExecutor", "physical_mapping"]
 
 
 class PlanExecutor(GraphInterpreter):
@@ -44,9 +44,7 @@ class PlanExecutor(GraphInterpreter):
         super().__init__(g.gm, order=[by_name[n] for n in plan.order])
         self._layer = streams if streams is not None else CudaStreams()
         self._force_streams = streams is not None
-        self.mapping: StreamMapping = map_physical_streams(
-            list(g.dag.nodes), {n: list(g.dag.succs(n)) for n in g.dag.nodes}, list(plan.order),
-            dict(plan.streams), max_streams)
+        self.mapping: StreamMapping = physical_mapping(g.dag, plan, max_streams)
         self._phys = {by_name[n]: self.mapping.physical[plan.streams[n]] for n in plan.order}
         # Syncs between logical streams that now share a physical stream are kept by stream order: drop them.
         self._cross = [(u, v) for u, v in plan.syncs if self._phys[by_name[u]] != self._phys[by_name[v]]]
@@ -97,6 +95,11 @@ class PlanExecutor(GraphInterpreter):
     @property
     def num_physical_streams(self) -> int:
         return self.mapping.num_physical
+
+    @property
+    def notes(self) -> list[str]:
+        """What the report should say about how this plan runs (e.g. streams shared beyond the DAG's order)."""
+        return list(self.mapping.notes)
 
     # ----------------------------------------------------------------- running
     def __call__(self, *args: Any) -> Any:
@@ -149,6 +152,12 @@ class PlanExecutor(GraphInterpreter):
         return (f"PlanExecutor(graph={getattr(self.g, 'index', '?')}, nodes={len(self.plan.order)}, "
                 f"logical_streams={self.mapping.num_logical}, physical_streams={self.mapping.num_physical}, "
                 f"syncs={len(self.plan.syncs)})")
+
+
+def physical_mapping(dag: Any, plan: Any, max_streams: int = DEFAULT_MAX_STREAMS) -> StreamMapping:
+    """The physical CUDA streams ``plan``'s logical streams run on (``schedule.physical``)."""
+    return map_physical_streams(list(dag.nodes), {n: list(dag.succs(n)) for n in dag.nodes}, list(plan.order),
+                                dict(plan.streams), max_streams)
 
 
 def _check_covers(g: Any, plan: Any) -> None:

@@ -29,11 +29,17 @@ from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
+from .fused import fusion_available
 from .guards import CallState, ModelGuard, call_key, flat_signature, matches
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
-__all__ = ["OparaModule", "optimize", "OparaNotice"]
+__all__ = ["OparaModule", "optimize", "OparaNotice", "AUTO_FUSES"]
+
+# Whether strategy="auto" adds the fused twin of each candidate without fuse=True, where TorchInductor can make GPU
+# code (fused.fusion_available). Off until GPU measurements show the fused candidates win often enough to pay for
+# their compile time.
+AUTO_FUSES = False
 
 
 # torch's global forward hooks: a dict each, changed in place, so one lookup per call tells whether there are any.
@@ -81,7 +87,7 @@ def _candidate_specs(strategy: str, order: str, fuse: bool, candidates: tuple[st
         else:
             specs = tuple(PlanSpec(s.strategy, order if order and s.strategy != "sequential" else s.order)
                           for s in CANDIDATES)
-            if fuse:
+            if fuse or (AUTO_FUSES and fusion_available()):
                 specs += tuple(PlanSpec(s.strategy, s.order, True) for s in specs if s.strategy != "sequential")
     except ValueError as exc:
         raise OparaUsageError(str(exc)) from None
@@ -270,7 +276,8 @@ class OparaModule(nn.Module):
 
     def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list, record: Any = None) -> Any:
         where = "CUDA is not available" if not torch.cuda.is_available() else "the inputs are on the CPU"
-        kept = record.kept if record is not None else self._specs[0].name
+        kept = record.kept if record is not None else \
+            next((s.name for s in self._specs if s.fuse), self._specs[0].name)  # fusion was asked for: show it
         if kept == PLAIN_GRAPH:
             return self._fallback(f"{where}: the plan file keeps the plain CUDA graph of the model, so the original "
                                   "model runs", args, kwargs)
@@ -290,9 +297,10 @@ class OparaModule(nn.Module):
                                         "original model")
             self._notify(f"opara_nb: {self._last.reason}")
             return out
-        note = " (auto keeps 'opara': there is nothing to measure without CUDA)" \
+        note = f" (auto keeps {kept!r}: there is nothing to measure without CUDA)" \
             if self.strategy == "auto" and record is None else ""
-        reason = f"{where}: the plan runs eagerly in its launch order, not accelerated{note}"
+        fused = ", its segments compiled by TorchInductor" if PlanSpec.parse(kept).fuse else ""
+        reason = f"{where}: the plan runs eagerly in its launch order{fused}, not accelerated{note}"
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
         self._last = Entry("eager-plan", reason, kept, runners=runners, source=record)
         _describe_inputs(self._last, args, kwargs)
@@ -531,7 +539,7 @@ class OparaModule(nn.Module):
                                "physical_streams": ex.mapping.num_physical, "syncs": ex.num_syncs,
                                "forced_shares": ex.mapping.forced})
         notes = list(self.notices) + list(self._backend.notices)
-        notes += [n for ex in (r.executor(self._kept_spec()) for r in runners) for n in ex.mapping.notes]
+        notes += [n for ex in (r.executor(self._kept_spec()) for r in runners) for n in ex.notes]
         kept = last.kept or (self._specs[0].name if runners else "")
         order = PlanSpec.parse(kept).order if kept and kept != PLAIN_GRAPH else ""
         source = self._planfile.source_line(last.source) if last.source is not None else ""

@@ -90,10 +90,12 @@ class GraphRunner:
     plan_ms: float = 0.0
     executors: dict[str, PlanExecutor] = field(default_factory=dict)
     captures: dict[str, GraphCapture] = field(default_factory=dict)
+    compiled: dict[tuple, Any] = field(default_factory=dict)  # fused segments, shared by this graph's plans
 
     def executor(self, name: str) -> PlanExecutor:
         if name not in self.executors:
-            self.executors[name] = self.backend.make_executor(self.g, self.plans[name], PlanSpec.parse(name))
+            self.executors[name] = self.backend.make_executor(self.g, self.plans[name], PlanSpec.parse(name),
+                                                              self.compiled)
         return self.executors[name]
 
     def __call__(self, *args: Any) -> Any:
@@ -108,7 +110,7 @@ class GraphRunner:
         """Drop the graph, profile and executors: dynamo may keep this runner alive after its module is gone."""
         for capture in self.captures.values():
             capture.release()
-        self.g, self.profile, self.plans, self.executors, self.captures = None, None, {}, {}, {}
+        self.g, self.profile, self.plans, self.executors, self.captures, self.compiled = None, None, {}, {}, {}, {}
 
 
 class Backend:
@@ -116,11 +118,14 @@ class Backend:
 
     ``presets`` (from a plan file): graph -> {plan name: Plan}, or None to plan it here; a graph with presets is not
     profiled. An error it raises with ``opara_fatal`` set (the file does not fit) propagates to the caller.
+    ``progress(done, total)`` is told how compiling fused segments goes (``runtime.fused``).
     """
 
     def __init__(self, specs: tuple[PlanSpec, ...], max_streams: int, graphs: CudaGraphs | None = None,
-                 presets: Callable[[Any], dict[str, Any]] | None = None) -> None:
+                 presets: Callable[[Any], dict[str, Any]] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.specs = specs
+        self.progress = progress
         self.max_streams = max_streams
         self.graphs = graphs
         self.presets = presets
@@ -140,7 +145,12 @@ class Backend:
         finally:
             self.active, self.per_graph = previous
 
-    def make_executor(self, g: Any, plan: Any, spec: PlanSpec) -> PlanExecutor:
+    def make_executor(self, g: Any, plan: Any, spec: PlanSpec, compiled: dict | None = None) -> PlanExecutor:
+        """The executor of ``plan``; fused specs share ``compiled`` segments between the plans of one graph."""
+        if spec.fuse:
+            from .fused import FusedExecutor
+
+            return FusedExecutor(g, plan, max_streams=self.max_streams, progress=self.progress, cache=compiled)
         return PlanExecutor(g, plan, max_streams=self.max_streams)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
