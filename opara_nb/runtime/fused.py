@@ -159,9 +159,10 @@ class FusedExecutor(PlanExecutor):
 
     def _try_compile(self, module: SegmentModule, args: tuple) -> Any:
         start = time.perf_counter()
-        copies = [_copy(a) for a in args]
+        # The check runs the compiled code before the unfused one; inputs the segment may write are copied first.
+        copies = [_copy(a) for a in args] if module.mutates else list(args)
         try:
-            fn = self.compiler(fresh_copy(module.gm), list(copies), self.options)
+            fn = self.compiler(fresh_copy(module.gm), list(args), self.options)
             out = fn(*copies)
         except Exception as exc:  # noqa: BLE001 - any inductor failure leaves this segment unfused
             fn, out, error = None, None, f"TorchInductor failed: {one_line(exc)}"
@@ -217,10 +218,17 @@ class FusedExecutor(PlanExecutor):
 
 
 def _copy(value: Any) -> Any:
-    """A copy the compiled segment may write to; parameters are read where they are (never written at inference)."""
-    if isinstance(value, torch.Tensor) and not is_parameter(value):
+    """A copy with the same strides (compiled code asserts them) that the compiled segment may write to; parameters
+    are read where they are (never written at inference)."""
+    if not isinstance(value, torch.Tensor) or is_parameter(value):
+        return value
+    if any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride())):
+        return value.detach().clone()  # an expanded tensor: its layout cannot be written to
+    copy = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    try:
+        return copy.copy_(value.detach())
+    except RuntimeError:  # overlapping memory another way
         return value.detach().clone()
-    return value
 
 
 def _mismatch(out: Any, ref: Any) -> str | None:

@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 
 from ..capture.graph import CapturedGraph
+from ..capture.hazards import is_mutating, is_view_like
 from ..errors import one_line
 from ..schedule import DAG, Plan, Segment, plan_on_streams, segment_io
 from ..schedule.segments import segment_of
@@ -34,12 +35,13 @@ __all__ = ["SegmentModule", "SplitGraph", "split_graph", "fresh_copy"]
 
 class SegmentModule(nn.Module):
     """One segment as a module: ``gm`` is its unfused GraphModule, ``run`` what a call runs (``gm`` until a compiled
-    version replaces it through ``use``). ``ops``: the segment's operators that do work (not views or getitems)."""
+    version replaces it through ``use``). ``ops``: the segment's operators that do work (not views or getitems);
+    ``mutates``: whether one of them writes in place (it may write an input)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, segment: Segment, ops: int) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, segment: Segment, ops: int, mutates: bool) -> None:
         super().__init__()
         self.gm = gm
-        self.segment, self.ops = segment, ops
+        self.segment, self.ops, self.mutates = segment, ops, mutates
         self.fused = False
         self.reason: str | None = None  # why it runs unfused, once tried
         self.compile_s = 0.0
@@ -108,8 +110,6 @@ def _leaf_examples(node: torch.fx.Node) -> list[Any]:
 
 
 def _working_ops(nodes: Sequence[torch.fx.Node], gm: torch.fx.GraphModule) -> int:
-    from ..capture.hazards import is_mutating, is_view_like
-
     return sum(is_mutating(n, gm) or not is_view_like(n, gm) for n in nodes)
 
 
@@ -220,7 +220,8 @@ def split_graph(g: Any, plan: Plan, segments: Sequence[Segment]) -> SplitGraph:
         nodes = [by_name[n] for n in seg.nodes]
         inputs = [by_name[n] for n in sio.inputs]
         outputs = [by_name[n] for n in sio.outputs]
-        module = SegmentModule(_segment_gm(gm, nodes, inputs, outputs), seg, _working_ops(nodes, gm))
+        module = SegmentModule(_segment_gm(gm, nodes, inputs, outputs), seg, _working_ops(nodes, gm),
+                               any(is_mutating(n, gm) for n in nodes))
         outer.add_segment(module, inputs, outputs)
         modules.append(module)
     outer.graph.output(torch.fx.map_arg(output.args[0], outer.value))
