@@ -315,3 +315,11 @@ def test_benchmark_runs_the_fused_modes_end_to_end():
 def test_plan_executor_has_notes_too():
     g = _graph("graph_break")
     assert PlanExecutor(g, make_plan(g.dag)).notes == []
+
+
+def test_segment_times_measure_each_segment_as_it_runs():
+    g = _graph("graph_break")
+    ex = FusedExecutor(g, make_plan(g.dag), compiler=_plain)
+    times = ex.segment_times(*g.example_inputs)
+    assert ex.compiled and list(times) == [m.segment.name for m in ex.segment_modules]
+    assert all(t >= 0 for t in times.values()) and sum(times.values()) > 0

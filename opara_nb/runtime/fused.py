@@ -76,7 +76,8 @@ class FusedExecutor(PlanExecutor):
     ``compiler(gm, example_inputs, options)`` replaces ``inductor_compile`` (tests inject failures with it).
     ``cache``: a dict shared by the executors of one graph (auto's candidates), so a segment two plans cut alike is
     compiled once.
-    ``plan`` stays the plan it was given; ``segment_plan`` is the plan of segment calls that runs. ``notes`` says
+    ``g`` and ``plan`` stay what it was given; ``segment_graph`` (its ``.gm``, ``.dag``) and ``segment_plan`` are
+    the graph of segment calls and the plan that runs. ``notes`` says
     which segments run unfused and why; ``segment_modules`` holds each segment's state (``fused``, ``reason``).
     """
 
@@ -92,7 +93,8 @@ class FusedExecutor(PlanExecutor):
         self.segments = partition(physical)
         split = split_graph(g, physical, self.segments)
         super().__init__(split.graph, split.plan, streams, max_streams)
-        self.g, self.plan, self.segment_plan = g, plan, split.plan
+        self.g, self.plan = g, plan
+        self.segment_graph, self.segment_plan = split.graph, split.plan  # what runs: one node per segment call
         self.source_mapping = source
         self.segment_modules: list[SegmentModule] = split.modules
         self._by_call = {n: self.module.get_submodule(n.target) for n in self.order if n.op == "call_module"}
@@ -188,6 +190,23 @@ class FusedExecutor(PlanExecutor):
         fused = any(m.fused for m in self.segment_modules)
         if not fused and len(self._failures) >= _GIVE_UP_AFTER and len(set(self._failures)) == 1:
             self._give_up = f"not tried: the first segments all failed ({error})"
+
+    def segment_times(self, *args: Any) -> dict[str, float]:
+        """What each segment costs as it runs now, fused or not (ms by ``Segment.name``; GPU kernel time with CUDA,
+        CPU time without): one run in order under torch.profiler, compiling first if needed. Compare it with the
+        fused-cost model (``schedule.fused_times``) or feed it back to ``merge_cheap_streams``."""
+        from ..profiling.measure import graph_device, profiled_run
+
+        if not self.compiled:
+            self.compile(*args)
+        device = graph_device(list(args))
+        with torch.no_grad():
+            seen = profiled_run(self.module, list(args), device)
+        gpu = device.type == "cuda" and seen.gpu_events > 0
+        names = [m.segment.name for m in self.segment_modules]
+        if gpu:
+            return {n: sum(k.duration_ms for k in seen.kernels.get(n, [])) for n in names}
+        return {n: seen.cpu_ms.get(n, 0.0) for n in names}
 
     # ----------------------------------------------------------------- reporting
     @property
