@@ -22,19 +22,14 @@ import math
 
 import torch
 
+from opara_nb.runtime.cudagraph import CudaGraphs
 
-def _graph(build, warmup: int = 2) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            build()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        build()
-    torch.cuda.synchronize()
+
+def _graph(build) -> torch.cuda.CUDAGraph:
+    """``build``'s kernels in a CUDA graph, warmed up first on a side stream (opara_nb's own capture layer)."""
+    layer = CudaGraphs()
+    layer.warm_up(build, 2)
+    graph, _, _, _ = layer.capture(build)
     return graph
 
 
@@ -56,7 +51,7 @@ def measure(kernels: int, replays: int) -> dict[str, float]:
     streams = [torch.cuda.Stream() for _ in range(8)]
 
     def chain() -> None:
-        for i in range(kernels):
+        for _ in range(kernels):
             x[0:1].add_(1.0)
 
     def hops() -> None:

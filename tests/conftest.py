@@ -36,3 +36,13 @@ def fake_cuda(monkeypatch):
 
     monkeypatch.setattr(timing, "sync_latency_ms", sync_latency)
     return state
+
+
+@pytest.fixture
+def exact_math():
+    """TF32 off for matmul and cuDNN, so eager and the code under test do the same float32 math."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -201,6 +201,11 @@ def test_segments_run_on_their_streams_with_the_plans_events():
     assert len(waits) == side + ex.num_syncs + side
     assert len(ex.segment_plan.order) < 2 * len(plan.order)
     assert ex.plan is plan and "segments=" in repr(ex)
+    # called without compile(), the first call also runs once on the streams: nothing is first made in a capture
+    fresh = FakeStreams()
+    with torch.no_grad():
+        FusedExecutor(g, plan, streams=fresh, compiler=_plain)(*g.example_inputs)
+    assert sum(e[0] == "wait" for e in fresh.log) == len(waits)
 
 
 def test_a_multi_output_value_crosses_segments_as_its_tensors():

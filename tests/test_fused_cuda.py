@@ -7,40 +7,17 @@ do the same math; the tolerance is relative to the output's largest value.
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from opara_nb import models
 from opara_nb.runtime import FusedExecutor, optimize
 from opara_nb.runtime import fused as fused_mod
+from test_runtime_cuda import _build, _quiet
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
 RTOL = 1e-4
 PAPER = ("googlenet", "inception_v3", "nasnet", "deepfm", "bert", "t5")
-
-
-@pytest.fixture(autouse=True)
-def _exact_math():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _build(name: str):
-    if name in models.names() and name not in models.available():
-        pytest.skip(f"{name}: its library is not installed")
-    return models.get(name, device="cuda")
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def _relative_error(out, ref) -> float:

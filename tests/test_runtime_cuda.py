@@ -23,7 +23,7 @@ from opara_nb.pipeline import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
 from _helpers import BranchNet, ItemNet
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
 CNN_TOL = 1e-5
 NLP_TOL = 1e-4
@@ -31,15 +31,6 @@ PAPER = {"googlenet": CNN_TOL, "inception_v3": CNN_TOL, "nasnet": CNN_TOL, "deep
          "t5": NLP_TOL}
 # NASNet-A Large has ~1,500 operators: its captures dominate the file's runtime, so it checks two candidates.
 NASNET_CANDIDATES = ("opara", "sequential")
-
-
-@pytest.fixture(autouse=True)
-def _exact_math():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _quiet(fn, *args, **kwargs):

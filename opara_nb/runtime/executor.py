@@ -103,12 +103,16 @@ class PlanExecutor(GraphInterpreter):
 
     # ----------------------------------------------------------------- running
     def __call__(self, *args: Any) -> Any:
-        if len(args) == 1 and isinstance(args[0], list) and len(self.placeholders) != 1:
-            args = tuple(args[0])  # dynamo's boxed calling convention
+        args = self._unbox(args)
         if not self._use_streams(args):
             self.free_after = self._free_plain
             return self.run(*args)
         return self._run_on_streams(args)
+
+    def _unbox(self, args: tuple) -> tuple:
+        if len(args) == 1 and isinstance(args[0], list) and len(self.placeholders) != 1:
+            return tuple(args[0])  # dynamo's boxed calling convention
+        return args
 
     def _use_streams(self, args: tuple) -> bool:
         return self._force_streams or any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)

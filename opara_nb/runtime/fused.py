@@ -110,14 +110,19 @@ class FusedExecutor(PlanExecutor):
 
     # ----------------------------------------------------------------- compiling
     def __call__(self, *args: Any) -> Any:
-        if not self.compiled:
-            return self.compile(*args)
-        return super().__call__(*args)
+        if self.compiled:
+            return super().__call__(*args)
+        args = self._unbox(args)
+        out = self.compile(*args)
+        if self._use_streams(args):
+            # Once more on the streams: their events, and what libraries set up per stream on first use (cuBLAS
+            # workspaces), are then made here rather than inside a CUDA graph capture that may come next.
+            out = super().__call__(*args)
+        return out
 
     def compile(self, *args: Any) -> Any:
         """Compile every segment on these inputs (one call, in order, on the caller's stream); returns its result."""
-        if len(args) == 1 and isinstance(args[0], list) and len(self.placeholders) != 1:
-            args = tuple(args[0])  # dynamo's boxed calling convention
+        args = self._unbox(args)
         pending = [m for m in self.segment_modules if m.reason is None and not m.fused]
         self._ticker = Ticker(len(pending), f"fusing graph {getattr(self.g, 'index', 0)}", self.progress,
                               unit="segments")
@@ -218,12 +223,12 @@ class FusedExecutor(PlanExecutor):
         fused = [m for m in self.segment_modules if m.fused]
         by_reason: dict[str, list[int]] = defaultdict(list)
         for m in self.segment_modules:
-            if not m.fused and m.reason is not None and not m.reason.startswith("too small"):
+            if not m.fused and m.reason is not None and m.ops >= MIN_FUSED_OPS:
                 by_reason[m.reason].append(m.segment.index)
-        small = sum(1 for m in self.segment_modules if m.reason is not None and m.reason.startswith("too small"))
+        small = sum(m.ops < MIN_FUSED_OPS for m in self.segment_modules)
         lines = list(self.source_mapping.notes)
-        lines += [f"graph {graph}: {len(fused)} of {len(self.segment_modules)} segments fused by TorchInductor "
-                 f"({small} too small to fuse), compiled in {self.compile_s:.1f} s"]
+        lines.append(f"graph {graph}: {len(fused)} of {len(self.segment_modules)} segments fused by TorchInductor "
+                     f"({small} too small to fuse), compiled in {self.compile_s:.1f} s")
         for reason, indices in by_reason.items():
             shown = ", ".join(map(str, indices[:8])) + (" ..." if len(indices) > 8 else "")
             lines.append(f"graph {graph}: {len(indices)} segment(s) run unfused (segment {shown}): {reason}")
