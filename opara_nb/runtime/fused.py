@@ -76,9 +76,10 @@ class FusedExecutor(PlanExecutor):
     ``compiler(gm, example_inputs, options)`` replaces ``inductor_compile`` (tests inject failures with it).
     ``cache``: a dict shared by the executors of one graph (auto's candidates), so a segment two plans cut alike is
     compiled once.
+
     ``g`` and ``plan`` stay what it was given; ``segment_graph`` (its ``.gm``, ``.dag``) and ``segment_plan`` are
-    the graph of segment calls and the plan that runs. ``notes`` says
-    which segments run unfused and why; ``segment_modules`` holds each segment's state (``fused``, ``reason``).
+    the graph of segment calls and the plan that runs. ``notes`` says which segments run unfused and why;
+    ``segment_modules`` holds each segment's state (``fused``, ``reason``, ``compile_s``).
     """
 
     def __init__(self, g: Any, plan: Any, streams: Any = None, max_streams: int = DEFAULT_MAX_STREAMS,
@@ -105,6 +106,7 @@ class FusedExecutor(PlanExecutor):
         self.compiled = False
         self.compile_s = 0.0
         self._ticker: Ticker | None = None
+        self._done = 0
         self._give_up: str | None = None
         self._failures: list[str] = []
 
