@@ -54,6 +54,17 @@ def test_segment_plan_orders_every_dag_edge(dag, strategy, order):
     assert len(splan.syncs) <= len(plan.syncs)
 
 
+@given(dags(), st.data())
+@SETTINGS
+def test_segments_of_any_stream_map_keep_the_dag_order(dag, data):
+    """Physical streams may join logical ones in ways no strategy would (forced shares): still a valid cut."""
+    streams = {n: data.draw(st.integers(0, 3)) for n in dag.nodes}
+    plan = plan_on_streams(dag, streams, dag.nodes, "opara", "topological")
+    _check_partition(plan)
+    sdag, splan = segment_plan(dag, plan, partition(plan))
+    splan.check(sdag)
+
+
 def test_partition_cuts_where_other_streams_wait():
     # x forks to a (same stream) and c (new stream); y joins them: x records, y waits
     dag = DAG(["x", "a", "b", "c", "y"], [("x", "a"), ("a", "b"), ("x", "c"), ("b", "y"), ("c", "y")])
