@@ -330,23 +330,23 @@ def test_segment_times_measure_each_segment_as_it_runs():
     assert all(t >= 0 for t in times.values()) and sum(times.values()) > 0
 
 
-def test_auto_with_fuse_captures_and_times_the_fused_twins_through_the_user_path():
-    """The capture path on a CPU (FakeGraphs): every candidate, fused twins included, is warmed up, captured and
-    timed through the module's own replay, and the fastest is kept."""
+def test_auto_with_fuse_captures_and_times_the_fused_twins_through_the_user_path(fake_cuda):
+    """The capture path on a CPU (FakeGraphs, scripted timings): every candidate, fused twins included, is warmed up,
+    captured and run through the module's own replay, and the fastest is kept."""
     from opara_nb.runtime import OparaModule
-    from opara_nb.testing import FakeGraphs
 
+    fake_cuda["times"] = {"opara+fused": 0.5}
     model, args, kwargs = models.get("graph_break")
-    om = OparaModule(model, fuse=True, graphs=FakeGraphs())
+    om = OparaModule(model, fuse=True, graphs=fake_cuda["graphs"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         out = om(*args, **kwargs)
         ref = model(*args, **kwargs)
     _close(out, ref)
     rep = om.report
-    assert rep.mode == "cuda-graph"
+    assert rep.mode == "cuda-graph" and rep.kept == "opara+fused"
     fused = {k for k in rep.candidates if k.endswith("+fused")}
     assert {"opara+fused", "nimble+fused", "wavefront+fused", "opara+topological+fused"} <= fused
-    assert rep.kept == min(rep.candidates, key=lambda k: rep.candidates[k]["sync_ms"])
+    assert any("segments fused by TorchInductor" in n for n in rep.notices)
     runners = om._backend.runners
     assert all(r.compiled for r in runners)  # the graph's fused plans shared their compiled segments

@@ -269,6 +269,7 @@ def _mismatch(out: Any, ref: Any) -> str | None:
             continue
         if not isinstance(o, torch.Tensor) or o.shape != r.shape or o.dtype != r.dtype:
             return f"value {i}: {_describe(o)} instead of {_describe(r)}"
+        o, r = o.detach(), r.detach()
         rtol = VERIFY_RTOL.get(r.dtype, _DEFAULT_RTOL) if r.is_floating_point() else 0.0
         finite = r[torch.isfinite(r)] if r.is_floating_point() else r[:0]
         scale = float(finite.abs().max()) if finite.numel() else 0.0
