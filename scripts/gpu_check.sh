@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
+# STAGE: env | tests | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
@@ -15,6 +15,10 @@
 #   scripts/gpu_check.sh bench nasnet; scripts/gpu_check.sh bench bert t5; scripts/gpu_check.sh sweep;
 #   scripts/gpu_check.sh alloc
 # Mid-course check: scripts/gpu_check.sh quick
+# Fused segments (issue 10): scripts/gpu_check.sh fused (event-cost probe, then the fused cuda tests: FUSED_TESTS is
+# their -k expression, default "not nasnet"; FUSED_TESTS=nasnet for that one); scripts/gpu_check.sh probe [MODEL...]
+# (benchmarks/fused_probe.py per model: compile time, segments, measured vs modelled costs). Fused bench rows:
+# MODES=eager,cudagraph,opara,opara+fused,auto,auto+fused,compile scripts/gpu_check.sh bench googlenet
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -84,8 +88,25 @@ stage_env() {
 }
 
 stage_tests() {
-  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m cuda -q -rs 2>&1 | tee "$PARTS/cuda_tests.txt"
+  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m "cuda and not fused" -q -rs 2>&1 | tee "$PARTS/cuda_tests.txt"
   [ -n "${OUT:-}" ] && cp "$PARTS/cuda_tests.txt" "$OUT/" 2>/dev/null
+  report
+}
+
+stage_fused() {
+  bounded 90 python benchmarks/event_cost.py --json "$PARTS/event_cost.json" 2>&1 | tee "$PARTS/event_cost.txt"
+  bounded "${FUSED_TEST_TIMEOUT:-480}" python -m pytest tests/test_fused_cuda.py -q -rs -s -k "${FUSED_TESTS:-not nasnet}" \
+    2>&1 | grep -v "^USDT" | tee "$PARTS/fused_tests.txt"
+  [ -n "${OUT:-}" ] && cp "$PARTS/fused_tests.txt" "$PARTS/event_cost.txt" "$OUT/" 2>/dev/null
+  report
+}
+
+stage_probe() {
+  [ "$MODELS_GIVEN" -gt 0 ] || MODELS=(googlenet deepfm)
+  for m in "${MODELS[@]}"; do
+    bounded "${MODEL_TIMEOUT_S:-300}" python benchmarks/fused_probe.py --model "$m" --json "$PARTS/fused_probe_$m.json" \
+      2>&1 | grep -v "^USDT" | tee "$PARTS/fused_probe_$m.txt"
+  done
   report
 }
 
@@ -131,6 +152,8 @@ stage_alloc() {
 case "$STAGE" in
   env) stage_env; report ;;
   tests) stage_tests ;;
+  fused) stage_fused ;;
+  probe) stage_probe ;;
   bench) stage_bench ;;
   quick) stage_quick ;;
   sweep) stage_sweep ;;
@@ -138,7 +161,7 @@ case "$STAGE" in
   profile) stage_profile ;;
   report) report ;;
   all) stage_env; CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-150} stage_tests; stage_bench; stage_sweep; stage_alloc ;;
-  *) echo "unknown stage '$STAGE'; use env|tests|bench|quick|sweep|alloc|profile|report|all" >&2; exit 2 ;;
+  *) echo "unknown stage '$STAGE'; use env|tests|fused|probe|bench|quick|sweep|alloc|profile|report|all" >&2; exit 2 ;;
 esac
 echo "==== $RES/$NAME.md ===="
 cat "$RES/$NAME.md"

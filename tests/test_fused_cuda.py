@@ -1,5 +1,6 @@
-"""GPU tests of fused multi-stream segments (run on the GPU machine:
-``PYTHONPATH=. python -m pytest tests/test_fused_cuda.py -q -s``; ``-s`` prints each model's report).
+"""GPU tests of fused multi-stream segments (run on the GPU machine: ``scripts/gpu_check.sh fused``, or
+``PYTHONPATH=. python -m pytest tests/test_fused_cuda.py -q -s``; ``-s`` prints each model's report). Marked
+``fused`` as well as ``cuda``, so the runtime's own cuda tests (``-m "cuda and not fused"``) stay quick.
 
 TorchInductor compiles every segment cold the first time (NASNet-A Large has the most segments: select it alone, or
 leave it out with ``-k "not nasnet"``, when time is short). Comparisons run with TF32 off so eager and the fused code
@@ -14,7 +15,7 @@ from opara_nb.runtime import FusedExecutor, optimize
 from opara_nb.runtime import fused as fused_mod
 from test_runtime_cuda import _build, _quiet
 
-pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
+pytestmark = [pytest.mark.cuda, pytest.mark.fused, pytest.mark.usefixtures("exact_math")]
 
 RTOL = 1e-4
 PAPER = ("googlenet", "inception_v3", "nasnet", "deepfm", "bert", "t5")
