@@ -51,22 +51,31 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _package_dir(name: str) -> str | None:
+    """The directory of an installed package, found without importing it (None when it is not installed)."""
+    spec = importlib.util.find_spec(name)
+    return os.path.dirname(os.path.abspath(spec.origin)) if spec is not None and spec.origin else None
+
+
 _OURS = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(os.path.abspath(importlib.util.find_spec("torch").origin or ""))  # without importing torch
-_INTERNAL = tuple(os.path.join(p, "") for p in (_OURS, _TORCH))
+# IPython's own frames (the magic machinery, run_cell) sit between a notebook cell and opara_nb: they are not the
+# user's, so notices and short tracebacks skip them and name the cell's line instead.
+_INTERNAL = tuple(os.path.join(p, "") for p in (_OURS, *filter(None, map(_package_dir, ("torch", "IPython")))))
+# Import machinery, and the wrappers the `decorator` package generates around IPython's magics.
+_INTERNAL_PSEUDO = ("<frozen", "<decorator-gen-")
 
 
 def is_internal(filename: str) -> bool:
-    """Whether a frame's file is opara_nb's or torch's (or import machinery); "<ipython-input-...>" and "<stdin>"
-    are the user's."""
-    if filename.startswith("<frozen"):
+    """Whether a frame's file is opara_nb's, torch's or IPython's (or import machinery); "<ipython-input-...>",
+    a Jupyter cell's file and "<stdin>" are the user's."""
+    if filename.startswith(_INTERNAL_PSEUDO):
         return True
     return os.path.abspath(filename).startswith(_INTERNAL) if not filename.startswith("<") else False
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made by this function's caller that names the first frame outside
-    opara_nb and torch (the caller itself is level 1). Falls back to 1 when the whole stack is internal."""
+    opara_nb, torch and IPython (the caller itself is level 1). Falls back to 1 when the whole stack is internal."""
     frame: Any = sys._getframe(1)
     level = 1
     while frame is not None and is_internal(frame.f_code.co_filename):
@@ -76,7 +85,7 @@ def user_stacklevel() -> int:
 
 
 def user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """``tb`` without opara_nb's and torch's frames, except the innermost one (the operator that raised)."""
+    """``tb`` without opara_nb's, torch's and IPython's frames, except the innermost one (the operator that raised)."""
     frames = []
     while tb is not None:
         frames.append(tb)
