@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
+from .errors import ModelError, user_traceback
+
 if TYPE_CHECKING:
     from .bench import BenchResult
     from .pipeline import ModelPlan
@@ -41,14 +43,23 @@ def plan(model: Callable, *args: Any, strategy: str = "opara", order: str = "", 
     """Capture, profile and schedule ``model`` without running it on streams (works on CPU)."""
     from .pipeline import plan_model
 
-    return plan_model(model, *args, strategy=strategy, order=order, **kwargs)
+    try:
+        return plan_model(model, *args, strategy=strategy, order=order, **kwargs)
+    except ModelError as exc:  # the model's own error, from the user's line (as optimize shows it)
+        raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
 
-def profile(model: Callable, *args: Any, **kwargs: Any) -> "ModelProfile":
-    """Per-operator profile of ``model`` on the example inputs: kernels, time, resources, compute/memory class."""
+def profile(model: Callable, *args: Any, cache: bool = True, **kwargs: Any) -> "ModelProfile":
+    """Per-operator profile of ``model`` on the example inputs: kernels, time, resources, compute/memory class.
+
+    Profiles are cached per user; ``cache=False`` measures again and replaces the cached one (``cache`` is not
+    passed to the model)."""
     from .profiling import profile_model
 
-    return profile_model(model, *args, **kwargs)
+    try:
+        return profile_model(model, *args, cache=cache, **kwargs)
+    except ModelError as exc:
+        raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
 
 def benchmark(model: Callable, *args: Any, modes: Any = None, **kwargs: Any) -> "BenchResult":

@@ -176,12 +176,19 @@ def test_html_is_escaped():
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 
-def test_progress_callback_sees_every_node():
+def test_progress_bar_counts_every_node(monkeypatch):
+    from opara_nb import progress
+    from opara_nb.profiling import measure
+
     model, args, kwargs = get("inception_block")
     (g,) = capture_graphs(model, args, kwargs)
     seen = []
-    profile_graph(g, cache=False, progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (len(g.dag), len(g.dag))
+    real = progress.Task.advance
+    monkeypatch.setattr(progress.Task, "advance", lambda self, n=1, what=None: seen.append(self.desc) or
+                        real(self, n, what))
+    monkeypatch.setattr(measure, "PROGRESS_DELAY_S", 0.0)
+    profile_graph(g, cache=False)
+    assert seen.count("profiling graph 0") == len(g.dag)
 
 
 def test_bad_demand_kind():

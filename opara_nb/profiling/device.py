@@ -35,11 +35,12 @@ PEAKS: list[tuple[str, tuple[float, float, float]]] = [
 _GENERIC_GPU = (20e12, 150e12, 1.0e12)
 CPU_RIDGE = 10.0  # FLOP/byte: a generic multi-core CPU; only used to label CPU profiles
 
-# compute capability major.minor -> (max threads per SM, registers per SM, shared memory per SM in bytes)
+# compute capability major.minor -> (max threads per SM, registers per SM, shared memory per SM in bytes), from the
+# CUDA programming guide's table of compute capabilities. T4 (Colab's free GPU) is (7, 5): 1024 threads, 64 KiB.
 _SM_LIMITS = {
     (7, 0): (2048, 65536, 98304), (7, 5): (1024, 65536, 65536), (8, 0): (2048, 65536, 167936),
     (8, 6): (1536, 65536, 102400), (8, 7): (1536, 65536, 167936), (8, 9): (1536, 65536, 102400),
-    (9, 0): (2048, 65536, 233472),
+    (9, 0): (2048, 65536, 233472), (10, 0): (2048, 65536, 233472), (12, 0): (1536, 65536, 102400),
 }
 
 
@@ -50,9 +51,17 @@ def _peaks(name: str) -> tuple[tuple[float, float, float], str]:
     return _GENERIC_GPU, f"{name!r} is not in the device table: generic peaks assumed (ridge is approximate)"
 
 
+def _table_limits(cc: tuple[int, int]) -> tuple[int, int, int]:
+    """The table's limits for ``cc``, else for the newest listed capability below it (never a newer GPU's, which
+    has more of everything and would make every kernel look small), else the oldest listed."""
+    known = sorted(c for c in _SM_LIMITS if c <= cc)
+    return _SM_LIMITS[known[-1]] if known else _SM_LIMITS[min(_SM_LIMITS)]
+
+
 def _sm_limits(props: object) -> tuple[int, int, int]:
-    cc = (getattr(props, "major", 9), getattr(props, "minor", 0))
-    fallback = _SM_LIMITS.get(cc) or _SM_LIMITS.get((cc[0], 0)) or _SM_LIMITS[(9, 0)]
+    """Threads, registers and shared memory per SM: the device's own numbers where torch reports them, else the
+    table's for its compute capability."""
+    fallback = _table_limits((int(getattr(props, "major", 0)), int(getattr(props, "minor", 0))))
     threads = getattr(props, "max_threads_per_multi_processor", 0) or fallback[0]
     regs = getattr(props, "regs_per_multiprocessor", 0) or fallback[1]
     smem = getattr(props, "shared_memory_per_multiprocessor", 0) or fallback[2]

@@ -1,6 +1,7 @@
 """profile_graph: a captured graph -> GraphProfile (kernels, time, FLOPs, bytes, class, demand), cached per user."""
 from __future__ import annotations
 
+import datetime
 import warnings
 from typing import TYPE_CHECKING
 
@@ -10,14 +11,14 @@ from ..capture.interp import run_graph
 from ..schedule.simulate import critical_path
 from . import cache as _cache
 from .device import device_info
-from .measure import NodeCounts, Progress, count_node_work, graph_device, profiled_run
+from .measure import TIMED_RUNS, NodeCounts, count_node_work, graph_device, profiled_run, timed_runs
 from .records import NO_GPU_NOTE, DeviceInfo, GraphProfile, KernelInfo, NodeProfile
 from .trace import Attribution
 
 if TYPE_CHECKING:
     from ..capture import CapturedGraph
 
-__all__ = ["profile_graph", "kernel_demand", "DEMANDS"]
+__all__ = ["profile_graph", "kernel_demand", "check_times", "DEMANDS"]
 
 DEMANDS = ("occupancy", "smem")
 NO_GPU_EVENTS = ("CUDA is in use but torch.profiler recorded no GPU activity (CUPTI unavailable or busy?): "
@@ -59,12 +60,12 @@ def _classify(prof: NodeProfile, counts: NodeCounts, device: DeviceInfo, gpu: bo
 
 
 def _node_profile(node: torch.fx.Node, counts: NodeCounts, seen: Attribution, device: DeviceInfo,
-                  gpu: bool) -> NodeProfile:
+                  gpu: bool, node_ms: dict[str, float]) -> NodeProfile:
     facts = node.meta.get("opara", {})
     kernels = seen.kernels.get(node.name, []) if gpu else []
     prof = NodeProfile(name=node.name, op=facts.get("op", ""), module=facts.get("module", ""), kernels=kernels,
                        cpu_ms=seen.cpu_ms.get(node.name, 0.0), flops=counts.flops, bytes=counts.bytes)
-    prof.time_ms = sum(k.duration_ms for k in kernels) if gpu else prof.cpu_ms
+    prof.time_ms = sum(k.duration_ms for k in kernels) if gpu else node_ms.get(node.name, prof.cpu_ms)
     _classify(prof, counts, device, gpu, bool(facts.get("mutates")))
     # A node's kernels run one after another on its stream, so its demand is that of its widest kernel.
     prof.demand = max((kernel_demand(k, device) for k in kernels), default=0.0)
@@ -77,21 +78,58 @@ def _graph_dtype(inputs: list) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def _measure(g: "CapturedGraph", device: torch.device, info: DeviceInfo, demand: str,
-             progress: Progress | None) -> GraphProfile:
+# Node times that must shrink by more than this to fit the measured run are not trusted, even once scaled.
+UNRELIABLE_BELOW = 0.5
+
+
+def check_times(gp: GraphProfile, wall_ms: float | None) -> GraphProfile:
+    """Check the node times against ``wall_ms``, one measured run of the whole graph, and say how in ``time_method``.
+
+    The operators of one graph run one after another when profiled, so their times cannot add up to more than the
+    run: if they do, every node's time is scaled by ``wall_ms / total`` (their proportions are kept, the sum becomes
+    the measured run, and so no critical path can exceed it); a factor below ``UNRELIABLE_BELOW`` marks the times
+    unreliable. Times that add up to less are kept (the rest is Python and launch overhead between operators).
+    """
+    source = ("GPU kernel times (CUPTI)" if gp.has_gpu_data
+              else f"CPU times (median of {TIMED_RUNS} timed runs per operator)")
+    total = sum(p.time_ms for p in gp.nodes.values())
+    gp.wall_ms = wall_ms
+    if wall_ms is None or wall_ms <= 0 or total <= 0:
+        gp.time_method = f"{source}, not checked against a measured run"
+        return gp
+    if total <= wall_ms:
+        gp.time_method = f"{source}; they add up to {total:.3f} ms within one measured run of {wall_ms:.3f} ms"
+        return gp
+    scale = wall_ms / total
+    for prof in gp.nodes.values():
+        prof.time_ms *= scale
+    gp.time_scale = scale
+    gp.times_reliable = scale >= UNRELIABLE_BELOW
+    gp.time_method = (f"{source} added up to {total:.3f} ms, more than one measured run of the graph "
+                      f"({wall_ms:.3f} ms): each scaled x{scale:.2f}"
+                      + ("" if gp.times_reliable else "; unreliable (this machine is busy or the profiler "
+                                                      "distorts them): compare plans by measuring, not by these"))
+    return gp
+
+
+def _measure(g: "CapturedGraph", device: torch.device, info: DeviceInfo, demand: str) -> GraphProfile:
     gm, inputs = g.gm, g.example_inputs
     with torch.no_grad():
         run_graph(gm, inputs)  # warm-up 1: allocator, cuDNN/cuBLAS autotuning, lazy init
-        counts = count_node_work(gm, inputs, label=f"profiling graph {g.index}", progress=progress)  # warm-up 2
+        counts = count_node_work(gm, inputs, label=f"profiling graph {g.index}")  # warm-up 2
         seen = profiled_run(gm, inputs, device)
-    gpu = device.type == "cuda" and seen.gpu_events > 0
-    nodes = {n.name: _node_profile(n, counts.get(n.name, NodeCounts()), seen, info, gpu) for n in g.op_nodes()}
+        gpu = device.type == "cuda" and seen.gpu_events > 0
+        # On CPU the profiler's per-event cost inflates operator times several-fold: time them with a plain clock.
+        node_ms, wall_ms = timed_runs(gm, inputs, device, per_node=not gpu)
+    nodes = {n.name: _node_profile(n, counts.get(n.name, NodeCounts()), seen, info, gpu, node_ms)
+             for n in g.op_nodes()}
     gp = GraphProfile(nodes=nodes, device=info, has_gpu_data=gpu, demand_kind=demand, index=g.index,
                       profiler_kernel_ms=seen.gpu_total_ms if gpu else None,
-                      unattributed=seen.unattributed, note="" if gpu else NO_GPU_NOTE)
+                      unattributed=seen.unattributed, note="" if gpu else NO_GPU_NOTE,
+                      measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if device.type == "cuda" and not gpu:
         gp.warning = NO_GPU_EVENTS
-    return gp
+    return check_times(gp, wall_ms)
 
 
 def _finish(g: "CapturedGraph", gp: GraphProfile) -> GraphProfile:
@@ -104,12 +142,14 @@ def _finish(g: "CapturedGraph", gp: GraphProfile) -> GraphProfile:
     return gp
 
 
-def profile_graph(g: "CapturedGraph", demand: str = "occupancy", cache: bool = True,
-                  progress: Progress | None = None) -> GraphProfile:
-    """Profile one captured graph (runs it 3 times: 2 warm-ups, 1 under torch.profiler), or load it from the cache.
+def profile_graph(g: "CapturedGraph", demand: str = "occupancy", cache: bool = True) -> GraphProfile:
+    """Profile one captured graph, or load it from the cache (``from_cache`` says which).
 
-    ``demand`` picks what ``GraphProfile.demands()`` returns: "occupancy" (fraction of the GPU the node's blocks
-    occupy) or "smem" (the paper prototype's shared memory per block). ``progress(done, total)`` is called per node.
+    Measuring runs the graph 2 times to warm up, once under torch.profiler, then times it (per node on CPU, whole)
+    to check the node times (see :func:`check_times`). ``demand`` picks what ``GraphProfile.demands()`` returns:
+    "occupancy" (fraction of the GPU the node's blocks occupy) or "smem" (the paper prototype's shared memory per
+    block). ``cache=False`` neither reads nor writes the cache; ``profiling.cache.refreshing()`` (and
+    ``OPARA_NB_CACHE=refresh``) measures again and overwrites it.
     """
     if demand not in DEMANDS:
         raise ValueError(f"demand must be one of {DEMANDS}, got {demand!r}")
@@ -124,7 +164,7 @@ def profile_graph(g: "CapturedGraph", demand: str = "occupancy", cache: bool = T
             return _finish(g, gp)
         except (KeyError, TypeError, ValueError):
             pass  # a stale or hand-edited file: profile again and overwrite it
-    gp = _measure(g, device, info, demand, progress)
+    gp = _measure(g, device, info, demand)
     if cache and not gp.warning:
         _cache.save(key, gp.to_dict())
     return _finish(g, gp)

@@ -1,24 +1,31 @@
 """Measure one captured graph: FLOPs and bytes per node, then one tagged run under torch.profiler."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..progress import Task, mode, task
 from ..capture.graph import SCHEDULED_OPS
 from ..capture.interp import GraphInterpreter
 from .trace import TAG, Attribution, attribute, export_events
 
-__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "Progress", "detach_cupti_after_profiling",
-           "Ticker"]
+__all__ = ["NodeCounts", "count_node_work", "profiled_run", "graph_device", "timed_runs", "Progress", "Ticker",
+           "detach_cupti_after_profiling", "quiet_profiler_logs"]
 
 Progress = Callable[[int, int], None]
-_QUIET_S = 2.0  # show progress only for graphs that take longer than this
+
+PROGRESS_DELAY_S = 1.0  # a graph that profiles faster than this shows no progress bar
+TIMED_RUNS = 3          # runs behind each median (per-operator CPU times, the whole graph's wall time)
 
 
 @dataclass
@@ -71,30 +78,28 @@ def _counts(inputs: list, output: Any, flops: int) -> NodeCounts:
 
 
 class Ticker:
-    """Calls ``progress(done, total)`` per item done; with none, prints to stderr once the work has taken over
-    _QUIET_S."""
+    """Counts items done (``ticker(done)``): tells ``progress(done, total)`` when given, else shows an
+    ``opara_nb.progress`` bar once the work has taken ``PROGRESS_DELAY_S``, removed when the last item is done."""
 
-    def __init__(self, total: int, label: str, progress: Progress | None, unit: str = "nodes") -> None:
-        self.total, self.label, self.progress, self.unit = total, label, progress, unit
-        self.start = self.last = time.perf_counter()
+    def __init__(self, total: int, label: str, progress: Progress | None = None, unit: str = "nodes") -> None:
+        self.total, self.progress = total, progress
+        self._bar = Task(f"{label} ({unit})", total, PROGRESS_DELAY_S, mode()) if progress is None else None
 
     def __call__(self, done: int) -> None:
-        if self.progress is not None:
-            self.progress(done, self.total)
+        if self._bar is None:
+            self.progress(done, self.total)  # type: ignore[misc]
             return
-        now = time.perf_counter()
-        if now - self.start > _QUIET_S and (now - self.last > 1.0 or done == self.total):
-            self.last = now
-            end = "\n" if done == self.total else "\r"
-            print(f"opara_nb: {self.label}: {done}/{self.total} {self.unit}", end=end, file=sys.stderr, flush=True)
+        self._bar.advance(done - self._bar.done)
+        if done >= self.total:
+            self._bar.close()
 
 
 class _WorkCounter(GraphInterpreter):
     """Runs the graph under one FlopCounterMode and records, per scheduled node, its FLOPs and bytes read + written."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counter: Any, tick: "Ticker") -> None:
+    def __init__(self, gm: torch.fx.GraphModule, counter: Any, bar: Task) -> None:
         super().__init__(gm)
-        self.counter, self.tick = counter, tick
+        self.counter, self.bar = counter, bar
         self.counts: dict[str, NodeCounts] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -103,20 +108,66 @@ class _WorkCounter(GraphInterpreter):
         if n.op in SCHEDULED_OPS:
             args = tree_leaves(self.map_nodes_to_values((n.args, n.kwargs), n))
             self.counts[n.name] = _counts(args, value, self.counter.get_total_flops() - before)
-            self.tick(len(self.counts))
+            self.bar.advance()
         return value
 
 
-def count_node_work(gm: torch.fx.GraphModule, inputs: list, label: str = "counting FLOPs",
-                    progress: Progress | None = None) -> dict[str, NodeCounts]:
-    """Run ``gm`` once, node by node, under one FlopCounterMode; per node its FLOPs and bytes read + written."""
+def count_node_work(gm: torch.fx.GraphModule, inputs: list, label: str = "counting FLOPs") -> dict[str, NodeCounts]:
+    """Run ``gm`` once, node by node, under one FlopCounterMode; per node its FLOPs and bytes read + written.
+
+    A progress bar (``opara_nb.progress``) counts the nodes when the run takes more than ``PROGRESS_DELAY_S``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tick = Ticker(sum(n.op in SCHEDULED_OPS for n in gm.graph.nodes), label, progress)
-    with FlopCounterMode(display=False) as counter:
-        runner = _WorkCounter(gm, counter, tick)
+    total = sum(n.op in SCHEDULED_OPS for n in gm.graph.nodes)
+    with task(label, total=total, delay=PROGRESS_DELAY_S) as bar, \
+            FlopCounterMode(display=False) as counter:
+        runner = _WorkCounter(gm, counter, bar)
         runner.run(*inputs)
     return runner.counts
+
+
+class _Timed(GraphInterpreter):
+    """Runs the graph with a wall clock around each scheduled node (no profiler: its per-event cost inflates CPU
+    operator times several-fold on a small machine)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.ms: dict[str, float] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op not in SCHEDULED_OPS:
+            return super().run_node(n)
+        start = time.perf_counter()
+        value = super().run_node(n)
+        self.ms[n.name] = (time.perf_counter() - start) * 1e3
+        return value
+
+
+def _wall_ms(fn: Any, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def timed_runs(gm: torch.fx.GraphModule, inputs: list, device: torch.device, per_node: bool,
+               runs: int = TIMED_RUNS) -> tuple[dict[str, float], float]:
+    """(per scheduled node its median wall time in ms, or {} unless ``per_node``; the median wall time of a plain
+    call of the graph module), over ``runs`` rounds.
+
+    The plain call is the measured run node times are checked against. The two kinds of run alternate, so a machine
+    that slows down or speeds up meanwhile (other jobs, frequency scaling) moves both alike."""
+    samples: dict[str, list[float]] = {}
+    walls = []
+    for _ in range(runs):
+        if per_node:
+            timed = _Timed(gm)
+            timed.run(*inputs)
+            for name, ms in timed.ms.items():
+                samples.setdefault(name, []).append(ms)
+        walls.append(_wall_ms(lambda: gm(*inputs), device))
+    return {name: statistics.median(v) for name, v in samples.items()}, statistics.median(walls)
 
 
 class _Tagged(GraphInterpreter):
@@ -163,8 +214,38 @@ def profiled_run(gm: torch.fx.GraphModule, inputs: list, device: torch.device) -
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         detach_cupti_after_profiling()
     _sync(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with quiet_profiler_logs(), torch.profiler.profile(activities=activities) as prof:
         _absorb_profiler_start()
         _Tagged(gm).run(*inputs)
         _sync(device)
     return attribute(export_events(prof))
+
+
+_PROFILER_LOG = re.compile(r"^(USDT|STAGE):.*(profiler_start|profiler_stop|Completed Stage)")
+
+
+@contextlib.contextmanager
+def quiet_profiler_logs() -> Iterator[None]:
+    """Drop the lines Kineto writes to file descriptor 2 at every profiler start and stop ("USDT: ...
+    profiler_start"): in a notebook they land inside the output, between the progress bar and the result.
+
+    Everything else written to fd 2 meanwhile (a CUPTI error, say) is passed on to ``sys.stderr`` afterwards. Where
+    fd 2 cannot be redirected, nothing is filtered."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if not _PROFILER_LOG.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")

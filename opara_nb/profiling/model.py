@@ -1,11 +1,13 @@
 """ModelProfile: the per-operator profile of a whole model (all its graphs) as a table, JSON or Chrome trace."""
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from .cache import refreshing
 from .graph import profile_graph
 from .records import GraphProfile, NodeProfile
 
@@ -50,15 +52,40 @@ class ModelProfile:
     def has_gpu_data(self) -> bool:
         return bool(self.graphs) and all(gp.has_gpu_data for _, gp in self.graphs)
 
+    @property
+    def from_cache(self) -> bool:
+        """Whether every graph's profile was read from the cache rather than measured now."""
+        return bool(self.graphs) and all(gp.from_cache for _, gp in self.graphs)
+
+    @property
+    def wall_ms(self) -> float | None:
+        """The measured runs of the graphs, added up (None when a graph has none): the times are checked
+        against it."""
+        walls = [gp.wall_ms for _, gp in self.graphs]
+        return sum(walls) if walls and all(w is not None for w in walls) else None
+
+    def source(self) -> str:
+        """Where the numbers come from, in a few words: "measured now", or "cached (measured <when>)"."""
+        if not self.from_cache:
+            return "measured now"
+        when = sorted({gp.measured_at for _, gp in self.graphs if gp.measured_at})
+        return f"cached (measured {when[0]})" if when else "cached"
+
     def notes(self) -> list[str]:
-        """Warnings and caveats (no GPU data, unattributed kernels), one line each, no repeats."""
+        """How the times were measured and checked, warnings and caveats (no GPU data, unattributed kernels), one
+        line each, no repeats."""
         lines: list[str] = []
         for _, gp in self.graphs:
-            for line in (gp.warning, gp.note, gp.device.source if "generic" in gp.device.source else ""):
+            method = f"graph {gp.index}: {gp.time_method}" if gp.time_method and len(self.graphs) > 1 \
+                else gp.time_method
+            for line in (method, gp.warning, gp.note, gp.device.source if "generic" in gp.device.source else ""):
                 if line and line not in lines:
                     lines.append(line)
             if gp.unattributed:
                 lines.append(f"graph {gp.index}: {gp.unattributed} GPU activities outside any node")
+        if self.from_cache:
+            lines.append(f"profile {self.source()}: measure again with %opara_profile --reprofile, "
+                         "opara_nb.profile(..., cache=False) or OPARA_NB_CACHE=refresh")
         return lines
 
     def table(self, top: int | None = None) -> list[dict[str, Any]]:
@@ -72,8 +99,9 @@ class ModelProfile:
     def _summary(self) -> str:
         device = self.graphs[0][1].device.name if self.graphs else "?"
         nodes = sum(len(gp.nodes) for _, gp in self.graphs)
-        return (f"opara_nb profile on {device}: {len(self.graphs)} graph(s), {nodes} nodes, "
-                f"critical path {self.critical_path_ms:.3f} ms, total {self.total_kernel_ms:.3f} ms")
+        wall = f", measured run {self.wall_ms:.3f} ms" if self.wall_ms is not None else ""
+        return (f"opara_nb profile on {device} ({self.source()}): {len(self.graphs)} graph(s), {nodes} nodes, "
+                f"critical path {self.critical_path_ms:.3f} ms, total {self.total_kernel_ms:.3f} ms{wall}")
 
     def __repr__(self) -> str:
         from tabulate import tabulate
@@ -117,13 +145,17 @@ class ModelProfile:
         return path
 
 
-def profile_model(model: Callable, *args: Any, **kwargs: Any) -> ModelProfile:
-    """Capture ``model(*args, **kwargs)`` and profile every graph (cached); see ``ModelProfile``.
+def profile_model(model: Callable, *args: Any, cache: bool = True, **kwargs: Any) -> ModelProfile:
+    """Capture ``model(*args, **kwargs)`` and profile every graph; see ``ModelProfile``.
+
+    Profiles are cached per user (``profiling.cache``); ``cache=False`` measures again and replaces the cached
+    profile (``cache`` is opara_nb's, never passed to the model).
 
     >>> prof = profile_model(model, x)   # doctest: +SKIP
     >>> print(prof); prof.table(top=10)
     """
     from ..capture import capture_graphs
 
-    graphs = capture_graphs(model, args, kwargs)
-    return ModelProfile([(g, profile_graph(g)) for g in graphs])
+    with contextlib.nullcontext() if cache else refreshing():
+        graphs = capture_graphs(model, args, kwargs)
+        return ModelProfile([(g, profile_graph(g)) for g in graphs])

@@ -27,6 +27,7 @@ class KernelInfo:
     occupancy: float | None = None   # "est. achieved occupancy %" from the trace, when present
     kind: str = "kernel"        # "kernel" | "memcpy" | "memset"
     stream: int | None = None
+    start_us: float | None = None    # trace timestamp of the start (for measured timelines)
 
     @classmethod
     def from_dict(cls, data: dict) -> "KernelInfo":
@@ -115,6 +116,19 @@ class GraphProfile:
     note: str = ""
     index: int = 0
     from_cache: bool = False
+    measured_at: str = ""                     # when the numbers were measured (UTC), shown for cached profiles
+    wall_ms: float | None = None              # one plain run of the whole graph: what node times are checked against
+    time_scale: float = 1.0                   # factor applied to every node's time (see time_method)
+    time_method: str = ""                     # how the node times were measured and checked, in one line
+    times_reliable: bool = True               # False: the node times disagree with the measured run; read with care
+
+    def times_caption(self) -> str:
+        """What the times are, for table headers and picture titles: "GPU kernel times", "CPU times, scaled x0.84
+        to the measured run", or "... unreliable"."""
+        what = "GPU kernel times" if self.has_gpu_data else "CPU times"
+        if self.time_scale != 1.0:
+            what += f", scaled x{self.time_scale:.2f} to the measured run"
+        return what + ("" if self.times_reliable else " (unreliable)")
 
     def demands(self, kind: str | None = None) -> dict[str, float]:
         """Per-node demand for ``launch_order``: "occupancy" (fraction of the GPU) or "smem" (paper prototype)."""

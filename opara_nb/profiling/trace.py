@@ -58,7 +58,8 @@ def kernel_from_event(event: dict) -> KernelInfo:
         grid=tuple(args.get("grid", (0, 0, 0))), block=tuple(args.get("block", (0, 0, 0))),
         registers=int(args.get("registers per thread", 0)), shared_mem=_shared_mem(args),
         occupancy=float(occupancy) if occupancy is not None else None,
-        kind=_GPU_CATS.get(event.get("cat", ""), "kernel"), stream=args.get("stream"))
+        kind=_GPU_CATS.get(event.get("cat", ""), "kernel"), stream=args.get("stream"),
+        start_us=float(event["ts"]) if "ts" in event else None)
 
 
 class _Spans:
