@@ -9,7 +9,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 __all__ = ["PALETTE", "stream_colour", "node_facts", "NodeFacts", "module_tail", "module_tails", "node_label", "node_labels",
-           "graph_labels"]
+           "graph_labels", "times_caption", "times_unreliable"]
 
 # (border, fill) per stream, indexed by stream id so a stream keeps its colour across pictures and runs.
 PALETTE: tuple[tuple[str, str], ...] = (
@@ -25,13 +25,19 @@ def stream_colour(stream: int) -> tuple[str, str]:
 
 
 class NodeFacts:
-    """What the pictures know about one node: operator, module path, GPU time and class (all optional)."""
+    """What the pictures know about one node: operator, module path, time and class (all optional).
 
-    __slots__ = ("op", "module", "time_ms", "memory_bound")
+    ``kind`` is "compute", "memory", "none" (no work of its own: a view, a getitem) or None (not known).
+    """
+
+    __slots__ = ("op", "module", "time_ms", "memory_bound", "kind")
 
     def __init__(self, op: str = "", module: str = "", time_ms: float | None = None,
-                 memory_bound: bool | None = None) -> None:
+                 memory_bound: bool | None = None, kind: str | None = None) -> None:
         self.op, self.module, self.time_ms, self.memory_bound = op, module, time_ms, memory_bound
+        if kind is None and memory_bound is not None:
+            kind = "memory" if memory_bound else "compute"
+        self.kind = kind
 
 
 def _profile_map(profile: Any) -> Mapping[str, Any]:
@@ -48,10 +54,23 @@ def node_facts(profile: Any) -> dict[str, NodeFacts]:
     for name, p in _profile_map(profile).items():
         time_ms = getattr(p, "time_ms", None)
         mb = getattr(p, "memory_bound", None)
+        kind = getattr(p, "kind", None)
         facts[name] = NodeFacts(op=str(getattr(p, "op", "") or ""), module=str(getattr(p, "module", "") or ""),
                                 time_ms=None if time_ms is None else float(time_ms),
-                                memory_bound=None if mb is None else bool(mb))
+                                memory_bound=None if mb is None else bool(mb),
+                                kind=kind if kind in ("compute", "memory", "none") else None)
     return facts
+
+
+def times_caption(profile: Any) -> str:
+    """What a profile's times are ("CPU times, scaled x0.84 to the measured run"), or "" when it does not say."""
+    caption = getattr(profile, "times_caption", None)
+    return caption() if callable(caption) else ""
+
+
+def times_unreliable(profile: Any) -> bool:
+    """Whether the profile marked its times as unreliable (they disagree with a measured run)."""
+    return getattr(profile, "times_reliable", True) is False
 
 
 def _components(module: str) -> list[str]:

@@ -1,7 +1,7 @@
 """The stream-partitioned operator graph as Graphviz DOT text: a pure function of (DAG, plan, profile).
 
-One cluster per stream with a stable colour, compute-bound operators as boxes and memory-bound ones as ellipses,
-cross-stream synchronisations dashed, GPU time in the label when profiled. Nodes are labelled by operator and module
+One cluster per stream with a stable colour, compute-bound operators as boxes, memory-bound ones as ellipses and
+operators without work of their own (views) as dashed rounded boxes, cross-stream synchronisations dashed, GPU time in the label when profiled. Nodes are labelled by operator and module
 path (see ``_common.node_label``); DOT ids and tooltips keep the fx names, which are stable and unique. Large graphs are collapsed (chains of
 consecutive operators on one stream, then module-path groups) so that a 1,300-operator NASNet stays readable.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ._common import NodeFacts, module_tail, node_facts, node_labels, stream_colour
+from ._common import NodeFacts, module_tail, node_facts, node_labels, stream_colour, times_caption, times_unreliable
 
 __all__ = ["plan_to_dot", "DEFAULT_MAX_NODES", "collapse_groups", "Group"]
 
@@ -118,9 +118,19 @@ def _group_time(g: Group, facts: dict[str, NodeFacts]) -> float | None:
     return sum(times) if times else None
 
 
-def _group_memory_bound(g: Group, facts: dict[str, NodeFacts]) -> bool:
-    # A group is drawn memory-bound only when every member is: one heavy conv makes it compute work.
-    return all(facts.get(m, NodeFacts()).memory_bound for m in g.members)
+def _group_kind(g: Group, facts: dict[str, NodeFacts]) -> str | None:
+    """"memory" when every member that does work is memory-bound (one heavy conv makes a group compute work),
+    "compute", "none" when no member does work of its own, None when the class is not known."""
+    kinds = [facts.get(m, NodeFacts()).kind for m in g.members]
+    working = [k for k in kinds if k != "none"]
+    if not working:
+        return "none" if kinds else None
+    if any(k is None for k in working):
+        return None
+    return "memory" if all(k == "memory" for k in working) else "compute"
+
+
+_SHAPES = {"memory": "shape=ellipse", "none": 'shape=box, style="rounded,filled,dashed"'}
 
 
 def _chain_title(g: Group, facts: dict[str, NodeFacts]) -> str:
@@ -138,7 +148,7 @@ def _chain_title(g: Group, facts: dict[str, NodeFacts]) -> str:
     return module_tail(".".join(common))
 
 
-def _label(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str]) -> str:
+def _label(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str], doubtful: bool = False) -> str:
     first, last = g.members[0], g.members[-1]
     if len(g.members) == 1:
         lines = [labels.get(first, first)]
@@ -148,7 +158,7 @@ def _label(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str]) -> str
         lines = [f"{title + ': ' if title else ''}{len(g.members)} ops", " .. ".join(ends)]
     t = _group_time(g, facts)
     if t is not None:
-        lines.append(f"{t:.3f} ms")
+        lines.append(f"{t:.3f} ms" + ("?" if doubtful else ""))
     return "\n".join(lines)
 
 
@@ -160,12 +170,12 @@ def _tooltip(g: Group, facts: dict[str, NodeFacts]) -> str:
     return f"{g.key} ({module})" if module else g.key
 
 
-def _node_line(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str]) -> str:
+def _node_line(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str], doubtful: bool = False) -> str:
     border, fill = stream_colour(g.stream)
-    shape = "ellipse" if _group_memory_bound(g, facts) else "box"
+    shape = _SHAPES.get(_group_kind(g, facts) or "", "shape=box")
     extra = ", peripheries=2" if len(g.members) > 1 else ""
-    return (f"    {_q(g.key)} [label={_q(_label(g, facts, labels))}, tooltip={_q(_tooltip(g, facts))}, shape={shape}, "
-            f'color="{border}", fillcolor="{fill}"{extra}];')
+    return (f"    {_q(g.key)} [label={_q(_label(g, facts, labels, doubtful))}, tooltip={_q(_tooltip(g, facts))}, "
+            f'{shape}, color="{border}", fillcolor="{fill}"{extra}];')
 
 
 def _edges(dag: Any, plan: Any, groups: list[Group]) -> list[tuple[str, str, str]]:
@@ -194,13 +204,17 @@ def _edge_line(u: str, v: str, kind: str) -> str:
     return f"  {_q(u)} -> {_q(v)};"
 
 
-def _legend(profiled: bool, collapsed: bool) -> list[str]:
+def _legend(profiled: bool, collapsed: bool, idle: bool = False, caption: str = "") -> list[str]:
     shapes = (["box: compute-bound operator", "ellipse: memory-bound operator"] if profiled
               else ["box: operator (not profiled: no class or time)"])
+    if idle:
+        shapes.append("dashed rounded box: no work of its own (a view, getitem)")
     rows = shapes + ["dashed red edge: cross-stream sync (event wait)",
                      "dotted grey edge: cross-stream dependency implied by another sync"]
     if collapsed:
         rows.append("double border: several consecutive operators drawn as one")
+    if caption:
+        rows.append(f"times: {caption}" + ("; ms? marks them" if caption.endswith("(unreliable)") else ""))
     text = "\\l".join(escape(r) for r in rows) + "\\l"
     return ["  subgraph cluster_legend {", '    label="legend"; style=dashed; color="#999999"; fontsize=9;',
             f'    "__legend__" [shape=plaintext, style="", label="{text}", fontsize=9];', "  }"]
@@ -233,17 +247,19 @@ def plan_to_dot(dag: Any, plan: Any, profile: Any = None, collapse: Any = "auto"
     facts = node_facts(profile)
     names = node_labels(profile, labels)
     groups = collapse_groups(dag, plan, profile, collapse, max_nodes)
+    doubtful = times_unreliable(profile)
     lines = _header(plan, len(dag.nodes), len(groups), title)
     for s in sorted({g.stream for g in groups}):
         border, _ = stream_colour(s)
         lines += [f"  subgraph cluster_stream_{s} {{",
                   f'    label="stream {s}"; style=rounded; color="{border}"; fontcolor="{border}"; penwidth=1.5;']
-        lines += [_node_line(g, facts, names) for g in groups if g.stream == s]
+        lines += [_node_line(g, facts, names, doubtful) for g in groups if g.stream == s]
         lines.append("  }")
     lines += [_edge_line(u, v, k) for u, v, k in _edges(dag, plan, groups)]
     if legend:
         profiled = any(f.time_ms is not None or f.memory_bound is not None for f in facts.values())
-        lines += _legend(profiled, len(groups) != len(dag.nodes))
+        idle = any(_group_kind(g, facts) == "none" for g in groups)
+        lines += _legend(profiled, len(groups) != len(dag.nodes), idle, times_caption(profile))
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ from html import escape as _html_escape
 from typing import Any, Mapping
 
 from ..schedule.simulate import simulate
-from ._common import node_facts, node_labels, stream_colour
+from ._common import node_facts, node_labels, stream_colour, times_caption
 
 __all__ = ["timeline_svg"]
 
@@ -55,10 +55,11 @@ def timeline_svg(dag: Any, plan: Any, profile: Any = None, measured: Mapping[str
     names = node_labels(profile, labels)
     times = {n: f.time_ms for n, f in facts.items() if f.time_ms is not None}
     if measured is not None:
-        spans, kind = dict(measured), "measured"
+        spans, kind = dict(measured), "measured on the GPU: the plan run on its streams under torch.profiler"
     else:
         spans = simulate(dag, plan, times)
-        kind = "predicted from profile times" if times else "predicted, 1 unit per operator (not profiled)"
+        caption = times_caption(profile) or "profile times"
+        kind = f"predicted from {caption}" if times else "predicted, 1 unit per operator (not profiled)"
     unit = "ms" if measured is not None or times else "units"
     streams = sorted({int(plan.streams[n]) for n in dag.nodes})
     lane_of = {s: i for i, s in enumerate(streams)}
@@ -66,8 +67,9 @@ def timeline_svg(dag: Any, plan: Any, profile: Any = None, measured: Mapping[str
     total = max((b - t0 for _, b in spans.values()), default=0.0)
     scale = (width - _LEFT - 10) / total if total > 0 else 1.0
     height = _TOP + len(streams) * _LANE_H + 24
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="Helvetica, Arial, sans-serif">',
+    # As wide as the page (never above its natural width): the viewBox scales the drawing with it.
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'style="max-width:{width}px;height:auto" font-family="Helvetica, Arial, sans-serif">',
              f'<text x="4" y="16" font-size="12">Timeline ({_e(kind)}): {total:.3f} {unit} on {len(streams)} '
              f'stream(s)</text>']
     for s, lane in lane_of.items():
