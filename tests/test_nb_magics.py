@@ -55,7 +55,7 @@ def test_rebinds_model_and_keeps_original(ip):
 
 
 def test_o_returns_and_v_stores_a_result_that_renders(ip):
-    res = run(ip, "%%opara model --inputs x -o -v info\n" + BUILD)
+    res = run(ip, "%%opara model --inputs x -o --store info\n" + BUILD)
     assert isinstance(res, OparaResult) and ip.user_ns["info"] is res
     text = repr(res)
     assert "operators" in text and "max abs diff vs eager" in text and "%opara_undo model" in text
@@ -156,7 +156,7 @@ def test_config_sets_strategy_and_rejects_nonsense(ip):
 
 def test_help_text_is_real(ip, capsys):
     doc = ip.find_cell_magic("opara").__doc__
-    for flag in ("--inputs", "--strategy", "--order", "--no-graph", "--bench", "-v NAME"):
+    for flag in ("--inputs", "--strategy", "--order", "--no-graph", "--bench", "--store NAME", "--verbose", "--quiet"):
         assert flag in doc
     assert "--top" in ip.find_line_magic("opara_profile").__doc__
     ip.run_cell("%%opara?")
@@ -177,7 +177,7 @@ def test_profile_leaves_namespace_and_v_stores(ip):
     # Rows say what the operator is first; dynamo's fx name (input_7) comes last, for lookups only.
     assert lines[rule - 1].split()[:2] == ["op", "module"] and lines[rule - 1].rstrip().endswith("fx node")
     assert not lines[rule + 1].startswith("input_")
-    run(ip, "%opara_profile model x -v prof")
+    run(ip, "%opara_profile model x --store prof")
     assert isinstance(ip.user_ns["prof"], ProfileResult)
     assert "stream 0" in ip.user_ns["prof"]._repr_html_()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from opara_nb.nb.summary import latencies, summarize
+from opara_nb.nb.summary import headline, latencies, summarize
 from opara_nb.runtime import RunReport
 
 
@@ -29,7 +29,7 @@ def test_rows_from_report():
     assert s["streams (logical/physical)"] == "5/4, 1/1" and s["cross-stream syncs"] == "9"
     assert s["ran as"] == "one multi-stream CUDA graph"
     assert s["max abs diff vs eager"] == "1.50e-06"
-    assert "12.5 ms" in s["profile / plan / capture"]
+    assert "12.5 ms" in s["plan / capture"]
 
 
 def test_latencies_prefer_gpu_time_and_skip_failed_modes():
@@ -42,6 +42,32 @@ def test_latencies_prefer_gpu_time_and_skip_failed_modes():
 def test_reason_said_once_and_text_and_html_render():
     reason = "CUDA is not available"
     s = summarize(_report(mode="eager-plan", reason=reason, notices=[f"opara_nb: {reason}", "other <b>"]))
-    assert s.notes.count(f"not accelerated: {reason}") == 1 and len([n for n in s.notes if reason in n]) == 1
-    assert "ran as" in repr(s) and "latencies: add --bench" in repr(s)
+    # The first line says it is not accelerated and why; the notes do not say it again.
+    assert repr(s).splitlines()[0] == f"not accelerated: {reason}"
+    assert not [n for n in s.notes if reason in n]
+    assert "ran as" in repr(s) and "--bench" not in repr(s)  # no GPU: nothing to measure, so no advice to
     assert "other &lt;b&gt;" in s._repr_html_()
+
+
+def _measured(**kw):
+    return _report(requested="auto", kept="opara", eager_ms=8.2,
+                   candidates={"opara": {"sync_ms": 0.48, "replay_ms": 0.45, "pool_mb": 10.0},
+                               "cudagraph": {"sync_ms": 0.788, "replay_ms": 0.7, "pool_mb": 8.0}}, **kw)
+
+
+def test_first_line_is_the_measured_gain():
+    report = _measured()
+    s = summarize(SimpleNamespace(report=report), name="model")
+    first = repr(s).splitlines()[0]
+    assert first == f"model: {report.gain()}"
+    assert first.startswith("model: 1.64x faster than a plain CUDA graph (0.480 vs 0.788 ms), 17.08x faster than eager")
+    assert s._repr_html_().index(report.gain()) < s._repr_html_().index("ran as")
+
+
+def test_first_line_of_other_modes_says_what_ran():
+    assert headline(_report(mode="eager", reason="the model is in training mode")) == \
+        "not accelerated: the model is in training mode"
+    piece = _report(mode="piecewise", reason="x", eager_ms=2.0,
+                    candidates={"piecewise": {"sync_ms": 1.0, "replay_ms": None, "pool_mb": None}})
+    assert headline(piece).startswith("graph by graph, 2.00x faster than eager")
+    assert "not timed" in headline(_report())  # a CUDA graph without a measured baseline claims no gain

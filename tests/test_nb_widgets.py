@@ -1,7 +1,6 @@
-"""The dashboard headless: setting widget values re-plans and replaces the Output; progress reporting."""
+"""The dashboard headless: setting widget values re-plans and replaces the Output."""
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from types import SimpleNamespace
@@ -12,7 +11,6 @@ pytest.importorskip("ipywidgets")
 
 import opara_nb
 from opara_nb import models
-from opara_nb.nb.progress import Progress
 from opara_nb.nb.display import OparaResult
 from opara_nb.nb.widgets import Dashboard
 from opara_nb.viz import dot_available
@@ -67,14 +65,6 @@ def test_widget_tree_has_controls_and_output(om):
     assert output is dash.output
     assert dash.strategy in controls.children and dash.order in controls.children
     assert list(dash.strategy.options) == ["opara", "nimble", "wavefront", "sequential"]
-
-
-def test_progress_writes_a_line_outside_notebooks():
-    buf = io.StringIO()
-    with Progress("bench", total=3, stream=buf, widget=False) as p:
-        p(2, what="opara")
-    text = buf.getvalue()
-    assert "bench: 2/3 opara" in text and text.endswith("\r")
 
 
 def test_pictures_name_operators_from_graph_meta_when_there_is_no_profile(om):

@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = ["load_ipython_extension", "unload_ipython_extension"]
 
-_MAGIC_NAMES = {"cell": ("opara",), "line": ("opara_profile", "opara_undo", "opara_bench")}
+_MAGIC_NAMES = {"cell": ("opara",), "line": ("opara", "opara_profile", "opara_undo", "opara_bench")}
 
 
 def load_ipython_extension(ipython: Any) -> None:

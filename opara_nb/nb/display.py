@@ -11,8 +11,10 @@ from .summary import Summary, summarize
 from ..schedule.simulate import simulate
 from ..viz import graph_html, graph_labels, plan_to_dot, timeline_svg
 from ..viz._common import node_facts
+from ..viz.tables import drop_empty_columns
 
-__all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms", "labels_of"]
+__all__ = ["OparaResult", "ProfileResult", "PlanView", "BenchView", "graph_section", "predicted_ms", "labels_of",
+           "measured_timelines"]
 
 
 def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
@@ -25,15 +27,38 @@ def predicted_ms(dag: Any, plan: Any, profile: Any) -> tuple[float, float]:
 
 
 def graph_section(dag: Any, plan: Any, profile: Any = None, max_nodes: int = 150, title: str = "",
-                  timeline: bool = True, labels: Mapping[str, str] | None = None) -> str:
-    """HTML: the stream graph (SVG, or DOT + table without Graphviz) and the predicted timeline.
+                  timeline: bool = True, labels: Mapping[str, str] | None = None,
+                  measured: Mapping[str, tuple[float, float]] | None = None) -> str:
+    """HTML: the stream graph (SVG, or DOT + table without Graphviz), the measured timeline when given (``measured``:
+    node -> (start_ms, end_ms), see ``profiling.measure_timeline``) and the predicted one.
 
     ``labels``: node -> display text (``viz.graph_labels(g)``), used where the profile does not name the operators.
     """
     dot = plan_to_dot(dag, plan, profile, max_nodes=max_nodes, labels=labels)
     head = f"<h4>{html.escape(title)}</h4>" if title else ""
-    tl = f"<div style='overflow:auto'>{timeline_svg(dag, plan, profile, labels=labels)}</div>" if timeline else ""
-    return f"{head}{graph_html(dot, dag, plan, profile, labels=labels)}{tl}"
+    lines = []
+    if timeline and measured:
+        lines.append(timeline_svg(dag, plan, profile, measured=measured, labels=labels))
+    if timeline:
+        lines.append(timeline_svg(dag, plan, profile, labels=labels))
+    return f"{head}{graph_html(dot, dag, plan, profile, labels=labels, max_nodes=max_nodes)}{''.join(lines)}"
+
+
+def measured_timelines(om: Any) -> list[dict[str, tuple[float, float]] | None]:
+    """Per captured graph of an accelerated OparaModule, the measured span of each node (the kept plan run once on
+    its streams under torch.profiler); None for a graph that could not be measured. Empty without a CUDA graph."""
+    report = getattr(om, "report", None)
+    if getattr(report, "mode", "") != "cuda-graph":
+        return []
+    from ..profiling import measure_timeline
+
+    spans: list[dict[str, tuple[float, float]] | None] = []
+    for g, executor in zip(om.graphs, om.executors):
+        try:
+            spans.append(measure_timeline(executor, list(g.example_inputs)) or None)
+        except Exception:  # noqa: BLE001 - a picture we cannot measure is left out, never an error
+            spans.append(None)
+    return spans
 
 
 def labels_of(graph: Any) -> dict[str, str] | None:
@@ -77,25 +102,25 @@ def _graph_views(om: Any) -> list[tuple[Any, Any, Any, dict[str, str] | None]]:
 
 
 class OparaResult:
-    """What ``%%opara`` did: the summary table, the stream graph per captured graph, and how to undo.
+    """What ``%%opara`` did: the result first, the summary table, the stream graph per captured graph, how to undo.
 
     ``.om`` is the OparaModule, ``.summary`` the table, ``.bench`` the BenchResult (``--bench``), ``.dot(i)`` the DOT
-    text of graph ``i``.
+    text of graph ``i``, ``.measured`` the measured timeline per graph (GPU only).
     """
 
     def __init__(self, om: Any, name: str = "model", bench: Any = None, max_abs_diff: float | None = None,
-                 show_graph: bool = True, max_nodes: int = 150) -> None:
+                 show_graph: bool = True, max_nodes: int = 150,
+                 measured: list[dict[str, tuple[float, float]] | None] | None = None) -> None:
         self.om, self.name, self.bench, self.max_abs_diff = om, name, bench, max_abs_diff
-        self.show_graph, self.max_nodes = show_graph, max_nodes
-        self.summary: Summary = summarize(om, bench=bench, max_abs_diff=max_abs_diff,
-                                          title=f"opara_nb: {name} is now an OparaModule")
+        self.show_graph, self.max_nodes, self.measured = show_graph, max_nodes, list(measured or [])
+        self.summary: Summary = summarize(om, bench=bench, max_abs_diff=max_abs_diff, name=name)
 
     def dot(self, index: int = 0, collapse: Any = "auto") -> str:
         dag, plan, profile, labels = _graph_views(self.om)[index]
         return plan_to_dot(dag, plan, profile, collapse=collapse, max_nodes=self.max_nodes, labels=labels)
 
     def _undo_hint(self) -> str:
-        return f"undo: %opara_undo {self.name}   (original at {self.name}.original)"
+        return f"{self.name} is now an OparaModule; undo: %opara_undo {self.name}   (original at {self.name}.original)"
 
     def __repr__(self) -> str:
         n = len(_graph_views(self.om))
@@ -104,13 +129,15 @@ class OparaResult:
 
     def _repr_html_(self) -> str:
         parts = [self.summary._repr_html_()]
-        if self.bench is not None and hasattr(self.bench, "_repr_html_"):
-            parts.append(f"<details><summary>benchmark</summary>{self.bench._repr_html_()}</details>")
+        if self.bench is not None:
+            parts.append(f"<details><summary>benchmark</summary>{BenchView(self.bench)._repr_html_()}</details>")
         if self.show_graph:
             views = _graph_views(self.om)
             for i, (dag, plan, profile, labels) in enumerate(views):
                 title = f"graph {i} of {len(views)}" if len(views) > 1 else ""
-                parts.append(graph_section(dag, plan, profile, self.max_nodes, title, labels=labels))
+                measured = self.measured[i] if i < len(self.measured) else None
+                parts.append(graph_section(dag, plan, profile, self.max_nodes, title, labels=labels,
+                                           measured=measured))
         parts.append(f"<p><code>{html.escape(self._undo_hint())}</code></p>")
         return "<div class='opara-result'>" + "".join(parts) + "</div>"
 
@@ -118,15 +145,48 @@ class OparaResult:
         return {"text/plain": repr(self), "text/html": self._repr_html_()}
 
 
+class BenchView:
+    """A BenchResult shown with only the columns that have values (on a CPU most GPU columns are empty);
+    ``.result`` is the BenchResult itself."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def _table(self, fmt: str) -> str:
+        from tabulate import tabulate
+
+        from ..bench.harness import COLUMNS, _cell
+
+        headers = [title for _, title in COLUMNS]
+        rows = [[_cell(row, key) for key, _ in COLUMNS] for row in self.result.rows]
+        headers, rows = drop_empty_columns(headers, rows, keep=(headers[0],))
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+    def _notes(self) -> list[str]:
+        return list(self.result._footnotes())
+
+    def __repr__(self) -> str:
+        notes = "".join(f"\n  {line}" for line in self._notes())
+        return f"{self.result._header()}\n{self._table('simple')}{notes}"
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<li>{html.escape(line)}</li>" for line in self._notes())
+        return (f"<div><p><b>{html.escape(self.result._header())}</b></p>{self._table('html')}"
+                f"{f'<ul>{notes}</ul>' if notes else ''}</div>")
+
+
 def _top_rows(gp: Any, top: int) -> list[list[str]]:
     # What the operator is and where it sits first; the fx node name (dynamo's input_7, x_3) last, for lookups.
     nodes = sorted(getattr(gp, "nodes", {}).values(), key=lambda p: -(p.time_ms or 0.0))[:top]
-    return [[p.op or p.name, p.module or "-", f"{p.time_ms:.4f}", "memory" if p.memory_bound else "compute",
+    mark = "?" if getattr(gp, "times_reliable", True) is False else ""
+    kinds = {"compute": "compute", "memory": "memory", "none": "no work"}
+    return [[p.op or p.name, p.module or "-", f"{p.time_ms:.4f}{mark}", kinds.get(getattr(p, "kind", ""), "-"),
              f"{getattr(p, 'demand', 0.0) or 0.0:.2f}", p.name] for p in nodes]
 
 
 class ProfileResult:
-    """What ``%opara_profile`` shows: the slowest operators per graph, the critical-path bound, the graph."""
+    """What ``%opara_profile`` shows: where the numbers come from (measured now or cached, and how they were checked
+    against a measured run), the slowest operators per graph, the critical-path bound, the graph."""
 
     headers = ["op", "module", "ms", "class", "demand", "fx node"]
 
@@ -148,23 +208,33 @@ class ProfileResult:
     def _head(self) -> str:
         mp = self.profile
         gpu = any(getattr(gp, "has_gpu_data", False) for _, gp in mp.graphs)
-        src = "GPU kernel times" if gpu else "CPU operator times (no CUDA: no GPU resource data)"
-        return (f"opara_nb profile: {len(mp.graphs)} graph(s), total {mp.total_kernel_ms:.3f} ms, critical-path "
-                f"bound {mp.critical_path_ms:.3f} ms ({src})")
+        src = "GPU kernel times" if gpu else "CPU operator times, no GPU resource data"
+        wall = getattr(mp, "wall_ms", None)
+        run = f", measured run {wall:.3f} ms" if wall is not None else ""
+        source = mp.source() if hasattr(mp, "source") else ""
+        return (f"opara_nb profile{f' ({source})' if source else ''}: {len(mp.graphs)} graph(s), total "
+                f"{mp.total_kernel_ms:.3f} ms, critical-path bound {mp.critical_path_ms:.3f} ms{run} ({src})")
+
+    def _notes(self) -> list[str]:
+        notes = self.profile.notes() if hasattr(self.profile, "notes") else []
+        # The head already says "no GPU resource data"; the other caveats stay, one line each.
+        return [n for n in notes if not n.startswith("made without GPU resource data")]
 
     def _table(self, gp: Any, fmt: str) -> str:
         from tabulate import tabulate
 
-        return tabulate(_top_rows(gp, self.top), headers=self.headers, tablefmt=fmt, disable_numparse=True)
+        headers, rows = drop_empty_columns(self.headers, _top_rows(gp, self.top), keep=("op",))
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
     def __repr__(self) -> str:
-        parts = [self._head()]
+        parts = [self._head(), *(f"  note: {n}" for n in self._notes())]
         for i, (_, gp) in enumerate(self.profile.graphs):
             parts += [f"graph {i}: top {self.top} operators by time", self._table(gp, "simple")]
         return "\n".join(parts)
 
     def _repr_html_(self) -> str:
-        parts = [f"<p><b>{html.escape(self._head())}</b></p>"]
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self._notes())
+        parts = [f"<p><b>{html.escape(self._head())}</b></p>" + (f"<ul>{notes}</ul>" if notes else "")]
         plans = self.plans() if self.show_graph else [None] * len(self.profile.graphs)
         for i, ((g, gp), plan) in enumerate(zip(self.profile.graphs, plans)):
             parts.append(f"<h4>graph {i}: top {self.top} operators by time</h4>{self._table(gp, 'html')}")

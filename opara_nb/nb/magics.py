@@ -1,25 +1,29 @@
-"""The IPython magics: ``%%opara``, ``%opara_profile``, ``%opara_undo``, ``%opara_bench``.
+"""The IPython magics: ``%opara`` / ``%%opara``, ``%opara_profile``, ``%opara_undo``, ``%opara_bench``.
 
 Thin by design: parse arguments, find the model and inputs, call the core API (``opara_nb.optimize`` / ``profile`` /
 ``benchmark``), publish a result object. Settings are traitlets, so ``%config OparaMagics.strategy = "nimble"`` works.
+Errors raised by the model or the cell are shown short (``tracebacks``); ``-v`` / ``OparaMagics.verbose`` shows all.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 from traitlets import Bool, Integer, Unicode, validate
 from traitlets.config import Configurable
 
+from .. import progress
 from ..errors import OparaUsageError
 from ..schedule import ORDERS, STRATEGIES
-from .display import OparaResult, ProfileResult
+from .display import BenchView, OparaResult, ProfileResult, measured_timelines
 from .options import (CellOptions, changed_names, find_inputs, find_model, parse_kwargs, split_names,
                       usage_error)
-from .progress import Progress
+from .tracebacks import shorten
 
 __all__ = ["OparaMagics", "STRATEGY_CHOICES", "ORDER_CHOICES"]
 
@@ -74,6 +78,33 @@ def _call_core(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise usage_error(str(exc)) from exc
 
 
+def _describe(value: Any) -> str:
+    """``float32 (1, 3, 224, 224) on cpu`` for a tensor, the type name otherwise."""
+    shape = getattr(value, "shape", None)
+    if shape is None or not hasattr(value, "dtype"):
+        return type(value).__name__
+    return f"{str(value.dtype).removeprefix('torch.')} {tuple(shape)} on {value.device}"
+
+
+def _model_hint(model: Any, inputs: list[Any], kwargs: dict[str, Any], names: list[str], again: str
+                ) -> Callable[[BaseException], str]:
+    """The line under a short traceback of an error from the core: whether the model itself fails on these inputs
+    (run once more, eagerly, on copies: only on this error path) and what to check."""
+    def hint(exc: BaseException) -> str:
+        from ..capture import model_error
+
+        own = model_error(model, tuple(inputs), kwargs)
+        params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        where = f"; the model's weights are {_describe(params)}" if params is not None else ""
+        shown = "; ".join(f"{n} is {_describe(v)}" for n, v in zip(names, inputs))
+        if own is not None and type(own) is type(exc):
+            return (f"opara_nb: the model itself raises this on the example inputs ({shown}{where}): fix the inputs or "
+                    f"the model and run again; full traceback: {again}")
+        return (f"opara_nb: the model runs on these inputs without opara_nb, so this is opara_nb's failure: please "
+                f"report it with the full traceback ({again})")
+    return hint
+
+
 @magics_class
 class OparaMagics(Magics, Configurable):
     """opara_nb's magics; options via ``%config OparaMagics.<name> = value``."""
@@ -86,6 +117,10 @@ class OparaMagics(Magics, Configurable):
                         ).tag(config=True)
     bench_iters = Integer(200, help="timed iterations per mode for --bench and %opara_bench").tag(config=True)
     check = Bool(True, help="compare the OparaModule's output with the original's (max abs diff)").tag(config=True)
+    verbose = Bool(False, help="show full tracebacks and opara_nb's notices as warnings (like -v on every magic)"
+                   ).tag(config=True)
+    quiet = Bool(False, help="show nothing unless asked (like -q on every magic): no tables, pictures or progress"
+                 ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -100,50 +135,115 @@ class OparaMagics(Magics, Configurable):
     def _check_order(self, proposal: Any) -> str:
         return _choice("order", proposal["value"], ORDER_CHOICES)
 
-    # ----- %%opara -----------------------------------------------------------------------------------------------
+    # ----- %opara / %%opara ---------------------------------------------------------------------------------------
     @magic_arguments()
-    @argument("model", nargs="?", default=None, help="the model variable (default: the one nn.Module the cell assigned)")
-    @argument("--inputs", "-i", default=None, help="example inputs X[,Y...] (default: the tensors the cell assigned)")
+    @argument("model", nargs="?", default=None,
+              help="the model variable (cell form: default is the one nn.Module the cell assigned)")
+    @argument("inputs", nargs="*", help="example input variables, as with --inputs")
+    @argument("--inputs", "-i", dest="input_list", default=None,
+              help="example inputs X[,Y...] (cell form: default is the tensors the cell assigned)")
     @argument("--kwargs", default=None, help="keyword inputs NAME=VARIABLE[,...], e.g. --kwargs mask=mask")
     @argument("--strategy", "-s", default=None, help=f"stream allocation: {', '.join(STRATEGY_CHOICES)}")
     @argument("--order", default=None, help=f"launch order: {', '.join(ORDERS)} (default: the strategy's own)")
+    @argument("--fuse", action="store_true", help="also try operators fused into TorchInductor segments")
+    @argument("--plan", default=None, metavar="PATH", help="load the plan from a plan file (skips profiling)")
+    @argument("--reprofile", action="store_true", help="measure the profile again instead of using the cached one")
     @argument("--no-graph", action="store_true", help="do not show the stream graph")
     @argument("--bench", action="store_true", help="measure eager / sequential CUDA graph / opara latency")
     @argument("--dashboard", action="store_true", help="show a dashboard to try strategies and launch orders")
+    @argument("-q", "--quiet", action="store_true", help="show nothing (no table, picture or progress bar)")
+    @argument("-v", "--verbose", action="store_true", help="full tracebacks, and opara_nb's notices as warnings")
     @argument("-o", dest="return_result", action="store_true", help="return the result object")
-    @argument("-v", dest="store_as", default=None, metavar="NAME", help="store the result object in variable NAME")
-    @cell_magic
-    def opara(self, line: str, cell: str) -> Any:
-        """Run the cell, then replace its model by an OparaModule (multi-stream CUDA graph) and show what changed.
+    @argument("--store", dest="store_as", default=None, metavar="NAME",
+              help="store the result object in variable NAME")
+    @line_cell_magic
+    def opara(self, line: str, cell: str | None = None) -> Any:
+        """Replace a model by an OparaModule (one multi-stream CUDA graph) and show the result and the stream graph.
 
-        Example::
+        Line form, for a model that already exists::
+
+            %opara model x
+
+        Cell form: run the cell, then optimize the model it built::
 
             %%opara model --inputs x
             model = build().eval().cuda()
             x = torch.randn(1, 3, 224, 224, device="cuda")
+
+        The first line of the output is the result (on a GPU: the measured speed-up of the kept plan over a plain
+        CUDA graph and over eager; on a CPU: "not accelerated" and why).
         """
         opts = self._cell_options(line)
+        magic_line = f"%%opara {line}".rstrip() if cell is not None else f"%opara {line}".rstrip()
+        again = f"{magic_line.split()[0]} ... -v"
         ns = self.shell.user_ns
-        before = dict(ns)
-        self.shell.ex(self.shell.transform_cell(cell))
-        changed = changed_names(ns, before, cell)
-        var = find_model(ns, opts.model, changed)
-        inputs = find_inputs(ns, opts.inputs, changed, var)
+        if cell is None:
+            var, inputs, names, previous = self._line_model_and_inputs(opts)
+        else:
+            before = dict(ns)
+            with self._short_errors(opts.verbose, magic_line, lambda exc: (
+                    "opara_nb: the cell itself failed, before anything was optimized: fix it and run it again; "
+                    f"full traceback: {again}")):
+                self._run_cell_body(cell)
+            changed = changed_names(ns, before, cell)
+            var = find_model(ns, opts.model, changed)
+            names = opts.inputs or [n for n in changed if n != var and _is_tensor(ns[n])]
+            inputs = find_inputs(ns, opts.inputs, changed, var)
+            previous = before.get(var)
         kwargs = self._resolve_kwargs(opts.kwargs)
-        result = self._optimize_and_rebind(var, before.get(var), inputs, kwargs, opts)
-        if opts.dashboard:
+        model = ns[var].original if is_opara_module(ns[var]) else ns[var]
+        with self._short_errors(opts.verbose, magic_line, _model_hint(model, inputs, kwargs, names, again)):
+            result = self._optimize_and_rebind(var, previous, inputs, kwargs, opts)
+        if opts.dashboard and not opts.quiet:
             from .widgets import dashboard
 
             display(dashboard(result.om, max_nodes=self.max_nodes))
-        return self._publish(result, opts.return_result, opts.store_as)
+        return self._publish(result, opts)
 
     def _cell_options(self, line: str) -> CellOptions:
         args = parse_argstring(self.opara, line)
-        return CellOptions(model=args.model, inputs=split_names(args.inputs), kwargs=parse_kwargs(args.kwargs),
+        if args.inputs and args.input_list:
+            raise usage_error("name the inputs once: either after the model (%opara model x) or with --inputs x")
+        return CellOptions(model=args.model, inputs=list(args.inputs) or split_names(args.input_list),
+                           kwargs=parse_kwargs(args.kwargs),
                            strategy=_choice("--strategy", args.strategy or self.strategy, STRATEGY_CHOICES, usage=True),
                            order=_choice("--order", args.order or self.order, ORDER_CHOICES, usage=True),
+                           fuse=args.fuse, plan=args.plan, reprofile=args.reprofile,
                            graph=self.graph and not args.no_graph, bench=args.bench, dashboard=args.dashboard,
+                           quiet=self.quiet or args.quiet, verbose=self.verbose or args.verbose,
                            return_result=args.return_result, store_as=_store_name(args.store_as))
+
+    def _line_model_and_inputs(self, opts: CellOptions) -> tuple[str, list[Any], list[str], Any]:
+        """Line form: the model variable and inputs must exist already."""
+        ns = self.shell.user_ns
+        if not opts.model:
+            raise usage_error("name the model and its example inputs: %opara MODEL X [Y ...], or use the cell form "
+                              "%%opara on the cell that builds the model")
+        var = find_model(ns, opts.model, [], usage="%opara MODEL X")
+        if not opts.inputs:
+            raise usage_error(f"name the example inputs after the model: %opara {var} x [y ...]")
+        return var, find_inputs(ns, opts.inputs, [], var), opts.inputs, ns[var]
+
+    def _run_cell_body(self, cell: str) -> None:
+        """Run the cell's code in the user's namespace, compiled under a cell name so that its lines show in
+        tracebacks (the first line is the %%opara line, so line numbers match what the user sees)."""
+        shell = self.shell
+        source = "\n" + shell.transform_cell(cell)
+        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        exec(compile(source, filename, "exec"), shell.user_global_ns, shell.user_ns)  # noqa: S102 - the user's cell
+
+    @contextlib.contextmanager
+    def _short_errors(self, verbose: bool, magic_line: str, hint: Callable[[BaseException], str]) -> Iterator[None]:
+        """Errors of the model or the cell propagate as themselves, shown short (see ``tracebacks``) unless
+        verbose; our own usage errors stay one line."""
+        try:
+            yield
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if verbose:
+                raise
+            raise shorten(exc, self.shell, hint(exc), magic_line) from None
 
     def _resolve_kwargs(self, names: dict[str, str]) -> dict[str, Any]:
         ns = self.shell.user_ns
@@ -162,33 +262,50 @@ class OparaMagics(Magics, Configurable):
         current = ns[var]
         # Re-running the cell: optimize the original again, never an OparaModule inside an OparaModule.
         model = current.original if is_opara_module(current) else current
-        with Progress("opara", total=3 if opts.bench else 2) as progress, warnings.catch_warnings():
-            # The runtime warns once when it cannot accelerate; the summary table shows that reason instead.
-            _ignore_opara_notices()
-            progress(0, what="capture, profile, plan")
-            om = _call_core(opara_nb.optimize, model, *inputs, strategy=opts.strategy, order=opts.order, **kwargs)
-            progress(1, what="check vs eager")
+        options: dict[str, Any] = dict(strategy=opts.strategy, order=opts.order)
+        if opts.fuse:
+            options["fuse"] = True
+        if opts.plan:
+            options["plan"] = opts.plan
+        steps = 2 + opts.bench + (opts.graph and not opts.quiet)
+        with self._quiet_if(opts), progress.task("opara", total=steps) as bar, warnings.catch_warnings():
+            if not opts.verbose:  # the runtime warns when it cannot accelerate; the summary says so instead
+                _ignore_opara_notices()
+            bar.step("capture, profile, plan")
+            with _reprofiling(opts.reprofile):
+                om = _call_core(opara_nb.optimize, model, *inputs, **options, **kwargs)
+            bar.step("check against the original")
             diff = None
             if self.check:
                 with torch.no_grad():
                     diff = max_abs_diff(model(*inputs, **kwargs), om(*inputs, **kwargs))
             bench = None
             if opts.bench:
-                progress(2, what="benchmark")
+                bar.step("benchmark")
                 bench = _call_core(opara_nb.benchmark, model, *inputs, modes="eager,cudagraph,opara",
                                    iters=self.bench_iters, **kwargs)
+            measured = []
+            if opts.graph and not opts.quiet:
+                bar.step("measured timeline")
+                measured = measured_timelines(om)
         # Release only once the new module exists, so a failure above leaves the namespace as the cell left it.
         for old in {id(o): o for o in (current, previous) if is_opara_module(o) and o is not om}.values():
             old.release()
         ns[var] = om
-        return OparaResult(om, var, bench=bench, max_abs_diff=diff, show_graph=opts.graph, max_nodes=self.max_nodes)
+        return OparaResult(om, var, bench=bench, max_abs_diff=diff, show_graph=opts.graph, max_nodes=self.max_nodes,
+                           measured=measured)
 
-    def _publish(self, result: Any, return_result: bool, store_as: str | None) -> Any:
-        if store_as:
-            self.shell.user_ns[store_as] = result
-        if return_result:
+    @staticmethod
+    def _quiet_if(opts: Any) -> Any:
+        return progress.quiet() if opts.quiet else contextlib.nullcontext()
+
+    def _publish(self, result: Any, opts: Any) -> Any:
+        if opts.store_as:
+            self.shell.user_ns[opts.store_as] = result
+        if opts.return_result:
             return result
-        display(result)
+        if not opts.quiet:
+            display(result)
         return None
 
     # ----- %opara_profile -------------------------------------------------------------------------------------------
@@ -196,31 +313,40 @@ class OparaMagics(Magics, Configurable):
     @argument("model", help="the model variable")
     @argument("inputs", nargs="*", help="example input variables")
     @argument("--top", type=int, default=20, help="show the N slowest operators per graph (default 20)")
+    @argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
     @argument("--no-graph", action="store_true", help="do not show the stream graph")
+    @argument("-q", "--quiet", action="store_true", help="show nothing (with -o or --store)")
+    @argument("-v", "--verbose", action="store_true", help="full tracebacks")
     @argument("-o", dest="return_result", action="store_true", help="return the result object")
-    @argument("-v", dest="store_as", default=None, metavar="NAME", help="store the result object in variable NAME")
+    @argument("--store", dest="store_as", default=None, metavar="NAME",
+              help="store the result object in variable NAME")
     @line_magic
     def opara_profile(self, line: str) -> Any:
         """Per-operator profile (time, class, demand), the critical-path bound and the stream graph; changes nothing.
 
-        Example: ``%opara_profile model x --top 10``
+        Profiles are cached per user (``$OPARA_NB_CACHE_DIR``); the output says when a profile came from the cache,
+        and ``--reprofile`` measures again. Example: ``%opara_profile model x --top 10``
         """
         import opara_nb
 
         args = parse_argstring(self.opara_profile, line)
         if args.top < 1:
             raise usage_error(f"--top must be at least 1, got {args.top}")
+        opts = _Flags(args, self)
         model, inputs = self._model_and_inputs("opara_profile", args.model, args.inputs)
-        with Progress("profile", total=1) as progress:
-            progress(0, what="capture and profile")
-            mp = _call_core(opara_nb.profile, model, *inputs)
+        magic_line = f"%opara_profile {line}".rstrip()
+        hint = _model_hint(model, inputs, {}, args.inputs, "%opara_profile ... -v")
+        with self._quiet_if(opts), progress.task("profile", total=1) as bar, \
+                self._short_errors(opts.verbose, magic_line, hint):
+            bar.step("capture and profile")
+            mp = _call_core(opara_nb.profile, model, *inputs, cache=not args.reprofile)
         result = ProfileResult(mp, top=args.top, strategy=self.strategy, order=self.order,
                                show_graph=self.graph and not args.no_graph, max_nodes=self.max_nodes)
-        return self._publish(result, args.return_result, _store_name(args.store_as))
+        return self._publish(result, opts)
 
     def _model_and_inputs(self, magic: str, name: str, input_names: list[str]) -> tuple[Any, list[Any]]:
         ns = self.shell.user_ns
-        model_var = find_model(ns, name, [])
+        model_var = find_model(ns, name, [], usage=f"%{magic} MODEL X")
         model = ns[model_var]
         if is_opara_module(model):
             model = model.original
@@ -231,19 +357,25 @@ class OparaMagics(Magics, Configurable):
     # ----- %opara_undo ----------------------------------------------------------------------------------------------
     @magic_arguments()
     @argument("model", help="a variable that %%opara turned into an OparaModule")
+    @argument("-q", "--quiet", action="store_true", help="say nothing")
     @line_magic
     def opara_undo(self, line: str) -> None:
-        """Rebind MODEL to its original nn.Module and release the OparaModule's CUDA graphs and memory pools."""
+        """Rebind MODEL to its original nn.Module and release the OparaModule (its CUDA graphs and memory pools)."""
         args = parse_argstring(self.opara_undo, line)
         ns = self.shell.user_ns
         if args.model not in ns:
-            raise usage_error(f"no variable named {args.model!r}: pass the variable %%opara rebound")
+            raise usage_error(f"no variable named {args.model!r}: pass the variable %opara rebound")
         om = ns[args.model]
         if not is_opara_module(om):
             raise usage_error(f"{args.model!r} is a {type(om).__name__}, not an OparaModule: nothing to undo")
+        # Say what was really freed: on a CPU, or after a fallback, there never were CUDA graphs.
+        accelerated = bool(getattr(getattr(om, "report", None), "accelerated", False))
         ns[args.model] = om.original
         om.release()
-        print(f"{args.model} is the original {type(om.original).__name__} again; its CUDA graphs were released.")
+        if not (args.quiet or self.quiet):
+            freed = "its CUDA graphs and their memory were released" if accelerated else \
+                "it had no CUDA graphs to release (it was not accelerated)"
+            print(f"{args.model} is the original {type(om.original).__name__} again; {freed}.")
 
     # ----- %opara_bench ---------------------------------------------------------------------------------------------
     @magic_arguments()
@@ -251,20 +383,60 @@ class OparaMagics(Magics, Configurable):
     @argument("inputs", nargs="*", help="example input variables")
     @argument("--modes", default=None, help="comma-separated modes, e.g. eager,cudagraph,opara (default: all)")
     @argument("--iters", type=int, default=None, help="timed iterations per mode (default: OparaMagics.bench_iters)")
+    @argument("-q", "--quiet", action="store_true", help="show nothing (with -o or --store)")
+    @argument("-v", "--verbose", action="store_true", help="full tracebacks")
     @argument("-o", dest="return_result", action="store_true", help="return the BenchResult")
-    @argument("-v", dest="store_as", default=None, metavar="NAME", help="store the BenchResult in variable NAME")
+    @argument("--store", dest="store_as", default=None, metavar="NAME", help="store the BenchResult in variable NAME")
     @line_magic
     def opara_bench(self, line: str) -> Any:
-        """Benchmark modes side by side on the same inputs (``opara_nb.benchmark``). Example: ``%opara_bench model x``"""
+        """Benchmark modes side by side on the same inputs (``opara_nb.benchmark``). Example: ``%opara_bench model x``
+
+        The table shows only the columns that have values; ``-o`` / ``--store`` give the whole BenchResult.
+        """
         import opara_nb
 
         args = parse_argstring(self.opara_bench, line)
+        opts = _Flags(args, self)
         model, inputs = self._model_and_inputs("opara_bench", args.model, args.inputs)
         iters = args.iters if args.iters is not None else self.bench_iters
-        with Progress("benchmark", total=1) as progress:
-            progress(0, what="benchmark")
+        hint = _model_hint(model, inputs, {}, args.inputs, "%opara_bench ... -v")
+        with self._quiet_if(opts), progress.task("benchmark", total=1) as bar, \
+                self._short_errors(opts.verbose, f"%opara_bench {line}".rstrip(), hint), warnings.catch_warnings():
+            if not opts.verbose:  # the table's notes say why a mode was not accelerated
+                _ignore_opara_notices()
+            bar.step("benchmark")
             result = _call_core(opara_nb.benchmark, model, *inputs, modes=args.modes, iters=iters)
-        return self._publish(result, args.return_result, _store_name(args.store_as))
+        if opts.store_as:
+            self.shell.user_ns[opts.store_as] = result
+        if opts.return_result:
+            return result
+        if not opts.quiet:
+            display(BenchView(result))
+        return None
+
+
+class _Flags:
+    """The flags every magic shares (-q, -v, -o, --store), with the %config defaults applied."""
+
+    def __init__(self, args: Any, magics: OparaMagics) -> None:
+        self.quiet = magics.quiet or bool(getattr(args, "quiet", False))
+        self.verbose = magics.verbose or bool(getattr(args, "verbose", False))
+        self.return_result = bool(getattr(args, "return_result", False))
+        self.store_as = _store_name(getattr(args, "store_as", None))
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _reprofiling(on: bool) -> Any:
+    if not on:
+        return contextlib.nullcontext()
+    from ..profiling import refreshing
+
+    return refreshing()
 
 
 def _choice(what: str, value: str, choices: tuple[str, ...], usage: bool = False) -> str:
@@ -280,5 +452,5 @@ def _choice(what: str, value: str, choices: tuple[str, ...], usage: bool = False
 
 def _store_name(name: str | None) -> str | None:
     if name is not None and not name.isidentifier():
-        raise usage_error(f"-v takes a variable name, got {name!r}")
+        raise usage_error(f"--store takes a variable name, got {name!r}")
     return name

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["CellOptions", "assigned_names", "changed_names", "split_names", "parse_kwargs", "find_model",
-           "find_inputs", "usage_error"]
+           "find_inputs", "usage_error", "CELL_USAGE"]
 
 
 def usage_error(message: str) -> Exception:
@@ -18,14 +18,21 @@ def usage_error(message: str) -> Exception:
 
 @dataclass
 class CellOptions:
+    """``%opara`` / ``%%opara`` options once parsed and checked (see ``OparaMagics.opara`` for their meaning)."""
+
     model: str | None = None
     inputs: list[str] = field(default_factory=list)
     kwargs: dict[str, str] = field(default_factory=dict)
     strategy: str = "auto"
     order: str = ""
+    fuse: bool = False
+    plan: str | None = None
+    reprofile: bool = False
     graph: bool = True
     bench: bool = False
     dashboard: bool = False
+    quiet: bool = False
+    verbose: bool = False
     return_result: bool = False
     store_as: str | None = None
 
@@ -96,17 +103,22 @@ def changed_names(ns: Mapping[str, Any], before: Mapping[str, Any], source: str)
     return ordered + [n for n in changed if n not in ordered]
 
 
-def find_model(ns: Mapping[str, Any], name: str | None, changed: list[str]) -> str:
-    """The variable holding the model: ``name`` when given, else the one nn.Module the cell assigned."""
+CELL_USAGE = "%%opara MODEL --inputs X"
+
+
+def find_model(ns: Mapping[str, Any], name: str | None, changed: list[str], usage: str = CELL_USAGE) -> str:
+    """The variable holding the model: ``name`` when given, else the one nn.Module the cell assigned.
+
+    ``usage`` is the form the error messages suggest (the magic the user typed)."""
     import torch
 
     if name:
         if name not in ns:
-            raise usage_error(f"no variable named {name!r}: assign it in the cell or an earlier one, or name the "
-                              f"model variable: %%opara MODEL --inputs X")
+            where = "in the cell or an earlier one" if usage == CELL_USAGE else "in an earlier cell"
+            raise usage_error(f"no variable named {name!r}: assign it {where}, or name the model variable: {usage}")
         if not isinstance(ns[name], torch.nn.Module):
             raise usage_error(f"{name!r} is a {type(ns[name]).__name__}, not a torch.nn.Module: name the model "
-                              f"variable: %%opara MODEL --inputs X")
+                              f"variable: {usage}")
         return name
     modules = [n for n in changed if isinstance(ns[n], torch.nn.Module)]
     if not modules:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable
 
-__all__ = ["Summary", "summarize", "latencies"]
+__all__ = ["Summary", "summarize", "latencies", "headline"]
 
 _MODE_TEXT = {"cuda-graph": "one multi-stream CUDA graph", "eager-plan": "the plan, run eagerly (not accelerated)",
-              "eager": "the original model, eagerly (not accelerated)"}
+              "eager": "the original model, eagerly (not accelerated)",
+              "piecewise": "a CUDA graph per captured graph, the Python between them eagerly"}
 
 
 class Summary:
@@ -78,20 +79,41 @@ def _bench_rows(bench: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, title: str = "opara_nb") -> Summary:
-    """A Summary of an OparaModule (or a RunReport), with latencies from ``bench`` and the check against eager."""
-    report = getattr(obj, "report", obj)
-    rows = [("ran as", _MODE_TEXT.get(report.mode, report.mode))]
+def headline(report: Any) -> str:
+    """The result in one line, from measurements already made: the gain of the kept plan over a plain CUDA graph
+    and eager (``RunReport.gain()``) on a GPU; otherwise what ran instead, and "not accelerated" with the reason."""
     gain = report.gain() if hasattr(report, "gain") else None
     if gain:
-        rows.insert(0, ("result", gain))
+        return gain
+    if report.mode == "cuda-graph":
+        return "one multi-stream CUDA graph (not timed against a plain CUDA graph: add --bench, or use --strategy auto)"
+    piece = (report.candidates or {}).get("piecewise", {}).get("sync_ms")
+    if report.mode == "piecewise" and piece and report.eager_ms:
+        ratio = report.eager_ms / piece
+        return f"graph by graph, {ratio:.2f}x faster than eager ({piece:.3f} vs {report.eager_ms:.3f} ms)"
+    return f"not accelerated: {report.reason}" if report.reason else "not accelerated"
+
+
+def _profile_cell(obj: Any, report: Any) -> str:
+    profiles = [p for p in getattr(obj, "profiles", None) or [] if p is not None]
+    cached = bool(profiles) and all(getattr(p, "from_cache", False) for p in profiles)
+    return f"{report.profile_ms:.1f} ms" + (" (cached: --reprofile measures again)" if cached else "")
+
+
+def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, name: str = "") -> Summary:
+    """A Summary of an OparaModule (or a RunReport), with latencies from ``bench`` and the check against eager.
+
+    Its title leads with the result (:func:`headline`), after ``name`` (the model's variable) when given."""
+    report = getattr(obj, "report", obj)
+    title = f"{name}: {headline(report)}" if name else headline(report)
+    rows = [("ran as", _MODE_TEXT.get(report.mode, report.mode))]
     if report.strategy:
         rows.append(("plan kept", report.strategy + (f" (asked: {report.requested})"
                                                     if report.requested and report.requested != report.strategy
                                                     else "")))
     rows += _graph_rows(list(report.graphs))
-    rows.append(("profile / plan / capture", f"{report.profile_ms:.1f} / {report.plan_ms:.1f} / "
-                                             f"{report.capture_ms:.1f} ms"))
+    rows += [("profile", _profile_cell(obj, report)), ("plan / capture", f"{report.plan_ms:.1f} / "
+                                                                         f"{report.capture_ms:.1f} ms")]
     if report.candidates:
         rows.append(("auto: sync / replay ms per candidate", ", ".join(
             f"{k} {_opt(t.get('sync_ms'))} / {_opt(t.get('replay_ms'))}{' (kept)' if k == report.strategy else ''}"
@@ -100,9 +122,9 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, ti
         rows += _bench_rows(bench)
     if max_abs_diff is not None:
         rows.append(("max abs diff vs eager", f"{max_abs_diff:.2e}"))
-    notes = [f"not accelerated: {report.reason}"] if report.reason else []
+    notes = [f"not accelerated: {report.reason}"] if report.reason and report.reason not in title else []
     # The runtime also warns with the reason; say it once.
     notes += [n for n in report.notices if n.removeprefix("opara_nb: ") != report.reason and n not in notes]
-    if bench is None:
-        notes.append("latencies: add --bench (needs a CUDA GPU to mean anything)")
+    if bench is None and report.mode == "cuda-graph":
+        notes.append("latencies of eager / plain CUDA graph / opara side by side: add --bench")
     return Summary(rows, title, notes)
