@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -154,3 +155,17 @@ def test_inception_block_golden():
     if ".".join(torch.__version__.split(".")[:2]) != GOLDEN_TORCH:
         pytest.skip(f"inception_block.gv was recorded with torch {GOLDEN_TORCH}")
     check_golden("inception_block.gv", dot)
+
+
+def test_operators_without_work_are_not_drawn_as_compute():
+    """A view or getitem used to be a box ("compute-bound"); it does no work of its own and says so."""
+    dag, plan, profile = diamond()
+    facts = {n: SimpleNamespace(op=p.op, module=p.module, time_ms=p.time_ms, memory_bound=False,
+                                kind="none" if n == "cat" else ("memory" if p.memory_bound else "compute"))
+             for n, p in profile.items()}
+    dot = plan_to_dot(dag, plan, facts)
+    cat = next(line for line in dot.splitlines() if line.strip().startswith('"cat" ['))
+    assert 'style="rounded,filled,dashed"' in cat and "shape=ellipse" not in cat
+    assert "dashed rounded box: no work of its own" in dot
+    relu = next(line for line in dot.splitlines() if line.strip().startswith('"relu" ['))
+    assert "shape=ellipse" in relu

@@ -70,3 +70,9 @@ def test_boxes_are_labelled_by_operator_with_module_and_fx_name_on_hover():
     assert "<title>conv2d branch_a.conv [conv_a]: " in svg
     svg = timeline_svg(dag, plan, labels={"conv_a": "my conv"}, width=4000)
     assert "my conv" in re.findall(r"<text [^>]*>([^<]*)</text>", svg)
+
+
+def test_timeline_fits_the_page():
+    dag, plan, profile = diamond()
+    svg = timeline_svg(dag, plan, profile)
+    assert 'width="100%"' in svg and 'viewBox="0 0 900 ' in svg and "max-width:900px" in svg

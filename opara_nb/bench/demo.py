@@ -2,6 +2,7 @@
 write its stream graph (DOT, and SVG when Graphviz's ``dot`` program is installed) to a folder."""
 from __future__ import annotations
 
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,31 +11,62 @@ import torch
 
 from ..runtime import OparaNotice
 
-__all__ = ["run_demo", "profile_rows"]
+__all__ = ["run_demo", "profile_rows", "bench_table"]
+
+WIDTH = 110  # the demo's tables and notes fit a terminal of this width
 
 NO_GPU_NOTE = ("no CUDA here: nothing is accelerated. The demo still captures, profiles (CPU times) and plans the "
                "model, runs it in plan order and draws the stream graph; run it on a GPU to see the speed-up.")
 
 
+PROFILE_HEADERS = ["op", "module", "stream", "ms", "MFLOP", "class", "demand", "graph:fx node"]
+
+
 def profile_rows(om: Any, top: int = 15) -> list[list[Any]]:
-    """The ``top`` slowest operators over all graphs: op, module, stream, ms, MFLOP, class, demand, graph:fx node."""
+    """The ``top`` slowest operators over all graphs: op, module, stream, ms, MFLOP, class, demand, graph:fx node.
+
+    Demand is "-" without GPU data (it measures a share of the GPU)."""
     rows = []
     for i, (gp, plan) in enumerate(zip(om.profiles, om.plans)):
+        gpu = getattr(gp, "has_gpu_data", False)
         for name, node in gp.nodes.items():
-            cls = "memory" if getattr(node, "memory_bound", False) else "compute"
             rows.append([getattr(node, "op", ""), getattr(node, "module", ""), plan.streams.get(name, "-"),
-                         getattr(node, "time_ms", 0.0) or 0.0, (getattr(node, "flops", 0) or 0) / 1e6, cls,
-                         getattr(node, "demand", None), f"{i}:{name}"])
+                         getattr(node, "time_ms", 0.0) or 0.0, (getattr(node, "flops", 0) or 0) / 1e6,
+                         getattr(node, "kind", "") or "-", getattr(node, "demand", None) if gpu else "-",
+                         f"{i}:{name}"])
     rows.sort(key=lambda r: -r[3])
     return rows[:top]
+
+
+def bench_table(result: Any, tablefmt: str = "simple") -> str:
+    """A BenchResult's table with only the columns that have values: on a CPU the GPU columns are all empty."""
+    from tabulate import tabulate
+
+    from ..viz.tables import drop_empty_columns
+    from .harness import COLUMNS, _cell
+
+    headers = [title for _, title in COLUMNS]
+    headers, rows = drop_empty_columns(headers, [[_cell(row, key) for key, _ in COLUMNS] for row in result.rows],
+                                       keep=headers[:1])
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def _print_profile(om: Any, top: int) -> None:
     from tabulate import tabulate
 
-    headers = ["op", "module", "stream", "ms", "MFLOP", "class", "demand", "graph:fx node"]
-    print(f"\nslowest {top} operators (profile):")
-    print(tabulate(profile_rows(om, top), headers=headers, floatfmt=".3f"))
+    from ..viz.tables import drop_empty_columns
+
+    captions = {gp.times_caption() for gp in om.profiles if hasattr(gp, "times_caption")}
+    print(f"\nslowest {top} operators (profile: {'; '.join(sorted(captions)) or 'times'}):")
+    headers, rows = drop_empty_columns(PROFILE_HEADERS, profile_rows(om, top), keep=PROFILE_HEADERS[:1])
+    print(tabulate(rows, headers=headers, floatfmt=".3f", disable_numparse=False))
+
+
+def _print_bench(result: Any) -> None:
+    print(textwrap.fill(result._header(), width=WIDTH))
+    print(bench_table(result))
+    for line in result._footnotes():
+        print(textwrap.fill(line, width=WIDTH, initial_indent="  ", subsequent_indent="    "))
 
 
 def _write_graphs(om: Any, out: Path) -> list[Path]:
@@ -68,7 +100,7 @@ def run_demo(name: str, out: Path, iters: int = 20) -> int:
     cuda = torch.cuda.is_available()
     print(f"opara_nb demo: {name} on {torch.cuda.get_device_name() if cuda else 'CPU'}")
     if not cuda:
-        print(NO_GPU_NOTE)
+        print(textwrap.fill(NO_GPU_NOTE, width=WIDTH))
     model, args, kwargs = get(name, device="cuda" if cuda else "cpu")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", OparaNotice)  # the report below says the same, once
@@ -79,7 +111,7 @@ def run_demo(name: str, out: Path, iters: int = 20) -> int:
     print("\nshort benchmark (few iterations; use `python -m opara_nb bench` for real numbers):")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OparaNotice)
-        print(repr(benchmark(model, *args, modes=modes, iters=iters, warmup=3, **kwargs)))
+        _print_bench(benchmark(model, *args, modes=modes, iters=iters, warmup=3, **kwargs))
     for path in _write_graphs(om, out):
         print(f"wrote {path}")
     om.release()

@@ -153,14 +153,9 @@ class BenchView:
         self.result = result
 
     def _table(self, fmt: str) -> str:
-        from tabulate import tabulate
+        from ..bench.demo import bench_table
 
-        from ..bench.harness import COLUMNS, _cell
-
-        headers = [title for _, title in COLUMNS]
-        rows = [[_cell(row, key) for key, _ in COLUMNS] for row in self.result.rows]
-        headers, rows = drop_empty_columns(headers, rows, keep=(headers[0],))
-        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+        return bench_table(self.result, fmt)
 
     def _notes(self) -> list[str]:
         return list(self.result._footnotes())
