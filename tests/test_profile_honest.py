@@ -109,7 +109,7 @@ def test_a_cached_profile_says_so_and_refreshing_measures_again(monkeypatch):
     first = opara_nb.profile(model, *args, **kwargs)
     again = opara_nb.profile(model, *args, **kwargs)
     assert not first.from_cache and first.source() == "measured now" and "(measured now)" in repr(first)
-    assert again.from_cache and again.source().startswith("cached (measured 20")
+    assert again.from_cache and again.source().startswith("cached, measured 20")
     assert "--reprofile" in "\n".join(again.notes())
     assert not opara_nb.profile(model, *args, cache=False, **kwargs).from_cache
     with refreshing():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from opara_nb.viz import graph_labels, plan_to_dot
+from opara_nb.viz import graph_labels, plan_to_dot, shapes_in_words
 from opara_nb.viz.dot import collapse_groups, escape
 
 from test_viz_fixtures import FakeDAG, FakeNodeProfile, FakePlan, diamond, ladder
@@ -169,3 +169,11 @@ def test_operators_without_work_are_not_drawn_as_compute():
     assert "dashed rounded box: no work of its own" in dot
     relu = next(line for line in dot.splitlines() if line.strip().startswith('"relu" ['))
     assert "shape=ellipse" in relu
+
+
+def test_shapes_in_words_match_the_picture():
+    dag, plan, profile = diamond()
+    words = shapes_in_words(dag, profile)
+    assert words == ["boxes (compute-bound): conv2d x2", "ellipses (memory-bound): add x1, cat x1, relu x1"]
+    dot = plan_to_dot(dag, plan, profile)
+    assert dot.count("shape=ellipse") == 3 and dot.count("shape=box,") == 2

@@ -175,8 +175,9 @@ def _top_rows(gp: Any, top: int) -> list[list[str]]:
     nodes = sorted(getattr(gp, "nodes", {}).values(), key=lambda p: -(p.time_ms or 0.0))[:top]
     mark = "?" if getattr(gp, "times_reliable", True) is False else ""
     kinds = {"compute": "compute", "memory": "memory", "none": "no work"}
+    gpu = getattr(gp, "has_gpu_data", False)  # demand is a share of the GPU: without GPU data it is not measured
     return [[p.op or p.name, p.module or "-", f"{p.time_ms:.4f}{mark}", kinds.get(getattr(p, "kind", ""), "-"),
-             f"{getattr(p, 'demand', 0.0) or 0.0:.2f}", p.name] for p in nodes]
+             f"{getattr(p, 'demand', 0.0) or 0.0:.2f}" if gpu else "-", p.name] for p in nodes]
 
 
 class ProfileResult:

@@ -91,7 +91,10 @@ def headline(report: Any) -> str:
     if report.mode == "piecewise" and piece and report.eager_ms:
         ratio = report.eager_ms / piece
         return f"graph by graph, {ratio:.2f}x faster than eager ({piece:.3f} vs {report.eager_ms:.3f} ms)"
-    return f"not accelerated: {report.reason}" if report.reason else "not accelerated"
+    if not report.reason:
+        return "not accelerated"
+    # Most reasons already end in "not accelerated"; said once, up front, reads better.
+    return f"not accelerated: {report.reason.replace(', not accelerated', '')}"
 
 
 def _profile_cell(obj: Any, report: Any) -> str:

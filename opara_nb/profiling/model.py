@@ -65,11 +65,11 @@ class ModelProfile:
         return sum(walls) if walls and all(w is not None for w in walls) else None
 
     def source(self) -> str:
-        """Where the numbers come from, in a few words: "measured now", or "cached (measured <when>)"."""
+        """Where the numbers come from, in a few words: "measured now", or "cached, measured <when>"."""
         if not self.from_cache:
             return "measured now"
         when = sorted({gp.measured_at for _, gp in self.graphs if gp.measured_at})
-        return f"cached (measured {when[0]})" if when else "cached"
+        return f"cached, measured {when[0]}" if when else "cached"
 
     def notes(self) -> list[str]:
         """How the times were measured and checked, warnings and caveats (no GPU data, unattributed kernels), one

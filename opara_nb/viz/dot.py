@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ._common import NodeFacts, module_tail, node_facts, node_labels, stream_colour, times_caption, times_unreliable
 
-__all__ = ["plan_to_dot", "DEFAULT_MAX_NODES", "collapse_groups", "Group"]
+__all__ = ["plan_to_dot", "DEFAULT_MAX_NODES", "collapse_groups", "Group", "shapes_in_words"]
 
 DEFAULT_MAX_NODES = 150
 _SYNC_COLOUR = "#d62728"
@@ -176,6 +176,24 @@ def _node_line(g: Group, facts: dict[str, NodeFacts], labels: dict[str, str], do
     extra = ", peripheries=2" if len(g.members) > 1 else ""
     return (f"    {_q(g.key)} [label={_q(_label(g, facts, labels, doubtful))}, tooltip={_q(_tooltip(g, facts))}, "
             f'{shape}, color="{border}", fillcolor="{fill}"{extra}];')
+
+
+_SHAPE_WORDS = {"compute": "boxes (compute-bound)", "memory": "ellipses (memory-bound)",
+                "none": "dashed boxes (no work of their own)", None: "boxes (not profiled)"}
+
+
+def shapes_in_words(dag: Any, profile: Any = None) -> list[str]:
+    """What the picture's shapes stand for in this graph, one line per shape with the operators drawn with it, e.g.
+    ``"ellipses (memory-bound): batch_norm x14, conv2d x8, relu x14"``: text that always matches the picture."""
+    facts = node_facts(profile)
+    counts: dict[Any, dict[str, int]] = {}
+    for n in dag.nodes:
+        f = facts.get(n, NodeFacts())
+        kind = _group_kind(Group([n], 0), facts)
+        ops = counts.setdefault(kind, {})
+        ops[f.op or n] = ops.get(f.op or n, 0) + 1
+    return [f"{_SHAPE_WORDS[kind]}: " + ", ".join(f"{op} x{k}" for op, k in sorted(counts[kind].items()))
+            for kind in ("compute", "memory", "none", None) if kind in counts]
 
 
 def _edges(dag: Any, plan: Any, groups: list[Group]) -> list[tuple[str, str, str]]:
