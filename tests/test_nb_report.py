@@ -45,6 +45,10 @@ def test_reason_said_once_and_text_and_html_render():
     # The first line says it is not accelerated and why; the notes do not say it again.
     assert repr(s).splitlines()[0] == f"not accelerated: {reason}"
     assert not [n for n in s.notes if reason in n]
+    named = summarize(_report(mode="eager-plan", reason=f"{reason}: the plan runs eagerly, not accelerated",
+                              notices=[]), name="model")
+    assert repr(named).splitlines()[0] == f"model: not accelerated: {reason}: the plan runs eagerly"
+    assert named.notes == []
     assert "ran as" in repr(s) and "--bench" not in repr(s)  # no GPU: nothing to measure, so no advice to
     assert "other &lt;b&gt;" in s._repr_html_()
 

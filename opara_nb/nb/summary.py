@@ -108,7 +108,8 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, na
 
     Its title leads with the result (:func:`headline`), after ``name`` (the model's variable) when given."""
     report = getattr(obj, "report", obj)
-    title = f"{name}: {headline(report)}" if name else headline(report)
+    first = headline(report)
+    title = f"{name}: {first}" if name else first
     rows = [("ran as", _MODE_TEXT.get(report.mode, report.mode))]
     if report.strategy:
         rows.append(("plan kept", report.strategy + (f" (asked: {report.requested})"
@@ -125,7 +126,8 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, na
         rows += _bench_rows(bench)
     if max_abs_diff is not None:
         rows.append(("max abs diff vs eager", f"{max_abs_diff:.2e}"))
-    notes = [f"not accelerated: {report.reason}"] if report.reason and report.reason not in title else []
+    said = first.startswith("not accelerated")  # the first line already gave the reason
+    notes = [f"not accelerated: {report.reason}"] if report.reason and not said else []
     # The runtime also warns with the reason; say it once.
     notes += [n for n in report.notices if n.removeprefix("opara_nb: ") != report.reason and n not in notes]
     if bench is None and report.mode == "cuda-graph":
