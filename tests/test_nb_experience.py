@@ -199,3 +199,24 @@ def test_torch_compile_backend_says_once_that_it_is_not_accelerating(ip):
         run(ip, "compiled = torch.compile(model, backend='opara')\ny = compiled(x)\ny = compiled(x)")
     said = [str(w.message) for w in caught if "not accelerated" in str(w.message)]
     assert len(said) == 1 and all("IPython" not in w.filename for w in caught)
+
+
+# ----- on the GPU machine (skipped without CUDA) ----------------------------------------------------------------------
+@pytest.mark.cuda
+def test_gpu_first_line_is_the_gain_and_the_timeline_is_measured(ip):
+    res = run(ip, "%%opara model --inputs x -o\nimport torch\nfrom opara_nb import models\n"
+                  "model, (x,), _ = models.get('inception_block', device='cuda')")
+    report = res.om.report
+    assert report.mode == "cuda-graph" and report.gain()
+    assert repr(res).splitlines()[0] == f"model: {report.gain()}"
+    assert res.measured and res.measured[0] and "Timeline (measured on the GPU" in res._repr_html_()
+
+
+@pytest.mark.cuda
+def test_gpu_cpu_input_to_a_gpu_model_is_short(plain, capsys):
+    capsys.readouterr()
+    with pytest.raises(RuntimeError):
+        run(plain, "%%opara model --inputs x\nmodel = Net().eval().cuda()\nx = torch.randn(2, 4)")
+    lines = _shown(capsys)
+    assert len(lines) <= MAX_LINES and lines[-1].startswith("opara_nb: the model itself raises this")
+    assert "on cpu" in lines[-1] and "on cuda:0" in lines[-1]

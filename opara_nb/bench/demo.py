@@ -2,6 +2,8 @@
 write its stream graph (DOT, and SVG when Graphviz's ``dot`` program is installed) to a folder."""
 from __future__ import annotations
 
+import copy
+import functools
 import textwrap
 import warnings
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from ..runtime import OparaNotice
 
-__all__ = ["run_demo", "profile_rows", "bench_table"]
+__all__ = ["run_demo", "profile_rows", "bench_table", "compact"]
 
 WIDTH = 110  # the demo's tables and notes fit a terminal of this width
 
@@ -51,22 +53,32 @@ def bench_table(result: Any, tablefmt: str = "simple") -> str:
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
+def compact(result: Any) -> Any:
+    """A shallow copy of a BenchResult whose table (text, HTML, markdown) shows only the columns that have values;
+    the result itself is left as it is."""
+    view = copy.copy(result)
+    view.table = functools.partial(bench_table, result)
+    return view
+
+
 def _print_profile(om: Any, top: int) -> None:
     from tabulate import tabulate
 
     from ..viz.tables import drop_empty_columns
 
     captions = {gp.times_caption() for gp in om.profiles if hasattr(gp, "times_caption")}
-    print(f"\nslowest {top} operators (profile: {'; '.join(sorted(captions)) or 'times'}):")
+    print("\n" + textwrap.fill(f"slowest {top} operators (profile: {'; '.join(sorted(captions)) or 'times'}):",
+                               width=WIDTH))
     headers, rows = drop_empty_columns(PROFILE_HEADERS, profile_rows(om, top), keep=PROFILE_HEADERS[:1])
     print(tabulate(rows, headers=headers, floatfmt=".3f", disable_numparse=False))
 
 
 def _print_bench(result: Any) -> None:
-    print(textwrap.fill(result._header(), width=WIDTH))
-    print(bench_table(result))
-    for line in result._footnotes():
-        print(textwrap.fill(line, width=WIDTH, initial_indent="  ", subsequent_indent="    "))
+    head, *rest = repr(compact(result)).split("\n")
+    print(textwrap.fill(head, width=WIDTH))
+    for line in rest:
+        note = line.startswith("  ")
+        print(textwrap.fill(line, width=WIDTH, initial_indent="  ", subsequent_indent="    ") if note else line)
 
 
 def _write_graphs(om: Any, out: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from ..viz import graph_html, graph_labels, plan_to_dot, timeline_svg
 from ..viz._common import node_facts
 from ..viz.tables import drop_empty_columns
 
-__all__ = ["OparaResult", "ProfileResult", "PlanView", "BenchView", "graph_section", "predicted_ms", "labels_of",
+__all__ = ["OparaResult", "ProfileResult", "PlanView", "graph_section", "predicted_ms", "labels_of",
            "measured_timelines"]
 
 
@@ -130,7 +130,9 @@ class OparaResult:
     def _repr_html_(self) -> str:
         parts = [self.summary._repr_html_()]
         if self.bench is not None:
-            parts.append(f"<details><summary>benchmark</summary>{BenchView(self.bench)._repr_html_()}</details>")
+            from ..bench.demo import compact
+
+            parts.append(f"<details><summary>benchmark</summary>{compact(self.bench)._repr_html_()}</details>")
         if self.show_graph:
             views = _graph_views(self.om)
             for i, (dag, plan, profile, labels) in enumerate(views):
@@ -143,31 +145,6 @@ class OparaResult:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         return {"text/plain": repr(self), "text/html": self._repr_html_()}
-
-
-class BenchView:
-    """A BenchResult shown with only the columns that have values (on a CPU most GPU columns are empty);
-    ``.result`` is the BenchResult itself."""
-
-    def __init__(self, result: Any) -> None:
-        self.result = result
-
-    def _table(self, fmt: str) -> str:
-        from ..bench.demo import bench_table
-
-        return bench_table(self.result, fmt)
-
-    def _notes(self) -> list[str]:
-        return list(self.result._footnotes())
-
-    def __repr__(self) -> str:
-        notes = "".join(f"\n  {line}" for line in self._notes())
-        return f"{self.result._header()}\n{self._table('simple')}{notes}"
-
-    def _repr_html_(self) -> str:
-        notes = "".join(f"<li>{html.escape(line)}</li>" for line in self._notes())
-        return (f"<div><p><b>{html.escape(self.result._header())}</b></p>{self._table('html')}"
-                f"{f'<ul>{notes}</ul>' if notes else ''}</div>")
 
 
 def _top_rows(gp: Any, top: int) -> list[list[str]]:

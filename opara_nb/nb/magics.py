@@ -20,7 +20,7 @@ from traitlets.config import Configurable
 from .. import progress
 from ..errors import OparaUsageError
 from ..schedule import ORDERS, STRATEGIES
-from .display import BenchView, OparaResult, ProfileResult, measured_timelines
+from .display import OparaResult, ProfileResult, measured_timelines
 from .options import (CellOptions, changed_names, find_inputs, find_model, parse_kwargs, split_names,
                       usage_error)
 from .tracebacks import shorten
@@ -411,7 +411,9 @@ class OparaMagics(Magics, Configurable):
         if opts.return_result:
             return result
         if not opts.quiet:
-            display(BenchView(result))
+            from ..bench.demo import compact
+
+            display(compact(result))
         return None
 
 

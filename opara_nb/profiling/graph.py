@@ -107,8 +107,8 @@ def check_times(gp: GraphProfile, wall_ms: float | None) -> GraphProfile:
     gp.times_reliable = scale >= UNRELIABLE_BELOW
     gp.time_method = (f"{source} added up to {total:.3f} ms, more than one measured run of the graph "
                       f"({wall_ms:.3f} ms): each scaled x{scale:.2f}"
-                      + ("" if gp.times_reliable else "; unreliable (this machine is busy or the profiler "
-                                                      "distorts them): compare plans by measuring, not by these"))
+                      + ("" if gp.times_reliable else "; unreliable (a busy machine, or operators too small to time "
+                                                      "one by one): compare plans by measuring, not by these"))
     return gp
 
 
