@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "opara_nb"
 # Layers, lowest first: a module may import (at module level) only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "_optional", "_tensors", "schedule", "models", "testing"},
+    {"errors", "_optional", "_tensors", "progress", "schedule", "models", "testing"},
     {"capture"},
     {"profiling"},
     {"pipeline", "planfile"},
