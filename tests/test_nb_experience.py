@@ -9,7 +9,9 @@ import pytest
 
 pytest.importorskip("IPython")
 
+import torch
 from IPython.core.error import UsageError
+from torch import nn
 
 from opara_nb.nb.display import OparaResult, ProfileResult
 from opara_nb.nb.tracebacks import MAX_LINES
@@ -192,8 +194,20 @@ def test_the_first_line_on_cpu_says_not_accelerated(ip):
     assert first.startswith("model: not accelerated: CUDA is not available") and first.count("not accelerated") == 1
 
 
+class _OwnCode(nn.Module):
+    """A model whose code no other test compiles: torch.compile here runs without opara_nb's recompile headroom, and
+    must not push a shared model's code (the bundled graph_break) over dynamo's recompile limit for later tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def test_torch_compile_backend_says_once_that_it_is_not_accelerating(ip):
-    run(ip, "import torch\nfrom opara_nb import models\nmodel, (x,), _ = models.get('graph_break')")
+    ip.user_ns.update(torch=torch, model=_OwnCode().eval(), x=torch.randn(2, 4))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         run(ip, "compiled = torch.compile(model, backend='opara')\ny = compiled(x)\ny = compiled(x)")

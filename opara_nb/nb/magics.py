@@ -187,8 +187,8 @@ class OparaMagics(Magics, Configurable):
                 self._run_cell_body(cell)
             changed = changed_names(ns, before, cell)
             var = find_model(ns, opts.model, changed)
-            names = opts.inputs or [n for n in changed if n != var and _is_tensor(ns[n])]
-            inputs = find_inputs(ns, opts.inputs, changed, var)
+            names = find_inputs(ns, opts.inputs, changed, var)
+            inputs = [ns[n] for n in names]
             previous = before.get(var)
         kwargs = self._resolve_kwargs(opts.kwargs)
         model = ns[var].original if is_opara_module(ns[var]) else ns[var]
@@ -222,7 +222,8 @@ class OparaMagics(Magics, Configurable):
         var = find_model(ns, opts.model, [], usage="%opara MODEL X")
         if not opts.inputs:
             raise usage_error(f"name the example inputs after the model: %opara {var} x [y ...]")
-        return var, find_inputs(ns, opts.inputs, [], var), opts.inputs, ns[var]
+        names = find_inputs(ns, opts.inputs, [], var)
+        return var, [ns[n] for n in names], names, ns[var]
 
     def _run_cell_body(self, cell: str) -> None:
         """Run the cell's code in the user's namespace, compiled under a cell name so that its lines show in
@@ -243,7 +244,12 @@ class OparaMagics(Magics, Configurable):
         except Exception as exc:
             if verbose:
                 raise
-            raise shorten(exc, self.shell, hint(exc), magic_line) from None
+            try:
+                line = hint(exc)
+            except Exception:  # noqa: BLE001 - finding what to say must not hide the error itself
+                line = f"opara_nb: full traceback: {magic_line.split()[0]} ... -v"
+            shorten(exc, self.shell, line, magic_line)
+            raise
 
     def _resolve_kwargs(self, names: dict[str, str]) -> dict[str, Any]:
         ns = self.shell.user_ns
@@ -352,7 +358,7 @@ class OparaMagics(Magics, Configurable):
             model = model.original
         if not input_names:
             raise usage_error(f"name the example inputs after the model: %{magic} {name} x [y ...]")
-        return model, find_inputs(ns, input_names, [], model_var)
+        return model, [ns[n] for n in find_inputs(ns, input_names, [], model_var)]
 
     # ----- %opara_undo ----------------------------------------------------------------------------------------------
     @magic_arguments()
@@ -425,12 +431,6 @@ class _Flags:
         self.verbose = magics.verbose or bool(getattr(args, "verbose", False))
         self.return_result = bool(getattr(args, "return_result", False))
         self.store_as = _store_name(getattr(args, "store_as", None))
-
-
-def _is_tensor(value: Any) -> bool:
-    import torch
-
-    return isinstance(value, torch.Tensor)
 
 
 def _reprofiling(on: bool) -> Any:

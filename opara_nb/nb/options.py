@@ -129,16 +129,17 @@ def find_model(ns: Mapping[str, Any], name: str | None, changed: list[str], usag
     return modules[0]
 
 
-def find_inputs(ns: Mapping[str, Any], names: list[str], changed: list[str], model: str) -> list[Any]:
-    """The example inputs: the named variables, else the tensors the cell assigned (in assignment order)."""
+def find_inputs(ns: Mapping[str, Any], names: list[str], changed: list[str], model: str) -> list[str]:
+    """The names of the example inputs: ``names`` when given (each must exist), else the tensors the cell assigned
+    (in assignment order)."""
     import torch
 
     if names:
         unknown = [n for n in names if n not in ns]
         if unknown:
             raise usage_error(f"no variable named {unknown[0]!r}: --inputs takes the names of existing variables")
-        return [ns[n] for n in names]
-    tensors = [ns[n] for n in changed if n != model and isinstance(ns[n], torch.Tensor)]
+        return list(names)
+    tensors = [n for n in changed if n != model and isinstance(ns[n], torch.Tensor)]
     if not tensors:
         raise usage_error("no input tensors found: the cell assigned none; name the example inputs: "
                           f"%%opara {model} --inputs x[,y]")
