@@ -117,10 +117,11 @@ def _measure(g: "CapturedGraph", device: torch.device, info: DeviceInfo, demand:
     with torch.no_grad():
         run_graph(gm, inputs)  # warm-up 1: allocator, cuDNN/cuBLAS autotuning, lazy init
         counts = count_node_work(gm, inputs, label=f"profiling graph {g.index}")  # warm-up 2
+        # Timed before the profiler runs: its per-event cost inflates CPU operator times several-fold, and right after
+        # it stops its trace processing still competes for a small machine's cores (32 ms per conv2d seen on 2 cores).
+        node_ms, wall_ms = timed_runs(gm, inputs, device, per_node=device.type != "cuda")
         seen = profiled_run(gm, inputs, device)
         gpu = device.type == "cuda" and seen.gpu_events > 0
-        # On CPU the profiler's per-event cost inflates operator times several-fold: time them with a plain clock.
-        node_ms, wall_ms = timed_runs(gm, inputs, device, per_node=not gpu)
     nodes = {n.name: _node_profile(n, counts.get(n.name, NodeCounts()), seen, info, gpu, node_ms)
              for n in g.op_nodes()}
     gp = GraphProfile(nodes=nodes, device=info, has_gpu_data=gpu, demand_kind=demand, index=g.index,
