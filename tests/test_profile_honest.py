@@ -207,3 +207,8 @@ def test_t4_without_per_sm_attributes_uses_the_sm75_table_not_hoppers(monkeypatc
     newer = SimpleNamespace(name="future", major=8, minor=8, multi_processor_count=10)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: newer)
     assert device.device_info(torch.device("cuda")).max_threads_per_sm == 1536  # (8, 7), the newest below
+
+
+def test_a_factor_close_to_one_is_not_written_as_one():
+    gp = check_times(_profile({"a": 485.804}), wall_ms=483.877)
+    assert "scaled x0.996" in gp.time_method and gp.times_caption() == "CPU times, scaled x0.996 to the measured run"

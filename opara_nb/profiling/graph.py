@@ -12,7 +12,7 @@ from ..schedule.simulate import critical_path
 from . import cache as _cache
 from .device import device_info
 from .measure import TIMED_RUNS, NodeCounts, count_node_work, graph_device, profiled_run, timed_runs
-from .records import NO_GPU_NOTE, DeviceInfo, GraphProfile, KernelInfo, NodeProfile
+from .records import NO_GPU_NOTE, DeviceInfo, GraphProfile, KernelInfo, NodeProfile, scale_text
 from .trace import Attribution
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def check_times(gp: GraphProfile, wall_ms: float | None) -> GraphProfile:
     gp.time_scale = scale
     gp.times_reliable = scale >= UNRELIABLE_BELOW
     gp.time_method = (f"{source} added up to {total:.3f} ms, more than one measured run of the graph "
-                      f"({wall_ms:.3f} ms): each scaled x{scale:.2f}"
+                      f"({wall_ms:.3f} ms): each scaled x{scale_text(scale)}"
                       + ("" if gp.times_reliable else "; unreliable (a busy machine, or operators too small to time "
                                                       "one by one): compare plans by measuring, not by these"))
     return gp

@@ -4,9 +4,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["KernelInfo", "NodeProfile", "DeviceInfo", "GraphProfile", "NO_GPU_NOTE"]
+__all__ = ["KernelInfo", "NodeProfile", "DeviceInfo", "GraphProfile", "NO_GPU_NOTE", "scale_text"]
 
 NO_GPU_NOTE = "made without GPU resource data (no CUDA): times are CPU op times, demands are 0"
+
+
+def scale_text(factor: float) -> str:
+    """A scale factor to two decimals, or three where two would read as "1.00" (a factor that did change times)."""
+    text = f"{factor:.2f}"
+    return f"{factor:.3f}" if text == "1.00" else text
 
 
 def _from_dict(cls: type, data: dict) -> Any:
@@ -127,7 +133,7 @@ class GraphProfile:
         to the measured run", or "... unreliable"."""
         what = "GPU kernel times" if self.has_gpu_data else "CPU times"
         if self.time_scale != 1.0:
-            what += f", scaled x{self.time_scale:.2f} to the measured run"
+            what += f", scaled x{scale_text(self.time_scale)} to the measured run"
         return what + ("" if self.times_reliable else " (unreliable)")
 
     def demands(self, kind: str | None = None) -> dict[str, float]:
