@@ -75,3 +75,9 @@ def test_first_line_of_other_modes_says_what_ran():
                     candidates={"piecewise": {"sync_ms": 1.0, "replay_ms": None, "pool_mb": None}})
     assert headline(piece).startswith("graph by graph, 2.00x faster than eager")
     assert "not timed" in headline(_report())  # a CUDA graph without a measured baseline claims no gain
+
+
+def test_a_plan_from_a_file_says_so_instead_of_a_profile_time():
+    source = "plan loaded from m.plan.json (tuned with auto on cpu: kept opara); not profiled, no candidates timed"
+    s = summarize(_report(plan_source=source)).as_dict()
+    assert s["plan file"] == source and s["profile"] == "none: the plan came from a plan file"

@@ -98,6 +98,8 @@ def headline(report: Any) -> str:
 
 
 def _profile_cell(obj: Any, report: Any) -> str:
+    if getattr(report, "plan_source", ""):
+        return "none: the plan came from a plan file"
     profiles = [p for p in getattr(obj, "profiles", None) or [] if p is not None]
     cached = bool(profiles) and all(getattr(p, "from_cache", False) for p in profiles)
     return f"{report.profile_ms:.1f} ms" + (" (cached: --reprofile measures again)" if cached else "")
@@ -115,6 +117,8 @@ def summarize(obj: Any, bench: Any = None, max_abs_diff: float | None = None, na
         rows.append(("plan kept", report.strategy + (f" (asked: {report.requested})"
                                                     if report.requested and report.requested != report.strategy
                                                     else "")))
+    if getattr(report, "plan_source", ""):
+        rows.append(("plan file", report.plan_source))
     rows += _graph_rows(list(report.graphs))
     rows += [("profile", _profile_cell(obj, report)), ("plan / capture", f"{report.plan_ms:.1f} / "
                                                                          f"{report.capture_ms:.1f} ms")]
