@@ -89,10 +89,14 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         warnings.warn(f"opara backend: running a graph unplanned ({one_line(exc)})", stacklevel=user_stacklevel())
         return gm.forward
     cuda = any(x.is_cuda for x in example_inputs) and torch.cuda.is_available()
-    if not cuda:
+    if not cuda and not _said_cpu:
+        _said_cpu.append(True)  # once per process: a model with graph breaks hands over several graphs
         warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
                       stacklevel=user_stacklevel())
     return _Runner(executor, cuda)
+
+
+_said_cpu: list[bool] = []
 
 
 def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:

@@ -20,7 +20,8 @@ def test_torch_compile_with_the_registered_name(name):
         torch.testing.assert_close(compiled(*args, **kwargs), model(*args, **kwargs))
 
 
-def test_backend_runs_the_plan_eagerly_on_cpu_and_says_so():
+def test_backend_runs_the_plan_eagerly_on_cpu_and_says_so(monkeypatch):
+    monkeypatch.setattr(backend, "_said_cpu", [])  # said once per process: start as a fresh process
     torch._dynamo.reset()
     model, args, kwargs = models.get("inception_block")
     seen = []
@@ -79,3 +80,25 @@ def test_per_graph_capture_keeps_parameters_in_place_recaptures_when_they_move_a
         failing = GraphCapture(fn, graphs)
         torch.testing.assert_close(failing(weight, x), weight * x)
         assert failing.graphed is None and "not permitted" in failing.failed
+
+
+def test_a_model_with_graph_breaks_hears_not_accelerated_once(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(backend, "_said_cpu", [])
+
+    class Breaks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(y)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(Breaks(), backend="opara")(torch.randn(2, 4))
+    assert sum("not accelerated" in str(w.message) for w in caught) == 1

@@ -27,6 +27,7 @@ from ..capture.sandbox import Sandbox, clone_inputs, model_error
 from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
 from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
+from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
@@ -357,7 +358,8 @@ class OparaModule(nn.Module):
         compiled = self._compiled_fn()
         graphed = GraphedCall(compiled, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
         try:
-            with self._backend.selecting(first):
+            with self._backend.selecting(first), progress.task("compile, profile, plan", total=1) as bar:
+                bar.step("first call")
                 graphed.warm_up()
         except Exception as exc:  # noqa: BLE001 - the model's own error is raised; ours falls back
             graphed.release()
@@ -395,27 +397,31 @@ class OparaModule(nn.Module):
                             specs: tuple[PlanSpec, ...]) -> tuple[dict[str, GraphedCall], list[str]]:
         captured: dict[str, GraphedCall] = {}
         errors: list[str] = []
-        for i, spec in enumerate(specs):
-            graphed = first if i == 0 else GraphedCall(compiled, args, kwargs, self.clone_outputs, warmup=1,
-                                                       graphs=self._graphs, owned=self._owned)
-            with self._backend.selecting(spec.name):
-                # A later candidate warms up first: its streams and events are made outside the capture.
-                error = _attempt(graphed.warm_up, graphed.capture) if i > 0 else _attempt(graphed.capture)
-            if error is None:
-                captured[spec.name] = graphed
-                continue
-            graphed.release()
-            release_cuda_memory()
-            errors.append(f"{spec.name}: {error}")
-            if i == 0:
-                return captured, errors  # the first failure is the model's, not the plan's: the others would fail alike
-        if self.strategy == "auto" and self._planfile is None and isinstance(self.original, nn.Module):
-            plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs,
-                                owned=self._owned)
-            if _attempt(plain.warm_up, plain.capture) is None:
-                captured[PLAIN_GRAPH] = plain
-            else:
-                plain.release()
+        with_plain = self.strategy == "auto" and self._planfile is None and isinstance(self.original, nn.Module)
+        with progress.task("capturing candidates", total=len(specs) + with_plain) as bar:
+            for i, spec in enumerate(specs):
+                bar.step(spec.name)
+                graphed = first if i == 0 else GraphedCall(compiled, args, kwargs, self.clone_outputs, warmup=1,
+                                                           graphs=self._graphs, owned=self._owned)
+                with self._backend.selecting(spec.name):
+                    # A later candidate warms up first: its streams and events are made outside the capture.
+                    error = _attempt(graphed.warm_up, graphed.capture) if i > 0 else _attempt(graphed.capture)
+                if error is None:
+                    captured[spec.name] = graphed
+                    continue
+                graphed.release()
+                release_cuda_memory()
+                errors.append(f"{spec.name}: {error}")
+                if i == 0:
+                    return captured, errors  # the first failure is the model's: the others would fail alike
+            if with_plain:
+                bar.step(PLAIN_GRAPH)
+                plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs,
+                                    owned=self._owned)
+                if _attempt(plain.warm_up, plain.capture) is None:
+                    captured[PLAIN_GRAPH] = plain
+                else:
+                    plain.release()
         return captured, errors
 
     def _choose(self, captured: dict[str, GraphedCall], errors: list[str], runners: list[GraphRunner],
@@ -427,9 +433,11 @@ class OparaModule(nn.Module):
         if len(captured) > 1:
             calls = {k: (lambda g=g: g.replay(leaves)) for k, g in captured.items()}
             calls["eager"] = lambda: self.original(*args, **kwargs)
-            times = timing.sync_latency_ms(calls, self._graphs.synchronize)
-            eager_ms = times.pop("eager")
-            replays = timing.replay_ms(captured) if isinstance(self._graphs, CudaGraphs) else {}
+            with progress.task("timing candidates", total=1) as bar:
+                bar.step(", ".join(captured))
+                times = timing.sync_latency_ms(calls, self._graphs.synchronize)
+                eager_ms = times.pop("eager")
+                replays = timing.replay_ms(captured) if isinstance(self._graphs, CudaGraphs) else {}
         pools = {k: g.pool_mb for k, g in captured.items()}
         best = _fastest(times, pools, self.max_memory_mb) if times else next(iter(captured))
         for k, g in captured.items():
@@ -462,8 +470,10 @@ class OparaModule(nn.Module):
             with self._backend.selecting(kept, per_graph=True):
                 return self._compiled_fn()(*args, **kwargs)
 
-        times = timing.sync_latency_ms({"piecewise": piecewise, "eager": lambda: self.original(*args, **kwargs)},
-                                       self._graphs.synchronize, rounds=3, per_round=10)
+        with progress.task("timing graph by graph against eager", total=1) as bar:
+            bar.step("piecewise, eager")
+            times = timing.sync_latency_ms({"piecewise": piecewise, "eager": lambda: self.original(*args, **kwargs)},
+                                           self._graphs.synchronize, rounds=3, per_round=10)
         measured = {"piecewise": {"sync_ms": times["piecewise"], "replay_ms": None, "pool_mb": None}}
         if times["piecewise"] >= times["eager"]:
             for runner in runners:
@@ -548,7 +558,9 @@ class OparaModule(nn.Module):
                          plan_ms=sum(r.plan_ms for r in runners), capture_ms=last.capture_ms,
                          candidates={k: dict(v) for k, v in last.candidates.items()}, eager_ms=last.eager_ms,
                          notices=notes, accelerated=last.mode in ("cuda-graph", "piecewise"), plan_source=source,
-                         profiled_graphs=sum(r.profile is not None for r in runners))
+                         profiled_graphs=sum(r.profile is not None for r in runners),
+                         profile_cached=bool(runners) and all(getattr(r.profile, "from_cache", False)
+                                                              for r in runners))
 
     def save_plan(self, path: str | os.PathLike) -> Any:
         """Write what this module decided to a JSON plan file at ``path`` and return its ``pathlib.Path``.

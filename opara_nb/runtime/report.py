@@ -24,7 +24,8 @@ class RunReport:
     memory pool), and ``eager_ms`` is the original model's synchronous latency measured alongside.
 
     ``plan_source`` says where the plan came from when it was loaded from a plan file ("plan loaded from ...");
-    ``profiled_graphs`` counts the graphs this module profiled (0 when every plan came from a file).
+    ``profiled_graphs`` counts the graphs this module profiled (0 when every plan came from a file);
+    ``profile_cached`` says every profile came from the per-user cache.
     """
 
     mode: str = "eager"
@@ -42,6 +43,7 @@ class RunReport:
     accelerated: bool = False
     plan_source: str = ""
     profiled_graphs: int = 0
+    profile_cached: bool = False
 
     @property
     def strategy(self) -> str:
@@ -104,7 +106,8 @@ class RunReport:
                          f"{g.get('physical_streams', 0)} physical streams, {g.get('syncs', 0)} syncs")
         if self.plan_source:
             lines.append(f"  {self.plan_source}")
-        lines.append(f"  profile {self.profile_ms:.1f} ms, plan {self.plan_ms:.1f} ms, "
+        cached = " (cached)" if self.profile_cached else ""
+        lines.append(f"  profile {self.profile_ms:.1f} ms{cached}, plan {self.plan_ms:.1f} ms, "
                      f"capture {self.capture_ms:.1f} ms")
         if any(t.get("sync_ms") is not None for t in self.candidates.values()):
             lines.append("  " + self._candidate_text())
