@@ -88,7 +88,7 @@ stage_env() {
 }
 
 stage_tests() {
-  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m "cuda and not fused" -q -rs 2>&1 | tee "$PARTS/cuda_tests.txt"
+  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m "cuda and not fused" -q -rfEs --timeout 150 --show-capture=no -p no:cacheprovider 2>&1 | grep -v "^USDT" | tee "$PARTS/cuda_tests.txt"
   [ -n "${OUT:-}" ] && cp "$PARTS/cuda_tests.txt" "$OUT/" 2>/dev/null
   report
 }
