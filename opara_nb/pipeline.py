@@ -27,7 +27,9 @@ PLAIN_GRAPH = "cudagraph"
 # work is below MERGE_WORK_FACTOR x this are merged onto a neighbouring stream where the simulated time does not get
 # worse (schedule/merge.py). Measure it with `python benchmarks/event_cost.py`; the environment variables
 # OPARA_NB_EVENT_COST_MS and OPARA_NB_MERGE_WORK_FACTOR override both (OPARA_NB_EVENT_COST_MS=0: no merging).
-EVENT_COST_MS = 0.004
+# Measured on an H200 (torch 2.11, benchmarks/event_cost.py, benchmarks/results/h200/run3/event_cost.txt): a
+# cross-stream hop inside a CUDA graph costs 0.18 us more than a same-stream step.
+EVENT_COST_MS = 0.0002
 MERGE_WORK_FACTOR = 1.0
 
 

@@ -259,6 +259,7 @@ def test_planning_merges_cheap_streams_when_the_profile_has_gpu_times(monkeypatc
     g = _graph("deepfm")
     unmerged = make_plan(g.dag, strategy="opara")
     gp = _gpu_like_profile(g, 0.0005)
+    monkeypatch.setenv("OPARA_NB_EVENT_COST_MS", "0.004")  # an event that costs more than most of these operators
     merged = plan_with_profile(g, gp, PlanSpec("opara"))
     merged.check(g.dag)
     assert merged.num_streams < unmerged.num_streams
