@@ -136,6 +136,8 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
         base = host["same graph as auto, raw replay"] if "auto" in k else host["same graph as sequential, raw replay"]
         over = "" if "raw" in k else f"{host[k] - base:+.1f}"
         rows.append(f"| {name} | {k} | {host[k]:.1f} | {over} | {sync[k]:.1f} |")
+    for label, om in (("sequential", seq), ("auto", auto)):  # did a held output switch the module to copies?
+        rows.append(f"| {name} | {label}: clone_outputs={om.clone_outputs}, notices={len(om.notices)} | | | |")
     entry = seq._last
     guards = {"call key (inputs)": lambda: call_key(args, kwargs),
               "global state": entry.state.check,

@@ -246,3 +246,14 @@ def test_a_model_that_raises_shows_its_own_error_once_and_short(graphs):
     assert any(f.name == "forward" and f.filename == __file__ for f in frames)  # the model's own line
     ours = [f for f in frames if "/opara_nb/" in f.filename]
     assert len(ours) <= 1 and "_dynamo" not in text  # at most the public function that raised it
+
+
+def test_a_repeated_call_takes_the_hot_path(setup, monkeypatch):
+    """Same signature, same state, unchanged model: no dispatch, no key building, no copy of the outputs."""
+    model, x, graphs, om = setup
+    _quiet(om, x)
+    monkeypatch.setattr(OparaModule, "_dispatch", lambda *a: pytest.fail("the hot path was not taken"))
+    for _ in range(3):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))
+    assert out.data_ptr() == om._last.graphed._out[0].data_ptr() and om.clone_outputs is None
