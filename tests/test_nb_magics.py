@@ -190,10 +190,13 @@ def test_profile_usage_errors(ip):
         run(ip, "%opara_profile model x --top 0")
 
 
-def test_bench_is_thin(ip):
+def test_bench_measures_what_was_asked_and_leaves_the_namespace_alone(ip):
     run(ip, BUILD)
-    res = run(ip, "%opara_bench model x --modes eager --iters 2 -o")
-    assert [r["mode"] for r in res.rows] == ["eager"]
+    model = ip.user_ns["model"]
+    res = run(ip, "%opara_bench model x --modes eager,opara --iters 2 -o")
+    assert [r["mode"] for r in res.rows] == ["eager", "opara"] and res.settings["iters"] == 2
+    assert all(r["sync_median_ms"] > 0 and r["max_abs_diff"] is not None for r in res.rows)
+    assert ip.user_ns["model"] is model  # benchmarking never rebinds the user's model
 
 
 def test_unload_removes_magics(ip):

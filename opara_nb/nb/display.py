@@ -149,7 +149,7 @@ class OparaResult:
 
 def _top_rows(gp: Any, top: int) -> list[list[str]]:
     # What the operator is and where it sits first; the fx node name (dynamo's input_7, x_3) last, for lookups.
-    nodes = sorted(getattr(gp, "nodes", {}).values(), key=lambda p: -(p.time_ms or 0.0))[:top]
+    nodes = gp.slowest(top)
     mark = "?" if getattr(gp, "times_reliable", True) is False else ""
     kinds = {"compute": "compute", "memory": "memory", "none": "no work"}
     gpu = getattr(gp, "has_gpu_data", False)  # demand is a share of the GPU: without GPU data it is not measured

@@ -18,6 +18,7 @@ from traitlets import Bool, Integer, Unicode, validate
 from traitlets.config import Configurable
 
 from .. import progress
+from .._tensors import max_abs_diff
 from ..errors import OparaUsageError
 from ..schedule import ORDERS, STRATEGIES
 from .display import OparaResult, ProfileResult, measured_timelines
@@ -37,29 +38,6 @@ def is_opara_module(obj: Any) -> bool:
     except ImportError:  # the runtime layer is optional for the magics' own checks
         return hasattr(obj, "original") and hasattr(obj, "release")
     return isinstance(obj, OparaModule)
-
-
-def _leaves(out: Any) -> list[Any]:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [x for v in out.values() for x in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [x for v in out for x in _leaves(v)]
-    to_tuple = getattr(out, "to_tuple", None)  # HuggingFace ModelOutput
-    return _leaves(to_tuple()) if callable(to_tuple) else []
-
-
-def max_abs_diff(a: Any, b: Any) -> float | None:
-    """Largest |a - b| over the floating-point tensors of two outputs; None when they cannot be compared."""
-    la, lb = _leaves(a), _leaves(b)
-    if not la or len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
-        return None
-    diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(la, lb)
-             if x.numel() and x.is_floating_point()]
-    return max(diffs, default=0.0)
 
 
 def _ignore_opara_notices() -> None:

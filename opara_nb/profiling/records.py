@@ -147,6 +147,10 @@ class GraphProfile:
     def memory_bound_nodes(self) -> set[str]:
         return {name for name, node in self.nodes.items() if node.memory_bound}
 
+    def slowest(self, top: int | None = None) -> list[NodeProfile]:
+        """The nodes by time, slowest first (the ``top`` slowest when given)."""
+        return sorted(self.nodes.values(), key=lambda p: -(p.time_ms or 0.0))[:top]
+
     def fusible_nodes(self) -> set[str]:
         """Nodes with no counted FLOPs (no matmul, convolution or attention): TorchInductor generates their code
         itself and fuses them with their neighbours, where the others call a library kernel."""
