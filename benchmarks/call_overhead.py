@@ -8,6 +8,11 @@ static outputs), and OparaModule with ``strategy="sequential"`` (one stream: the
 call path) and with the default ``auto``. Host time per call is measured while the GPU is kept busy
 (``torch.cuda._sleep``), so it is the time to enqueue the call and never includes waiting for the device; the
 synchronous latency (call, then synchronize) is reported too. The guard rows time each check of the hot path alone.
+
+    PYTHONPATH=. python benchmarks/call_overhead.py --python-path [--md FILE]
+
+runs anywhere (no GPU): the same modules on ``testing.FakeGraphs`` with a replay that does nothing, so the time per
+call is the Python call path alone, against a raw "copy the inputs, replay" loop over the same static buffers.
 """
 from __future__ import annotations
 
@@ -50,8 +55,7 @@ class Nested(nn.Module):
         return {"out": self.gate(out) if use_gate else out, "aux": (x, y)}
 
 
-def _cases() -> list[tuple[str, nn.Module, tuple, dict]]:
-    dev = "cuda"
+def _cases(dev: str = "cuda") -> list[tuple[str, nn.Module, tuple, dict]]:
     cases = [("tiny (2 linears, batch 1)", Tiny().eval().to(dev), (torch.randn(1, 64, device=dev),), {})]
     x = torch.randn(4, 64, device=dev)
     cases.append(("nested inputs (dict, tuple, float, bool)", Nested().eval().to(dev),
@@ -139,7 +143,8 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     for label, om in (("sequential", seq), ("auto", auto)):  # did a held output switch the module to copies?
         rows.append(f"| {name} | {label}: clone_outputs={om.clone_outputs}, notices={len(om.notices)} | | | |")
     entry = seq._last
-    guards = {"call key (inputs)": lambda: call_key(args, kwargs),
+    guards = {"inputs (the hot path's guard)": lambda: entry.inputs(args, kwargs),
+              "call key (the slow path's)": lambda: call_key(args, kwargs),
               "global state": entry.state.check,
               "model guard": seq._guard.clean}
     for k, fn in guards.items():
@@ -150,10 +155,36 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     return rows
 
 
+def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The call path's Python alone: OparaModule on fake graphs whose replay does nothing, against a raw loop."""
+    from opara_nb.testing import FakeGraphs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = OparaModule(model, strategy="sequential", graphs=FakeGraphs())
+        om(*args, **kwargs)
+    graphed = om._last.graphed
+    graphed.graph.replay = lambda: None
+    raw = _raw_replay(om, args, kwargs)
+    with torch.no_grad():
+        times = {k: min(_python_us(f) for _ in range(5)) for k, f in
+                 (("raw", raw), ("om", lambda: om(*args, **kwargs)), ("inputs", lambda: om._last.inputs(args, kwargs)))}
+    return [f"| {name} | {times['raw']:.2f} | {times['om']:.2f} | {times['om'] - times['raw']:+.2f} | "
+            f"{times['inputs']:.2f} |"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--md", default=None)
+    parser.add_argument("--python-path", action="store_true", help="time the Python call path on fake graphs (no GPU)")
     ns = parser.parse_args()
+    if ns.python_path:
+        lines = [f"CPU, torch {torch.__version__}, command: PYTHONPATH=. python benchmarks/call_overhead.py "
+                 "--python-path", "", "| model | raw copy+replay us | OparaModule us | over raw | input guard us |",
+                 "|---|---|---|---|---|"]
+        lines += [row for case in _cases("cpu") if case[0] != "googlenet" for row in python_path(*case)]
+        emit(lines, ns.md)
+        return
     head = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"command: PYTHONPATH=. python benchmarks/call_overhead.py")
     lines = [head, "", "| model | call path | host us/call (GPU busy) | over a raw replay of the same graph | sync latency us |",

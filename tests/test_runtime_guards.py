@@ -1,12 +1,14 @@
 """Guards of the replay path (CPU): the call key, the global state, and what the model guard sees change."""
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from opara_nb.runtime.guards import CallState, ModelGuard, call_key, input_leaves, reads_training
+from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, input_leaves, reads_training
 
 
 def _key(*args, **kwargs):
@@ -37,6 +39,79 @@ def test_cpu_scalar_tensors_are_keyed_by_value_other_tensors_are_not():
     assert _key(x, torch.tensor(2.0)) != _key(x, torch.tensor(3.0))
     assert _key(x, torch.tensor(2.0)) == _key(x, torch.tensor(2.0))
     assert _key(x, torch.tensor([2.0])) == _key(x, torch.tensor([3.0]))  # not 0-dim: a kernel reads its memory
+
+
+_Pair = namedtuple("_Pair", "left right")
+
+
+def _calls():
+    """Example calls of each shape the hot path meets: (args, kwargs)."""
+    a, b = torch.randn(2, 3), torch.randn(4)
+    return {
+        "flat": ((a, b), {}),
+        "keywords": ((a,), {"mask": b}),
+        "nested": (({"x": a, "m": b}, (a.clone(), None, [b.clone(), 3])), {"scale": 0.5, "flag": True}),
+        "cpu scalar": ((a,), {"scale": torch.tensor(2.0)}),
+        "same tensor twice": ((a, a), {}),
+        "namedtuple": ((_Pair(a, 2),), {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_calls()))
+def test_call_guard_accepts_its_own_signature_with_pytree_leaves(name):
+    args, kwargs = _calls()[name]
+    guard = call_guard(args, kwargs)
+    assert list(guard(args, kwargs)) == pytree.tree_leaves((args, kwargs))
+    fresh_args, fresh_kwargs = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    if name != "same tensor twice":  # other tensors of the same metadata pass too (values do not matter)
+        assert list(guard(fresh_args, fresh_kwargs)) == pytree.tree_leaves((fresh_args, fresh_kwargs))
+
+
+def _edits(args, kwargs):
+    """Each way a call can differ from (args, kwargs) in something a replay bakes in."""
+    def first(f):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        i = next(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
+        leaves[i] = f(leaves[i])
+        return pytree.tree_unflatten(leaves, spec)
+
+    yield first(lambda t: t.double())
+    yield first(lambda t: torch.randn(*t.shape, 2)[..., 0])                          # strides
+    yield first(lambda t: t.clone().requires_grad_())
+    yield first(lambda t: torch.randn(7))                                            # shape
+    yield first(lambda t: nn.Parameter(t.clone(), requires_grad=False))              # type
+    yield (*args, torch.randn(1)), kwargs                                            # one more argument
+    yield args, {**kwargs, "extra": 1}
+
+
+@pytest.mark.parametrize("name", list(_calls()))
+def test_call_guard_refuses_every_difference_a_replay_depends_on(name):
+    args, kwargs = _calls()[name]
+    guard = call_guard(args, kwargs)
+    for other_args, other_kwargs in _edits(args, kwargs):
+        assert guard(other_args, other_kwargs) is None
+        assert call_key(other_args, other_kwargs)[0] != call_key(args, kwargs)[0]  # and the slow path sees it too
+
+
+def test_call_guard_compares_values_types_and_order_of_non_tensors():
+    a = torch.randn(3)
+    guard = call_guard(({"x": a, "y": a.clone()}, [1, "s"]), {"scale": torch.tensor(2.0), "k": 0.5})
+    ok = ({"x": a, "y": a}, [1, "s"])
+    assert guard(({"x": a, "y": a.clone()}, [1, "s"]), {"scale": torch.tensor(2.0), "k": 0.5}) is not None
+    assert guard(({"x": a, "y": a.clone()}, [1, "s"]), {"scale": torch.tensor(3.0), "k": 0.5}) is None  # CPU scalar
+    assert guard(({"x": a, "y": a.clone()}, [1.0, "s"]), {"scale": torch.tensor(2.0), "k": 0.5}) is None  # type
+    assert guard(({"x": a, "y": a.clone()}, (1, "s")), {"scale": torch.tensor(2.0), "k": 0.5}) is None    # container
+    assert guard(({"y": a.clone(), "x": a}, [1, "s"]), {"scale": torch.tensor(2.0), "k": 0.5}) is None    # key order
+    assert guard(({"x": a, "y": a.clone()}, [1, "s"]), {"k": 0.5, "scale": torch.tensor(2.0)}) is None    # kw order
+    assert guard(ok, {"scale": torch.tensor(2.0), "k": 0.5}) is None  # one tensor where the signature had two
+
+
+def test_call_guard_code_holds_no_user_text():
+    key = "x'] or True or a['"  # a key that would change the guard if it were pasted into its source
+    a = torch.randn(2)
+    guard = call_guard(({key: a},), {})
+    assert key not in guard.source
+    assert guard(({key: a},), {}) is not None and guard(({"x": a},), {}) is None
 
 
 def test_call_state_sees_autocast_tf32_and_dtype_but_not_grad_mode():

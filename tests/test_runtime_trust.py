@@ -257,3 +257,41 @@ def test_a_repeated_call_takes_the_hot_path(setup, monkeypatch):
         out = om(x)
     torch.testing.assert_close(out, _expect(model, x))
     assert out.data_ptr() == om._last.graphed._out[0].data_ptr() and om.clone_outputs is None
+
+
+class NestedNet(nn.Module):
+    """Nested inputs with non-tensor leaves and a CPU scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, batch, pair, scale=1.0, gain=None):
+        out = self.proj(batch["x"]) * batch["mask"] + pair[0] * pair[1] * scale
+        return {"out": out * gain, "aux": (pair[0] + 1,)}
+
+
+def test_nested_calls_take_the_hot_path_and_every_change_leaves_it(monkeypatch):
+    model, graphs = NestedNet().eval(), FakeGraphs()
+    x = torch.randn(2, 4)
+
+    def call(scale=0.5, gain=2.0, mask=None):
+        return ({"x": x.clone(), "mask": torch.ones(2, 4) if mask is None else mask}, (x.clone(), x.clone())), \
+            {"scale": scale, "gain": torch.tensor(gain)}
+
+    om = _quiet(optimize, model, *call()[0], **call()[1], strategy="opara", graphs=graphs)
+    dispatch = OparaModule._dispatch
+    slow = []
+    monkeypatch.setattr(OparaModule, "_dispatch", lambda self, a, k: slow.append(1) or dispatch(self, a, k))
+    for _ in range(3):
+        args, kwargs = call()
+        torch.testing.assert_close(om(*args, **kwargs), _expect(model, *args, **kwargs))
+    assert not slow
+    for args, kwargs in (call(scale=0.25), call(gain=3.0), call(mask=torch.ones(2, 4, dtype=torch.float64))):
+        torch.testing.assert_close(_quiet(om, *args, **kwargs), _expect(model, *args, **kwargs))
+    assert len(slow) == 3
+    with torch.inference_mode():  # another dispatch state: refused once, then the guard is made for it
+        for _ in range(3):
+            args, kwargs = call()
+            torch.testing.assert_close(om(*args, **kwargs), _expect(model, *args, **kwargs))
+    assert len(slow) == 4

@@ -17,6 +17,7 @@ The CUDA calls go through a small layer (``CudaGraphs``) that ``opara_nb.testing
 """
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
@@ -31,8 +32,9 @@ from .streams import stream_pool
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "release_cuda_memory"]
 
 
-# References to a handed-out output while the caller holds none: our output list, a local name, getrefcount's argument.
-_OWN_REFS = 3
+# References to a handed-out output while the caller holds none: our output list's and getrefcount's argument.
+_OWN_REFS = 2
+_use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
 
 
 class OutputsHeld(RuntimeError):
@@ -85,8 +87,7 @@ class CudaGraphs:
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         if raw is None:
             return None
-        device = torch.cuda.current_device()
-        return lambda: raw(device)
+        return functools.partial(raw, torch.cuda.current_device())
 
     def current(self) -> Any:
         return torch.cuda.current_stream()
@@ -130,7 +131,7 @@ class GraphedCall:
         self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
         self._protect = self._as_is = False
-        self._uses: list[tuple[int, int]] = []
+        self._uses: list[tuple[int, int, int]] | None = None
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
         self._stream_key: Any = None
@@ -171,7 +172,7 @@ class GraphedCall:
                 self._copied.append(i)
             else:
                 self._guarded.append(i)
-        self._uses = []  # counted at the first replay, when nothing of the capture is left and nothing handed out
+        self._uses = None  # counted at the first replay, when nothing of the capture is left and nothing handed out
         self._configure()
 
     @property
@@ -191,8 +192,8 @@ class GraphedCall:
 
     def _count_uses(self) -> None:
         """How many tensors use each output's memory while only this object holds them."""
-        cdata = [self._out[i].untyped_storage()._cdata for i in self._guarded]
-        self._uses = [(c, torch._C._storage_Use_Count(c)) for c in cdata]
+        cdata = [(i, self._out[i].untyped_storage()._cdata) for i in self._guarded]
+        self._uses = [(i, c, _use_count(c)) for i, c in cdata]
 
     # ------------------------------------------------------------------ replay
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -250,20 +251,23 @@ class GraphedCall:
 
     def _protect_outputs(self) -> None:
         """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
-        if not self._uses:
+        if self._uses is None:
             self._count_uses()
             return
-        for k, i in enumerate(self._guarded):
-            cdata, uses = self._uses[k]
-            if torch._C._storage_Use_Count(cdata) > uses:
+        out = self._out
+        for i, cdata, uses in self._uses:
+            if _use_count(cdata) > uses:
                 raise OutputsHeld("a view of an earlier output is still alive")
-            held = self._out[i]
-            if sys.getrefcount(held) > _OWN_REFS:
-                with self.layer.use(self._stream):  # on the stream the caller last used it on
-                    fresh = held.detach()
-                    held.set_(held.clone())
-                self._out[i] = fresh
-                del held
+            if sys.getrefcount(out[i]) > _OWN_REFS:
+                self._rescue(i)
+
+    def _rescue(self, i: int) -> None:
+        """The caller holds output ``i``: give its tensor memory of its own (a copy), keep the graph's for us."""
+        held = self._out[i]
+        with self.layer.use(self._stream):  # on the stream the caller last used it on
+            fresh = held.detach()
+            held.set_(held.clone())
+        self._out[i] = fresh
 
     def _follow_stream(self) -> None:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""

@@ -31,7 +31,7 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import CallState, ModelGuard, call_key, flat_signature, matches
+from .guards import CallState, ModelGuard, call_guard, call_key
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -65,7 +65,7 @@ class Entry:
     eager_ms: float | None = None
     key: Hashable = None
     state: CallState | None = None
-    flat: list[tuple] | None = None  # the signature of a plain-tensor call, for the hot path (guards.matches)
+    inputs: Callable[[tuple, dict], Any] | None = None  # the hot path's input guard (guards.call_guard)
     calls: int = 0
     signature: dict[str, Any] | None = None  # the inputs as a plan file describes them
     device: str = "cpu"
@@ -173,12 +173,8 @@ class OparaModule(nn.Module):
             entry = self._last
             if entry is not None and entry.graphed is not None:
                 # The hot path: the same signature as the last call, and its guards hold.
-                if entry.flat is not None and not kwargs:
-                    same, leaves = matches(args, entry.flat), args
-                else:
-                    key, leaves = call_key(args, kwargs)
-                    same = key == entry.key[0]
-                if same and entry.state.check() and (self._guard is None or self._guard.clean()):
+                leaves = entry.inputs(args, kwargs)
+                if leaves is not None and entry.state.check() and (self._guard is None or self._guard.clean()):
                     entry.calls += 1
                     try:
                         return entry.graphed.replay(leaves)
@@ -203,6 +199,8 @@ class OparaModule(nn.Module):
             entry = self._capture(full_key, args, kwargs, record)
         else:
             self._cache.move_to_end(full_key)
+            if entry.inputs is not None and entry.inputs(args, kwargs) is None:
+                entry.inputs = call_guard(args, kwargs)  # same key, another thread-local dispatch state
         self._last = entry
         return self._run(entry, args, kwargs, leaves)
 
@@ -326,7 +324,7 @@ class OparaModule(nn.Module):
             self.notices.append(box.note())
         if self._guard is not None:
             self._guard.snapshot()
-        entry.key, entry.state, entry.flat = key, CallState(), flat_signature(args, kwargs)
+        entry.key, entry.state, entry.inputs = key, CallState(), call_guard(args, kwargs)
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
             self._evict()
