@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import OparaUsageError
+from .errors import OparaUsageError, one_line
 
 __all__ = ["load_factory", "build_model", "parse_inputs", "MAKERS", "INPUTS_EXAMPLE"]
 
@@ -123,7 +123,7 @@ def _tensor(node: ast.Call, device: str, text: str) -> torch.Tensor:
     try:
         return MAKERS[name](*args, **kwargs, device=device)
     except (TypeError, RuntimeError, ValueError) as exc:
-        raise OparaUsageError(f"--inputs: {ast.unparse(node)} failed ({str(exc).splitlines()[0]})") from None
+        raise OparaUsageError(f"--inputs: {ast.unparse(node)} failed ({one_line(exc)})") from None
 
 
 def _dtype(node: ast.expr, text: str) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .._tensors import map_tensors, tensor_leaves
-from ..errors import OparaUsageError
+from ..errors import OparaUsageError, one_line
 
 __all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "opara_mode", "is_mode", "Built", "Unavailable", "build_mode",
            "PlainCudaGraph", "map_tensors", "tensor_leaves"]
@@ -117,8 +117,7 @@ def _build_cudagraph(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> 
     except RuntimeError as exc:  # e.g. a host sync inside the model: not allowed while capturing
         torch.cuda.synchronize()
         graph = PlainCudaGraph(_dynamo_traced(model), args, kwargs)
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        info["reason"] = f"captured the dynamo-traced model: capturing the eager model failed ({first})"
+        info["reason"] = f"captured the dynamo-traced model: capturing the eager model failed ({one_line(exc)})"
     return Built(lambda: graph(*args, **kwargs), info, graph.release)
 
 
