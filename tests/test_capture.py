@@ -182,3 +182,47 @@ def test_compiled_wrappers_do_not_accumulate_in_module_globals():
     capture_graphs(model, args, kwargs)
     after = {k for k in vars(dynamo) if k.startswith("__compiled_fn") or k.startswith("__resume")}
     assert after == before
+
+
+class _Breaks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x).relu()
+        torch._dynamo.graph_break()
+        return self.b(y).sigmoid()
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["torch-2.13+", "older-torch"])
+def test_many_signatures_leave_the_users_own_torch_compile_alone(isolated, monkeypatch):
+    """Our compiles of a model with graph breaks must not fill dynamo's recompile limit for the model's own code;
+    where torch cannot keep them apart (before 2.13, simulated here), the user is told once what to do."""
+    import warnings
+
+    import opara_nb.capture.dynamo as dynamo
+    from opara_nb import optimize
+
+    if isolated and not dynamo._ISOLATED:
+        pytest.skip("this torch has no torch.compile(isolate_recompiles=...)")
+    if not isolated:
+        monkeypatch.setattr(dynamo, "_ISOLATED", {})
+    torch._dynamo.reset()
+    model = _Breaks().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        om = optimize(model, torch.randn(1, 8))
+        for n in range(2, 12):
+            om(torch.randn(n, 8))
+    told = [w for w in caught if "recompile limit" in str(w.message)]
+    if not isolated:
+        assert len(told) == 1 and "torch._dynamo.reset()" in str(told[0].message)
+        return
+    assert not told
+    graphs = []
+    user = torch.compile(model, backend=lambda gm, ex: graphs.append(gm) or gm.forward)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(user(x), model(x))
+    assert len(graphs) == 2  # both sides of the break compiled, not run eagerly for want of cache room

@@ -6,6 +6,7 @@ and recompile limit never mix one capture with another or with the user's own ``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import types
@@ -17,7 +18,7 @@ from ..errors import ModelError, OparaUsageError
 from .graph import CapturedGraph
 from .sandbox import Sandbox, clone_inputs, model_error
 
-__all__ = ["compile_with_backend", "capture_graphs", "check_inputs", "quiet_tracing_logs"]
+__all__ = ["compile_with_backend", "capture_graphs", "check_inputs", "quiet_tracing_logs", "crowds_user_compile"]
 
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
@@ -42,6 +43,26 @@ def _fresh_trampoline() -> Callable:
     return types.FunctionType(code, {"__builtins__": __builtins__}, name)
 
 
+# The model's own code (forward, and the resume functions after a graph break) is shared with the user's
+# torch.compile of the same model: where torch can (2.13+), our compiled entries live in a region of their own, so
+# they never count against the user's recompile limit.
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
+def crowds_user_compile(model: Any) -> bool:
+    """Whether our compiles have filled the recompile limit of ``model``'s own ``forward`` (before torch 2.13, and
+    only after graph breaks: then dynamo runs ``forward`` as a frame of its own), so that the user's own
+    ``torch.compile`` of it would run eagerly."""
+    import torch._dynamo.config as config
+
+    code = getattr(getattr(type(model), "forward", None), "__code__", None)
+    entries = getattr(torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
+    if _ISOLATED or code is None or entries is None:
+        return False
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
+    return len(entries(code)) >= limit
+
+
 def _limit_patch() -> dict[str, int]:
     import torch._dynamo.config as config
 
@@ -59,7 +80,7 @@ def compile_with_backend(model: Callable, backend: Callable) -> Callable:
     """
     import torch._dynamo
 
-    compiled = torch.compile(_fresh_trampoline(), backend=backend, dynamic=False, fullgraph=False)
+    compiled = torch.compile(_fresh_trampoline(), backend=backend, dynamic=False, fullgraph=False, **_ISOLATED)
     # One patch object, entered on every call: each new one would leave a ContextVar behind (~200 bytes a call).
     patch = torch._dynamo.config.patch(**_limit_patch())
 

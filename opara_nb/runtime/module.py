@@ -23,6 +23,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
+from ..capture.dynamo import crowds_user_compile
 from ..capture.sandbox import Sandbox, clone_inputs, model_error
 from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
 from ..pipeline import CANDIDATES, PlanSpec
@@ -296,6 +297,8 @@ class OparaModule(nn.Module):
                                         "original model")
             self._notify(f"opara_nb: {self._last.reason}")
             return out
+        if len(self._backend.runners) > runners_before:
+            self._check_user_compile()
         note = f" (auto keeps {kept!r}: there is nothing to measure without CUDA)" \
             if self.strategy == "auto" and record is None else ""
         fused = ", its segments compiled by TorchInductor" if PlanSpec.parse(kept).fuse else ""
@@ -330,7 +333,14 @@ class OparaModule(nn.Module):
             self._evict()
         if entry.reason:
             self._notify(f"opara_nb: {entry.reason}")
+        self._check_user_compile()
         return entry
+
+    def _check_user_compile(self) -> None:
+        if crowds_user_compile(self.original):
+            self._notify("opara_nb: this model has graph breaks and was compiled for many input signatures; on this "
+                         "torch (before 2.13) that fills dynamo's recompile limit for its code, so your own "
+                         "torch.compile of it would run eagerly: call torch._dynamo.reset() before compiling it")
 
     def _evict(self) -> None:
         """Drop the least recently used entry, its runners too: dynamo's cache still knows them, so the next capture
