@@ -123,12 +123,16 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
         raw = PlainCudaGraph(model, args, kwargs)
         seq = OparaModule(model, strategy="sequential")
         seq(*args, **kwargs)
+        bare = OparaModule(model, strategy="sequential", clone_outputs=False)  # no output protection: its cost
+        bare(*args, **kwargs)
         auto = OparaModule(model)
         auto(*args, **kwargs)
     rows = []
     calls = {"raw CUDAGraph replay": lambda: raw(*args, **kwargs),
              "OparaModule sequential": lambda: seq(*args, **kwargs),
              "same graph as sequential, raw replay": _raw_replay(seq, args, kwargs),
+             "OparaModule sequential, clone_outputs=False": lambda: bare(*args, **kwargs),
+             "same graph as sequential clone_outputs=False, raw replay": _raw_replay(bare, args, kwargs),
              f"OparaModule auto (kept {auto.report.kept})": lambda: auto(*args, **kwargs),
              "same graph as auto, raw replay": _raw_replay(auto, args, kwargs)}
     for _ in range(50):
@@ -137,7 +141,9 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     host = _host_us(calls)
     sync = _sync_us(calls)
     for k in calls:
-        base = host["same graph as auto, raw replay"] if "auto" in k else host["same graph as sequential, raw replay"]
+        base = host["same graph as auto, raw replay"] if "auto" in k else \
+            host["same graph as sequential clone_outputs=False, raw replay"] if "False" in k else \
+            host["same graph as sequential, raw replay"]
         over = "" if "raw" in k else f"{host[k] - base:+.1f}"
         rows.append(f"| {name} | {k} | {host[k]:.1f} | {over} | {sync[k]:.1f} |")
     for label, om in (("sequential", seq), ("auto", auto)):  # did a held output switch the module to copies?
@@ -150,6 +156,7 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     for k, fn in guards.items():
         rows.append(f"| {name} | guard: {k} | {_python_us(fn):.2f} | | |")
     raw.release()
+    bare.release()
     seq.release()
     auto.release()
     return rows
@@ -191,7 +198,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for case in _cases():
         lines += measure(*case)
-        print("\n".join(lines[-8:]), flush=True)
+        print("\n".join(lines[-12:]), flush=True)
     emit(lines, ns.md)
 
 

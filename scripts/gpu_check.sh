@@ -87,7 +87,18 @@ stage_env() {
   cat "$PARTS/env.txt"
 }
 
+# The notebook cuda tests need IPython, which the GPU machine lacks (and it has no network): carry wheels made here,
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --implementation cp \
+#     -d .whl ipython ipywidgets nbformat
+# with the device tool's carry=[".whl"]; they are installed into a scratch folder, never into the machine's Python.
+nb_deps() {
+  [ -d .whl ] || { echo "no .whl/: the notebook cuda tests will be skipped (see nb_deps in this script)"; return; }
+  pip install --quiet --no-index --find-links .whl --target /tmp/opara_nb_deps ipython ipywidgets nbformat \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/opara_nb_deps
+}
+
 stage_tests() {
+  nb_deps
   bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m "cuda and not fused" -q -rfEs --timeout 150 --show-capture=no -p no:cacheprovider 2>&1 | grep -v "^USDT" | tee "$PARTS/cuda_tests.txt"
   [ -n "${OUT:-}" ] && cp "$PARTS/cuda_tests.txt" "$OUT/" 2>/dev/null
   report
