@@ -44,6 +44,10 @@ __all__ = ["OparaModule", "optimize", "OparaNotice", "AUTO_FUSES"]
 AUTO_FUSES = False
 
 
+def _always() -> bool:
+    return True
+
+
 # torch's global forward hooks: a dict each, changed in place, so one lookup per call tells whether there are any.
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
@@ -148,6 +152,7 @@ class OparaModule(nn.Module):
         self._compiled: Callable | None = None
         self._cache: OrderedDict[Hashable, Entry] = OrderedDict()
         self._last: Entry | None = None
+        self._hot: tuple | None = None  # see _use
         self._guard: ModelGuard | None = None
         self._shown: set[str] = set()
         self._evicted_unused = 0
@@ -159,7 +164,7 @@ class OparaModule(nn.Module):
         try:
             if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
                 return super().__call__(*args, **kwargs)
-            return self.forward(*args, **kwargs)
+            return self._serve(args, kwargs)
         except ModelError as exc:  # the model's own error, shown as the model raised it, from the user's line
             raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
@@ -167,21 +172,33 @@ class OparaModule(nn.Module):
         """A call that lets ``ModelError`` through (for ``optimize``, which re-raises it from its own frame)."""
         if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
             return super().__call__(*args, **kwargs)
-        return self.forward(*args, **kwargs)
+        return self._serve(args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._serve(args, kwargs)
+
+    def _serve(self, args: tuple, kwargs: dict) -> Any:
         with self._lock:
-            entry = self._last
-            if entry is not None and entry.graphed is not None:
+            hot = self._hot
+            if hot is not None:
                 # The hot path: the same signature as the last call, and its guards hold.
-                leaves = entry.inputs(args, kwargs)
-                if leaves is not None and entry.state.check() and (self._guard is None or self._guard.clean()):
+                entry, inputs, state_holds, model_clean, replay = hot
+                leaves = inputs(args, kwargs)
+                if leaves is not None and state_holds() and model_clean():
                     entry.calls += 1
                     try:
-                        return entry.graphed.replay(leaves)
+                        return replay(leaves)
                     except OutputsHeld as exc:
                         return self._run_uncaptured(entry, args, kwargs, str(exc))
             return self._dispatch(args, kwargs)
+
+    def _use(self, entry: Entry | None) -> None:
+        """Make ``entry`` the last one run, and the hot path's (its checks and replay, bound once) if it replays."""
+        self._last = entry
+        self._hot = None
+        if entry is not None and entry.graphed is not None:
+            clean = self._guard.clean if self._guard is not None else _always
+            self._hot = (entry, entry.inputs, entry.state.check, clean, entry.graphed.replay)
 
     def _dispatch(self, args: tuple, kwargs: dict) -> Any:
         if isinstance(self.original, nn.Module) and self.original.training:
@@ -202,7 +219,7 @@ class OparaModule(nn.Module):
             self._cache.move_to_end(full_key)
             if entry.inputs is not None and entry.inputs(args, kwargs) is None:
                 entry.inputs = call_guard(args, kwargs)  # same key, another thread-local dispatch state
-        self._last = entry
+        self._use(entry)
         return self._run(entry, args, kwargs, leaves)
 
     def _record(self, key: Hashable, args: tuple, kwargs: dict) -> Any:
@@ -243,7 +260,7 @@ class OparaModule(nn.Module):
             return self.original(*args, **kwargs)
 
     def _fallback(self, reason: str, args: tuple, kwargs: dict) -> Any:
-        self._last = Entry("eager", reason)
+        self._use(Entry("eager", reason))
         self._notify(f"opara_nb: {reason}")
         return self.original(*args, **kwargs)
 
@@ -293,8 +310,8 @@ class OparaModule(nn.Module):
             return self._fallback(f"the planned run failed ({one_line(exc)}); running the original model",
                                   args, kwargs)
         if not self._backend.runners:
-            self._last = Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the "
-                                        "original model")
+            self._use(Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the "
+                                     "original model"))
             self._notify(f"opara_nb: {self._last.reason}")
             return out
         if len(self._backend.runners) > runners_before:
@@ -304,7 +321,7 @@ class OparaModule(nn.Module):
         fused = ", its segments compiled by TorchInductor" if PlanSpec.parse(kept).fuse else ""
         reason = f"{where}: the plan runs eagerly in its launch order{fused}, not accelerated{note}"
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
-        self._last = Entry("eager-plan", reason, kept, runners=runners, source=record)
+        self._use(Entry("eager-plan", reason, kept, runners=runners, source=record))
         _describe_inputs(self._last, args, kwargs)
         self._notify(f"opara_nb: {reason}")
         return out
@@ -346,6 +363,8 @@ class OparaModule(nn.Module):
         """Drop the least recently used entry, its runners too: dynamo's cache still knows them, so the next capture
         compiles a fresh function."""
         _, old = self._cache.popitem(last=False)
+        if old is self._last:
+            self._use(None)
         self._evicted_unused += old.calls < 2
         old.release()
         for runner in old.runners:
@@ -627,7 +646,7 @@ class OparaModule(nn.Module):
         for entry in self._cache.values():
             entry.release()
         self._cache.clear()
-        self._last = None
+        self._use(None)
         # Dynamo keeps compiled code (and through it our runners and their CUDA example inputs) alive after the
         # module is dropped: forget the compiled function and empty the runners so nothing keeps device memory.
         self._compiled = None
