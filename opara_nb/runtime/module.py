@@ -6,7 +6,8 @@ graph per candidate plan plus the plain CUDA graph of the model, times each thro
 keeps the fastest, so it is never slower than a plain CUDA graph beyond noise. A replay runs only while its guards hold
 (``guards.py``); otherwise the module re-plans or falls back, with a one-line notice.
 
-Control flow of a call: ``forward`` tries the hot path (the last entry's key, global state and model guard), else
+Control flow of a call: ``_serve`` tries the hot path (the last entry's input guard, global state and model guard,
+bound once by ``_use``), else
 ``_dispatch`` decides: fall back (training, grad-requiring input), run the plan eagerly (no CUDA), re-plan (the model
 changed), look the entry up or capture it (``_capture``), then ``_run`` it.
 """
