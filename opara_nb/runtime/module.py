@@ -7,9 +7,8 @@ keeps the fastest, so it is never slower than a plain CUDA graph beyond noise. A
 (``guards.py``); otherwise the module re-plans or falls back, with a one-line notice.
 
 Control flow of a call: ``_serve`` tries the hot path (the last entry's input guard, global state and model guard,
-bound once by ``_use``), else
-``_dispatch`` decides: fall back (training, grad-requiring input), run the plan eagerly (no CUDA), re-plan (the model
-changed), look the entry up or capture it (``_capture``), then ``_run`` it.
+bound once by ``_use``), else ``_dispatch`` decides: fall back (training, grad-requiring input), run the plan eagerly
+(no CUDA), re-plan (the model changed), look the entry up or capture it (``_capture``), then ``_run`` it.
 """
 from __future__ import annotations
 
