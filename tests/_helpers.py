@@ -45,3 +45,16 @@ class BranchNet(nn.Module):
         z = torch.cat([self.a(y).mean((2, 3)), self.b(y).mean((2, 3))], 1)
         out = self.head(z)
         return out * scale if scale is not None else out
+
+
+class Outputs(nn.Module):
+    """Outputs that share memory with each other or with the input, in the ways a model can return them."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.lin, self.kind = nn.Linear(4, 4), kind
+
+    def forward(self, x):
+        y = self.lin(x).relu()
+        return {"twice": lambda: (y, y), "dict twice": lambda: {"a": y, "b": [y]}, "base and view": lambda: (y, y.view(-1)),
+                "two slices": lambda: (y[0], y[1]), "input": lambda: (x, y), "view of input": lambda: (x[0], y)}[self.kind]()

@@ -21,7 +21,7 @@ from torch import nn
 from opara_nb import models
 from opara_nb.pipeline import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
-from _helpers import BranchNet, ItemNet
+from _helpers import BranchNet, ItemNet, Outputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -366,6 +366,24 @@ def test_7_threads_each_on_its_own_stream_get_their_own_results(stale):
     for i in range(4):
         for out in results[i]:
             torch.testing.assert_close(out, expected[i], atol=CNN_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["twice", "dict twice", "base and view", "input"])
+def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind):
+    model = Outputs(kind).eval().cuda()
+    om = _quiet(optimize, model, torch.randn(2, 4, device="cuda"), strategy="opara")
+    held = []
+    for _ in range(4):
+        x = torch.randn(2, 4, device="cuda")
+        out = om(x)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(out, expected)
+        held.append((out, expected))
+    for out, expected in held:
+        torch.testing.assert_close(out, expected)
+    assert om.report.mode == "cuda-graph"
+    om.release()
 
 
 def test_a_cpu_input_to_a_gpu_model_gives_the_models_own_short_error(stale):

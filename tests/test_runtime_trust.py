@@ -15,7 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import BranchNet
+from _helpers import BranchNet, Outputs
 
 
 def _quiet(fn, *args, **kwargs):
@@ -295,3 +295,21 @@ def test_nested_calls_take_the_hot_path_and_every_change_leaves_it(monkeypatch):
             args, kwargs = call()
             torch.testing.assert_close(om(*args, **kwargs), _expect(model, *args, **kwargs))
     assert len(slow) == 4
+
+
+@pytest.mark.parametrize("clone_outputs", [None, True])
+@pytest.mark.parametrize("kind", ["twice", "dict twice", "base and view", "two slices", "input", "view of input"])
+def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind, clone_outputs):
+    model = Outputs(kind).eval()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=FakeGraphs(), clone_outputs=clone_outputs)
+    held = []
+    for _ in range(4):
+        x = torch.randn(2, 4)
+        out = _quiet(om, x)
+        expected = _expect(model, x)
+        torch.testing.assert_close(out, expected)  # fresh
+        held.append((out, expected))
+    for out, expected in held:  # and nothing a caller kept was overwritten by the calls after it
+        torch.testing.assert_close(out, expected)
+    if kind == "twice":
+        assert out[0] is out[1]  # one object, as the model returned it

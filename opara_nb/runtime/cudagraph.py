@@ -32,8 +32,6 @@ from .streams import stream_pool
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "release_cuda_memory"]
 
 
-# References to a handed-out output while the caller holds none: our output list's and getrefcount's argument.
-_OWN_REFS = 2
 _use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
 
 
@@ -131,7 +129,7 @@ class GraphedCall:
         self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
         self._protect = self._as_is = False
-        self._uses: list[tuple[int, int, int]] | None = None
+        self._uses: list[tuple[int, int, int, int, list[int]]] | None = None
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
         self._stream_key: Any = None
@@ -191,9 +189,16 @@ class GraphedCall:
         self._as_is = not self._clone_outputs and not getattr(self, "_copied", [])
 
     def _count_uses(self) -> None:
-        """How many tensors use each output's memory while only this object holds them."""
-        cdata = [(i, self._out[i].untyped_storage()._cdata) for i in self._guarded]
-        self._uses = [(i, c, _use_count(c)) for i, c in cdata]
+        """Per output object (one returned in several places, ``return y, y``, counts once, with all its places):
+        how many tensors use its memory, and how many references it has, while only this object holds it."""
+        places: dict[int, list[int]] = {}
+        for i in self._guarded:
+            places.setdefault(id(self._out[i]), []).append(i)
+        self._uses = []
+        for where in places.values():
+            cdata = self._out[where[0]].untyped_storage()._cdata
+            # references: one per place in our list, plus getrefcount's own argument
+            self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where))
 
     # ------------------------------------------------------------------ replay
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -239,12 +244,13 @@ class GraphedCall:
 
     def _outputs(self) -> Any:
         outs = self._out
+        copies: dict[int, torch.Tensor] = {}  # an output returned in several places is copied once, as one object
         if self.clone_outputs:
-            outs = [x.clone() if isinstance(x, torch.Tensor) else x for x in outs]
+            outs = [_copy(x, copies) if isinstance(x, torch.Tensor) else x for x in outs]
         elif self._copied:
             outs = list(outs)
             for i in self._copied:
-                outs[i] = outs[i].clone()
+                outs[i] = _copy(outs[i], copies)
         if self._single:
             return outs[0]
         return self._rebuild(outs)
@@ -255,19 +261,21 @@ class GraphedCall:
             self._count_uses()
             return
         out = self._out
-        for i, cdata, uses in self._uses:
+        for i, cdata, uses, refs, where in self._uses:
             if _use_count(cdata) > uses:
                 raise OutputsHeld("a view of an earlier output is still alive")
-            if sys.getrefcount(out[i]) > _OWN_REFS:
-                self._rescue(i)
+            if sys.getrefcount(out[i]) > refs:
+                self._rescue(where)
 
-    def _rescue(self, i: int) -> None:
-        """The caller holds output ``i``: give its tensor memory of its own (a copy), keep the graph's for us."""
-        held = self._out[i]
+    def _rescue(self, where: list[int]) -> None:
+        """The caller holds the output in places ``where``: give that tensor memory of its own (a copy), and keep
+        the graph's memory for us, in every place."""
+        held = self._out[where[0]]
         with self.layer.use(self._stream):  # on the stream the caller last used it on
             fresh = held.detach()
             held.set_(held.clone())
-        self._out[i] = fresh
+        for i in where:
+            self._out[i] = fresh
 
     def _follow_stream(self) -> None:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""
@@ -301,6 +309,12 @@ class GraphedCall:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _copy(t: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:
+    if id(t) not in copies:
+        copies[id(t)] = t.clone()
+    return copies[id(t)]
 
 
 def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:
