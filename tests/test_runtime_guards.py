@@ -1,6 +1,10 @@
 """Guards of the replay path (CPU): the call key, the global state, and what the model guard sees change."""
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import types
 from collections import namedtuple
 
 import pytest
@@ -211,3 +215,41 @@ def test_which_classes_read_a_training_flag():
     guard = ModelGuard(model)
     model[1].child.train()   # tracked because its parent reads it
     assert not guard.clean()
+
+
+def _decorated(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # as Hugging Face wraps forward: the wrapper itself reads nothing of the module
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _Decorated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 2.0
+
+    @_decorated
+    def forward(self, x):
+        return x * self.scale if self.training else x
+
+
+def test_a_decorated_forward_is_read_through():
+    assert reads_training(_Decorated) == "self"
+    model = nn.Sequential(_Decorated()).eval()
+    guard = ModelGuard(model)
+    model[0].scale = 3.0
+    assert not guard.clean() and guard.changes() == ["attribute '0.scale' changed (2.0 -> 3.0)"]
+
+
+def test_settings_of_library_classes_are_seen_by_refresh_not_per_call(monkeypatch):
+    library = types.ModuleType("somelib.layers")
+    library.__file__ = os.path.join(os.sep, "venv", "lib", "site-packages", "somelib", "layers.py")
+    monkeypatch.setitem(sys.modules, "somelib.layers", library)
+    Layer = type("Layer", (_Decorated,), {"__module__": "somelib.layers"})
+    model = nn.Sequential(Layer()).eval()
+    guard = ModelGuard(model)
+    model[0].scale = 3.0
+    assert guard.clean()  # per call: a library's settings are taken as fixed
+    assert guard.changes() == ["attribute '0.scale' changed (2.0 -> 3.0)"]  # om.refresh() sees them

@@ -313,3 +313,48 @@ def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind, clon
         torch.testing.assert_close(out, expected)
     if kind == "twice":
         assert out[0] is out[1]  # one object, as the model returned it
+
+
+class Block(nn.Module):
+    """A block whose forward reads plain settings: a graph bakes them in as constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.alpha, self.residual, self.mode = 0.5, True, "sum"
+
+    def forward(self, x):
+        return self._combine(x, self.lin(x) * self.alpha)
+
+    def _combine(self, x, y):  # reached from forward: its reads count too
+        if not self.residual:
+            return y
+        return x + y if self.mode == "sum" else x * y
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: setattr(m[1], "alpha", 2.0), "attribute '1.alpha' changed (0.5 -> 2.0)"),
+    (lambda m: setattr(m[1], "residual", False), "attribute '1.residual' changed (True -> False)"),
+    (lambda m: setattr(m[1], "mode", "product"), "attribute '1.mode' changed ('sum' -> 'product')"),
+], ids=["float", "flag", "string"])
+def test_a_changed_setting_of_the_model_is_replanned(edit, said):
+    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    edit(model)
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))
+
+
+def test_a_setting_set_to_the_same_value_is_no_reason_to_replan():
+    model, x, graphs = Block().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    before = graphs.captures
+    model.alpha = float("0.5")  # equal, maybe another object
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        torch.testing.assert_close(om(x), _expect(model, x))
+    assert graphs.captures == before

@@ -11,8 +11,9 @@ checks it itself, cheaply:
 - ``ModelGuard``: on the hot path two integer compares and the training flags of the submodules whose code reads
   ``training``. The integers: a global counter that module, parameter and buffer registration hooks bump, and so do
   ``param.data = t`` (it keeps the object but moves its memory) and ``Module._apply`` (``.to()``, ``.half()``); and
-  the global hook-handle counter (any new hook). Any signal makes it walk the whole model (identities, flags, hooks,
-  data pointers) and say what changed.
+  the global hook-handle counter (any new hook); and, by identity, the plain settings (numbers, flags, strings) that
+  the user's own modules' ``forward`` reads. Any signal makes it walk the whole model (identities, flags, hooks,
+  data pointers, settings) and say what changed.
 
 Not seen without a walk: a submodule's ``forward`` replaced on the instance, a buffer swapped by writing
 ``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor buffer, ``torch.utils.swap_tensors`` called by
@@ -23,6 +24,8 @@ from __future__ import annotations
 import dis
 import functools
 import operator
+import os
+import sys
 from collections.abc import Hashable
 from typing import Any, Callable
 
@@ -367,9 +370,9 @@ def _worse(a: str, b: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def reads_training(cls: type) -> str:
-    """How ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads a ``training`` flag:
-    "" (never), "self" (only ``self.training``) or "other" (another module's, e.g. ``self.child.training``)."""
+def _forward_reads(cls: type) -> tuple[str, frozenset[str]]:
+    """What ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads: how it reads a
+    ``training`` flag (see ``reads_training``) and every ``self.name`` it loads."""
     found, seen, todo = "", set(), ["forward"]
     while todo:
         name = todo.pop()
@@ -377,13 +380,59 @@ def reads_training(cls: type) -> str:
             continue
         seen.add(name)
         func = getattr(cls, name, None)
-        code = getattr(getattr(func, "__func__", func), "__code__", None)
-        if code is None or getattr(func, "__qualname__", "").startswith("Module."):
+        if getattr(func, "__qualname__", "").startswith("Module."):
             continue
-        how, called = _code_reads(code)
-        found = _worse(found, how)
-        todo += called
+        for code in _codes(getattr(func, "__func__", func)):
+            how, called = _code_reads(code)
+            found = _worse(found, how)
+            todo += called
+    return found, frozenset(seen)
+
+
+def _codes(func: Any) -> list[Any]:
+    """The code of ``func`` and of every function it wraps (``functools.wraps`` decorators, as Hugging Face puts on
+    ``forward``): the wrapped one is what reads the module."""
+    codes = []
+    while func is not None and len(codes) < 16:
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            codes.append(code)
+        func = getattr(func, "__wrapped__", None)
+    return codes
+
+
+def reads_training(cls: type) -> str:
+    """How ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads a ``training`` flag:
+    "" (never), "self" (only ``self.training``) or "other" (another module's, e.g. ``self.child.training``)."""
+    return _forward_reads(cls)[0]
+
+
+_SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
+
+
+def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
+    """(``__dict__``, name, value, qualified name, watched) of the plain values (numbers, flags, strings, tuples)
+    that a module's ``forward`` reads as ``self.name``: a graph bakes them in as constants. torch.nn's own modules
+    are left out (their settings are fixed at construction; their training flags are tracked). ``watched``: checked
+    on every call, for classes of the user's own code; a library's (transformers, timm, torchvision: dozens per
+    layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another change."""
+    found = []
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        cls = type(m)
+        if cls.__module__.startswith("torch.nn."):
+            continue
+        names, watched = _forward_reads(cls)[1], not _from_a_library(cls)
+        found += [(m.__dict__, k, m.__dict__[k], f"{prefix}.{k}" if prefix else k, watched) for k in sorted(names)
+                  if k != "training" and k in m.__dict__ and isinstance(m.__dict__[k], _SETTINGS)]
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _from_a_library(cls: type) -> bool:
+    """Whether ``cls`` comes from an installed package (site-packages), not from the user's notebook or project."""
+    module = sys.modules.get(cls.__module__)
+    path = os.path.abspath(getattr(module, "__file__", None) or "")
+    return any(part in path for part in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"))
 
 
 def _code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
@@ -473,6 +522,11 @@ class ModelGuard:
         self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
         self._attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                        if isinstance(v, torch.Tensor)]
+        self._settings = _settings(model)
+        self._attrs += [(d, k, v) for d, k, v, _, watched in self._settings if watched]
+        # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
+        self._attr_dicts, self._attr_keys, self._attr_values = (list(c) for c in zip(*self._attrs)) \
+            if self._attrs else ([], [], [])
         tracked = _tracked_modules(model)
         self._dicts = [m.__dict__ for m in tracked]
         self._flags = list(map(_training, self._dicts))
@@ -485,7 +539,7 @@ class ModelGuard:
             return False
         if list(map(_training, self._dicts)) != self._flags:
             return False
-        return not self._attrs or all(d.get(k) is v for d, k, v in self._attrs)
+        return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values))
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
@@ -499,7 +553,10 @@ class ModelGuard:
         if _global_hooks() != self._global:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
-        lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._attrs if d.get(k) is not v]
+        lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._attrs
+                  if isinstance(v, torch.Tensor) and d.get(k) is not v]
+        lines += [f"attribute '{name}' changed ({v!r} -> {d.get(k, '<deleted>')!r})"
+                  for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
@@ -517,6 +574,13 @@ class ModelGuard:
             elif t.data_ptr() != ptr or (t.dtype, t.shape, t.device) != meta:
                 lines.append(f"'{name}' now lives in other memory ({_describe_meta(t, meta)})")
         return lines
+
+
+_GONE = object()
+
+
+def _same_setting(now: Any, then: Any) -> bool:
+    return now is then or (type(now) is type(then) and now == then)
 
 
 def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:
