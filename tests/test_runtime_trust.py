@@ -109,6 +109,31 @@ def test_an_input_the_model_changes_in_place_is_changed_once_like_eager():
     torch.testing.assert_close(x, x0 * 4)
 
 
+class InPlaceTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, a, b):
+        a.add_(1)  # seen through b too when the caller passes one tensor twice
+        return self.lin(a) + b
+
+
+def test_one_tensor_passed_twice_to_a_model_that_writes_it_runs_like_eager():
+    model, graphs = InPlaceTwo().eval(), FakeGraphs()
+    om = _quiet(optimize, model, torch.randn(2, 4), torch.randn(2, 4), strategy="opara", graphs=graphs)
+    x = torch.randn(2, 4)
+    mine, theirs = x.clone(), x.clone()
+    with pytest.warns(OparaNotice, match="share memory.*run the original model"):
+        out = om(mine, mine)
+    torch.testing.assert_close(out, _expect(model, theirs, theirs))
+    torch.testing.assert_close(mine, theirs)  # written once, as eager wrote it
+    assert om.clone_outputs is None  # nothing to do with held outputs: results are not copied from now on
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    expected = _expect(model, a.clone(), b)
+    torch.testing.assert_close(_quiet(om, a, b), expected)  # separate tensors replay as before
+
+
 class TrainBN(nn.Module):
     """A BatchNorm left in training mode inside an eval model: every forward updates its running stats."""
 

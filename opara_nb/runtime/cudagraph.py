@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from .guards import _ptrs_equal, install_watch, registration_epoch
 from .streams import stream_pool
 
-__all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "release_cuda_memory"]
+__all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
 
 
 _use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
@@ -37,6 +37,11 @@ _use_count = torch._C._storage_Use_Count  # how many tensors share a storage (vi
 
 class OutputsHeld(RuntimeError):
     """A view of an earlier output is still alive: replaying would overwrite what the caller holds."""
+
+
+class NotReplayable(RuntimeError):
+    """This call's inputs share memory, and the graph writes one of them in place: a replay, which reads them from
+    separate buffers, would differ from eager (where the write shows through the other)."""
 
 
 def release_cuda_memory() -> None:
@@ -214,7 +219,7 @@ class GraphedCall:
         if self._fixed:
             self._check_fixed(leaves)
         if self._mutated and _aliased([leaves[i] for i in self._slots]):
-            raise OutputsHeld("inputs that share memory go to a graph that writes one of them in place")
+            raise NotReplayable("inputs that share memory go to a graph that writes one of them in place")
         if self._protect:
             self._protect_outputs()
         for i, dst in self._copies:

@@ -30,7 +30,7 @@ from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
 from .. import progress
 from . import timing
-from .cudagraph import CudaGraphs, GraphedCall, OutputsHeld, release_cuda_memory
+from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
 from .guards import CallState, ModelGuard, call_guard, call_key
 from .report import PLAIN_GRAPH, RunReport
@@ -188,8 +188,8 @@ class OparaModule(nn.Module):
                     entry.calls += 1
                     try:
                         return replay(leaves)
-                    except OutputsHeld as exc:
-                        return self._run_uncaptured(entry, args, kwargs, str(exc))
+                    except (OutputsHeld, NotReplayable) as exc:
+                        return self._run_uncaptured(entry, args, kwargs, exc)
             return self._dispatch(args, kwargs)
 
     def _use(self, entry: Entry | None) -> None:
@@ -241,21 +241,25 @@ class OparaModule(nn.Module):
         if entry.graphed is not None:
             try:
                 return entry.graphed.replay(leaves)
-            except OutputsHeld as exc:
-                return self._run_uncaptured(entry, args, kwargs, str(exc))
+            except (OutputsHeld, NotReplayable) as exc:
+                return self._run_uncaptured(entry, args, kwargs, exc)
         if entry.mode in ("piecewise", "eager-plan"):
             with torch.no_grad(), self._backend.selecting(entry.kept, per_graph=entry.mode == "piecewise"):
                 return self._compiled_fn()(*args, **kwargs)
         return self.original(*args, **kwargs)
 
-    def _run_uncaptured(self, entry: Entry, args: tuple, kwargs: dict, why: str) -> Any:
-        """This call may not overwrite the graph's outputs: run the original model; copy outputs from now on."""
-        self._notify(f"opara_nb: {why}; this call ran without the CUDA graph, and results are copied from now on "
-                     "(pass clone_outputs=True to start that way)")
-        self.clone_outputs = True
-        for e in self._cache.values():
-            if e.graphed is not None:
-                e.graphed.clone_outputs = True
+    def _run_uncaptured(self, entry: Entry, args: tuple, kwargs: dict, why: Exception) -> Any:
+        """This call may not replay: run the original model. If a held view of an output was the reason, copy
+        outputs from now on."""
+        if isinstance(why, OutputsHeld):
+            self._notify(f"opara_nb: {why}; this call ran without the CUDA graph, and results are copied from now on "
+                         "(pass clone_outputs=True to start that way)")
+            self.clone_outputs = True
+            for e in self._cache.values():
+                if e.graphed is not None:
+                    e.graphed.clone_outputs = True
+        else:
+            self._notify(f"opara_nb: {why}; such calls run the original model")
         with torch.no_grad():
             return self.original(*args, **kwargs)
 
