@@ -58,3 +58,17 @@ class Outputs(nn.Module):
         y = self.lin(x).relu()
         return {"twice": lambda: (y, y), "dict twice": lambda: {"a": y, "b": [y]}, "base and view": lambda: (y, y.view(-1)),
                 "two slices": lambda: (y[0], y[1]), "input": lambda: (x, y), "view of input": lambda: (x[0], y)}[self.kind]()
+
+
+class Counting(nn.Module):
+    """A forward with Python side effects: a counter and a list of the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls, self.seen = 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen.append(x.shape[0])
+        return self.lin(x)

@@ -21,7 +21,7 @@ from torch import nn
 from opara_nb import models
 from opara_nb.pipeline import CANDIDATES
 from opara_nb.runtime import OparaModule, optimize
-from _helpers import BranchNet, ItemNet, Outputs
+from _helpers import BranchNet, Counting, ItemNet, Outputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -384,6 +384,15 @@ def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind):
         torch.testing.assert_close(out, expected)
     assert om.report.mode == "cuda-graph"
     om.release()
+
+
+def test_a_forward_with_python_side_effects_is_not_replayed():
+    model = Counting().eval().cuda()
+    om = _quiet(optimize, model, torch.randn(2, 4, device="cuda"), strategy="opara")
+    assert model.calls == 0 and model.seen == []
+    for n in (2, 2, 3):
+        _quiet(om, torch.randn(n, 4, device="cuda"))
+    assert model.calls == 3 and model.seen == [2, 2, 3] and om.report.mode == "eager"
 
 
 def test_a_cpu_input_to_a_gpu_model_gives_the_models_own_short_error(stale):

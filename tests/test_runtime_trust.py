@@ -15,7 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import BranchNet, Outputs
+from _helpers import BranchNet, Counting, Outputs
 
 
 def _quiet(fn, *args, **kwargs):
@@ -383,3 +383,36 @@ def test_a_setting_set_to_the_same_value_is_no_reason_to_replan():
         warnings.simplefilter("error", OparaNotice)
         torch.testing.assert_close(om(x), _expect(model, x))
     assert graphs.captures == before
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs()], ids=["cpu", "graph"])
+def test_python_state_the_forward_changes_is_left_alone_by_optimize_and_kept_by_calls(graphs):
+    model = Counting().eval()
+    seen = model.seen
+    # "opara", not auto: fake graphs replay by running the forward, and dynamo recompiles it as the list grows
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs)
+    assert model.calls == 0 and model.seen == [] and model.seen is seen  # optimize changed nothing of the user's
+    for n in (2, 3):
+        out = _quiet(om, torch.randn(n, 4))
+        assert out.shape == (n, 4)
+    assert model.calls == 2 and model.seen == [2, 3]  # each call did what the original model does
+    if graphs is not None:  # a replay runs kernels only: such a forward must not be replayed
+        assert om.report.mode == "eager" and "Python attributes of the model (calls, seen)" in om.report.reason
+
+
+class SetsTheSame(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = nn.Linear(4, 4), 0.5
+
+    def forward(self, x):
+        self.scale = float("0.5")  # set again on every call, to an equal value: no change
+        return self.lin(x) * self.scale
+
+
+def test_a_forward_that_sets_an_attribute_to_the_same_value_still_replays():
+    model, graphs = SetsTheSame().eval(), FakeGraphs()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    assert om.report.mode == "cuda-graph"

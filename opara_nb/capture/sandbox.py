@@ -4,7 +4,9 @@ Planning runs the user's forward many times (dynamo's trace, profiling, warm-ups
 would run it once per call, so a forward that updates state (BatchNorm left in training mode inside an eval model,
 a call counter) must not see those runs: ``Sandbox`` records every parameter's and buffer's version counter and keeps
 copies of the buffers (and of the parameters, up to a size limit); afterwards whatever changed is copied back in place
-(graphs baked in the addresses, so the tensors themselves stay).
+(graphs baked in the addresses, so the tensors themselves stay). Plain Python attributes of the modules (a counter
+``self.n += 1``, a list the forward appends to) are put back too, and named in ``python_changed``: a CUDA graph
+replays kernels only, so a forward that changes them cannot be replayed faithfully.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class Sandbox:
     def __init__(self, model: Any) -> None:
         self.model = model if isinstance(model, nn.Module) else None
         self.restored: list[str] = []
+        self.python_changed: list[str] = []
 
     def __enter__(self) -> "Sandbox":
         if self.model is None:
@@ -47,6 +50,7 @@ class Sandbox:
         with torch.no_grad():
             self._saved = {k: t.detach().clone() for k, t in self._tensors.items()
                            if k in buffers or copy_params}
+        self._python = _python_state(self.model)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -62,6 +66,8 @@ class Sandbox:
         lost = [k for k in changed if k not in self._saved]
         self.restored = [k for k in changed if k in self._saved]
         self._saved = {}
+        self.python_changed = _restore_python(self._python)
+        self.restored += self.python_changed
         if lost and exc[0] is None:
             raise OparaUsageError(f"the model's forward writes parameter(s) {', '.join(lost[:3])} in place, and "
                                   "they are too large to keep a copy while planning: opara_nb cannot optimize it "
@@ -74,6 +80,67 @@ class Sandbox:
         names = ", ".join(self.restored[:3]) + (" ..." if len(self.restored) > 3 else "")
         return (f"the forward updates model state ({names}): restored after planning; each call updates it as "
                 "the original model would")
+
+
+# What nn.Module.__init__ puts in every module's __dict__ (parameters, buffers, submodules, hooks, flags): not user state.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_CONTAINERS = (list, dict, set)
+
+
+def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]]]]:
+    """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)})."""
+    state = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        plain = {k: (v, type(v)(v) if type(v) in _CONTAINERS else None) for k, v in m.__dict__.items()
+                 if _plain(k, v)}
+        state.append((name, m.__dict__, plain))
+    return state
+
+
+def _plain(key: str, value: Any) -> bool:
+    return key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module))
+
+
+def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]]]]) -> list[str]:
+    """Put plain attributes back as they were (the same objects, with the same contents); the names of those that
+    had changed."""
+    changed = []
+    for name, attrs, saved in state:
+        names = [k for k, v in attrs.items() if k not in saved and _plain(k, v)]  # added by the forward
+        for k in names:
+            del attrs[k]
+        for k, (value, contents) in saved.items():
+            now = attrs.get(k, _GONE)
+            if now is not value and not _equal(now, value):
+                attrs[k] = value
+                names.append(k)
+            elif contents is not None and not _same_contents(value, contents):
+                value.clear()
+                value.update(contents) if isinstance(value, (dict, set)) else value.extend(contents)
+                names.append(k)
+        changed += [f"{name}.{k}" if name else k for k in names]
+    return changed
+
+
+_GONE = object()
+
+
+def _equal(now: Any, then: Any) -> bool:
+    """A plain value set again to an equal one (``self.scale = 0.5`` on each call) is no change."""
+    if type(now) is not type(then) or type(then) in _CONTAINERS:
+        return False
+    try:
+        return bool(now == then)
+    except Exception:  # noqa: BLE001 - a value without a plain equality: changed unless it is the same object
+        return False
+
+
+def _same_contents(now: Any, then: Any) -> bool:
+    if isinstance(then, dict):
+        return now.keys() == then.keys() and all(now[k] is then[k] for k in then)
+    if isinstance(then, list):
+        return len(now) == len(then) and all(a is b for a, b in zip(now, then))
+    return now == then
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -342,6 +342,11 @@ class OparaModule(nn.Module):
                      once=False)
         with Sandbox(self.original) as box, torch.no_grad():
             entry = self._plan_and_capture(*clone_inputs(args, kwargs), record)
+        if box.python_changed and entry.graphed is not None:  # a replay runs kernels only, never that Python
+            entry.release()
+            names = ", ".join(box.python_changed[:3]) + (" ..." if len(box.python_changed) > 3 else "")
+            entry = Entry("eager", f"the forward changes Python attributes of the model ({names}), which a CUDA "
+                                   "graph replay would skip: running the original model", runners=entry.runners)
         entry.source = record
         _describe_inputs(entry, args, kwargs)
         if box.note():
