@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, input_leaves, reads_training
+from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, reads_training
 
 
 def _key(*args, **kwargs):
@@ -21,7 +21,6 @@ def _key(*args, **kwargs):
 
 def test_flat_call_key_matches_pytree_leaf_order_and_separates_signatures():
     a, b, m = torch.randn(2, 3), torch.randn(4), torch.ones(2, dtype=torch.bool)
-    assert input_leaves((a, b), {"mask": m}) == pytree.tree_leaves(((a, b), {"mask": m}))
     assert call_key((a, b), {"mask": m})[1] == pytree.tree_leaves(((a, b), {"mask": m}))
     keys = {
         _key(a, b), _key(a, b, mask=m),

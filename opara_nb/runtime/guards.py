@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["call_key", "input_leaves", "call_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
+__all__ = ["call_key", "call_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -49,11 +49,6 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
         if type(v) is not torch.Tensor:
             return None
     return [*args, *kwargs.values()]
-
-
-def input_leaves(args: tuple, kwargs: dict) -> list[Any]:
-    flat = _flat_tensors(args, kwargs)
-    return flat if flat is not None else pytree.tree_leaves((args, kwargs))
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
