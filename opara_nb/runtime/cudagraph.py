@@ -189,9 +189,8 @@ class GraphedCall:
 
     def _configure(self) -> None:
         """The replay path's flags, from the output classification and the clone choice."""
-        guarded = getattr(self, "_guarded", [])
-        self._protect = self._clone_outputs is None and bool(guarded)
-        self._as_is = not self._clone_outputs and not getattr(self, "_copied", [])
+        self._protect = self._clone_outputs is None and bool(self._guarded)
+        self._as_is = not self._clone_outputs and not self._copied
 
     def _count_uses(self) -> None:
         """Per output object (one returned in several places, ``return y, y``, counts once, with all its places):
@@ -214,14 +213,14 @@ class GraphedCall:
 
         This is the hot path of every call: rare work (another stream, parameters moved, inputs changed in place,
         outputs to protect) is behind one flag each."""
+        if self._protect:  # first, while held outputs still belong to the stream that last called
+            self._protect_outputs()
         if self._stream_id is not None and self._stream_id() != self._stream_key:
             self._follow_stream()
         if self._fixed:
             self._check_fixed(leaves)
         if self._mutated and _aliased([leaves[i] for i in self._slots]):
             raise NotReplayable("inputs that share memory go to a graph that writes one of them in place")
-        if self._protect:
-            self._protect_outputs()
         for i, dst in self._copies:
             src = leaves[i]
             if src is not dst:  # the caller may pass the static buffer itself
@@ -285,8 +284,6 @@ class GraphedCall:
     def _follow_stream(self) -> None:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""
         current = self.layer.current()
-        if self._protect:
-            self._protect_outputs()  # while the outputs still belong to the last stream
         self.layer.wait(current, self._stream)
         self._stream, self._stream_key = current, self._stream_id()
 

@@ -515,13 +515,14 @@ class ModelGuard:
         self._tensors = [t for _, t in named]
         self._ptrs = [t.data_ptr() for t in self._tensors]
         self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
-        self._attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
-                       if isinstance(v, torch.Tensor)]
+        self._tensor_attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
+                              if isinstance(v, torch.Tensor)]
         self._settings = _settings(model)
-        self._attrs += [(d, k, v) for d, k, v, _, watched in self._settings if watched]
+        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
-        self._attr_dicts, self._attr_keys, self._attr_values = (list(c) for c in zip(*self._attrs)) \
-            if self._attrs else ([], [], [])
+        self._attr_dicts = [d for d, _, _ in watched]
+        self._attr_keys = [k for _, k, _ in watched]
+        self._attr_values = [v for _, _, v in watched]
         tracked = _tracked_modules(model)
         self._dicts = [m.__dict__ for m in tracked]
         self._flags = list(map(_training, self._dicts))
@@ -548,8 +549,7 @@ class ModelGuard:
         if _global_hooks() != self._global:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
-        lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._attrs
-                  if isinstance(v, torch.Tensor) and d.get(k) is not v]
+        lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
         lines += [f"attribute '{name}' changed ({v!r} -> {d.get(k, '<deleted>')!r})"
                   for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
         return lines
