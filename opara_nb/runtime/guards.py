@@ -101,9 +101,13 @@ def call_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
                           [f"args[{i}]" for i in range(len(args))])
     else:
         code = _GuardCode(["type(args) is tuple", f"len(args) == {len(args)}"], [])
+        code.checks.append(f"tuple(kwargs) == {code.const(tuple(kwargs))}")
         leaves = []
         try:
-            code.add((args, kwargs), "(args, kwargs)", leaves, top=True)
+            for i, v in enumerate(args):
+                code.add(v, f"args[{i}]", leaves)
+            for k, v in kwargs.items():
+                code.add(v, f"kwargs[{code.const(k)}]", leaves)
         except _Other:  # a container only pytree flattens (a namedtuple, a ModelOutput)
             return _pytree_guard(args, kwargs)
     return code.build(leaves)
@@ -120,15 +124,10 @@ class _GuardCode:
         self.names[name] = value
         return name
 
-    def add(self, obj: Any, expr: str, leaves: list[Any], top: bool = False) -> None:
+    def add(self, obj: Any, expr: str, leaves: list[Any]) -> None:
+        """Checks that the value at ``expr`` is shaped like ``obj``; its leaves' expressions, in pytree order."""
         kind = type(obj)
-        if top:  # (args, kwargs): args' length is checked already
-            self.checks.append(f"tuple(kwargs) == {self.const(tuple(obj[1]))}")
-            for i, v in enumerate(obj[0]):
-                self.add(v, f"args[{i}]", leaves)
-            for k, v in obj[1].items():
-                self.add(v, f"kwargs[{self.const(k)}]", leaves)
-        elif obj is None:
+        if obj is None:
             self.checks.append(f"{expr} is None")
             if _NONE_IS_LEAF:
                 self.leaves.append("None")
