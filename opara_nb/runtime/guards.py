@@ -52,10 +52,13 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    device = t.get_device()  # an int (-1: CPU), much cheaper than t.device
-    if device < 0 and t.dim() == 0:  # a CUDA kernel took a CPU scalar's value as an argument at capture
-        return (t.shape, t.dtype, device, (), t.requires_grad, t.item())
-    return (t.shape, t.dtype, device, t.stride(), t.requires_grad)
+    if _cpu_scalar(t):  # a CUDA kernel took a CPU scalar's value as an argument at capture
+        return (t.shape, t.dtype, -1, (), t.requires_grad, t.item())
+    return (t.shape, t.dtype, t.get_device(), t.stride(), t.requires_grad)
+
+
+def _cpu_scalar(t: torch.Tensor) -> bool:
+    return t.get_device() < 0 and t.dim() == 0  # get_device: an int (-1: CPU), much cheaper than t.device
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -151,16 +154,11 @@ class _GuardCode:
             raise _Other
 
     def build(self, leaves: list[Any]) -> Callable[[tuple, dict], Any]:
-        first: dict[int, int] = {}  # one tensor passed twice: checked once, the other place by identity
-        for i, x in enumerate(leaves):
-            if isinstance(x, torch.Tensor):
-                j = first.setdefault(id(x), i)
-                if j != i:
-                    self.checks.append(f"{self.leaves[i]} is {self.leaves[j]}")
-        self.checks.append(f"check({', '.join(self.leaves[i] for i in first.values())})")
-        self.names["check"] = _tensor_check([leaves[i] for i in first.values()])
-        self.checks += [f"{self.leaves[i]}.item() == {self.const(x.item())}" for i, x in enumerate(leaves)
-                        if isinstance(x, torch.Tensor) and x.get_device() < 0 and x.dim() == 0]
+        unique, same, scalars, check = _tensor_checks(leaves)
+        self.checks += [f"{self.leaves[i]} is {self.leaves[j]}" for i, j in same]
+        self.checks.append(f"check({', '.join(self.leaves[i] for i in unique)})")
+        self.names["check"] = check
+        self.checks += [f"{self.leaves[i]}.item() == {self.const(value)}" for i, value in scalars]
         found = "args" if self.leaves == [f"args[{i}]" for i in range(len(self.leaves))] else \
             f"[{', '.join(self.leaves)}]"
         source = (f"def guard(args, kwargs):\n    if {' and '.join(self.checks)}:\n        return {found}\n"
@@ -171,13 +169,27 @@ class _GuardCode:
         return guard
 
 
+def _tensor_checks(leaves: list[Any]) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, Any]], Callable]:
+    """For the tensors among ``leaves``: the positions checked by metadata (each tensor once), the pairs of positions
+    holding one tensor twice (dynamo's check refuses a duplicate: the second is compared by identity), the 0-dim CPU
+    tensors with their values, and the metadata check."""
+    first: dict[int, int] = {}
+    same = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor):
+            j = first.setdefault(id(x), i)
+            if j != i:
+                same.append((i, j))
+    unique = list(first.values())
+    scalars = [(i, x.item()) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and _cpu_scalar(x)]
+    return unique, same, scalars, _tensor_check([leaves[i] for i in unique])
+
+
 def _pytree_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
     """``call_guard`` for containers only pytree knows: its flatten, then the same checks."""
     flat, spec = pytree.tree_flatten((args, kwargs))
-    tensors = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
     others = [(i, _leaf_key(x)) for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)]
-    scalars = [(i, flat[i].item()) for i in tensors if flat[i].get_device() < 0 and flat[i].dim() == 0]
-    check = _tensor_check([flat[i] for i in tensors])
+    unique, same, scalars, check = _tensor_checks(flat)
 
     def guard(args: tuple, kwargs: dict) -> Any:
         try:
@@ -186,9 +198,9 @@ def _pytree_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
             return None
         if now != spec or any(_leaf_key(found[i]) != key for i, key in others):
             return None
-        if not check(*[found[i] for i in tensors]) or any(found[i].item() != v for i, v in scalars):
+        if any(found[i] is not found[j] for i, j in same) or not check(*[found[i] for i in unique]):
             return None
-        return found
+        return found if all(found[i].item() == v for i, v in scalars) else None
 
     return guard
 
