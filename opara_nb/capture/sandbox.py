@@ -5,8 +5,8 @@ would run it once per call, so a forward that updates state (BatchNorm left in t
 a call counter) must not see those runs: ``Sandbox`` records every parameter's and buffer's version counter and keeps
 copies of the buffers (and of the parameters, up to a size limit); afterwards whatever changed is copied back in place
 (graphs baked in the addresses, so the tensors themselves stay). Plain Python attributes of the modules (a counter
-``self.n += 1``, a list the forward appends to) are put back too, and named in ``python_changed``: a CUDA graph
-replays kernels only, so a forward that changes them cannot be replayed faithfully.
+``self.n += 1``, a list the forward appends to) are put back too; ``python_changes()`` names them while planning: a
+CUDA graph replays kernels only, so a forward that changes them cannot be replayed faithfully.
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ class Sandbox:
     def __init__(self, model: Any) -> None:
         self.model = model if isinstance(model, nn.Module) else None
         self.restored: list[str] = []
-        self.python_changed: list[str] = []
 
     def __enter__(self) -> "Sandbox":
         if self.model is None:
@@ -66,12 +65,15 @@ class Sandbox:
         lost = [k for k in changed if k not in self._saved]
         self.restored = [k for k in changed if k in self._saved]
         self._saved = {}
-        self.python_changed = _restore_python(self._python)
-        self.restored += self.python_changed
+        self.restored += _restore_python(self._python)
         if lost and exc[0] is None:
             raise OparaUsageError(f"the model's forward writes parameter(s) {', '.join(lost[:3])} in place, and "
                                   "they are too large to keep a copy while planning: opara_nb cannot optimize it "
                                   "without changing the model")
+
+    def python_changes(self) -> list[str]:
+        """The plain Python attributes changed so far (inside the block; nothing is put back yet)."""
+        return [name for name, _, _ in _python_changes(self._python)] if self.model is not None else []
 
     def note(self) -> str | None:
         """One line for the report when planning had to restore state, else None."""
@@ -101,25 +103,38 @@ def _plain(key: str, value: Any) -> bool:
     return key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module))
 
 
+def _python_changes(state: list[tuple[str, dict, dict[str, tuple[Any, Any]]]]) -> list[tuple[str, dict, str]]:
+    """(qualified name, ``__dict__``, attribute) of each plain attribute that differs from ``state``: added,
+    set to another value, or a list, dict or set changed in place."""
+    changed = []
+    for name, attrs, saved in state:
+        keys = [k for k, v in attrs.items() if k not in saved and _plain(k, v)]
+        keys += [k for k, (value, contents) in saved.items() if _differs(attrs.get(k, _GONE), value, contents)]
+        changed += [(f"{name}.{k}" if name else k, attrs, k) for k in keys]
+    return changed
+
+
+def _differs(now: Any, value: Any, contents: Any) -> bool:
+    if now is not value:
+        return not _equal(now, value)
+    return contents is not None and not _same_contents(value, contents)
+
+
 def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]]]]) -> list[str]:
     """Put plain attributes back as they were (the same objects, with the same contents); the names of those that
     had changed."""
-    changed = []
-    for name, attrs, saved in state:
-        names = [k for k, v in attrs.items() if k not in saved and _plain(k, v)]  # added by the forward
-        for k in names:
-            del attrs[k]
-        for k, (value, contents) in saved.items():
-            now = attrs.get(k, _GONE)
-            if now is not value and not _equal(now, value):
-                attrs[k] = value
-                names.append(k)
-            elif contents is not None and not _same_contents(value, contents):
-                value.clear()
-                value.update(contents) if isinstance(value, (dict, set)) else value.extend(contents)
-                names.append(k)
-        changed += [f"{name}.{k}" if name else k for k in names]
-    return changed
+    saved = {id(attrs): plain for _, attrs, plain in state}
+    changes = _python_changes(state)
+    for _, attrs, k in changes:
+        if k not in saved[id(attrs)]:
+            del attrs[k]  # added by the forward
+            continue
+        value, contents = saved[id(attrs)][k]
+        attrs[k] = value
+        if contents is not None:
+            value.clear()
+            value.update(contents) if isinstance(value, (dict, set)) else value.extend(contents)
+    return [qualified for qualified, _, _ in changes]
 
 
 _GONE = object()

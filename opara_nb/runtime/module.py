@@ -341,12 +341,7 @@ class OparaModule(nn.Module):
         self._notify(f"opara_nb: capturing a CUDA graph for a new input signature ({_describe(args, kwargs)})",
                      once=False)
         with Sandbox(self.original) as box, torch.no_grad():
-            entry = self._plan_and_capture(*clone_inputs(args, kwargs), record)
-        if box.python_changed and entry.graphed is not None:  # a replay runs kernels only, never that Python
-            entry.release()
-            names = ", ".join(box.python_changed[:3]) + (" ..." if len(box.python_changed) > 3 else "")
-            entry = Entry("eager", f"the forward changes Python attributes of the model ({names}), which a CUDA "
-                                   "graph replay would skip: running the original model", runners=entry.runners)
+            entry = self._plan_and_capture(*clone_inputs(args, kwargs), record, box)
         entry.source = record
         _describe_inputs(entry, args, kwargs)
         if box.note():
@@ -383,11 +378,12 @@ class OparaModule(nn.Module):
         self._compiled = None
         release_cuda_memory()
 
-    def _plan_and_capture(self, args: tuple, kwargs: dict, record: Any = None) -> Entry:
+    def _plan_and_capture(self, args: tuple, kwargs: dict, record: Any = None, box: Sandbox | None = None) -> Entry:
         """Compile, plan and capture every candidate on copies of the inputs; keep the fastest. With a plan file's
-        ``record``, its kept plan is the only candidate (or the plain CUDA graph, captured without dynamo)."""
+        ``record``, its kept plan is the only candidate (or the plain CUDA graph, captured without dynamo). ``box``
+        (planning's sandbox) tells, after the first run, whether the forward changes Python state."""
         if record is not None and record.kept == PLAIN_GRAPH:
-            return self._capture_plain(args, kwargs)
+            return self._capture_plain(args, kwargs, box)
         specs = self._specs if record is None else (PlanSpec.parse(record.kept),)
         runners_before = len(self._backend.runners)
         first = specs[0].name
@@ -405,6 +401,10 @@ class OparaModule(nn.Module):
                 raise ModelError(own) from None
             return Entry("eager", f"the compiled model failed to run ({one_line(exc)}); running the original model")
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
+        unreplayable = _python_side_effects(box, runners)
+        if unreplayable is not None:  # found after the first run: capturing would be wasted
+            graphed.release()
+            return unreplayable
         if not runners:
             graphed.release()
             return Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the original "
@@ -414,10 +414,15 @@ class OparaModule(nn.Module):
             return self._piecewise(runners, args, kwargs, errors[0], first)
         return self._choose(captured, errors, runners, args, kwargs)
 
-    def _capture_plain(self, args: tuple, kwargs: dict) -> Entry:
+    def _capture_plain(self, args: tuple, kwargs: dict, box: Sandbox | None = None) -> Entry:
         """The plan file keeps the plain CUDA graph of the model: capture it directly (no dynamo, no plan)."""
         plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
-        error = _attempt(plain.warm_up, plain.capture)
+        error = _attempt(plain.warm_up)
+        unreplayable = _python_side_effects(box, []) if error is None else None
+        if unreplayable is not None:
+            plain.release()
+            return unreplayable
+        error = error or _attempt(plain.capture)
         if error is None:
             measured = {PLAIN_GRAPH: {"sync_ms": None, "replay_ms": None, "pool_mb": plain.pool_mb}}
             return Entry("cuda-graph", None, PLAIN_GRAPH, plain, [], measured, plain.capture_ms)
@@ -735,6 +740,16 @@ def _describe_inputs(entry: Entry, args: tuple, kwargs: dict) -> None:
 # A plan is kept over the plain CUDA graph only when it measured faster by more than this fraction: a win inside the
 # timing noise (about 1-2% between rounds on an H200) is no reason to take on streams and their memory.
 PLAIN_GRAPH_MARGIN = 0.02
+
+
+def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner]) -> Entry | None:
+    """An eager entry, with the reason, when the forward run so far changed Python attributes of the model."""
+    changed = box.python_changes() if box is not None else []
+    if not changed:
+        return None
+    names = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+    return Entry("eager", f"the forward changes Python attributes of the model ({names}), which a CUDA graph replay "
+                          "would skip: running the original model", runners=runners)
 
 
 def _fastest(times: dict[str, float], pools: dict[str, float], limit: float | None) -> str:
