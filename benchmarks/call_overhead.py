@@ -183,6 +183,32 @@ def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[
             f"{times['inputs']:.2f} |"]
 
 
+def profile(name: str, model: nn.Module, args: tuple, kwargs: dict, calls: int = 4000) -> list[str]:
+    """Where the host time of OparaModule's call goes: cProfile over ``calls`` calls queued behind a GPU sleep, the
+    functions with the most own time (cProfile inflates Python frames; the shares are what to read)."""
+    import cProfile
+    import io
+    import pstats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = OparaModule(model, strategy="sequential")
+        om(*args, **kwargs)
+    prof = cProfile.Profile()
+    for _ in range(calls // 100):
+        torch.cuda._sleep(40_000_000)
+        prof.enable()
+        for _ in range(100):
+            om(*args, **kwargs)
+        prof.disable()
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    om.release()
+    return ["", f"cProfile of {calls} calls of OparaModule sequential, {name} (own time, sorted):", "```",
+            *[line for line in out.getvalue().splitlines() if line.strip()][-16:], "```"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--md", default=None)
@@ -199,9 +225,12 @@ def main() -> None:
             f"command: PYTHONPATH=. python benchmarks/call_overhead.py")
     lines = [head, "", "| model | call path | host us/call (GPU busy) | over a raw replay of the same graph | sync latency us |",
              "|---|---|---|---|---|"]
-    for case in _cases():
+    cases = _cases()
+    for case in cases:
         lines += measure(*case)
         print("\n".join(lines[-12:]), flush=True)
+    for case in cases[:2]:
+        lines += profile(*case)
     emit(lines, ns.md)
 
 

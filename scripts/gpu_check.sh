@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
+# STAGE: env | tests | trust | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
@@ -99,8 +99,22 @@ nb_deps() {
 
 stage_tests() {
   nb_deps
-  bounded "${CUDA_TEST_TIMEOUT:-300}" python -m pytest -m "cuda and not fused" -q -rfEs --timeout 150 --show-capture=no -p no:cacheprovider 2>&1 | grep -v "^USDT" | tee "$PARTS/cuda_tests.txt"
-  [ -n "${OUT:-}" ] && cp "$PARTS/cuda_tests.txt" "$OUT/" 2>/dev/null
+  # CUDA_TESTS: which test files / -k to run (default all), e.g. "tests/test_runtime_cuda.py -k 'not nasnet'"
+  local log="$PARTS/cuda_tests${CUDA_TESTS_TAG:+_$CUDA_TESTS_TAG}.txt"
+  eval "bounded \"\${CUDA_TEST_TIMEOUT:-300}\" python -m pytest ${CUDA_TESTS:-} -m \"cuda and not fused\" -q -rfEs \
+    --timeout 150 --durations=12 --show-capture=no -p no:cacheprovider" 2>&1 | grep -v "^USDT" | tee "$log"
+  [ -n "${OUT:-}" ] && cp "$log" "$OUT/" 2>/dev/null
+  report
+}
+
+# issue 13's GPU record: the call path over a raw replay (with a cProfile of where it goes), and never slower than a
+# plain CUDA graph on models beyond the paper's six
+stage_trust() {
+  bounded "${OVERHEAD_TIMEOUT:-150}" python benchmarks/call_overhead.py --md "$PARTS/call_overhead.md" 2>&1 \
+    | grep -v "^USDT" | tail -5
+  bounded "${NEVER_SLOWER_TIMEOUT:-240}" python benchmarks/never_slower.py --iters 100 --md "$PARTS/never_slower.md" \
+    ${NEVER_SLOWER_MODELS:+--models "$NEVER_SLOWER_MODELS"} 2>&1 | grep -v "^USDT" | tail -20
+  [ -n "${OUT:-}" ] && cp "$PARTS/call_overhead.md" "$PARTS/never_slower.md" "$OUT/" 2>/dev/null
   report
 }
 
@@ -163,6 +177,7 @@ stage_alloc() {
 case "$STAGE" in
   env) stage_env; report ;;
   tests) stage_tests ;;
+  trust) stage_trust ;;
   fused) stage_fused ;;
   probe) stage_probe ;;
   bench) stage_bench ;;
@@ -172,7 +187,7 @@ case "$STAGE" in
   profile) stage_profile ;;
   report) report ;;
   all) stage_env; CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-150} stage_tests; stage_bench; stage_sweep; stage_alloc ;;
-  *) echo "unknown stage '$STAGE'; use env|tests|fused|probe|bench|quick|sweep|alloc|profile|report|all" >&2; exit 2 ;;
+  *) echo "unknown stage '$STAGE'; use env|tests|trust|fused|probe|bench|quick|sweep|alloc|profile|report|all" >&2; exit 2 ;;
 esac
 echo "==== $RES/$NAME.md ===="
 cat "$RES/$NAME.md"
