@@ -470,6 +470,8 @@ def test_gpu_round_trip_replays_the_same_plan_without_profiling(strategy, tmp_pa
     with torch.no_grad():
         expected = model(*args, **kwargs)
     torch.testing.assert_close(_quiet(loaded, *args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+    import opara_nb.backend  # noqa: F401  (registers "opara" where the package is run from a checkout, not installed)
+
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="opara", options={"plan": str(path)})
     with torch.no_grad():

@@ -190,6 +190,38 @@ def test_a_plan_must_beat_the_plain_graph_beyond_the_noise_to_be_kept():
     assert _fastest({"opara": 0.9, "cudagraph": 1.0}, {"opara": 90.0, "cudagraph": 10.0}, 50) == "cudagraph"
 
 
+@pytest.mark.parametrize("alone, kept", [({"nimble": 0.99, "cudagraph": 1.0}, "cudagraph"),
+                                          ({"nimble": 0.80, "cudagraph": 1.0}, "nimble")])
+def test_a_win_over_the_plain_graph_is_confirmed_alone_before_it_is_kept(monkeypatch, alone, kept):
+    """Among all candidates nimble beats the plain graph by 25%; timed again alone against it, the win either holds
+    (kept, and the headline gain is the confirming pair's) or vanishes (the plain graph is kept, with a notice)."""
+    from opara_nb.runtime import timing
+
+    among_all = {"opara": 3.0, "opara+topological": 2.0, "nimble": 0.8, "wavefront": 4.0, "sequential": 5.0,
+                 "cudagraph": 1.0, "eager": 10.0}
+    rounds = []
+
+    def sync_latency(calls, sync, **kw):
+        for call in calls.values():
+            call()
+        rounds.append(sorted(calls))
+        return dict(alone if len(rounds) > 1 else {k: among_all[k] for k in calls})
+
+    monkeypatch.setattr(timing, "sync_latency_ms", sync_latency)
+    model, args, kwargs = models.get("inception_block")
+    graphs = FakeGraphs()
+    om = _quiet(optimize, model, *args, graphs=graphs, **kwargs)
+    rep = om.report
+    assert rounds[1] == ["cudagraph", "nimble"] and len(rounds) == 2
+    assert rep.kept == kept and rep.candidates["nimble"]["confirm_ms"] == alone["nimble"]
+    if kept == "nimble":
+        assert f"{1.0 / 0.8:.2f}x faster than a plain CUDA graph (0.800 vs 1.000 ms)" in rep.gain()
+    else:
+        assert any("not when timed again alone" in n for n in rep.notices) and "plain CUDA graph was fastest" in rep.gain()
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(om, *args, **kwargs), model(*args, **kwargs))
+
+
 def test_the_plain_graph_wins_when_streams_do_not_help(fake_cuda):
     fake_cuda["times"] = {"cudagraph": 0.5}
     model, args, kwargs = models.get("deepfm")

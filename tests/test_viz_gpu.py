@@ -34,7 +34,7 @@ def test_profiled_graph_has_gpu_times_and_both_classes(om):
     dot = plan_to_dot(g.dag, plan, gp)
     assert " ms\"" in dot and "shape=box" in dot and "shape=ellipse" in dot
     svg = timeline_svg(g.dag, plan, gp)
-    assert "predicted from profile times" in svg
+    assert "predicted from GPU kernel times" in svg
     out = os.environ.get("OPARA_NB_ARTIFACTS")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
