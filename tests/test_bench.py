@@ -128,11 +128,11 @@ def test_allocation_table_times_every_strategy():
 
 
 def _fake_result(batch: int = 1) -> BenchResult:
-    rows = [_row("cudagraph", 2.0, 1.8, p90=2.1), _row("opara", 1.0, 0.9), _row("opara+topological", 1.5, 1.2),
+    rows = [_row("eager", 9.0, 3.0), _row("cudagraph", 2.0, 1.8, p90=2.1), _row("opara", 1.0, 0.9), _row("opara+topological", 1.5, 1.2),
             _row("auto", 1.0, 0.9), _row("nimble+topological", 2.05, 1.7), _row("wavefront+topological", 2.5, 1.6),
             _row("compile", None, status="failed")]
-    rows[3]["candidates"] = {"opara": {"sync_ms": 1.0, "replay_ms": 0.8}, "sequential": {"sync_ms": 2.0, "replay_ms": 1.7}}
-    rows[3]["kept"] = "opara"
+    rows[4]["candidates"] = {"opara": {"sync_ms": 1.0, "replay_ms": 0.8}, "sequential": {"sync_ms": 2.0, "replay_ms": 1.7}}
+    rows[4]["kept"] = "opara"
     _add_speedups(rows)
     modes = [r["mode"] for r in rows]
     return BenchResult("googlenet", rows, {"device": "fake"}, {"batch": batch, "iters": 3, "modes": modes}, [])
@@ -140,7 +140,7 @@ def _fake_result(batch: int = 1) -> BenchResult:
 
 def test_sweep_markdown_has_a_row_per_batch_and_mode():
     md = sweep_markdown([_fake_result(1), _fake_result(8)])
-    assert md.count("| 8 ") == 6 and "2.00x" in md and "googlenet" in md  # failed modes are left out
+    assert md.count("| 8 ") == 7 and "2.00x" in md and "googlenet" in md  # failed modes are left out
 
 
 def test_collect_merges_parts_into_one_report(tmp_path):
@@ -155,7 +155,7 @@ def test_collect_merges_parts_into_one_report(tmp_path):
     assert "auto 2.00x (GPU-side 2.00x; never slower: OK; kept opara)" in md
     # cudagraph's p90 - median is 0.1 ms: wavefront (+0.5) is flagged, nimble (+0.05) is within the noise
     assert "FLAG slower than cudagraph by more than its p90-median spread (0.100 ms): wavefront+topological +0.500 ms" in md
-    assert "nimble +" not in md
+    assert "nimble +" not in md and "eager +" not in md  # eager is the reference, not a contender
     assert "launch order vs topological: 1.50x" in md and "never slower: OK" in md
     assert "unreadable part: bench_broken.json" in md
     assert [b.get("command") for b in json.loads(json_path.read_text())["bench"]] == [None, "cmd"]

@@ -85,13 +85,14 @@ def _speedups(res: BenchResult, mode: str) -> str | None:
 
 def slower_than_baseline(res: BenchResult) -> str | None:
     """Modes whose synchronous median is above cudagraph's by more than cudagraph's own p90 - median spread (beyond
-    the baseline's noise), or None when none is or the baseline is missing."""
+    the baseline's noise), or None when none is or the baseline is missing. Eager is the reference the others beat,
+    not a contender: never flagged."""
     base = _ok_row(res, "cudagraph")
     if not base or base.get("sync_median_ms") is None or base.get("sync_p90_ms") is None:
         return None
     median, spread = base["sync_median_ms"], base["sync_p90_ms"] - base["sync_median_ms"]
     slow = [f"{r['mode']}{' (fallback)' if r['status'] == 'fallback' else ''} +{r['sync_median_ms'] - median:.3f} ms"
-            for r in res.rows if r["mode"] != "cudagraph" and r["status"] in ("ok", "fallback")
+            for r in res.rows if r["mode"] not in ("cudagraph", "eager") and r["status"] in ("ok", "fallback")
             and r.get("sync_median_ms") is not None and r["sync_median_ms"] - median > spread]
     if not slow:
         return None
