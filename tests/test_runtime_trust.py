@@ -373,6 +373,69 @@ def test_a_changed_setting_of_the_model_is_replanned(edit, said):
     torch.testing.assert_close(out, _expect(model, x))
 
 
+class Config:
+    """A settings object shared by every layer, like a Hugging Face config: plain fields, and a property over two."""
+
+    def __init__(self) -> None:
+        self.double_output, self.return_dict, self.torchscript = False, True, False
+        self.unused = 1
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict and not self.torchscript
+
+
+class Layer(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config, self.lin = config, nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if self.config.double_output else y
+
+
+class Configured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = Config()
+        self.layers = nn.Sequential(Layer(self.config), Layer(self.config))
+
+    def forward(self, x):
+        y = self.layers(x)
+        return {"y": y} if self.config.use_return_dict else (y,)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: setattr(c, "double_output", True), "config.double_output' changed (False -> True)"),
+    (lambda c: setattr(c, "return_dict", False), "'config.return_dict' changed (True -> False)"),
+    (lambda c: setattr(c, "torchscript", True), "'config.torchscript' changed (False -> True)"),
+], ids=["field-read-by-every-layer", "field-behind-a-property", "other-field-behind-it"])
+def test_a_changed_field_of_a_settings_object_is_replanned(edit, said):
+    """``model.config.output_hidden_states = True`` and the like: read as ``self.config.x`` (or through a property of
+    the config), baked into the graph, so a change must re-plan."""
+    model, x, graphs = Configured().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    edit(model.config)
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))
+
+
+def test_a_settings_field_the_forward_never_reads_is_no_reason_to_replan():
+    model, x, graphs = Configured().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    before = graphs.captures
+    model.config.unused = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        torch.testing.assert_close(om(x), _expect(model, x))
+    assert graphs.captures == before
+
+
 def test_a_setting_set_to_the_same_value_is_no_reason_to_replan():
     model, x, graphs = Block().eval(), torch.randn(2, 4), FakeGraphs()
     om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)

@@ -422,15 +422,39 @@ def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
     are left out (their settings are fixed at construction; their training flags are tracked). ``watched``: checked
     on every call, for classes of the user's own code; a library's (transformers, timm, torchvision: dozens per
     layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another change."""
-    found = []
+    found: dict[tuple[int, str], tuple[dict, str, Any, str, bool]] = {}
     for prefix, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
         if cls.__module__.startswith("torch.nn."):
             continue
         names, watched = _forward_reads(cls)[1], not _from_a_library(cls)
-        found += [(m.__dict__, k, m.__dict__[k], f"{prefix}.{k}" if prefix else k, watched) for k in sorted(names)
-                  if k != "training" and k in m.__dict__ and isinstance(m.__dict__[k], _SETTINGS)]
-    return found
+        at = f"{prefix}." if prefix else ""
+        for k in sorted(names):
+            if "." not in k:
+                if k != "training" and isinstance(m.__dict__.get(k, _GONE), _SETTINGS):
+                    found.setdefault((id(m.__dict__), k), (m.__dict__, k, m.__dict__[k], at + k, watched))
+                continue
+            # A settings object (a Hugging Face config, say) is shared by every layer: its few distinct fields are
+            # watched on every call, library or not, since users flip them (config.output_hidden_states = True).
+            name, field = k.split(".", 1)
+            for d, key in _holder_fields(m.__dict__.get(name), field):
+                found.setdefault((id(d), key), (d, key, d[key], f"{at}{name}.{key}", True))
+    return list(found.values())
+
+
+def _holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
+    """(``holder.__dict__``, key) of the plain values behind ``holder.field``: the field itself, or the fields a
+    property of that name reads from its object. Empty for modules, tensors and anything without a ``__dict__``."""
+    if holder is None or isinstance(holder, (nn.Module, torch.Tensor, type)):
+        return []
+    fields = getattr(holder, "__dict__", None)
+    if not isinstance(fields, dict):
+        return []
+    keys = [field]
+    prop = getattr(type(holder), field, None)
+    if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
+        keys += [k for k in _code_reads(prop.fget.__code__)[1] if "." not in k]
+    return [(fields, k) for k in keys if isinstance(fields.get(k, _GONE), _SETTINGS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -442,20 +466,24 @@ def _from_a_library(cls: type) -> bool:
 
 
 def _code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
-    """(how ``code`` reads ``training``, the names it loads from its first argument), nested functions included."""
+    """(how ``code`` reads ``training``, the names it loads from its first argument, and "name.attr" for a read one
+    level further, as in ``self.config.flag``), nested functions included."""
     me = me or (code.co_varnames[0] if code.co_argcount else "")
-    found, called, previous = "", [], None
+    found, called, previous, holder = "", [], None, None
     for ins in dis.get_instructions(code):
         self_load = previous is not None and previous.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) \
             and previous.argval == me
+        read = None
         if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
             if ins.argval == "training":
                 found = _worse(found, "self" if self_load else "other")
             elif self_load:
-                called.append(ins.argval)
+                called.append(read := ins.argval)
+            elif holder is not None:
+                called.append(f"{holder}.{ins.argval}")
         elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
             found = "other"
-        previous = ins
+        previous, holder = ins, read
     for const in code.co_consts:
         if hasattr(const, "co_code"):
             how, more = _code_reads(const, me)
