@@ -463,6 +463,39 @@ def test_python_state_the_forward_changes_is_left_alone_by_optimize_and_kept_by_
         assert om.report.mode == "eager" and "Python attributes of the model (calls, seen)" in om.report.reason
 
 
+class Steps:
+    def __init__(self) -> None:
+        self.step = 0
+
+
+class Stepping(nn.Module):
+    """A forward that reads a field of a plain object and advances it: a replay would skip the update, and the field
+    would look changed to the guard on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.state = nn.Linear(4, 4), Steps()
+
+    def forward(self, x):
+        y = self.lin(x) * (1.0 + self.state.step)
+        self.state.step = self.state.step + 1
+        return y
+
+
+def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planning_left_it_alone():
+    model, graphs = Stepping().eval(), FakeGraphs()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs)
+    assert model.state.step == 0  # planning put it back
+    x = torch.randn(2, 4)
+    for step in (0, 1):
+        model.state.step = step
+        expected = _expect(model, x)
+        model.state.step = step
+        torch.testing.assert_close(_quiet(om, x), expected)
+        assert model.state.step == step + 1  # the call advanced it, as the original does
+    assert om.report.mode == "eager" and "state.step" in om.report.reason
+
+
 class SetsTheSame(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
+from .reads import settings_read
 
 __all__ = ["Sandbox", "clone_inputs", "model_error"]
 
@@ -89,26 +90,33 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 _CONTAINERS = (list, dict, set)
 
 
-def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]]]]:
-    """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)})."""
+def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
+    """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)}, True);
+    per settings object a forward reads (``self.config.flag``): (its name, its ``__dict__``, the fields read, False:
+    fields it gains are not counted)."""
     state = []
     for name, m in model.named_modules(remove_duplicate=False):
         plain = {k: (v, type(v)(v) if type(v) in _CONTAINERS else None) for k, v in m.__dict__.items()
                  if _plain(k, v)}
-        state.append((name, m.__dict__, plain))
-    return state
+        state.append((name, m.__dict__, plain, True))
+    holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
+    for qualified, attrs, key, _, prefix in settings_read(model):
+        if "." in qualified.removeprefix(prefix):
+            entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0], attrs, {}, False))
+            entry[2][key] = (attrs[key], None)
+    return state + list(holders.values())
 
 
 def _plain(key: str, value: Any) -> bool:
     return key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module))
 
 
-def _python_changes(state: list[tuple[str, dict, dict[str, tuple[Any, Any]]]]) -> list[tuple[str, dict, str]]:
-    """(qualified name, ``__dict__``, attribute) of each plain attribute that differs from ``state``: added,
-    set to another value, or a list, dict or set changed in place."""
+def _python_changes(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]) -> list[tuple[str, dict, str]]:
+    """(qualified name, ``__dict__``, attribute) of each plain attribute that differs from ``state``: added (to a
+    module), set to another value, or a list, dict or set changed in place."""
     changed = []
-    for name, attrs, saved in state:
-        keys = [k for k, v in attrs.items() if k not in saved and _plain(k, v)]
+    for name, attrs, saved, whole in state:
+        keys = [k for k, v in attrs.items() if k not in saved and _plain(k, v)] if whole else []
         keys += [k for k, (value, contents) in saved.items() if _differs(attrs.get(k, _GONE), value, contents)]
         changed += [(f"{name}.{k}" if name else k, attrs, k) for k in keys]
     return changed
@@ -120,10 +128,10 @@ def _differs(now: Any, value: Any, contents: Any) -> bool:
     return contents is not None and not _same_contents(value, contents)
 
 
-def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]]]]) -> list[str]:
+def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]) -> list[str]:
     """Put plain attributes back as they were (the same objects, with the same contents); the names of those that
     had changed."""
-    saved = {id(attrs): plain for _, attrs, plain in state}
+    saved = {id(attrs): plain for _, attrs, plain, _ in state}
     changes = _python_changes(state)
     for _, attrs, k in changes:
         if k not in saved[id(attrs)]:

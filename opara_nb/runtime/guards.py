@@ -21,11 +21,8 @@ hand; ``om.refresh()`` re-checks everything (see docs/user_guide.md).
 """
 from __future__ import annotations
 
-import dis
 import functools
 import operator
-import os
-import sys
 from collections.abc import Hashable
 from typing import Any, Callable
 
@@ -33,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
+
+from ..capture.reads import reads_training, settings_read
 
 __all__ = ["call_key", "call_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
@@ -368,127 +367,15 @@ def install_watch() -> None:
     _hooks_installed = True
 
 
-_RANK = ("", "self", "other")
-
-
-def _worse(a: str, b: str) -> str:
-    return a if _RANK.index(a) >= _RANK.index(b) else b
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_reads(cls: type) -> tuple[str, frozenset[str]]:
-    """What ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads: how it reads a
-    ``training`` flag (see ``reads_training``) and every ``self.name`` it loads."""
-    found, seen, todo = "", set(), ["forward"]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        func = getattr(cls, name, None)
-        if getattr(func, "__qualname__", "").startswith("Module."):
-            continue
-        for code in _codes(getattr(func, "__func__", func)):
-            how, called = _code_reads(code)
-            found = _worse(found, how)
-            todo += called
-    return found, frozenset(seen)
-
-
-def _codes(func: Any) -> list[Any]:
-    """The code of ``func`` and of every function it wraps (``functools.wraps`` decorators, as Hugging Face puts on
-    ``forward``): the wrapped one is what reads the module."""
-    codes = []
-    while func is not None and len(codes) < 16:
-        code = getattr(func, "__code__", None)
-        if code is not None:
-            codes.append(code)
-        func = getattr(func, "__wrapped__", None)
-    return codes
-
-
-def reads_training(cls: type) -> str:
-    """How ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads a ``training`` flag:
-    "" (never), "self" (only ``self.training``) or "other" (another module's, e.g. ``self.child.training``)."""
-    return _forward_reads(cls)[0]
-
-
-_SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
-
-
 def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
-    """(``__dict__``, name, value, qualified name, watched) of the plain values (numbers, flags, strings, tuples)
-    that a module's ``forward`` reads as ``self.name``: a graph bakes them in as constants. torch.nn's own modules
-    are left out (their settings are fixed at construction; their training flags are tracked). ``watched``: checked
-    on every call, for classes of the user's own code; a library's (transformers, timm, torchvision: dozens per
-    layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another change."""
-    found: dict[tuple[int, str], tuple[dict, str, Any, str, bool]] = {}
-    for prefix, m in model.named_modules(remove_duplicate=False):
-        cls = type(m)
-        if cls.__module__.startswith("torch.nn."):
-            continue
-        names, watched = _forward_reads(cls)[1], not _from_a_library(cls)
-        at = f"{prefix}." if prefix else ""
-        for k in sorted(names):
-            if "." not in k:
-                if k != "training" and isinstance(m.__dict__.get(k, _GONE), _SETTINGS):
-                    found.setdefault((id(m.__dict__), k), (m.__dict__, k, m.__dict__[k], at + k, watched))
-                continue
-            # A settings object (a Hugging Face config, say) is shared by every layer: its few distinct fields are
-            # watched on every call, library or not, since users flip them (config.output_hidden_states = True).
-            name, field = k.split(".", 1)
-            for d, key in _holder_fields(m.__dict__.get(name), field):
-                found.setdefault((id(d), key), (d, key, d[key], f"{at}{name}.{key}", True))
-    return list(found.values())
-
-
-def _holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
-    """(``holder.__dict__``, key) of the plain values behind ``holder.field``: the field itself, or the fields a
-    property of that name reads from its object. Empty for modules, tensors and anything without a ``__dict__``."""
-    if holder is None or isinstance(holder, (nn.Module, torch.Tensor, type)):
-        return []
-    fields = getattr(holder, "__dict__", None)
-    if not isinstance(fields, dict):
-        return []
-    keys = [field]
-    prop = getattr(type(holder), field, None)
-    if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
-        keys += [k for k in _code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if isinstance(fields.get(k, _GONE), _SETTINGS)]
-
-
-@functools.lru_cache(maxsize=None)
-def _from_a_library(cls: type) -> bool:
-    """Whether ``cls`` comes from an installed package (site-packages), not from the user's notebook or project."""
-    module = sys.modules.get(cls.__module__)
-    path = os.path.abspath(getattr(module, "__file__", None) or "")
-    return any(part in path for part in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"))
-
-
-def _code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
-    """(how ``code`` reads ``training``, the names it loads from its first argument, and "name.attr" for a read one
-    level further, as in ``self.config.flag``), nested functions included."""
-    me = me or (code.co_varnames[0] if code.co_argcount else "")
-    found, called, previous, holder = "", [], None, None
-    for ins in dis.get_instructions(code):
-        self_load = previous is not None and previous.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) \
-            and previous.argval == me
-        read = None
-        if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
-            if ins.argval == "training":
-                found = _worse(found, "self" if self_load else "other")
-            elif self_load:
-                called.append(read := ins.argval)
-            elif holder is not None:
-                called.append(f"{holder}.{ins.argval}")
-        elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
-            found = "other"
-        previous, holder = ins, read
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            how, more = _code_reads(const, me)
-            found, called = _worse(found, how), called + more
-    return found, called
+    """(``__dict__``, name, value, qualified name, watched) of the plain values a graph bakes in as constants (see
+    ``capture.reads.settings_read``). ``watched``: checked on every call, for classes of the user's own code and for
+    fields of a settings object (a Hugging Face config: its few distinct fields are shared by every layer, and users
+    flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
+    torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
+    change."""
+    return [(d, k, d[k], name, own or "." in name.removeprefix(prefix))
+            for name, d, k, own, prefix in settings_read(model)]
 
 
 def _tracked_modules(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,137 @@
+"""What a module's ``forward`` reads, from its bytecode: how it reads a ``training`` flag, the ``self.name``
+attributes it loads (through the methods it calls on ``self`` and the functions ``functools.wraps`` decorators wrap),
+and fields of objects it reads one level down (``self.config.flag``). The model guard watches what a graph baked in
+from these reads; the planning sandbox snapshots the same fields, to tell a forward that changes them."""
+from __future__ import annotations
+
+import dis
+import functools
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SETTINGS", "forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields",
+           "from_a_library"]
+
+# Plain values a graph bakes in as constants when the forward reads them.
+SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
+_GONE = object()
+
+_RANK = ("", "self", "other")
+
+
+def _worse(a: str, b: str) -> str:
+    return a if _RANK.index(a) >= _RANK.index(b) else b
+
+
+@functools.lru_cache(maxsize=None)
+def forward_reads(cls: type) -> tuple[str, frozenset[str]]:
+    """What ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads: how it reads a
+    ``training`` flag (see ``reads_training``) and every ``self.name`` it loads."""
+    found, seen, todo = "", set(), ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        func = getattr(cls, name, None)
+        if getattr(func, "__qualname__", "").startswith("Module."):
+            continue
+        for code in _codes(getattr(func, "__func__", func)):
+            how, called = code_reads(code)
+            found = _worse(found, how)
+            todo += called
+    return found, frozenset(seen)
+
+
+def _codes(func: Any) -> list[Any]:
+    """The code of ``func`` and of every function it wraps (``functools.wraps`` decorators, as Hugging Face puts on
+    ``forward``): the wrapped one is what reads the module."""
+    codes = []
+    while func is not None and len(codes) < 16:
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            codes.append(code)
+        func = getattr(func, "__wrapped__", None)
+    return codes
+
+
+def reads_training(cls: type) -> str:
+    """How ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads a ``training`` flag:
+    "" (never), "self" (only ``self.training``) or "other" (another module's, e.g. ``self.child.training``)."""
+    return forward_reads(cls)[0]
+
+
+def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
+    """(``holder.__dict__``, key) of the plain values behind ``holder.field``: the field itself, or the fields a
+    property of that name reads from its object. Empty for modules, tensors and anything without a ``__dict__``."""
+    if holder is None or isinstance(holder, (nn.Module, torch.Tensor, type)):
+        return []
+    fields = getattr(holder, "__dict__", None)
+    if not isinstance(fields, dict):
+        return []
+    keys = [field]
+    prop = getattr(type(holder), field, None)
+    if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
+        keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
+    return [(fields, k) for k in keys if isinstance(fields.get(k, _GONE), SETTINGS)]
+
+
+@functools.lru_cache(maxsize=None)
+def from_a_library(cls: type) -> bool:
+    """Whether ``cls`` comes from an installed package (site-packages), not from the user's notebook or project."""
+    module = sys.modules.get(cls.__module__)
+    path = os.path.abspath(getattr(module, "__file__", None) or "")
+    return any(part in path for part in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"))
+
+
+def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
+    """(how ``code`` reads ``training``, the names it loads from its first argument, and "name.attr" for a read one
+    level further, as in ``self.config.flag``), nested functions included."""
+    me = me or (code.co_varnames[0] if code.co_argcount else "")
+    found, called, previous, holder = "", [], None, None
+    for ins in dis.get_instructions(code):
+        self_load = previous is not None and previous.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) \
+            and previous.argval == me
+        read = None
+        if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
+            if ins.argval == "training":
+                found = _worse(found, "self" if self_load else "other")
+            elif self_load:
+                called.append(read := ins.argval)
+            elif holder is not None:
+                called.append(f"{holder}.{ins.argval}")
+        elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
+            found = "other"
+        previous, holder = ins, read
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            how, more = code_reads(const, me)
+            found, called = _worse(found, how), called + more
+    return found, called
+
+
+def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
+    """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, the reading
+    module's name) of every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads as
+    ``self.name``, or as ``self.holder.field`` of a plain object (directly or through a property), each value once.
+    torch.nn's own modules are left out: their settings are fixed at construction and their training flags are
+    tracked."""
+    found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        cls = type(m)
+        if cls.__module__.startswith("torch.nn."):
+            continue
+        own, at = not from_a_library(cls), f"{prefix}." if prefix else ""
+        for k in sorted(forward_reads(cls)[1]):
+            if "." not in k:
+                if k != "training" and isinstance(m.__dict__.get(k, _GONE), SETTINGS):
+                    found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, at))
+                continue
+            name, field = k.split(".", 1)
+            for d, key in holder_fields(m.__dict__.get(name), field):
+                found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, at))
+    return list(found.values())
