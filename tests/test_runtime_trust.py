@@ -496,6 +496,68 @@ def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planni
     assert om.report.mode == "eager" and "state.step" in om.report.reason
 
 
+SCALE = 2.0  # a constant of the user's code that a forward reads: a graph bakes it in
+TICKS = 0
+
+
+class ReadsAGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * SCALE
+
+
+class AdvancesAGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        global TICKS
+        TICKS = TICKS + 1
+        return self.lin(x) * TICKS
+
+
+def test_a_changed_global_the_forward_reads_is_replanned(monkeypatch):
+    model, x, graphs = ReadsAGlobal().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any("global 'SCALE' changed (2.0 -> 3.0)" in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))
+
+
+def test_a_forward_that_advances_a_global_runs_the_original_after_planning_left_it_alone(monkeypatch):
+    monkeypatch.setitem(globals(), "TICKS", 0)
+    model, graphs = AdvancesAGlobal().eval(), FakeGraphs()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs)
+    assert TICKS == 0  # planning put it back
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(_quiet(om, x), model.lin(x).detach() * 1)
+    assert TICKS == 1 and om.report.mode == "eager" and "TICKS" in om.report.reason
+
+
+def test_a_model_that_keeps_changing_stops_being_replanned_and_runs_the_original(monkeypatch):
+    from opara_nb.runtime.module import MAX_REPLANS
+
+    model, x, graphs = ReadsAGlobal().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    for step in range(MAX_REPLANS + 4):  # a global that changes before every call, like a step counter
+        monkeypatch.setitem(globals(), "SCALE", float(step))
+        torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    captures = graphs.captures
+    assert captures <= MAX_REPLANS + 2  # the first plan, then one per change until it gave up
+    assert om.report.mode == "eager" and "changed" in om.report.reason and "om.refresh()" in om.report.reason
+    monkeypatch.setitem(globals(), "SCALE", 2.0)
+    om.refresh()  # plans again
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    assert graphs.captures > captures and om.report.mode == "cuda-graph"
+
+
 class SetsTheSame(nn.Module):
     def __init__(self) -> None:
         super().__init__()

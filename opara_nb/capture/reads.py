@@ -28,10 +28,11 @@ def _worse(a: str, b: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def forward_reads(cls: type) -> tuple[str, frozenset[str]]:
+def forward_reads(cls: type) -> tuple[str, frozenset[str], tuple[tuple[dict, str], ...]]:
     """What ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads: how it reads a
-    ``training`` flag (see ``reads_training``) and every ``self.name`` it loads."""
-    found, seen, todo = "", set(), ["forward"]
+    ``training`` flag (see ``reads_training``), every ``self.name`` it loads, and the (module globals, name) of every
+    global name it loads."""
+    found, seen, todo, globals_read = "", set(), ["forward"], {}
     while todo:
         name = todo.pop()
         if name in seen:
@@ -40,23 +41,33 @@ def forward_reads(cls: type) -> tuple[str, frozenset[str]]:
         func = getattr(cls, name, None)
         if getattr(func, "__qualname__", "").startswith("Module."):
             continue
-        for code in _codes(getattr(func, "__func__", func)):
+        for code, namespace in _codes(getattr(func, "__func__", func)):
             how, called = code_reads(code)
             found = _worse(found, how)
             todo += called
-    return found, frozenset(seen)
+            if isinstance(namespace, dict):
+                globals_read.update(((id(namespace), g), (namespace, g)) for g in _global_loads(code))
+    return found, frozenset(seen), tuple(globals_read.values())
 
 
-def _codes(func: Any) -> list[Any]:
-    """The code of ``func`` and of every function it wraps (``functools.wraps`` decorators, as Hugging Face puts on
-    ``forward``): the wrapped one is what reads the module."""
+def _codes(func: Any) -> list[tuple[Any, Any]]:
+    """(code, globals) of ``func`` and of every function it wraps (``functools.wraps`` decorators, as Hugging Face
+    puts on ``forward``): the wrapped one is what reads the module."""
     codes = []
     while func is not None and len(codes) < 16:
         code = getattr(func, "__code__", None)
         if code is not None:
-            codes.append(code)
+            codes.append((code, getattr(func, "__globals__", None)))
         func = getattr(func, "__wrapped__", None)
     return codes
+
+
+def _global_loads(code: Any) -> set[str]:
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"}
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _global_loads(const)
+    return names
 
 
 def reads_training(cls: type) -> str:
@@ -115,23 +126,27 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
 
 
 def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
-    """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, the reading
-    module's name) of every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads as
-    ``self.name``, or as ``self.holder.field`` of a plain object (directly or through a property), each value once.
-    torch.nn's own modules are left out: their settings are fixed at construction and their training flags are
-    tracked."""
+    """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, kind) of
+    every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads, each value once. Kinds: "self"
+    (``self.name``), "field" (``self.holder.field`` of a plain object, directly or through a property of it) and
+    "global" (a global name of the user's own code: a constant in the notebook, say). torch.nn's own modules are left
+    out: their settings are fixed at construction and their training flags are tracked."""
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
     for prefix, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
         if cls.__module__.startswith("torch.nn."):
             continue
         own, at = not from_a_library(cls), f"{prefix}." if prefix else ""
-        for k in sorted(forward_reads(cls)[1]):
+        _, names, globals_read = forward_reads(cls)
+        for k in sorted(names):
             if "." not in k:
                 if k != "training" and isinstance(m.__dict__.get(k, _GONE), SETTINGS):
-                    found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, at))
+                    found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, "self"))
                 continue
             name, field = k.split(".", 1)
             for d, key in holder_fields(m.__dict__.get(name), field):
-                found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, at))
+                found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
+        for namespace, g in globals_read if own else ():
+            if isinstance(namespace.get(g, _GONE), SETTINGS):
+                found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
     return list(found.values())

@@ -92,17 +92,18 @@ _CONTAINERS = (list, dict, set)
 
 def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
     """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)}, True);
-    per settings object a forward reads (``self.config.flag``): (its name, its ``__dict__``, the fields read, False:
-    fields it gains are not counted)."""
+    per settings object a forward reads (``self.config.flag``) and for the user's globals it reads: (its name, its
+    ``__dict__``, the fields read, False: names it gains are not counted)."""
     state = []
     for name, m in model.named_modules(remove_duplicate=False):
         plain = {k: (v, type(v)(v) if type(v) in _CONTAINERS else None) for k, v in m.__dict__.items()
                  if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
-    for qualified, attrs, key, _, prefix in settings_read(model):
-        if "." in qualified.removeprefix(prefix):
-            entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0], attrs, {}, False))
+    for qualified, attrs, key, _, kind in settings_read(model):
+        if kind != "self":  # modules' own attributes are all in ``state`` already
+            entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0] if kind == "field" else "global",
+                                                   attrs, {}, False))
             entry[2][key] = (attrs[key], None)
     return state + list(holders.values())
 

@@ -374,8 +374,8 @@ def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
     flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
     torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
     change."""
-    return [(d, k, d[k], name, own or "." in name.removeprefix(prefix))
-            for name, d, k, own, prefix in settings_read(model)]
+    return [(d, k, d[k], f"global '{name}'" if kind == "global" else f"attribute '{name}'", own or kind == "field")
+            for name, d, k, own, kind in settings_read(model)]
 
 
 def _tracked_modules(model: nn.Module) -> list[nn.Module]:
@@ -476,7 +476,7 @@ class ModelGuard:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
-        lines += [f"attribute '{name}' changed ({v!r} -> {d.get(k, '<deleted>')!r})"
+        lines += [f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
                   for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
         return lines
 

@@ -156,6 +156,7 @@ class OparaModule(nn.Module):
         self._guard: ModelGuard | None = None
         self._shown: set[str] = set()
         self._evicted_unused = 0
+        self._replans, self._last_change = 0, ""
         self.notices: list[str] = []
 
     # ------------------------------------------------------------------ calls
@@ -210,6 +211,10 @@ class OparaModule(nn.Module):
         record = self._record(key, args, kwargs)
         if not self._graphs.usable(leaves):
             return self._run_eager_plan(args, kwargs, leaves, record)
+        if self._replans > MAX_REPLANS:
+            return self._fallback(f"the model changed {self._replans} times since it was optimized (last: "
+                                  f"{self._last_change}): running the original model from now on; om.refresh() "
+                                  "plans again", args, kwargs)
         self._check_model()
         full_key = (key, CallState.key())
         entry = self._cache.get(full_key)
@@ -288,6 +293,7 @@ class OparaModule(nn.Module):
         if not changes:
             self._guard.snapshot()
             return
+        self._replans, self._last_change = self._replans + 1, changes[0]
         self._notify(f"opara_nb: the model changed since it was captured ({'; '.join(changes[:3])}"
                      f"{' ...' if len(changes) > 3 else ''}): re-planning", once=False)
         self._reset()
@@ -673,7 +679,7 @@ class OparaModule(nn.Module):
 
     def refresh(self) -> None:
         """Check the whole model now (also what the per-call guard cannot see, such as a replaced ``forward``) and
-        re-plan if anything changed."""
+        re-plan if anything changed; a module that gave up planning on a model that kept changing plans again."""
         with self._lock:
             if self._guard is not None and isinstance(self.original, nn.Module):
                 changes = self._guard.changes() + _forward_overrides(self.original)
@@ -681,6 +687,7 @@ class OparaModule(nn.Module):
                     self._notify(f"opara_nb: the model changed ({'; '.join(changes[:3])}): re-planning", once=False)
                     self._reset()
                     self._guard.snapshot()
+            self._replans = 0
 
     def _reset(self) -> None:
         for entry in self._cache.values():
@@ -762,6 +769,10 @@ def _describe_inputs(entry: Entry, args: tuple, kwargs: dict) -> None:
 
     entry.signature, entry.device = input_signature(args, kwargs), input_device(args, kwargs)
 
+
+# Re-plans after model changes before the module gives up planning and runs the original model (a forward that reads
+# something changing on every call, a step counter say, would otherwise profile and capture on every call).
+MAX_REPLANS = 8
 
 # A plan is kept over the plain CUDA graph only when it measured faster by more than this fraction: a win inside the
 # timing noise (about 1-2% between rounds on an H200) is no reason to take on streams and their memory.
