@@ -496,6 +496,16 @@ def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planni
     assert om.report.mode == "eager" and "state.step" in om.report.reason
 
 
+def test_a_forward_replaced_on_the_model_instance_is_replanned():
+    model, x, graphs = Block().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    model.forward = lambda inp: model.lin(inp) * 3.0
+    with pytest.warns(OparaNotice, match="'Block'.forward was replaced on the instance"):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))
+
+
 SCALE = 2.0  # a constant of the user's code that a forward reads: a graph bakes it in
 TICKS = 0
 

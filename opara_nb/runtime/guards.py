@@ -444,7 +444,9 @@ class ModelGuard:
         self._tensor_attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                               if isinstance(v, torch.Tensor)]
         self._settings = _settings(model)
-        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on]
+        # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
+        self._forward = (model.__dict__, "forward", model.__dict__.get("forward"))
+        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on] + [self._forward]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
         self._attr_dicts = [d for d, _, _ in watched]
         self._attr_keys = [k for _, k, _ in watched]
@@ -476,6 +478,8 @@ class ModelGuard:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
+        if model.__dict__.get("forward") is not self._forward[2]:
+            lines.append(f"'{type(model).__name__}'.forward was replaced on the instance")
         lines += [f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
                   for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
         return lines

@@ -682,7 +682,7 @@ class OparaModule(nn.Module):
         re-plan if anything changed; a module that gave up planning on a model that kept changing plans again."""
         with self._lock:
             if self._guard is not None and isinstance(self.original, nn.Module):
-                changes = self._guard.changes() + _forward_overrides(self.original)
+                changes = list(dict.fromkeys(self._guard.changes() + _forward_overrides(self.original)))
                 if changes:
                     self._notify(f"opara_nb: the model changed ({'; '.join(changes[:3])}): re-planning", once=False)
                     self._reset()
