@@ -506,6 +506,26 @@ def test_a_forward_replaced_on_the_model_instance_is_replanned():
     torch.testing.assert_close(out, _expect(model, x))
 
 
+def test_refresh_sees_a_submodule_forward_replaced_and_not_one_that_was_there_at_capture():
+    """Libraries (accelerate's hooks) set ``forward`` on module instances before the user optimizes: that is the model
+    as captured, no change; one replaced afterwards is."""
+    model, x, graphs = nn.Sequential(Block(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
+    first = model[0]
+    first.forward = lambda inp: Block.forward(first, inp)  # there before optimize
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    captures = graphs.captures
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        om.refresh()
+    assert graphs.captures == captures
+    second = model[1]
+    second.forward = lambda inp: second.lin(inp) * 3.0
+    with pytest.warns(OparaNotice, match="'1'.forward was replaced on the instance"):
+        om.refresh()
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
 SCALE = 2.0  # a constant of the user's code that a forward reads: a graph bakes it in
 TICKS = 0
 

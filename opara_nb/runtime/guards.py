@@ -435,6 +435,7 @@ class ModelGuard:
         self._ids = {name: (id(m), type(m)) for name, m in self._modules.items()}
         self._flags_all = {name: m.training for name, m in self._modules.items()}
         self._hooks = {name: _hook_dicts(m) for name, m in self._modules.items()}
+        self._forwards = {name: m.__dict__.get("forward") for name, m in self._modules.items()}
         self._global = _global_hooks()
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
         self._tensor_names = [n for n, _ in named]
@@ -478,8 +479,8 @@ class ModelGuard:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
-        if model.__dict__.get("forward") is not self._forward[2]:
-            lines.append(f"'{type(model).__name__}'.forward was replaced on the instance")
+        lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
+                  if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
                   for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
         return lines

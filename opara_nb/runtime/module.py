@@ -682,7 +682,7 @@ class OparaModule(nn.Module):
         re-plan if anything changed; a module that gave up planning on a model that kept changing plans again."""
         with self._lock:
             if self._guard is not None and isinstance(self.original, nn.Module):
-                changes = list(dict.fromkeys(self._guard.changes() + _forward_overrides(self.original)))
+                changes = self._guard.changes()
                 if changes:
                     self._notify(f"opara_nb: the model changed ({'; '.join(changes[:3])}): re-planning", once=False)
                     self._reset()
@@ -822,11 +822,6 @@ def _leaves(args: tuple, kwargs: dict) -> list[Any]:
 def _describe(args: tuple, kwargs: dict) -> str:
     shapes = [f"{tuple(x.shape)}" for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)]
     return ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
-
-
-def _forward_overrides(model: nn.Module) -> list[str]:
-    return [f"'{name or type(model).__name__}'.forward was replaced on the instance"
-            for name, m in model.named_modules() if "forward" in m.__dict__]
 
 
 def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", order: str = "",
