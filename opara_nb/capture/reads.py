@@ -1,7 +1,8 @@
 """What a module's ``forward`` reads, from its bytecode: how it reads a ``training`` flag, the ``self.name``
 attributes it loads (through the methods it calls on ``self`` and the functions ``functools.wraps`` decorators wrap),
-and fields of objects it reads one level down (``self.config.flag``). The model guard watches what a graph baked in
-from these reads; the planning sandbox snapshots the same fields, to tell a forward that changes them."""
+fields of objects it reads one level down (``self.config.flag``) and the global names it loads. The model guard
+watches what a graph baked in from these reads; the planning sandbox snapshots the same values, to tell a forward
+that changes them."""
 from __future__ import annotations
 
 import dis
