@@ -14,12 +14,26 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SETTINGS", "forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields",
-           "from_a_library"]
+__all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
+           "holder_fields", "from_a_library"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
-_GONE = object()
+MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
+
+
+def same_value(now: Any, then: Any) -> bool:
+    """Whether a plain value read again is still what it was: the same object, or an equal one of the same type (a
+    forward or a user setting ``self.scale = 0.5`` again). A list, dict or set replaced by another is a change; a value
+    without a plain equality is a change unless it is the same object."""
+    if now is then:
+        return True
+    if type(now) is not type(then) or type(then) in (list, dict, set):
+        return False
+    try:
+        return bool(now == then)
+    except Exception:  # noqa: BLE001
+        return False
 
 _RANK = ("", "self", "other")
 
@@ -89,7 +103,7 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     prop = getattr(type(holder), field, None)
     if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
         keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if isinstance(fields.get(k, _GONE), SETTINGS)]
+    return [(fields, k) for k in keys if isinstance(fields.get(k, MISSING), SETTINGS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,13 +155,13 @@ def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
         _, names, globals_read = forward_reads(cls)
         for k in sorted(names):
             if "." not in k:
-                if k != "training" and isinstance(m.__dict__.get(k, _GONE), SETTINGS):
+                if k != "training" and isinstance(m.__dict__.get(k, MISSING), SETTINGS):
                     found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, "self"))
                 continue
             name, field = k.split(".", 1)
             for d, key in holder_fields(m.__dict__.get(name), field):
                 found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
         for namespace, g in globals_read if own else ():
-            if isinstance(namespace.get(g, _GONE), SETTINGS):
+            if isinstance(namespace.get(g, MISSING), SETTINGS):
                 found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
     return list(found.values())

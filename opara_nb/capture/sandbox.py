@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import settings_read
+from .reads import MISSING, same_value, settings_read
 
 __all__ = ["Sandbox", "clone_inputs", "model_error"]
 
@@ -118,14 +118,14 @@ def _python_changes(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], boo
     changed = []
     for name, attrs, saved, whole in state:
         keys = [k for k, v in attrs.items() if k not in saved and _plain(k, v)] if whole else []
-        keys += [k for k, (value, contents) in saved.items() if _differs(attrs.get(k, _GONE), value, contents)]
+        keys += [k for k, (value, contents) in saved.items() if _differs(attrs.get(k, MISSING), value, contents)]
         changed += [(f"{name}.{k}" if name else k, attrs, k) for k in keys]
     return changed
 
 
 def _differs(now: Any, value: Any, contents: Any) -> bool:
     if now is not value:
-        return not _equal(now, value)
+        return not same_value(now, value)
     return contents is not None and not _same_contents(value, contents)
 
 
@@ -144,19 +144,6 @@ def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], boo
             value.clear()
             value.update(contents) if isinstance(value, (dict, set)) else value.extend(contents)
     return [qualified for qualified, _, _ in changes]
-
-
-_GONE = object()
-
-
-def _equal(now: Any, then: Any) -> bool:
-    """A plain value set again to an equal one (``self.scale = 0.5`` on each call) is no change."""
-    if type(now) is not type(then) or type(then) in _CONTAINERS:
-        return False
-    try:
-        return bool(now == then)
-    except Exception:  # noqa: BLE001 - a value without a plain equality: changed unless it is the same object
-        return False
 
 
 def _same_contents(now: Any, then: Any) -> bool:

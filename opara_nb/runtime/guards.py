@@ -11,9 +11,10 @@ checks it itself, cheaply:
 - ``ModelGuard``: on the hot path two integer compares and the training flags of the submodules whose code reads
   ``training``. The integers: a global counter that module, parameter and buffer registration hooks bump, and so do
   ``param.data = t`` (it keeps the object but moves its memory) and ``Module._apply`` (``.to()``, ``.half()``); and
-  the global hook-handle counter (any new hook); and, by identity, the plain settings (numbers, flags, strings) that
-  the user's own modules' ``forward`` reads. Any signal makes it walk the whole model (identities, flags, hooks,
-  data pointers, settings) and say what changed.
+  the global hook-handle counter (any new hook); and, by identity, the plain values a ``forward`` reads
+  (``capture.reads.settings_read``: the user's own modules' settings and globals, any module's ``self.config``
+  fields) and the model's own ``forward`` on the instance. Any signal makes it walk the whole model (identities,
+  flags, hooks, instance forwards, data pointers, settings) and say what changed.
 
 Not seen without a walk: a submodule's ``forward`` replaced on the instance, a buffer swapped by writing
 ``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor buffer, ``torch.utils.swap_tensors`` called by
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import reads_training, settings_read
+from ..capture.reads import MISSING, reads_training, same_value, settings_read
 
 __all__ = ["call_key", "call_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
@@ -446,8 +447,8 @@ class ModelGuard:
                               if isinstance(v, torch.Tensor)]
         self._settings = _settings(model)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
-        self._forward = (model.__dict__, "forward", model.__dict__.get("forward"))
-        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on] + [self._forward]
+        own_forward = (model.__dict__, "forward", self._forwards[""])
+        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on] + [own_forward]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
         self._attr_dicts = [d for d, _, _ in watched]
         self._attr_keys = [k for _, k, _ in watched]
@@ -482,7 +483,7 @@ class ModelGuard:
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
-                  for d, k, v, name, _ in self._settings if not _same_setting(d.get(k, _GONE), v)]
+                  for d, k, v, name, _ in self._settings if not same_value(d.get(k, MISSING), v)]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
@@ -500,13 +501,6 @@ class ModelGuard:
             elif t.data_ptr() != ptr or (t.dtype, t.shape, t.device) != meta:
                 lines.append(f"'{name}' now lives in other memory ({_describe_meta(t, meta)})")
         return lines
-
-
-_GONE = object()
-
-
-def _same_setting(now: Any, then: Any) -> bool:
-    return now is then or (type(now) is type(then) and now == then)
 
 
 def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:

@@ -487,20 +487,15 @@ class OparaModule(nn.Module):
                 replays = timing.replay_ms(captured) if isinstance(self._graphs, CudaGraphs) else {}
         pools = {k: g.pool_mb for k, g in captured.items()}
         best = _fastest(times, pools, self.max_memory_mb) if times else next(iter(captured))
-        for k, g in captured.items():
-            if k not in (best, PLAIN_GRAPH):
-                g.release()
-        if len(captured) > 1:
-            release_cuda_memory()
-        confirm = self._confirm(best, captured, leaves, pools) if times else {}
-        if confirm and confirm[best] > confirm[PLAIN_GRAPH] * (1 - PLAIN_GRAPH_MARGIN):
+        plain_fits = _fits(pools, PLAIN_GRAPH, self.max_memory_mb)
+        _drop(captured, keep=(best, PLAIN_GRAPH) if plain_fits else (best,))
+        confirm = self._confirm(best, captured, leaves) if times else {}
+        if confirm and _fastest(confirm, pools, self.max_memory_mb) != best:
             self.notices.append(f"{best} measured fastest among the candidates but not when timed again alone "
                                 f"against the plain CUDA graph ({confirm[best]:.3f} vs {confirm[PLAIN_GRAPH]:.3f} ms): "
                                 "kept the plain CUDA graph")
             best = PLAIN_GRAPH
-        for k in (PLAIN_GRAPH, *confirm):
-            if k != best and k in captured:
-                captured[k].release()
+        _drop(captured, keep=(best,))
         for err in errors:
             self.notices.append(f"candidate not captured: {err}")
         measured = {k: {"sync_ms": times.get(k), "replay_ms": replays.get(k), "pool_mb": pools[k]} for k in captured}
@@ -509,14 +504,12 @@ class OparaModule(nn.Module):
         return Entry("cuda-graph", None, best, captured[best], runners, measured,
                      sum(g.capture_ms for g in captured.values()), eager_ms)
 
-    def _confirm(self, best: str, captured: dict[str, GraphedCall], leaves: list[Any],
-                 pools: dict[str, float]) -> dict[str, float]:
+    def _confirm(self, best: str, captured: dict[str, GraphedCall], leaves: list[Any]) -> dict[str, float]:
         """Time the pick against the plain CUDA graph once more, alone: a win measured among all candidates can vanish
         when they are gone (caches, memory), and "never slower than a plain CUDA graph" is the promise. Empty when
-        there is nothing to confirm."""
+        there is nothing to confirm (the pick is the plain graph, or the plain graph is gone: it does not fit)."""
         plain = captured.get(PLAIN_GRAPH)
-        if best == PLAIN_GRAPH or plain is None or (self.max_memory_mb is not None
-                                                    and pools[PLAIN_GRAPH] > self.max_memory_mb):
+        if best == PLAIN_GRAPH or plain is None or plain.graph is None:
             return {}
         pair = {best: captured[best], PLAIN_GRAPH: plain}
         calls = {k: (lambda g=g: g.replay(leaves)) for k, g in pair.items()}
@@ -789,10 +782,23 @@ def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner]) -> Ent
                           "would skip: running the original model", runners=runners)
 
 
+def _fits(pools: dict[str, float], name: str, limit: float | None) -> bool:
+    return limit is None or pools.get(name, 0.0) <= limit
+
+
+def _drop(captured: dict[str, GraphedCall], keep: tuple[str, ...]) -> None:
+    """Release the captured candidates not in ``keep`` (once each), and return their pools to the device."""
+    dropped = [g for k, g in captured.items() if k not in keep and g.graph is not None]
+    for g in dropped:
+        g.release()
+    if dropped:
+        release_cuda_memory()
+
+
 def _fastest(times: dict[str, float], pools: dict[str, float], limit: float | None) -> str:
     """The fastest candidate whose graph memory fits ``limit`` (the smallest one if none does); the plain CUDA graph
     unless another is faster by more than ``PLAIN_GRAPH_MARGIN``."""
-    fitting = [k for k in times if limit is None or pools.get(k, 0.0) <= limit]
+    fitting = [k for k in times if _fits(pools, k, limit)]
     if not fitting:
         return min(times, key=lambda k: pools.get(k, 0.0))
     best = min(fitting, key=times.__getitem__)
