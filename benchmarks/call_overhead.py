@@ -118,16 +118,22 @@ def _raw_replay(om: OparaModule, args: tuple, kwargs: dict) -> Callable[[], Any]
     return replay
 
 
+def _called(model: nn.Module, args: tuple, kwargs: dict, **options: Any) -> OparaModule:
+    """An OparaModule of ``model`` after its first call (planned and captured), its notices silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = OparaModule(model, **options)
+        om(*args, **kwargs)
+    return om
+
+
 def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = PlainCudaGraph(model, args, kwargs)
-        seq = OparaModule(model, strategy="sequential")
-        seq(*args, **kwargs)
-        bare = OparaModule(model, strategy="sequential", clone_outputs=False)  # no output protection: its cost
-        bare(*args, **kwargs)
-        auto = OparaModule(model)
-        auto(*args, **kwargs)
+    seq = _called(model, args, kwargs, strategy="sequential")
+    bare = _called(model, args, kwargs, strategy="sequential", clone_outputs=False)  # no output protection: its cost
+    auto = _called(model, args, kwargs)
     rows = []
     calls = {"raw CUDAGraph replay": lambda: raw(*args, **kwargs),
              "OparaModule sequential": lambda: seq(*args, **kwargs),
@@ -167,10 +173,7 @@ def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[
     """The call path's Python alone: OparaModule on fake graphs whose replay does nothing, against a raw loop."""
     from opara_nb.testing import FakeGraphs
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        om = OparaModule(model, strategy="sequential", graphs=FakeGraphs())
-        om(*args, **kwargs)
+    om = _called(model, args, kwargs, strategy="sequential", graphs=FakeGraphs())
     graphed = om._last.graphed
     graphed.graph.replay = lambda: None
     raw = _raw_replay(om, args, kwargs)
@@ -191,10 +194,7 @@ def profile(name: str, model: nn.Module, args: tuple, kwargs: dict, calls: int =
     import io
     import pstats
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        om = OparaModule(model, strategy="sequential")
-        om(*args, **kwargs)
+    om = _called(model, args, kwargs, strategy="sequential")
     prof = cProfile.Profile()
     for _ in range(calls // 100):
         torch.cuda._sleep(40_000_000)
