@@ -7,7 +7,8 @@ For each model: a raw replay (``bench.modes.PlainCudaGraph``: copy the inputs in
 static outputs), and OparaModule with ``strategy="sequential"`` (one stream: the same kernels, so the difference is the
 call path) and with the default ``auto``. Host time per call is measured while the GPU is kept busy
 (``torch.cuda._sleep``), so it is the time to enqueue the call and never includes waiting for the device; the
-synchronous latency (call, then synchronize) is reported too. The guard rows time each check of the hot path alone.
+synchronous latency (call, then synchronize) is reported too. The guard rows time the hot path's one generated check
+(``guards.hot_guard``), the slow path's call key, and the global-state and model checks in their separate forms.
 
     PYTHONPATH=. python benchmarks/call_overhead.py --python-path [--md FILE]
 
@@ -156,10 +157,10 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     for label, om in (("sequential", seq), ("auto", auto)):  # did a held output switch the module to copies?
         rows.append(f"| {name} | {label}: clone_outputs={om.clone_outputs}, notices={len(om.notices)} | | | |")
     entry = seq._last
-    guards = {"inputs (the hot path's guard)": lambda: entry.inputs(args, kwargs),
+    guards = {"the hot path's whole check (hot_guard: state, model, inputs)": lambda: entry.hot(args, kwargs),
               "call key (the slow path's)": lambda: call_key(args, kwargs),
-              "global state": entry.state.check,
-              "model guard": seq._guard.clean}
+              "global state alone (CallState.check)": entry.state.check,
+              "model alone (ModelGuard.clean)": seq._guard.clean}
     for k, fn in guards.items():
         rows.append(f"| {name} | guard: {k} | {_python_us(fn):.2f} | | |")
     raw.release()
@@ -169,22 +170,34 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     return rows
 
 
+def guard_rows(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The hot path's check alone on a larger model, with what its model part compares per call."""
+    om = _called(model, args, kwargs, strategy="sequential")
+    entry, guard = om._last, om._guard
+    watched = f"{len(guard._flags)} training flags, {len(guard._attr_keys)} attributes"
+    check_us = _python_us(lambda: entry.hot(args, kwargs))
+    rows = [f"| {name} | guard: the hot path's whole check ({watched}) | {check_us:.2f} | | |",
+            f"| {name} | guard: model alone (ModelGuard.clean) | {_python_us(guard.clean):.2f} | | |"]
+    om.release()
+    return rows
+
+
 def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """The call path's Python alone: OparaModule on fake graphs whose replay does nothing, against a raw loop."""
     from opara_nb.testing import FakeGraphs
 
     om = _called(model, args, kwargs, strategy="sequential", graphs=FakeGraphs())
     graphed = om._last.graphed
-    graphed.graph.replay = lambda: None
+    graphed.graph.replay = graphed._replay_graph = lambda: None
     raw = _raw_replay(om, args, kwargs)
-    calls = {"raw": raw, "om": lambda: om(*args, **kwargs), "inputs": lambda: om._last.inputs(args, kwargs)}
+    calls = {"raw": raw, "om": lambda: om(*args, **kwargs), "check": lambda: om._last.hot(args, kwargs)}
     times = {k: float("inf") for k in calls}
     with torch.no_grad():
         for _ in range(40):  # interleaved short bursts, best of each: this VM's noise is bursty
             for k, f in calls.items():
                 times[k] = min(times[k], _python_us(f, iters=2000))
     return [f"| {name} | {times['raw']:.2f} | {times['om']:.2f} | {times['om'] - times['raw']:+.2f} | "
-            f"{times['inputs']:.2f} |"]
+            f"{times['check']:.2f} |"]
 
 
 def profile(name: str, model: nn.Module, args: tuple, kwargs: dict, calls: int = 4000) -> list[str]:
@@ -217,7 +230,7 @@ def main() -> None:
     ns = parser.parse_args()
     if ns.python_path:
         lines = [f"CPU, torch {torch.__version__}, command: PYTHONPATH=. python benchmarks/call_overhead.py "
-                 "--python-path", "", "| model | raw copy+replay us | OparaModule us | over raw | input guard us |",
+                 "--python-path", "", "| model | raw copy+replay us | OparaModule us | over raw | hot check us |",
                  "|---|---|---|---|---|"]
         lines += [row for case in _cases("cpu") if case[0] != "googlenet" for row in python_path(*case)]
         emit(lines, ns.md)
@@ -231,6 +244,10 @@ def main() -> None:
     for case in cases:
         lines += measure(*case)
         print("\n".join(lines[-12:]), flush=True)
+    for name in ("bert", "t5"):  # Hugging Face models: many layers reading one config
+        if name in models.available():
+            model, args, kwargs = models.get(name, device="cuda")
+            lines += guard_rows(name, model, args, kwargs)
     for case in cases[:2]:
         lines += profile(*case)
     emit(lines, ns.md)

@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | trust | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
+# STAGE: env | tests | trust | compile | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
@@ -118,6 +118,14 @@ stage_trust() {
   report
 }
 
+# issue 10's compile-time targets: fused planning cold and warm against reduce-overhead, each in a fresh process
+stage_compile() {
+  bounded "${COMPILE_TIMEOUT:-500}" python benchmarks/compile_time.py --model "${COMPILE_MODEL:-googlenet}" \
+    --md "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.md" 2>&1 | grep -v "^USDT" | tail -12
+  [ -n "${OUT:-}" ] && cp "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.md" "$OUT/" 2>/dev/null
+  report
+}
+
 stage_fused() {
   bounded 90 python benchmarks/event_cost.py --json "$PARTS/event_cost.json" 2>&1 | tee "$PARTS/event_cost.txt"
   bounded "${FUSED_TEST_TIMEOUT:-480}" python -m pytest tests/test_fused_cuda.py -q -rs -s -k "${FUSED_TESTS:-not nasnet}" \
@@ -179,6 +187,7 @@ case "$STAGE" in
   tests) stage_tests ;;
   trust) stage_trust ;;
   fused) stage_fused ;;
+  compile) stage_compile ;;
   probe) stage_probe ;;
   bench) stage_bench ;;
   quick) stage_quick ;;

@@ -72,3 +72,53 @@ class Counting(nn.Module):
         self.calls += 1
         self.seen.append(x.shape[0])
         return self.lin(x)
+
+
+class Block(nn.Module):
+    """A block whose forward reads plain settings: a graph bakes them in as constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.alpha, self.residual, self.mode = 0.5, True, "sum"
+
+    def forward(self, x):
+        return self._combine(x, self.lin(x) * self.alpha)
+
+    def _combine(self, x, y):  # reached from forward: its reads count too
+        if not self.residual:
+            return y
+        return x + y if self.mode == "sum" else x * y
+
+
+class Config:
+    """A settings object shared by every layer, like a Hugging Face config: plain fields, and a property over two."""
+
+    def __init__(self) -> None:
+        self.double_output, self.return_dict, self.torchscript = False, True, False
+        self.unused = 1
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict and not self.torchscript
+
+
+class Layer(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config, self.lin = config, nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if self.config.double_output else y
+
+
+class Configured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = Config()
+        self.layers = nn.Sequential(Layer(self.config), Layer(self.config))
+
+    def forward(self, x):
+        y = self.layers(x)
+        return {"y": y} if self.config.use_return_dict else (y,)

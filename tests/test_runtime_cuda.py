@@ -20,8 +20,8 @@ from torch import nn
 
 from opara_nb import models
 from opara_nb.pipeline import CANDIDATES
-from opara_nb.runtime import OparaModule, optimize
-from _helpers import BranchNet, Counting, ItemNet, Outputs
+from opara_nb.runtime import OparaModule, OparaNotice, optimize
+from _helpers import Block, BranchNet, Configured, Counting, ItemNet, Outputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -366,6 +366,51 @@ def test_7_threads_each_on_its_own_stream_get_their_own_results(stale):
     for i in range(4):
         for out in results[i]:
             torch.testing.assert_close(out, expected[i], atol=CNN_TOL, rtol=0)
+
+
+GAIN = 2.0  # a constant of the user's code that a forward reads
+
+
+class ReadsGain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * GAIN
+
+
+def _set_gain(value):
+    globals()["GAIN"] = value
+
+
+@pytest.mark.parametrize("make, edit", [
+    (lambda: nn.Sequential(nn.ReLU(), Block()), lambda m: setattr(m[1], "alpha", 2.0)),
+    (lambda: nn.Sequential(nn.ReLU(), Block()), lambda m: setattr(m[1], "mode", "product")),
+    (Configured, lambda m: setattr(m.config, "double_output", True)),
+    (Configured, lambda m: setattr(m.config, "return_dict", False)),
+    (ReadsGain, lambda m: _set_gain(3.0)),
+    (Block, lambda m: setattr(m, "forward", lambda inp: m.lin(inp) * 3.0)),
+], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward"])
+def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
+    """Settings of the model, fields of its config, globals of the user's code, a forward replaced on the instance:
+    a graph bakes them in, so after a change the next call is what the model returns now (re-planned), on the GPU's
+    hot path as on the CPU's."""
+    torch.manual_seed(0)
+    model, x = make().eval().cuda(), torch.randn(2, 4, device="cuda")
+    om = _quiet(optimize, model, x)
+    try:
+        for _ in range(3):
+            _quiet(om, x)  # the hot path is armed
+        edit(model)
+        with pytest.warns(OparaNotice, match="model changed"):
+            out = om(x)
+        torch.testing.assert_close(out, _eager(model, x), atol=CNN_TOL, rtol=0)
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=CNN_TOL, rtol=0)
+        assert om.report.mode == "cuda-graph"  # re-planned and captured again, not given up
+    finally:
+        _set_gain(2.0)
+        om.release()
 
 
 @pytest.mark.parametrize("kind", ["twice", "dict twice", "base and view", "input"])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, reads_training
+from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, hot_guard, reads_training
 
 
 def _key(*args, **kwargs):
@@ -175,6 +175,46 @@ def test_the_model_guard_sees_what_a_replay_depends_on(edit, words):
     clean, changes = _changes(edit)
     assert not clean
     assert any(words in c for c in changes), changes
+
+
+class _Wide(_Net):
+    """More tracked training flags and watched attributes than the hot check compares one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm1d(2) for _ in range(8))
+        for i in range(8):
+            setattr(self, f"t{i}", torch.ones(1))
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["inline", "mapped"])
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.bn.train(), "bn"),
+    (lambda m: setattr(m.conv.weight, "data", torch.randn(4, 3, 3, 3)), "data"),
+    (lambda m: setattr(m, "head", nn.Linear(4, 2)), "head"),
+    (lambda m: m.head.register_forward_hook(lambda *a: None), "hook"),
+    (lambda m: setattr(m, "scale", torch.full((1,), 2.0)), "scale"),
+    (lambda m: m.norms[7].train() if hasattr(m, "norms") else m.train(), "last flag"),
+    (lambda m: setattr(m, "t7" if hasattr(m, "t7") else "scale", torch.zeros(1)), "last attribute"),
+    (lambda m: torch.set_autocast_enabled("cpu", True), "autocast"),
+])
+def test_the_hot_check_refuses_every_change_and_is_made_again_after_a_snapshot(wide, edit, words):
+    """hot_guard's one generated function (state, model, inputs) refuses what CallState and ModelGuard refuse, in
+    both its forms (flags and attributes compared one by one, or by maps)."""
+    model = (_Wide if wide else _Net)().eval()
+    x = torch.randn(1, 3, 8, 8)
+    guard = ModelGuard(model)
+    check = hot_guard((x,), {}, CallState(), guard)
+    assert ("map(" in check.source) == wide
+    assert check((x,), {}) == (x,) and check((x, x), {}) is None
+    version = guard.version
+    try:
+        edit(model)
+        assert check((x,), {}) is None, words
+    finally:
+        torch.set_autocast_enabled("cpu", False)
+    guard.snapshot()
+    assert guard.version == version + 1
 
 
 def test_in_place_updates_are_not_changes_and_a_hook_elsewhere_is_a_false_alarm():

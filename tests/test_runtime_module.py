@@ -190,6 +190,16 @@ def test_a_plan_must_beat_the_plain_graph_beyond_the_noise_to_be_kept():
     assert _fastest({"opara": 0.9, "cudagraph": 1.0}, {"opara": 90.0, "cudagraph": 10.0}, 50) == "cudagraph"
 
 
+def test_of_candidates_equally_fast_within_the_noise_the_smallest_is_kept():
+    from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN, _fastest
+
+    close = 0.80 * (1 + PLAIN_GRAPH_MARGIN / 2)
+    pools = {"opara": 90.0, "opara+topological": 30.0, "cudagraph": 10.0}
+    assert _fastest({"opara": 0.80, "opara+topological": close, "cudagraph": 1.0}, pools, None) == "opara+topological"
+    assert _fastest({"opara": 0.80, "opara+topological": 0.85, "cudagraph": 1.0}, pools, None) == "opara"  # beyond
+    assert _fastest({"opara": 0.80, "opara+topological": close}, {}, None) == "opara"  # same memory: the faster
+
+
 @pytest.mark.parametrize("alone, kept", [({"nimble": 0.99, "cudagraph": 1.0}, "cudagraph"),
                                           ({"nimble": 0.80, "cudagraph": 1.0}, "nimble")])
 def test_a_win_over_the_plain_graph_is_confirmed_alone_before_it_is_kept(monkeypatch, alone, kept):

@@ -15,7 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import BranchNet, Counting, Outputs
+from _helpers import Block, BranchNet, Configured, Counting, Outputs
 
 
 def _quiet(fn, *args, **kwargs):
@@ -340,23 +340,6 @@ def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind, clon
         assert out[0] is out[1]  # one object, as the model returned it
 
 
-class Block(nn.Module):
-    """A block whose forward reads plain settings: a graph bakes them in as constants."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.alpha, self.residual, self.mode = 0.5, True, "sum"
-
-    def forward(self, x):
-        return self._combine(x, self.lin(x) * self.alpha)
-
-    def _combine(self, x, y):  # reached from forward: its reads count too
-        if not self.residual:
-            return y
-        return x + y if self.mode == "sum" else x * y
-
-
 @pytest.mark.parametrize("edit, said", [
     (lambda m: setattr(m[1], "alpha", 2.0), "attribute '1.alpha' changed (0.5 -> 2.0)"),
     (lambda m: setattr(m[1], "residual", False), "attribute '1.residual' changed (True -> False)"),
@@ -371,39 +354,6 @@ def test_a_changed_setting_of_the_model_is_replanned(edit, said):
         out = om(x)
     assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
     torch.testing.assert_close(out, _expect(model, x))
-
-
-class Config:
-    """A settings object shared by every layer, like a Hugging Face config: plain fields, and a property over two."""
-
-    def __init__(self) -> None:
-        self.double_output, self.return_dict, self.torchscript = False, True, False
-        self.unused = 1
-
-    @property
-    def use_return_dict(self) -> bool:
-        return self.return_dict and not self.torchscript
-
-
-class Layer(nn.Module):
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.config, self.lin = config, nn.Linear(4, 4)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y * 2 if self.config.double_output else y
-
-
-class Configured(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = Config()
-        self.layers = nn.Sequential(Layer(self.config), Layer(self.config))
-
-    def forward(self, x):
-        y = self.layers(x)
-        return {"y": y} if self.config.use_return_dict else (y,)
 
 
 @pytest.mark.parametrize("edit, said", [

@@ -139,6 +139,7 @@ class GraphedCall:
         self._stream_id: Callable[[], int] | None = None
         self._stream_key: Any = None
         self.graph: Any = None
+        self._replay_graph: Callable[[], None] | None = None
         self.pool: Any = None
         self.capture_ms = 0.0
         self.pool_mb = 0.0
@@ -155,6 +156,7 @@ class GraphedCall:
         start = time.perf_counter()
         versions = [self._static[i]._version for i in self._slots]
         self.graph, self.pool, out, self.pool_mb = self.layer.capture(self._call_static)
+        self._replay_graph = _direct_replay(self.graph)
         self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
         self._out, self._out_spec = pytree.tree_flatten(out)
         self._rebuild = _rebuilder(out, self._out_spec)
@@ -225,7 +227,7 @@ class GraphedCall:
             src = leaves[i]
             if src is not dst:  # the caller may pass the static buffer itself
                 dst.copy_(src)
-        self.graph.replay()
+        self._replay_graph()
         for i in self._mutated:
             leaves[i].copy_(self._static[i])
         if self._as_is:
@@ -297,7 +299,7 @@ class GraphedCall:
                 self.graph.reset()
             except Exception:  # noqa: BLE001 - a half-captured graph may refuse reset; dropping it is enough
                 pass
-        self.graph = None
+        self.graph = self._replay_graph = None
         self.pool = None
         self._out = []
         self._static = []
@@ -311,6 +313,15 @@ class GraphedCall:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _direct_replay(graph: Any) -> Callable[[], None]:
+    """``graph.replay`` without torch's Python wrapper where the wrapper would do nothing (no input-liveness tracker:
+    we never ask for one), one Python frame less per call."""
+    base = getattr(torch._C, "_CUDAGraph", None)
+    if base is None or not isinstance(graph, base) or getattr(graph, "_tracker", None) is not None:
+        return graph.replay
+    return base.replay.__get__(graph)
 
 
 def _copy(t: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:

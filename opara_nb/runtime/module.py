@@ -6,9 +6,10 @@ graph per candidate plan plus the plain CUDA graph of the model, times each thro
 keeps the fastest, so it is never slower than a plain CUDA graph beyond noise. A replay runs only while its guards hold
 (``guards.py``); otherwise the module re-plans or falls back, with a one-line notice.
 
-Control flow of a call: ``_serve`` tries the hot path (the last entry's input guard, global state and model guard,
-bound once by ``_use``), else ``_dispatch`` decides: fall back (training, grad-requiring input), run the plan eagerly
-(no CUDA), re-plan (the model changed), look the entry up or capture it (``_capture``), then ``_run`` it.
+Control flow of a call: ``__call__`` tries the hot path (the last entry's one generated check of input signature,
+global state and model, bound by ``_use``), else ``_dispatch`` decides: fall back (training, grad-requiring input),
+run the plan eagerly (no CUDA), re-plan (the model changed), look the entry up or capture it (``_capture``), then
+``_run`` it.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import CallState, ModelGuard, call_guard, call_key
+from .guards import CallState, ModelGuard, call_key, hot_guard
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -42,10 +43,6 @@ __all__ = ["OparaModule", "optimize", "OparaNotice", "AUTO_FUSES"]
 # code (fused.fusion_available). Off until GPU measurements show the fused candidates win often enough to pay for
 # their compile time.
 AUTO_FUSES = False
-
-
-def _always() -> bool:
-    return True
 
 
 # torch's global forward hooks: a dict each, changed in place, so one lookup per call tells whether there are any.
@@ -70,7 +67,8 @@ class Entry:
     eager_ms: float | None = None
     key: Hashable = None
     state: CallState | None = None
-    inputs: Callable[[tuple, dict], Any] | None = None  # the hot path's input guard (guards.call_guard)
+    hot: Callable[[tuple, dict], Any] | None = None  # the hot path's whole check (guards.hot_guard)
+    hot_version: int = -1  # the model guard's snapshot it was made from
     calls: int = 0
     signature: dict[str, Any] | None = None  # the inputs as a plan file describes them
     device: str = "cpu"
@@ -162,10 +160,23 @@ class OparaModule(nn.Module):
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # nn.Module.__call__ costs microseconds per call; it is only needed for hooks registered on this wrapper.
+        # The hot path is inline (a Python frame costs ~0.1 us): the same signature as the last call, and its one
+        # generated check of inputs, global state and model holds.
         try:
             if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
                 return super().__call__(*args, **kwargs)
-            return self._serve(args, kwargs)
+            with self._lock:
+                hot = self._hot
+                if hot is not None:
+                    entry, check, replay = hot
+                    leaves = check(args, kwargs)
+                    if leaves is not None:
+                        entry.calls += 1
+                        try:
+                            return replay(leaves)
+                        except (OutputsHeld, NotReplayable) as exc:
+                            return self._run_uncaptured(entry, args, kwargs, exc)
+                return self._dispatch(args, kwargs)
         except ModelError as exc:  # the model's own error, shown as the model raised it, from the user's line
             raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
@@ -173,33 +184,26 @@ class OparaModule(nn.Module):
         """A call that lets ``ModelError`` through (for ``optimize``, which re-raises it from its own frame)."""
         if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
             return super().__call__(*args, **kwargs)
-        return self._serve(args, kwargs)
+        return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._serve(args, kwargs)
-
-    def _serve(self, args: tuple, kwargs: dict) -> Any:
+        """A call through the slow path (``_dispatch``): what a call with hooks on this wrapper runs."""
         with self._lock:
-            hot = self._hot
-            if hot is not None:
-                # The hot path: the same signature as the last call, and its guards hold.
-                entry, inputs, state_holds, model_clean, replay = hot
-                leaves = inputs(args, kwargs)
-                if leaves is not None and state_holds() and model_clean():
-                    entry.calls += 1
-                    try:
-                        return replay(leaves)
-                    except (OutputsHeld, NotReplayable) as exc:
-                        return self._run_uncaptured(entry, args, kwargs, exc)
             return self._dispatch(args, kwargs)
 
-    def _use(self, entry: Entry | None) -> None:
-        """Make ``entry`` the last one run, and the hot path's (its checks and replay, bound once) if it replays."""
+    def _use(self, entry: Entry | None, args: tuple = (), kwargs: dict | None = None) -> None:
+        """Make ``entry`` the last one run, and the hot path's (its check and replay, bound once) if it replays. Its
+        check is made again when the model guard took another snapshot, or when it refuses this very call although
+        the slow path found the entry (another thread-local dispatch state: ``call_guard``)."""
         self._last = entry
         self._hot = None
-        if entry is not None and entry.graphed is not None:
-            clean = self._guard.clean if self._guard is not None else _always
-            self._hot = (entry, entry.inputs, entry.state.check, clean, entry.graphed.replay)
+        if entry is None or entry.graphed is None:
+            return
+        kwargs = kwargs or {}
+        version = self._guard.version if self._guard is not None else 0
+        if entry.hot is None or entry.hot_version != version or entry.hot(args, kwargs) is None:
+            entry.hot, entry.hot_version = hot_guard(args, kwargs, entry.state, self._guard), version
+        self._hot = (entry, entry.hot, entry.graphed.replay)
 
     def _dispatch(self, args: tuple, kwargs: dict) -> Any:
         if isinstance(self.original, nn.Module) and self.original.training:
@@ -222,9 +226,7 @@ class OparaModule(nn.Module):
             entry = self._capture(full_key, args, kwargs, record)
         else:
             self._cache.move_to_end(full_key)
-            if entry.inputs is not None and entry.inputs(args, kwargs) is None:
-                entry.inputs = call_guard(args, kwargs)  # same key, another thread-local dispatch state
-        self._use(entry)
+        self._use(entry, args, kwargs)
         return self._run(entry, args, kwargs, leaves)
 
     def _record(self, key: Hashable, args: tuple, kwargs: dict) -> Any:
@@ -354,7 +356,7 @@ class OparaModule(nn.Module):
             self.notices.append(box.note())
         if self._guard is not None:
             self._guard.snapshot()
-        entry.key, entry.state, entry.inputs = key, CallState(), call_guard(args, kwargs)
+        entry.key, entry.state = key, CallState()
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
             self._evict()
@@ -796,12 +798,15 @@ def _drop(captured: dict[str, GraphedCall], keep: tuple[str, ...]) -> None:
 
 
 def _fastest(times: dict[str, float], pools: dict[str, float], limit: float | None) -> str:
-    """The fastest candidate whose graph memory fits ``limit`` (the smallest one if none does); the plain CUDA graph
-    unless another is faster by more than ``PLAIN_GRAPH_MARGIN``."""
+    """The fastest candidate whose graph memory fits ``limit`` (the smallest one if none does): of those within
+    ``PLAIN_GRAPH_MARGIN`` (the timing noise) of the fastest, the one with the least graph memory; and the plain CUDA
+    graph unless that one is faster by more than the margin."""
     fitting = [k for k in times if _fits(pools, k, limit)]
     if not fitting:
         return min(times, key=lambda k: pools.get(k, 0.0))
-    best = min(fitting, key=times.__getitem__)
+    quickest = min(times[k] for k in fitting)
+    close = [k for k in fitting if times[k] <= quickest * (1 + PLAIN_GRAPH_MARGIN)]
+    best = min(close, key=lambda k: (pools.get(k, 0.0), times[k]))
     plain = times.get(PLAIN_GRAPH)
     if PLAIN_GRAPH in fitting and best != PLAIN_GRAPH and times[best] > plain * (1 - PLAIN_GRAPH_MARGIN):
         return PLAIN_GRAPH

@@ -1,0 +1,103 @@
+"""Compile time of fused planning against torch.compile(mode="reduce-overhead"), cold and warm (issue 10's targets:
+warm <= 5 s, cold <= 2x reduce-overhead). Run on the GPU machine from the checkout root:
+
+    PYTHONPATH=. python benchmarks/compile_time.py [--model googlenet] [--md FILE]
+
+Each measurement runs in a fresh process, so nothing compiled stays in memory; "cold" gives it empty cache folders
+(TorchInductor's and Triton's, and opara_nb's profile cache), "warm" the folders its cold run filled. The time is
+from the model built and on the GPU to the first result of the optimized module (planning, compiling, capturing), or,
+for reduce-overhead, to the third call's result (compile, warm-up, CUDA graph record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks._table import emit
+
+_MARK = "COMPILE_TIME_JSON "
+
+
+def _child(model_name: str, mode: str) -> None:
+    import warnings
+
+    import torch
+
+    import opara_nb
+    from opara_nb import models
+
+    warnings.simplefilter("ignore")
+    model, args, kwargs = models.get(model_name, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if mode == "reduce-overhead":
+            compiled = torch.compile(model, mode="reduce-overhead")
+            for _ in range(3):
+                out = compiled(*args, **kwargs)
+        else:
+            om = opara_nb.optimize(model, *args, strategy="opara", fuse=True, **kwargs)
+            out = om(*args, **kwargs)
+        torch.utils._pytree.tree_map(lambda t: t.sum().item() if isinstance(t, torch.Tensor) else t, out)
+    seconds = time.perf_counter() - start
+    extra = {} if mode == "reduce-overhead" else {"kept": om.report.kept, "mode": om.report.mode}
+    print(_MARK + json.dumps({"seconds": seconds, "torch": torch.__version__,
+                              "device": torch.cuda.get_device_name(), **extra}), flush=True)
+
+
+def _run(model_name: str, mode: str, caches: str, timeout: float) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(caches, "triton"), OPARA_NB_CACHE_DIR=os.path.join(caches, "opara_nb"))
+    cmd = [sys.executable, __file__, "--child", mode, "--model", model_name]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="googlenet")
+    parser.add_argument("--md", default=None)
+    parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        _child(ns.model, ns.child)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as compiled, tempfile.TemporaryDirectory() as fused:
+        for label, mode, caches in (("reduce-overhead, cold", "reduce-overhead", compiled),
+                                    ("opara+fused, cold", "opara+fused", fused),
+                                    ("opara+fused, warm", "opara+fused", fused),
+                                    ("reduce-overhead, warm", "reduce-overhead", compiled)):
+            result = _run(ns.model, mode, caches, ns.timeout)
+            rows.append((label, result))
+            print(label, result, flush=True)
+    info = next((r for _, r in rows if "device" in r), {})
+    lines = [f"device {info.get('device', '?')}, torch {info.get('torch', '?')}, command: PYTHONPATH=. python "
+             f"benchmarks/compile_time.py --model {ns.model}", "",
+             "| model | mode | caches | seconds to the first result |", "|---|---|---|---|"]
+    for label, result in rows:
+        mode, caches = label.split(", ")
+        value = f"{result['seconds']:.1f}" if "seconds" in result else result["error"]
+        lines.append(f"| {ns.model} | {mode} | {caches} | {value} |")
+    cold = {label: r.get("seconds") for label, r in rows}
+    if cold.get("reduce-overhead, cold") and cold.get("opara+fused, cold"):
+        lines += ["", f"cold opara+fused / cold reduce-overhead: "
+                      f"{cold['opara+fused, cold'] / cold['reduce-overhead, cold']:.2f}x (target <= 2x); "
+                      f"warm opara+fused: {cold.get('opara+fused, warm') or float('nan'):.1f} s (target <= 5 s)"]
+    emit(lines, ns.md)
+
+
+if __name__ == "__main__":
+    main()
