@@ -351,3 +351,39 @@ def test_auto_with_fuse_captures_and_times_the_fused_twins_through_the_user_path
     assert any("segments fused by TorchInductor" in n for n in rep.notices)
     runners = om._backend.runners
     assert all(r.compiled for r in runners)  # the graph's fused plans shared their compiled segments
+
+
+def _segment(x, w):
+    return (x @ w).relu() + 1
+
+
+def test_a_warm_segment_compile_loads_inductors_cached_code(monkeypatch, tmp_path):
+    """TorchInductor's FX graph cache (no lowering, no code generation on a warm compile) is bypassed by a direct
+    compile without a ShapeEnv: ours gives it one, so compiling the same segment again hits the cache."""
+    from torch._dynamo.utils import counters
+    from opara_nb.runtime.fused import INDUCTOR_OPTIONS, inductor_compile
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x, w = torch.randn(4, 8), nn.Parameter(torch.randn(8, 3), requires_grad=False)
+    counters.clear()
+    first = inductor_compile(torch.fx.symbolic_trace(_segment), [x, w], INDUCTOR_OPTIONS)
+    again = inductor_compile(torch.fx.symbolic_trace(_segment), [x, w], INDUCTOR_OPTIONS)
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    for fn in (first, again):  # compiled on fake inputs, called with real ones
+        torch.testing.assert_close(fn(x, w), _segment(x, w))
+
+
+def test_segments_with_non_tensor_inputs_compile_on_the_real_inputs():
+    """A non-tensor input would turn symbolic under a ShapeEnv: such a segment compiles as before, uncached."""
+    from torch._guards import TracingContext
+    from opara_nb.runtime.fused import _cacheable
+
+    x = torch.randn(2)
+    with _cacheable([x, 3]) as inputs:
+        assert inputs[0] is x and inputs[1] == 3 and TracingContext.try_get() is None
+    with _cacheable([x]) as inputs:
+        context = TracingContext.try_get()
+        assert context is not None and context.fake_mode.shape_env is not None
+        assert inputs[0] is not x and inputs[0].shape == x.shape and inputs[0].stride() == x.stride()
+    assert TracingContext.try_get() is None

@@ -11,7 +11,8 @@ How a plan runs fused:
    (that has ``MIN_FUSED_OPS`` working operators) with ``torch._inductor.compile`` on the inputs it gets, inductor's
    own CUDA graphs off (ours captures everything). The compiled code runs once on copies of the inputs beside the
    unfused segment, which gives the call's result, and is kept only if outputs (and inputs it writes) match. A
-   segment whose compile, first run or check fails stays unfused; ``notes`` says which and why.
+   segment whose compile, first run or check fails stays unfused; ``notes`` says which and why. Compiles go through
+   TorchInductor's on-disk caches (``_cacheable``): a warm compile loads the code made before.
 
 Why per-segment compiles, not inductor's user streams: torch 2.13 lowers fx nodes annotated with a user stream
 (``node.meta["custom"]["stream"]``, indices into dynamo's own user objects) onto those streams, but torch 2.11 (the
@@ -25,9 +26,10 @@ and cost one), ``VERIFY_RTOL`` (the per-segment check; ``verify=False`` skips it
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -57,8 +59,34 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list, options: di
     """``torch._inductor.compile`` (stable from torch 2.0 to 2.14): a callable with ``gm``'s calling convention."""
     import torch._inductor
 
-    with torch.no_grad():
-        return torch._inductor.compile(gm, example_inputs, options=dict(options))
+    with torch.no_grad(), _cacheable(example_inputs) as inputs:
+        return torch._inductor.compile(gm, inputs, options=dict(options))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@contextlib.contextmanager
+def _cacheable(example_inputs: list) -> Iterator[list]:
+    """The inputs to compile on, inside a tracing context that lets TorchInductor use its FX graph cache.
+
+    The cache (what makes a warm compile cheap: no lowering, no code generation) is bypassed without a ShapeEnv in the
+    tracing context ("No shape env"), which dynamo provides and a direct ``torch._inductor.compile`` does not. Here it
+    gets one, and fake copies of the inputs with every shape static, so the code compiled is the same as without.
+    Non-tensor inputs would turn symbolic there: such segments, and compiles inside another tracing context, compile
+    as before, uncached."""
+    from torch._guards import TracingContext, tracing
+
+    if TracingContext.try_get() is not None or not all(type(x) in _PLAIN for x in example_inputs):
+        yield list(example_inputs)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(x, static_shapes=True) for x in example_inputs]
+    with tracing(TracingContext(mode)):
+        yield fakes
 
 
 def fusion_available() -> bool:
