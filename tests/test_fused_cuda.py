@@ -105,6 +105,8 @@ def test_auto_with_fuse_measures_fused_twins_and_keeps_the_fastest():
 def test_fused_backend_option_on_cuda():
     import torch._dynamo
 
+    import opara_nb.backend  # noqa: F401  (registers "opara" where the package is run from a checkout, not installed)
+
     torch._dynamo.reset()
     model, args, kwargs = _build("graph_break")
     with torch.no_grad():
