@@ -189,6 +189,7 @@ def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[
     om = _called(model, args, kwargs, strategy="sequential", graphs=FakeGraphs())
     graphed = om._last.graphed
     graphed.graph.replay = graphed._replay_graph = lambda: None
+    graphed._make_fast()
     raw = _raw_replay(om, args, kwargs)
     calls = {"raw": raw, "om": lambda: om(*args, **kwargs), "check": lambda: om._last.hot(args, kwargs)}
     times = {k: float("inf") for k in calls}

@@ -3,7 +3,8 @@
 ``GraphedCall`` captures ``fn(*args, **kwargs)`` (any Python callable: the dynamo-compiled model with all its graphs
 and the glue between graph breaks, one planned graph, or the plain model) into one ``torch.cuda.CUDAGraph`` that reads
 clones of the example inputs. ``replay(leaves)`` copies the caller's tensors into those buffers, replays, copies back
-any input the model changes in place, and returns the outputs.
+any input the model changes in place, and returns the outputs; ``fast(leaves)`` does the same as code generated for
+the graph's configuration (the call path users get).
 
 Outputs (``clone_outputs``):
 
@@ -21,6 +22,7 @@ import functools
 import gc
 import sys
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -137,7 +139,8 @@ class GraphedCall:
         self._uses: list[tuple[int, int, int, int, list[int]]] | None = None
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
-        self._stream_key: Any = None
+        self._stream_key: list[Any] = [None]  # the id of the stream that last called (a list: ``fast`` reads it)
+        self.fast: Callable[[list[Any]], Any] = _through_replay(weakref.ref(self))
         self.graph: Any = None
         self._replay_graph: Callable[[], None] | None = None
         self.pool: Any = None
@@ -163,9 +166,9 @@ class GraphedCall:
         del out  # counted references to the outputs must be ours alone
         self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
         self.capture_ms = (time.perf_counter() - start) * 1e3
-        self._classify_outputs()
         self._stream, self._stream_id = self.layer.current(), self.layer.stream_id()
-        self._stream_key = self._stream_id() if self._stream_id is not None else None
+        self._stream_key[0] = self._stream_id() if self._stream_id is not None else None
+        self._classify_outputs()
 
     def _classify_outputs(self) -> None:
         inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
@@ -190,9 +193,55 @@ class GraphedCall:
         self._configure()
 
     def _configure(self) -> None:
-        """The replay path's flags, from the output classification and the clone choice."""
+        """The replay path's flags, from the output classification and the clone choice; ``fast`` made again."""
         self._protect = self._clone_outputs is None and bool(self._guarded)
         self._as_is = not self._clone_outputs and not self._copied
+        self._make_fast()
+
+    def _make_fast(self) -> None:
+        """``fast(leaves)``: ``replay`` as one function generated for this graph's configuration, its flags decided
+        and its loops unrolled (about half of ``replay``'s own time). Until the outputs' uses are counted (the
+        first replay) it is ``replay`` itself. It holds no reference to this object (a weak proxy for rare work),
+        so dropping the object frees its buffers at once."""
+        if self.graph is None or (self._protect and self._uses is None):
+            self.fast = _through_replay(weakref.ref(self))
+            return
+        names: dict[str, Any] = {"ME": weakref.proxy(self), "O": self._out, "K": self._stream_key}
+        lines = []
+        if self._protect:
+            names.update(UC=_use_count, RC=sys.getrefcount, HELD=OutputsHeld)
+            for n, (i, cdata, uses, refs, where) in enumerate(self._uses):
+                names[f"W{n}"] = where
+                lines += [f"if UC({cdata}) > {uses}:", "    raise HELD('a view of an earlier output is still alive')",
+                          f"if RC(O[{i}]) > {refs}:", f"    ME._rescue(W{n})"]
+        if self._stream_id is not None:
+            names["SID"] = self._stream_id
+            lines += ["if SID() != K[0]:", "    ME._follow_stream()"]
+        if self._fixed:
+            lines.append("ME._check_fixed(leaves)")
+        if self._mutated:
+            names.update(ALIASED=_aliased, NOTREP=NotReplayable)
+            lines += [f"if ALIASED([{', '.join(f'leaves[{i}]' for i in self._slots)}]):",
+                      "    raise NOTREP('inputs that share memory go to a graph that writes one of them in place')"]
+        for i, dst in self._copies:
+            names[f"D{i}"] = dst
+            lines += [f"s = leaves[{i}]", f"if s is not D{i}:", f"    D{i}.copy_(s)"]  # the caller may pass D itself
+        names["REPLAY"] = self._replay_graph
+        lines.append("REPLAY()")
+        for i in self._mutated:
+            names[f"S{i}"] = self._static[i]
+            lines.append(f"leaves[{i}].copy_(S{i})")
+        if not self._as_is:
+            lines.append("return ME._outputs()")
+        elif self._single:
+            lines.append("return O[0]")
+        else:
+            names["REBUILD"] = self._rebuild
+            lines.append("return REBUILD(O)")
+        source = "def fast(leaves):\n" + "".join(f"    {line}\n" for line in lines)
+        exec(compile(source, "<opara_nb replay>", "exec"), names)  # noqa: S102 - our own source, no user text
+        self.fast = names["fast"]
+        self.fast.source = source
 
     def _count_uses(self) -> None:
         """Per output object (one returned in several places, ``return y, y``, counts once, with all its places):
@@ -217,7 +266,7 @@ class GraphedCall:
         outputs to protect) is behind one flag each."""
         if self._protect:  # first, while held outputs still belong to the stream that last called
             self._protect_outputs()
-        if self._stream_id is not None and self._stream_id() != self._stream_key:
+        if self._stream_id is not None and self._stream_id() != self._stream_key[0]:
             self._follow_stream()
         if self._fixed:
             self._check_fixed(leaves)
@@ -265,6 +314,7 @@ class GraphedCall:
         """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
         if self._uses is None:
             self._count_uses()
+            self._make_fast()
             return
         out = self._out
         for i, cdata, uses, refs, where in self._uses:
@@ -287,7 +337,7 @@ class GraphedCall:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""
         current = self.layer.current()
         self.layer.wait(current, self._stream)
-        self._stream, self._stream_key = current, self._stream_id()
+        self._stream, self._stream_key[0] = current, self._stream_id()
 
     @property
     def static_inputs(self) -> list[Any]:
@@ -300,6 +350,7 @@ class GraphedCall:
             except Exception:  # noqa: BLE001 - a half-captured graph may refuse reset; dropping it is enough
                 pass
         self.graph = self._replay_graph = None
+        self.fast = _through_replay(weakref.ref(self))  # drops the generated function's hold on the buffers
         self.pool = None
         self._out = []
         self._static = []
@@ -313,6 +364,11 @@ class GraphedCall:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _through_replay(ref: Callable[[], Any]) -> Callable[[list[Any]], Any]:
+    """``fast`` before it is generated: the general ``replay`` of the (weakly referenced) GraphedCall."""
+    return lambda leaves: ref().replay(leaves)
 
 
 def _direct_replay(graph: Any) -> Callable[[], None]:

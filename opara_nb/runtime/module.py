@@ -168,12 +168,12 @@ class OparaModule(nn.Module):
             with self._lock:
                 hot = self._hot
                 if hot is not None:
-                    entry, check, replay = hot
+                    entry, check, graphed = hot
                     leaves = check(args, kwargs)
                     if leaves is not None:
                         entry.calls += 1
                         try:
-                            return replay(leaves)
+                            return graphed.fast(leaves)
                         except (OutputsHeld, NotReplayable) as exc:
                             return self._run_uncaptured(entry, args, kwargs, exc)
                 return self._dispatch(args, kwargs)
@@ -203,7 +203,7 @@ class OparaModule(nn.Module):
         version = self._guard.version if self._guard is not None else 0
         if entry.hot is None or entry.hot_version != version or entry.hot(args, kwargs) is None:
             entry.hot, entry.hot_version = hot_guard(args, kwargs, entry.state, self._guard), version
-        self._hot = (entry, entry.hot, entry.graphed.replay)
+        self._hot = (entry, entry.hot, entry.graphed)
 
     def _dispatch(self, args: tuple, kwargs: dict) -> Any:
         if isinstance(self.original, nn.Module) and self.original.training:
@@ -247,7 +247,7 @@ class OparaModule(nn.Module):
         entry.calls += 1
         if entry.graphed is not None:
             try:
-                return entry.graphed.replay(leaves)
+                return entry.graphed.fast(leaves)
             except (OutputsHeld, NotReplayable) as exc:
                 return self._run_uncaptured(entry, args, kwargs, exc)
         if entry.mode in ("piecewise", "eager-plan"):
@@ -480,7 +480,7 @@ class OparaModule(nn.Module):
         replays: dict[str, float] = {}
         eager_ms = None
         if len(captured) > 1:
-            calls = {k: (lambda g=g: g.replay(leaves)) for k, g in captured.items()}
+            calls = {k: (lambda g=g: g.fast(leaves)) for k, g in captured.items()}
             calls["eager"] = lambda: self.original(*args, **kwargs)
             with progress.task("timing candidates", total=1) as bar:
                 bar.step(", ".join(captured))
@@ -514,7 +514,7 @@ class OparaModule(nn.Module):
         if best == PLAIN_GRAPH or plain is None or plain.graph is None:
             return {}
         pair = {best: captured[best], PLAIN_GRAPH: plain}
-        calls = {k: (lambda g=g: g.replay(leaves)) for k, g in pair.items()}
+        calls = {k: (lambda g=g: g.fast(leaves)) for k, g in pair.items()}
         with progress.task("confirming the pick", total=1) as bar:
             bar.step(f"{best} vs {PLAIN_GRAPH}")
             return timing.sync_latency_ms(calls, self._graphs.synchronize)

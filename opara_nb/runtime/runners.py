@@ -63,12 +63,12 @@ class GraphCapture:
         if self.failed is not None:
             return self.executor(*args)
         try:
-            return self.graphed.replay(list(args))
+            return self.graphed.fast(list(args))
         except ValueError as exc:  # a parameter moved (param.data = ...): capture again
             self.release()
             self.failed = self._capture(args)
             if self.failed is None:
-                return self.graphed.replay(list(args))
+                return self.graphed.fast(list(args))
             self.failed = f"{one_line(exc)}; {self.failed}"
             return self.executor(*args)
 
