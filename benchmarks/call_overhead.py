@@ -228,6 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--md", default=None)
     parser.add_argument("--python-path", action="store_true", help="time the Python call path on fake graphs (no GPU)")
+    parser.add_argument("--cases", default="", help="only these cases (comma-separated name prefixes, e.g. tiny,deepfm); "
+                        "skips the Hugging Face guard rows and the cProfile")
     ns = parser.parse_args()
     if ns.python_path:
         lines = [f"CPU, torch {torch.__version__}, command: PYTHONPATH=. python benchmarks/call_overhead.py "
@@ -237,14 +239,18 @@ def main() -> None:
         emit(lines, ns.md)
         return
     head = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-            f"command: PYTHONPATH=. python benchmarks/call_overhead.py")
+            f"command: PYTHONPATH=. python benchmarks/call_overhead.py{' --cases ' + ns.cases if ns.cases else ''}")
     lines = [head, "", "| model | call path | host us/call (GPU busy, lower quartile of bursts) | "
              "over a raw replay of the same graph | sync latency us (median) |",
              "|---|---|---|---|---|"]
-    cases = _cases()
+    wanted = [w for w in ns.cases.split(",") if w]
+    cases = [c for c in _cases() if not wanted or any(c[0].startswith(w) for w in wanted)]
     for case in cases:
         lines += measure(*case)
         print("\n".join(lines[-12:]), flush=True)
+    if wanted:
+        emit(lines, ns.md)
+        return
     for name in ("bert", "t5"):  # Hugging Face models: many layers reading one config
         if name in models.available():
             model, args, kwargs = models.get(name, device="cuda")
