@@ -228,8 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--md", default=None)
     parser.add_argument("--python-path", action="store_true", help="time the Python call path on fake graphs (no GPU)")
-    parser.add_argument("--cases", default="", help="only these cases (comma-separated name prefixes, e.g. tiny,deepfm); "
-                        "skips the Hugging Face guard rows and the cProfile")
+    parser.add_argument("--cases", default="", help="only these cases (comma-separated name prefixes, e.g. "
+                        "tiny,deepfm); skips the Hugging Face guard rows and the cProfile")
     ns = parser.parse_args()
     if ns.python_path:
         lines = [f"CPU, torch {torch.__version__}, command: PYTHONPATH=. python benchmarks/call_overhead.py "
