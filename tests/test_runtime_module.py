@@ -152,6 +152,9 @@ def test_report_leads_with_the_measured_gain():
                           "17.08x faster than eager (8.200 ms)")
     assert str(rep).splitlines()[1].strip() == rep.gain()
     assert rep.memory_line() == "graph memory 30.0 MiB vs 20.0 MiB for a plain CUDA graph"
+    cands["opara"]["pool_mb"] = 64.0  # more than 1.5x: how much, and the knob that trades it
+    assert rep.memory_line() == ("graph memory 64.0 MiB vs 20.0 MiB for a plain CUDA graph (3.2x, the price of its "
+                                 "streams; optimize(..., max_memory_mb=N) keeps only plans that fit)")
     plain = RunReport(mode="cuda-graph", requested="auto", kept="cudagraph", candidates=cands)
     assert "plain CUDA graph was fastest" in plain.gain()
     assert RunReport(mode="eager-plan", kept="opara").gain() is None

@@ -9,6 +9,8 @@ from ..pipeline import PLAIN_GRAPH
 
 __all__ = ["RunReport", "PLAIN_GRAPH"]
 
+# Graph memory above this multiple of the plain graph's is called out in the report, with the knob that trades it.
+MEMORY_NOTE_RATIO = 1.5
 
 
 @dataclass
@@ -93,7 +95,12 @@ class RunReport:
         base = self.baseline()
         if self.kept not in pools or base is None or base not in pools or base == self.kept:
             return None
-        return f"graph memory {pools[self.kept]:.1f} MiB vs {pools[base]:.1f} MiB for a plain CUDA graph"
+        line = f"graph memory {pools[self.kept]:.1f} MiB vs {pools[base]:.1f} MiB for a plain CUDA graph"
+        if pools[self.kept] > MEMORY_NOTE_RATIO * max(pools[base], 1.0):
+            # each stream allocates from blocks of its own, and values read across streams live until the join
+            line += (f" ({pools[self.kept] / max(pools[base], 1.0):.1f}x, the price of its streams; "
+                     "optimize(..., max_memory_mb=N) keeps only plans that fit)")
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
