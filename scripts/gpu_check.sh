@@ -15,6 +15,8 @@
 #   scripts/gpu_check.sh bench nasnet; scripts/gpu_check.sh bench bert t5; scripts/gpu_check.sh sweep;
 #   scripts/gpu_check.sh alloc
 # Mid-course check: scripts/gpu_check.sh quick
+# Compile time (issue 10): COMPILE_MODEL=googlenet scripts/gpu_check.sh compile (benchmarks/compile_time.py: fused
+# planning and reduce-overhead, cold and warm, each in a fresh process)
 # Fused segments (issue 10): scripts/gpu_check.sh fused (event-cost probe, then the fused cuda tests: FUSED_TESTS is
 # their -k expression, default "not nasnet"; FUSED_TESTS=nasnet for that one); scripts/gpu_check.sh probe [MODEL...]
 # (benchmarks/fused_probe.py per model: compile time, segments, measured vs modelled costs). Fused bench rows:
