@@ -292,3 +292,18 @@ def test_settings_of_library_classes_are_seen_by_refresh_not_per_call(monkeypatc
     model[0].scale = 3.0
     assert guard.clean()  # per call: a library's settings are taken as fixed
     assert guard.changes() == ["attribute '0.scale' changed (2.0 -> 3.0)"]  # om.refresh() sees them
+
+
+def test_the_hot_check_of_a_call_only_pytree_flattens_still_checks_state_and_model():
+    Pair = namedtuple("Pair", "a b")
+    model, x = _Net().eval(), torch.randn(1, 3, 8, 8)
+    args = (Pair(x, x + 1),)
+    check = hot_guard(args, {}, CallState(), ModelGuard(model))
+    assert check(args, {}) is not None
+    try:
+        torch.set_autocast_enabled("cpu", True)
+        assert check(args, {}) is None
+    finally:
+        torch.set_autocast_enabled("cpu", False)
+    model.bn.train()
+    assert check(args, {}) is None
