@@ -1,7 +1,10 @@
 """Compile time of fused planning against torch.compile(mode="reduce-overhead"), cold and warm (issue 10's targets:
 warm <= 5 s, cold <= 2x reduce-overhead). Run on the GPU machine from the checkout root:
 
-    PYTHONPATH=. python benchmarks/compile_time.py [--model googlenet] [--md FILE]
+    PYTHONPATH=. python benchmarks/compile_time.py [--model googlenet] [--md FILE] [--profile-warm]
+
+(``--profile-warm``: the warm fused run once more under cProfile, printed; ``--device cpu``: a smoke test of this
+script on a machine without a GPU, TorchInductor's C++ backend.)
 
 Each measurement runs in a fresh process, so nothing compiled stays in memory; "cold" gives it empty cache folders
 (TorchInductor's and Triton's, and opara_nb's profile cache), "warm" the folders its cold run filled. The time is
@@ -23,7 +26,7 @@ from benchmarks._table import emit
 _MARK = "COMPILE_TIME_JSON "
 
 
-def _child(model_name: str, mode: str) -> None:
+def _child(model_name: str, mode: str, device: str, profile: bool = False) -> None:
     import warnings
 
     import torch
@@ -32,8 +35,16 @@ def _child(model_name: str, mode: str) -> None:
     from opara_nb import models
 
     warnings.simplefilter("ignore")
-    model, args, kwargs = models.get(model_name, device="cuda")
-    torch.cuda.synchronize()
+    model, args, kwargs = models.get(model_name, device=device)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "reduce-overhead":
@@ -45,19 +56,34 @@ def _child(model_name: str, mode: str) -> None:
             out = om(*args, **kwargs)
         torch.utils._pytree.tree_map(lambda t: t.sum().item() if isinstance(t, torch.Tensor) else t, out)
     seconds = time.perf_counter() - start
+    if prof is not None:
+        _print_profile(prof)
     extra = {} if mode == "reduce-overhead" else {"kept": om.report.kept, "mode": om.report.mode}
-    print(_MARK + json.dumps({"seconds": seconds, "torch": torch.__version__,
-                              "device": torch.cuda.get_device_name(), **extra}), flush=True)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(_MARK + json.dumps({"seconds": seconds, "torch": torch.__version__, "device": name, **extra}), flush=True)
 
 
-def _run(model_name: str, mode: str, caches: str, timeout: float) -> dict:
+def _print_profile(prof) -> None:
+    """Where a run's time went: the functions with the most cumulative time (cProfile's own overhead included)."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
+    print(out.getvalue(), flush=True)
+
+
+def _run(model_name: str, mode: str, device: str, caches: str, timeout: float, profile: bool = False) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"), OPARA_NB_CACHE_DIR=os.path.join(caches, "opara_nb"))
-    cmd = [sys.executable, __file__, "--child", mode, "--model", model_name]
+    cmd = [sys.executable, __file__, "--child", mode, "--model", model_name, "--device", device]
+    cmd += ["--profile-warm"] if profile else []
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout:.0f} s"}
+    if profile:
+        print("\n".join(line for line in done.stdout.splitlines() if not line.startswith(_MARK)), flush=True)
     for line in done.stdout.splitlines():
         if line.startswith(_MARK):
             return json.loads(line[len(_MARK):])
@@ -69,10 +95,13 @@ def main() -> None:
     parser.add_argument("--model", default="googlenet")
     parser.add_argument("--md", default=None)
     parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--device", default="cuda", help="cuda (the record) or cpu (a smoke test of this script)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-warm", action="store_true",
+                        help="run the warm opara+fused measurement once more under cProfile and print where it went")
     ns = parser.parse_args()
     if ns.child:
-        _child(ns.model, ns.child)
+        _child(ns.model, ns.child, ns.device, ns.profile_warm)
         return
     rows = []
     with tempfile.TemporaryDirectory() as compiled, tempfile.TemporaryDirectory() as fused:
@@ -80,12 +109,15 @@ def main() -> None:
                                     ("opara+fused, cold", "opara+fused", fused),
                                     ("opara+fused, warm", "opara+fused", fused),
                                     ("reduce-overhead, warm", "reduce-overhead", compiled)):
-            result = _run(ns.model, mode, caches, ns.timeout)
+            result = _run(ns.model, mode, ns.device, caches, ns.timeout)
             rows.append((label, result))
             print(label, result, flush=True)
+        if ns.profile_warm:
+            _run(ns.model, "opara+fused", ns.device, fused, ns.timeout, profile=True)
     info = next((r for _, r in rows if "device" in r), {})
+    where = "" if ns.device == "cuda" else f" --device {ns.device}"
     lines = [f"device {info.get('device', '?')}, torch {info.get('torch', '?')}, command: PYTHONPATH=. python "
-             f"benchmarks/compile_time.py --model {ns.model}", "",
+             f"benchmarks/compile_time.py --model {ns.model}{where}", "",
              "| model | mode | caches | seconds to the first result |", "|---|---|---|---|"]
     for label, result in rows:
         mode, caches = label.split(", ")
