@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [STAGE] [MODEL...]
 #
-# STAGE: env | tests | trust | compile | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
+# STAGE: env | tests | trust | memory | compile | fused | probe | bench | quick | sweep | alloc | profile | report | all (default all). bench takes model names (default:
 # the paper's six). quick is the mid-course check: bench of googlenet deepfm bert (or the models given) with
 # MODES=eager,cudagraph,opara,opara+topological,auto,nimble+topological,wavefront+topological and ITERS=200. Every stage rewrites
 # benchmarks/results/$NAME/$NAME.md and .json from what exists so far, so a timeout still leaves a report; with $OUT set
@@ -15,6 +15,7 @@
 #   scripts/gpu_check.sh bench nasnet; scripts/gpu_check.sh bench bert t5; scripts/gpu_check.sh sweep;
 #   scripts/gpu_check.sh alloc
 # Mid-course check: scripts/gpu_check.sh quick
+# Memory against streams (issue 13): MEMORY_MODELS=googlenet,deepfm scripts/gpu_check.sh memory
 # Compile time (issue 10): COMPILE_MODEL=googlenet scripts/gpu_check.sh compile (benchmarks/compile_time.py: fused
 # planning and reduce-overhead, cold and warm, each in a fresh process)
 # Fused segments (issue 10): scripts/gpu_check.sh fused (event-cost probe, then the fused cuda tests: FUSED_TESTS is
@@ -120,6 +121,14 @@ stage_trust() {
   report
 }
 
+# issue 13's memory question: speed and graph memory against the number of physical streams
+stage_memory() {
+  bounded "${MEMORY_TIMEOUT:-300}" python benchmarks/streams_memory.py ${MEMORY_MODELS:+--models "$MEMORY_MODELS"} \
+    --md "$PARTS/streams_memory.md" 2>&1 | grep -v "^USDT" | tail -30
+  [ -n "${OUT:-}" ] && cp "$PARTS/streams_memory.md" "$OUT/" 2>/dev/null
+  report
+}
+
 # issue 10's compile-time targets: fused planning cold and warm against reduce-overhead, each in a fresh process
 stage_compile() {
   bounded "${COMPILE_TIMEOUT:-500}" python benchmarks/compile_time.py --model "${COMPILE_MODEL:-googlenet}" \
@@ -190,6 +199,7 @@ case "$STAGE" in
   trust) stage_trust ;;
   fused) stage_fused ;;
   compile) stage_compile ;;
+  memory) stage_memory ;;
   probe) stage_probe ;;
   bench) stage_bench ;;
   quick) stage_quick ;;
