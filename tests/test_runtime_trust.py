@@ -554,3 +554,47 @@ def test_a_forward_that_sets_an_attribute_to_the_same_value_still_replays():
     x = torch.randn(2, 4)
     torch.testing.assert_close(_quiet(om, x), _expect(model, x))
     assert om.report.mode == "cuda-graph"
+
+
+def test_a_torch_compiled_model_is_optimized_through_the_module_inside():
+    """``optimize(torch.compile(model), x)``: opara_nb compiles through dynamo itself, so it takes the module inside,
+    says so, and leaves the user's compiled module as it was."""
+    model, graphs = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), FakeGraphs()
+    compiled, x = torch.compile(model), torch.randn(2, 4)
+    with pytest.warns(OparaNotice, match="compiled with torch.compile"):
+        om = optimize(compiled, x, strategy="opara", graphs=graphs)
+    assert om.original is model and compiled._orig_mod is model
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    assert om.report.mode == "cuda-graph"
+
+
+class PropertyFlag(nn.Module):
+    """``training`` as a property, kept outside the instance dict (as dynamo's OptimizedModule forwards it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    @property
+    def training(self) -> bool:
+        return self.__dict__.get("_mode", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_mode"] = mode
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if self.training else y
+
+
+def test_a_training_flag_that_is_a_property_is_watched():
+    model, graphs = nn.Sequential(nn.ReLU(), PropertyFlag(), torch.compile(nn.Linear(4, 4))).eval(), FakeGraphs()
+    x = torch.randn(2, 4)
+    assert "training" not in model[1].__dict__ and "training" not in model[2].__dict__
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    model[1].train()
+    with pytest.warns(OparaNotice, match="'1' switched to train mode"):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))

@@ -500,8 +500,12 @@ class ModelGuard:
         self._attr_keys = [k for _, k, _ in watched]
         self._attr_values = [v for _, _, v in watched]
         tracked = _tracked_modules(model)
-        self._dicts = [m.__dict__ for m in tracked]
+        # flags read from the instance dict (C-level, cheap); a class whose ``training`` is a property (a
+        # torch.compile'd submodule, OptimizedModule, forwards it) is read through the attribute
+        self._dicts = [m.__dict__ for m in tracked if "training" in m.__dict__]
         self._flags = list(map(_training, self._dicts))
+        self._owners = [m for m in tracked if "training" not in m.__dict__]
+        self._owner_flags = [m.training for m in self._owners]
         self._epoch = _EPOCH[0]
         self._handles = RemovableHandle.next_id
         self.version += 1
@@ -517,6 +521,8 @@ class ModelGuard:
         else:
             code.checks.append(f"list(map({code.const(_training)}, {code.const(self._dicts)})) == "
                                f"{code.const(self._flags)}")
+        code.checks += [f"{code.const(m)}.training is {code.value(flag)}"
+                        for m, flag in zip(self._owners, self._owner_flags)]
         if len(self._attr_dicts) <= _INLINE:
             code.checks += [f"{code.const(d)}.get({code.const(k)}) is {code.const(v)}"
                             for d, k, v in zip(self._attr_dicts, self._attr_keys, self._attr_values)]
@@ -529,7 +535,8 @@ class ModelGuard:
         """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
         if _EPOCH[0] != self._epoch or RemovableHandle.next_id != self._handles:
             return False
-        if list(map(_training, self._dicts)) != self._flags:
+        if list(map(_training, self._dicts)) != self._flags or \
+                any(m.training is not flag for m, flag in zip(self._owners, self._owner_flags)):
             return False
         return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values))
 

@@ -125,6 +125,9 @@ class OparaModule(nn.Module):
                                   "(opara_nb.optimize does that for you)")
         if not callable(model):
             raise OparaUsageError(f"optimize needs a callable model (an nn.Module), got {type(model).__name__}")
+        compiled_by_user = _compiled_module(model)
+        if compiled_by_user is not None:  # opara_nb compiles through dynamo itself: two compiles of one call fight
+            model = compiled_by_user
         if max_graphs < 1:
             raise OparaUsageError(f"max_graphs must be at least 1, got {max_graphs}")
         if strategy != "auto":
@@ -156,6 +159,9 @@ class OparaModule(nn.Module):
         self._evicted_unused = 0
         self._replans, self._last_change = 0, ""
         self.notices: list[str] = []
+        if compiled_by_user is not None:
+            self._notify("opara_nb: the model was compiled with torch.compile; opara_nb compiles it itself, so it "
+                         "optimizes the module inside (its ._orig_mod), which is left as it was")
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -724,6 +730,14 @@ class OparaModule(nn.Module):
         mode = last.mode if last is not None else "not called yet"
         kept = f", kept={last.kept!r}" if last is not None and last.kept else ""
         return f"strategy={self.strategy!r}{kept}, mode={mode!r}, graphs_cached={len(self._cache)}"
+
+
+def _compiled_module(model: Any) -> nn.Module | None:
+    """The module inside a ``torch.compile``d one (dynamo's ``OptimizedModule``), else None."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return inner
+    return None
 
 
 def _rebuild(original: Any, options: dict) -> OparaModule:
