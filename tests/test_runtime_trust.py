@@ -598,3 +598,15 @@ def test_a_training_flag_that_is_a_property_is_watched():
     with pytest.warns(OparaNotice, match="'1' switched to train mode"):
         out = om(x)
     torch.testing.assert_close(out, _expect(model, x))
+
+
+@pytest.mark.parametrize("where, said", [("root", "the model is a TorchScript module"),
+                                         ("submodule", "TorchScript submodules, which dynamo does not trace: '0'")])
+def test_torchscript_runs_the_original_model_and_says_why(where, said):
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model = (torch.jit.script(inner) if where == "root" else nn.Sequential(torch.jit.script(nn.Linear(4, 4)))).eval()
+    x = torch.randn(2, 4)
+    with pytest.warns(OparaNotice, match="TorchScript"):
+        om = optimize(model, x, strategy="opara", graphs=FakeGraphs())
+    assert om.report.mode == "eager" and said in om.report.reason
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))

@@ -328,8 +328,7 @@ class OparaModule(nn.Module):
             return self._fallback(f"the planned run failed ({one_line(exc)}); running the original model",
                                   args, kwargs)
         if not self._backend.runners:
-            self._use(Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the "
-                                     "original model"))
+            self._use(Entry("eager", self._no_graph_reason()))
             self._notify(f"opara_nb: {self._last.reason}")
             return out
         if len(self._backend.runners) > runners_before:
@@ -421,8 +420,7 @@ class OparaModule(nn.Module):
             return unreplayable
         if not runners:
             graphed.release()
-            return Entry("eager", "dynamo handed no graph to opara_nb (it skipped the frame): running the original "
-                                  "model")
+            return Entry("eager", self._no_graph_reason())
         captured, errors = self._capture_candidates(graphed, compiled, args, kwargs, specs)
         if not captured:
             return self._piecewise(runners, args, kwargs, errors[0], first)
@@ -558,6 +556,18 @@ class OparaModule(nn.Module):
                                   f"{times['eager']:.3f} ms): running the original model",
                          candidates=measured, eager_ms=times["eager"])
         return Entry("piecewise", reason, kept, None, runners, measured, eager_ms=times["eager"])
+
+    def _no_graph_reason(self) -> str:
+        """Why there is nothing to plan: dynamo skipped the frame (TorchScript inside is the usual cause)."""
+        scripted = [repr(n) for n, m in getattr(self.original, "named_modules", lambda: [])()
+                    if isinstance(m, torch.jit.ScriptModule)]
+        if isinstance(self.original, torch.jit.ScriptModule):
+            why = "the model is a TorchScript module, which dynamo does not trace"
+        elif scripted:
+            why = f"TorchScript submodules, which dynamo does not trace: {', '.join(scripted[:3])}"
+        else:
+            why = "it skipped the frame"
+        return f"dynamo handed no graph to opara_nb ({why}): running the original model"
 
     def _owned(self, t: torch.Tensor) -> bool:
         """Whether an output aliases one of the model's own tensors (then it is always copied)."""
