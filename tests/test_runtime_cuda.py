@@ -384,6 +384,26 @@ def _set_gain(value):
     globals()["GAIN"] = value
 
 
+def _scale(y):
+    return y * 2.0
+
+
+class UsesAHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _scale(self.lin(x))
+
+
+def _set_helper(fn):
+    globals()["_scale"] = fn
+
+
+_scale_by_two = _scale
+
+
 @pytest.mark.parametrize("make, edit", [
     (lambda: nn.Sequential(nn.ReLU(), Block()), lambda m: setattr(m[1], "alpha", 2.0)),
     (lambda: nn.Sequential(nn.ReLU(), Block()), lambda m: setattr(m[1], "mode", "product")),
@@ -391,7 +411,9 @@ def _set_gain(value):
     (Configured, lambda m: setattr(m.config, "return_dict", False)),
     (ReadsGain, lambda m: _set_gain(3.0)),
     (Block, lambda m: setattr(m, "forward", lambda inp: m.lin(inp) * 3.0)),
-], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward"])
+    (UsesAHelper, lambda m: _set_helper(lambda y: y * 5.0)),
+], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward",
+        "helper-function-redefined"])
 def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
     """Settings of the model, fields of its config, globals of the user's code, a forward replaced on the instance:
     a graph bakes them in, so after a change the next call is what the model returns now (re-planned), on the GPU's
@@ -410,6 +432,7 @@ def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
         assert om.report.mode == "cuda-graph"  # re-planned and captured again, not given up
     finally:
         _set_gain(2.0)
+        _set_helper(_scale_by_two)
         om.release()
 
 

@@ -610,3 +610,39 @@ def test_torchscript_runs_the_original_model_and_says_why(where, said):
         om = optimize(model, x, strategy="opara", graphs=FakeGraphs())
     assert om.report.mode == "eager" and said in om.report.reason
     torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
+def _act(x):
+    return x.relu() * LEAK
+
+
+LEAK = 1.0  # read by _act, not by the forward itself
+
+
+class UsesAHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _act(self.lin(x))
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda: globals().__setitem__("_act", lambda x: x * 100), "global '_act' was redefined"),
+    (lambda: globals().__setitem__("LEAK", 3.0), "global 'LEAK' changed (1.0 -> 3.0)"),
+], ids=["helper-redefined", "constant-the-helper-reads"])
+def test_a_helper_function_redefined_in_the_notebook_is_replanned(monkeypatch, edit, said):
+    """Re-running the cell of a helper the forward calls binds a new function to its name: eager calls the new one,
+    so a replay of the old one would be stale. Functions the forward reads as globals are watched by identity, and
+    what they read in turn."""
+    monkeypatch.setitem(globals(), "_act", _act)
+    monkeypatch.setitem(globals(), "LEAK", 1.0)
+    model, x, graphs = UsesAHelper().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    edit()
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))

@@ -9,6 +9,7 @@ import dis
 import functools
 import os
 import sys
+import types
 from typing import Any
 
 import torch
@@ -20,6 +21,9 @@ __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
 MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
+# Globals of the user's code watched besides plain values: functions (a notebook helper redefined by re-running its
+# cell), compared by identity.
+_WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType)
 
 
 def same_value(now: Any, then: Any) -> bool:
@@ -110,7 +114,11 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
 def from_a_library(cls: type) -> bool:
     """Whether ``cls`` comes from an installed package (site-packages), not from the user's notebook or project."""
     module = sys.modules.get(cls.__module__)
-    path = os.path.abspath(getattr(module, "__file__", None) or "")
+    return _installed(getattr(module, "__file__", None) or "")
+
+
+def _installed(path: str) -> bool:
+    path = os.path.abspath(path)
     return any(part in path for part in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"))
 
 
@@ -144,8 +152,9 @@ def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
     """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, kind) of
     every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads, each value once. Kinds: "self"
     (``self.name``), "field" (``self.holder.field`` of a plain object, directly or through a property of it) and
-    "global" (a global name of the user's own code: a constant in the notebook, say). torch.nn's own modules are left
-    out: their settings are fixed at construction and their training flags are tracked."""
+    "global" (a global name of the user's own code: a constant in the notebook, say, or a helper function, with what
+    that function reads in turn). torch.nn's own modules are left out: their settings are fixed at construction and
+    their training flags are tracked."""
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
     for prefix, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
@@ -161,7 +170,24 @@ def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
             name, field = k.split(".", 1)
             for d, key in holder_fields(m.__dict__.get(name), field):
                 found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
-        for namespace, g in globals_read if own else ():
-            if isinstance(namespace.get(g, MISSING), SETTINGS):
+        for namespace, g in _through_functions(globals_read) if own else ():
+            if isinstance(namespace.get(g, MISSING), _WATCHED_GLOBALS):
                 found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
     return list(found.values())
+
+
+def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 64) -> list[tuple[dict, str]]:
+    """``globals_read``, and the global names read by the plain Python functions among them, transitively (a helper
+    ``act(x)`` defined in the notebook, and what it calls): a graph bakes in what these functions did, so redefining
+    one (re-running its cell) must be seen. Library functions are not followed."""
+    found, todo, seen = [], list(globals_read), set()
+    while todo and len(found) < limit:
+        namespace, name = todo.pop(0)
+        if (id(namespace), name) in seen:
+            continue
+        seen.add((id(namespace), name))
+        found.append((namespace, name))
+        value = namespace.get(name)
+        if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
+            todo += [(value.__globals__, g) for g in sorted(_global_loads(value.__code__))]
+    return found

@@ -12,9 +12,9 @@ checks it itself, cheaply:
   ``training``. The integers: a global counter that module, parameter and buffer registration hooks bump, and so do
   ``param.data = t`` (it keeps the object but moves its memory) and ``Module._apply`` (``.to()``, ``.half()``); and
   the global hook-handle counter (any new hook); and, by identity, the plain values a ``forward`` reads
-  (``capture.reads.settings_read``: the user's own modules' settings and globals, any module's ``self.config``
-  fields) and the model's own ``forward`` on the instance. Any signal makes it walk the whole model (identities,
-  flags, hooks, instance forwards, data pointers, settings) and say what changed.
+  (``capture.reads.settings_read``: the user's own modules' settings and globals, helper functions included, any
+  module's ``self.config`` fields) and the model's own ``forward`` on the instance. Any signal makes it walk the
+  whole model (identities, flags, hooks, instance forwards, data pointers, settings) and say what changed.
 
 Not seen without a walk: a submodule's ``forward`` replaced on the instance, a buffer swapped by writing
 ``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor buffer, ``torch.utils.swap_tensors`` called by
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import types
 from collections.abc import Hashable
 from typing import Any, Callable
 
@@ -555,7 +556,8 @@ class ModelGuard:
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
-        lines += [f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
+        lines += [f"{name} was redefined" if isinstance(v, types.FunctionType) else
+                  f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
                   for d, k, v, name, _ in self._settings if not same_value(d.get(k, MISSING), v)]
         return lines
 
