@@ -646,3 +646,75 @@ def test_a_helper_function_redefined_in_the_notebook_is_replanned(monkeypatch, e
         out = om(x)
     assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
     torch.testing.assert_close(out, _expect(model, x))
+
+
+SKIP = [1]  # a list of the user's code a forward reads
+
+
+class Skips(nn.Module):
+    """Reads small lists, dicts and sets of plain values: a graph unrolls them, so a change in place is a change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.skip, self.gains, self.off = [1], {"out": 1.0}, set()
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if i not in self.skip and i not in SKIP and i not in self.off:
+                x = layer(x)
+        return x * self.gains["out"]
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.skip.append(2), "attribute 'skip' changed ([1] -> [1, 2])"),
+    (lambda m: m.gains.update(out=2.0), "attribute 'gains' changed"),
+    (lambda m: m.off.add(0), "attribute 'off' changed"),
+    (lambda m: setattr(m, "skip", [0]), "attribute 'skip' changed ([1] -> [0])"),
+    (lambda m: SKIP.append(0), "global 'SKIP' changed ([1] -> [1, 0])"),
+], ids=["list-in-place", "dict-in-place", "set-in-place", "list-replaced", "global-list-in-place"])
+def test_a_list_dict_or_set_the_forward_reads_is_compared_by_contents(monkeypatch, edit, said):
+    monkeypatch.setitem(globals(), "SKIP", [1])
+    model, x, graphs = Skips().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    edit(model)
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))
+
+
+def test_a_list_set_to_equal_contents_is_no_reason_to_replan():
+    model, x, graphs = Skips().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    captures = graphs.captures
+    model.skip = [1]  # another list, the same contents
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        torch.testing.assert_close(om(x), _expect(model, x))
+    assert graphs.captures == captures
+
+
+HISTORY = []  # a global list a forward appends to
+
+
+class Records(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        HISTORY.append(len(HISTORY))
+        return self.lin(x)
+
+
+def test_a_forward_that_grows_a_global_list_runs_the_original_after_planning_left_it_alone(monkeypatch):
+    monkeypatch.setitem(globals(), "HISTORY", [])
+    model, x = Records().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    assert HISTORY == []  # planning ran the forward many times, and put the list back
+    _quiet(om, x)
+    assert HISTORY == [0]  # the call appended, as the original does
+    assert om.report.mode == "eager" and "HISTORY" in om.report.reason

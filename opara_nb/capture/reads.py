@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
-           "holder_fields", "from_a_library"]
+           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -24,6 +24,24 @@ MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
 # Globals of the user's code watched besides plain values: functions (a notebook helper redefined by re-running its
 # cell), compared by identity.
 _WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType)
+_CONTAINERS = (list, dict, set)
+_MAX_ITEMS = 64
+
+
+def plain_setting(value: Any) -> bool:
+    """A value a graph bakes in when the forward reads it: a plain value (``SETTINGS``), or a small list, dict or set
+    of plain values (``self.skip = [1, 3]``, read in a loop or a membership test), which is compared by contents."""
+    if isinstance(value, SETTINGS):
+        return True
+    if type(value) not in _CONTAINERS or len(value) > _MAX_ITEMS:
+        return False
+    items = list(value.items()) if type(value) is dict else [(v, None) for v in value]
+    return all(isinstance(k, SETTINGS) and isinstance(v, SETTINGS) for k, v in items)
+
+
+def setting_copy(value: Any) -> Any:
+    """What to keep of a setting to compare it later: a container's contents (it can change in place), else itself."""
+    return type(value)(value) if type(value) in _CONTAINERS else value
 
 
 def same_value(now: Any, then: Any) -> bool:
@@ -38,6 +56,14 @@ def same_value(now: Any, then: Any) -> bool:
         return bool(now == then)
     except Exception:  # noqa: BLE001
         return False
+
+
+def same_setting(now: Any, kept: Any) -> bool:
+    """``same_value`` against what ``setting_copy`` kept: a container by its contents."""
+    if type(kept) in _CONTAINERS:
+        return type(now) is type(kept) and now == kept
+    return same_value(now, kept)
+
 
 _RANK = ("", "self", "other")
 
@@ -107,7 +133,7 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     prop = getattr(type(holder), field, None)
     if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
         keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if isinstance(fields.get(k, MISSING), SETTINGS)]
+    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,14 +190,15 @@ def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
         _, names, globals_read = forward_reads(cls)
         for k in sorted(names):
             if "." not in k:
-                if k != "training" and isinstance(m.__dict__.get(k, MISSING), SETTINGS):
+                if k != "training" and plain_setting(m.__dict__.get(k, MISSING)):
                     found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, "self"))
                 continue
             name, field = k.split(".", 1)
             for d, key in holder_fields(m.__dict__.get(name), field):
                 found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
         for namespace, g in _through_functions(globals_read) if own else ():
-            if isinstance(namespace.get(g, MISSING), _WATCHED_GLOBALS):
+            value = namespace.get(g, MISSING)
+            if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value):
                 found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
     return list(found.values())
 

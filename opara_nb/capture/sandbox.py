@@ -104,7 +104,8 @@ def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any
         if kind != "self":  # modules' own attributes are all in ``state`` already
             entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0] if kind == "field" else "global",
                                                    attrs, {}, False))
-            entry[2][key] = (attrs[key], None)
+            value = attrs[key]
+            entry[2][key] = (value, type(value)(value) if type(value) in _CONTAINERS else None)
     return state + list(holders.values())
 
 

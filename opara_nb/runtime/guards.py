@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import MISSING, reads_training, same_value, settings_read
+from ..capture.reads import MISSING, reads_training, same_setting, setting_copy, settings_read
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
@@ -420,8 +420,8 @@ def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
     flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
     torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
     change."""
-    return [(d, k, d[k], f"global '{name}'" if kind == "global" else f"attribute '{name}'", own or kind == "field")
-            for name, d, k, own, kind in settings_read(model)]
+    return [(d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
+             own or kind == "field") for name, d, k, own, kind in settings_read(model)]
 
 
 def _tracked_modules(model: nn.Module) -> list[nn.Module]:
@@ -444,6 +444,11 @@ except AttributeError:
 
 
 _training = operator.itemgetter("training")
+
+
+def _by_value(value: Any) -> bool:
+    return type(value) in (list, dict, set)
+
 _INLINE = 6  # up to this many flags or attributes, hot_guard compares them one by one
 
 
@@ -495,7 +500,13 @@ class ModelGuard:
         self._settings = _settings(model)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (model.__dict__, "forward", self._forwards[""])
-        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on] + [own_forward]
+        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on and not _by_value(v)] \
+            + [own_forward]
+        # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
+        by_value = [(d, k, v) for d, k, v, _, on in self._settings if on and _by_value(v)]
+        self._value_dicts = [d for d, _, _ in by_value]
+        self._value_keys = [k for _, k, _ in by_value]
+        self._values = [v for _, _, v in by_value]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
         self._attr_dicts = [d for d, _, _ in watched]
         self._attr_keys = [k for _, k, _ in watched]
@@ -531,6 +542,8 @@ class ModelGuard:
             code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(dict.get)}, "
                                f"{code.const(self._attr_dicts)}, {code.const(self._attr_keys)}), "
                                f"{code.const(self._attr_values)}))")
+        code.checks += [f"{code.const(d)}.get({code.const(k)}) == {code.const(v)}"
+                        for d, k, v in zip(self._value_dicts, self._value_keys, self._values)]
 
     def clean(self) -> bool:
         """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
@@ -539,7 +552,8 @@ class ModelGuard:
         if list(map(_training, self._dicts)) != self._flags or \
                 any(m.training is not flag for m, flag in zip(self._owners, self._owner_flags)):
             return False
-        return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values))
+        return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values)) and \
+            list(map(dict.get, self._value_dicts, self._value_keys)) == self._values
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
@@ -558,7 +572,7 @@ class ModelGuard:
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [f"{name} was redefined" if isinstance(v, types.FunctionType) else
                   f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
-                  for d, k, v, name, _ in self._settings if not same_value(d.get(k, MISSING), v)]
+                  for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
