@@ -401,6 +401,19 @@ def _set_helper(fn):
     globals()["_scale"] = fn
 
 
+class SkipList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.skip = [1]
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if i not in self.skip:
+                x = layer(x)
+        return x
+
+
 _scale_by_two = _scale
 
 
@@ -412,8 +425,9 @@ _scale_by_two = _scale
     (ReadsGain, lambda m: _set_gain(3.0)),
     (Block, lambda m: setattr(m, "forward", lambda inp: m.lin(inp) * 3.0)),
     (UsesAHelper, lambda m: _set_helper(lambda y: y * 5.0)),
+    (SkipList, lambda m: m.skip.append(2)),
 ], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward",
-        "helper-function-redefined"])
+        "helper-function-redefined", "list-changed-in-place"])
 def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
     """Settings of the model, fields of its config, globals of the user's code, a forward replaced on the instance:
     a graph bakes them in, so after a change the next call is what the model returns now (re-planned), on the GPU's
