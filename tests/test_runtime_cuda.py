@@ -401,6 +401,27 @@ def _set_helper(fn):
     globals()["_scale"] = fn
 
 
+SHIFT = None  # a global tensor a forward reads (made on the GPU by the test)
+
+
+def _set_shift(value):
+    globals()["SHIFT"] = value
+
+
+class UsesAGlobalTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) + SHIFT
+
+
+def _with_shift():
+    _set_shift(torch.ones(4, device="cuda"))
+    return UsesAGlobalTensor()
+
+
 class SkipList(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -426,8 +447,9 @@ _scale_by_two = _scale
     (Block, lambda m: setattr(m, "forward", lambda inp: m.lin(inp) * 3.0)),
     (UsesAHelper, lambda m: _set_helper(lambda y: y * 5.0)),
     (SkipList, lambda m: m.skip.append(2)),
+    (_with_shift, lambda m: _set_shift(torch.full((4,), 3.0, device="cuda"))),
 ], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward",
-        "helper-function-redefined", "list-changed-in-place"])
+        "helper-function-redefined", "list-changed-in-place", "global-tensor-replaced"])
 def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
     """Settings of the model, fields of its config, globals of the user's code, a forward replaced on the instance:
     a graph bakes them in, so after a change the next call is what the model returns now (re-planned), on the GPU's

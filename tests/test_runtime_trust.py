@@ -718,3 +718,30 @@ def test_a_forward_that_grows_a_global_list_runs_the_original_after_planning_lef
     _quiet(om, x)
     assert HISTORY == [0]  # the call appended, as the original does
     assert om.report.mode == "eager" and "HISTORY" in om.report.reason
+
+
+MASK = torch.ones(4)  # a global tensor a forward reads: a graph reads it where it was at capture
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * MASK
+
+
+def test_a_global_tensor_replaced_is_replanned_and_one_changed_in_place_is_read_where_it_is(monkeypatch):
+    monkeypatch.setitem(globals(), "MASK", torch.ones(4))
+    model, x, graphs = Masked().eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        MASK.mul_(2)  # in place: the graph reads the new values, no re-plan
+        torch.testing.assert_close(om(x), _expect(model, x))
+    monkeypatch.setitem(globals(), "MASK", torch.zeros(4))
+    with pytest.warns(OparaNotice, match="global 'MASK' now holds another tensor"):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))

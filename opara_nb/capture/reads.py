@@ -21,9 +21,9 @@ __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
 MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
-# Globals of the user's code watched besides plain values: functions (a notebook helper redefined by re-running its
-# cell), compared by identity.
-_WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType)
+# Globals of the user's code watched besides plain values, by identity: functions (a notebook helper redefined by
+# re-running its cell) and tensors (a graph reads a global tensor where it was at capture).
+_WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType, torch.Tensor)
 _CONTAINERS = (list, dict, set)
 _MAX_ITEMS = 64
 

@@ -570,8 +570,7 @@ class ModelGuard:
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
-        lines += [f"{name} was redefined" if isinstance(v, types.FunctionType) else
-                  f"{name} changed ({v!r} -> {d.get(k, '<deleted>')!r})"
+        lines += [_setting_change(name, v, d.get(k, "<deleted>"))
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
         return lines
 
@@ -590,6 +589,14 @@ class ModelGuard:
             elif t.data_ptr() != ptr or (t.dtype, t.shape, t.device) != meta:
                 lines.append(f"'{name}' now lives in other memory ({_describe_meta(t, meta)})")
         return lines
+
+
+def _setting_change(name: str, then: Any, now: Any) -> str:
+    if isinstance(then, types.FunctionType):
+        return f"{name} was redefined"
+    if isinstance(then, torch.Tensor):
+        return f"{name} now holds another tensor"
+    return f"{name} changed ({then!r} -> {now!r})"
 
 
 def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:
