@@ -436,6 +436,7 @@ class SkipList(nn.Module):
 
 
 _scale_by_two = _scale
+_BLOCK_COMBINE = Block._combine
 
 
 @pytest.mark.parametrize("make, edit", [
@@ -448,8 +449,9 @@ _scale_by_two = _scale
     (UsesAHelper, lambda m: _set_helper(lambda y: y * 5.0)),
     (SkipList, lambda m: m.skip.append(2)),
     (_with_shift, lambda m: _set_shift(torch.full((4,), 3.0, device="cuda"))),
+    (Block, lambda m: setattr(Block, "_combine", lambda self, a, b: a - b)),
 ], ids=["setting", "string-setting", "config-field", "config-field-behind-a-property", "global", "instance-forward",
-        "helper-function-redefined", "list-changed-in-place", "global-tensor-replaced"])
+        "helper-function-redefined", "list-changed-in-place", "global-tensor-replaced", "method-replaced-on-its-class"])
 def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
     """Settings of the model, fields of its config, globals of the user's code, a forward replaced on the instance:
     a graph bakes them in, so after a change the next call is what the model returns now (re-planned), on the GPU's
@@ -469,6 +471,7 @@ def test_8_plain_values_the_forward_reads_are_never_stale(make, edit):
     finally:
         _set_gain(2.0)
         _set_helper(_scale_by_two)
+        Block._combine = _BLOCK_COMBINE
         om.release()
 
 

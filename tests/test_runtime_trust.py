@@ -745,3 +745,17 @@ def test_a_global_tensor_replaced_is_replanned_and_one_changed_in_place_is_read_
     with pytest.warns(OparaNotice, match="global 'MASK' now holds another tensor"):
         out = om(x)
     torch.testing.assert_close(out, _expect(model, x))
+
+
+@pytest.mark.parametrize("name", ["forward", "_combine"])
+def test_a_method_replaced_on_its_class_is_replanned(monkeypatch, name):
+    """``Block.forward = f`` (or a method the forward calls) changes what every instance computes: eager runs the new
+    code, so a replay of the old would be stale."""
+    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+    new = {"forward": lambda self, inp: self.lin(inp) * 3.0, "_combine": lambda self, a, b: a - b}[name]
+    monkeypatch.setattr(Block, name, new)
+    with pytest.warns(OparaNotice, match=f"method 'Block.{name}' was replaced on its class"):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
-           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting"]
+           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -218,3 +218,19 @@ def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 
         if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
             todo += [(value.__globals__, g) for g in sorted(_global_loads(value.__code__))]
     return found
+
+
+def methods_read(model: nn.Module) -> list[tuple[Any, str, Any, str]]:
+    """(the class ``__dict__`` that defines it, name, function, "Class.name") of ``forward`` and every method it
+    reaches as ``self.name``, for the classes of the user's own code in ``model``: a graph bakes in what they did, so
+    one replaced on its class (``Block.forward = f``) must be seen. Library classes are left out."""
+    found: dict[tuple[int, str], tuple[Any, str, Any, str]] = {}
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.startswith("torch.") or from_a_library(cls):
+            continue
+        for name in sorted(forward_reads(cls)[1]):
+            owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+            fn = vars(owner).get(name) if owner is not None else None
+            if isinstance(fn, types.FunctionType) and owner is not nn.Module:
+                found.setdefault((id(owner), name), (vars(owner), name, fn, f"{owner.__name__}.{name}"))
+    return list(found.values())

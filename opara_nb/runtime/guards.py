@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import MISSING, reads_training, same_setting, setting_copy, settings_read
+from ..capture.reads import MISSING, methods_read, reads_training, same_setting, setting_copy, settings_read
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
@@ -446,6 +446,9 @@ except AttributeError:
 _training = operator.itemgetter("training")
 
 
+_proxy_get = types.MappingProxyType.get  # a class __dict__'s get
+
+
 def _by_value(value: Any) -> bool:
     return type(value) in (list, dict, set)
 
@@ -507,6 +510,11 @@ class ModelGuard:
         self._value_dicts = [d for d, _, _ in by_value]
         self._value_keys = [k for _, k, _ in by_value]
         self._values = [v for _, _, v in by_value]
+        # methods of the user's own classes that the forwards run (Block.forward = f replaces one for every instance)
+        self._methods = methods_read(model)
+        self._method_dicts = [d for d, _, _, _ in self._methods]
+        self._method_names = [k for _, k, _, _ in self._methods]
+        self._method_fns = [f for _, _, f, _ in self._methods]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
         self._attr_dicts = [d for d, _, _ in watched]
         self._attr_keys = [k for _, k, _ in watched]
@@ -544,6 +552,13 @@ class ModelGuard:
                                f"{code.const(self._attr_values)}))")
         code.checks += [f"{code.const(d)}.get({code.const(k)}) == {code.const(v)}"
                         for d, k, v in zip(self._value_dicts, self._value_keys, self._values)]
+        if len(self._method_dicts) <= _INLINE:
+            code.checks += [f"{code.const(d)}.get({code.const(k)}) is {code.const(f)}"
+                            for d, k, f in zip(self._method_dicts, self._method_names, self._method_fns)]
+        else:
+            code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(_proxy_get)}, "
+                               f"{code.const(self._method_dicts)}, {code.const(self._method_names)}), "
+                               f"{code.const(self._method_fns)}))")
 
     def clean(self) -> bool:
         """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
@@ -553,7 +568,8 @@ class ModelGuard:
                 any(m.training is not flag for m, flag in zip(self._owners, self._owner_flags)):
             return False
         return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values)) and \
-            list(map(dict.get, self._value_dicts, self._value_keys)) == self._values
+            list(map(dict.get, self._value_dicts, self._value_keys)) == self._values and \
+            all(map(operator.is_, map(_proxy_get, self._method_dicts, self._method_names), self._method_fns))
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
@@ -572,6 +588,8 @@ class ModelGuard:
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [_setting_change(name, v, d.get(k, "<deleted>"))
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
+        lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
+                  if d.get(k) is not f]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
