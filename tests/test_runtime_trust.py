@@ -759,3 +759,19 @@ def test_a_method_replaced_on_its_class_is_replanned(monkeypatch, name):
     with pytest.warns(OparaNotice, match=f"method 'Block.{name}' was replaced on its class"):
         out = om(x)
     torch.testing.assert_close(out, _expect(model, x))
+
+
+def test_a_method_given_new_code_in_place_is_replanned(monkeypatch):
+    """IPython's ``%autoreload`` keeps a function object and swaps its ``__code__`` when the file changes: eager runs
+    the new code, so the function's code is watched too."""
+    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    _quiet(om, x)
+
+    def _combine(self, a, b):
+        return a - b
+
+    monkeypatch.setattr(Block._combine, "__code__", _combine.__code__)
+    with pytest.warns(OparaNotice, match="'Block._combine' has new code"):
+        out = om(x)
+    torch.testing.assert_close(out, _expect(model, x))

@@ -447,6 +447,7 @@ _training = operator.itemgetter("training")
 
 
 _proxy_get = types.MappingProxyType.get  # a class __dict__'s get
+_code_of = operator.attrgetter("__code__")
 
 
 def _by_value(value: Any) -> bool:
@@ -515,6 +516,13 @@ class ModelGuard:
         self._method_dicts = [d for d, _, _, _ in self._methods]
         self._method_names = [k for _, k, _, _ in self._methods]
         self._method_fns = [f for _, _, f, _ in self._methods]
+        # their code, and that of the global functions watched: IPython's autoreload swaps __code__ in place
+        functions = {id(f): (f, q) for _, _, f, q in self._methods}
+        functions.update((id(v), (v, name.split("'")[1])) for _, _, v, name, on in self._settings
+                         if on and isinstance(v, types.FunctionType))
+        self._functions = [f for f, _ in functions.values()]
+        self._function_names = [q for _, q in functions.values()]
+        self._codes = [f.__code__ for f in self._functions]
         # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
         self._attr_dicts = [d for d, _, _ in watched]
         self._attr_keys = [k for _, k, _ in watched]
@@ -552,6 +560,9 @@ class ModelGuard:
                                f"{code.const(self._attr_values)}))")
         code.checks += [f"{code.const(d)}.get({code.const(k)}) == {code.const(v)}"
                         for d, k, v in zip(self._value_dicts, self._value_keys, self._values)]
+        if self._functions:
+            code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(_code_of)}, "
+                               f"{code.const(self._functions)}), {code.const(self._codes)}))")
         if len(self._method_dicts) <= _INLINE:
             code.checks += [f"{code.const(d)}.get({code.const(k)}) is {code.const(f)}"
                             for d, k, f in zip(self._method_dicts, self._method_names, self._method_fns)]
@@ -569,7 +580,8 @@ class ModelGuard:
             return False
         return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values)) and \
             list(map(dict.get, self._value_dicts, self._value_keys)) == self._values and \
-            all(map(operator.is_, map(_proxy_get, self._method_dicts, self._method_names), self._method_fns))
+            all(map(operator.is_, map(_proxy_get, self._method_dicts, self._method_names), self._method_fns)) and \
+            all(map(operator.is_, map(_code_of, self._functions), self._codes))
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
@@ -590,6 +602,8 @@ class ModelGuard:
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
+        lines += [f"'{name}' has new code (reloaded)" for f, name, c in zip(self._functions, self._function_names,
+                                                                           self._codes) if f.__code__ is not c]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
