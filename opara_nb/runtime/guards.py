@@ -450,6 +450,11 @@ _proxy_get = types.MappingProxyType.get  # a class __dict__'s get
 _code_of = operator.attrgetter("__code__")
 
 
+def _columns(rows: list[tuple], n: int) -> tuple[list, ...]:
+    """The first ``n`` columns of ``rows``, as lists."""
+    return tuple([row[i] for row in rows] for i in range(n))
+
+
 def _by_value(value: Any) -> bool:
     return type(value) in (list, dict, set)
 
@@ -487,6 +492,21 @@ class ModelGuard:
 
     def snapshot(self) -> None:
         """Record the model as it is now (after a capture, or after ``changes()`` found nothing)."""
+        self._record_structure()
+        self._record_reads()
+        tracked = _tracked_modules(self.model)
+        # flags read from the instance dict (C-level, cheap); a class whose ``training`` is a property (a
+        # torch.compile'd submodule, OptimizedModule, forwards it) is read through the attribute
+        self._dicts = [m.__dict__ for m in tracked if "training" in m.__dict__]
+        self._flags = list(map(_training, self._dicts))
+        self._owners = [m for m in tracked if "training" not in m.__dict__]
+        self._owner_flags = [m.training for m in self._owners]
+        self._epoch = _EPOCH[0]
+        self._handles = RemovableHandle.next_id
+        self.version += 1
+
+    def _record_structure(self) -> None:
+        """Modules, their flags, hooks and instance forwards; parameters and buffers; tensor attributes."""
         model = self.model
         self._modules = dict(model.named_modules(remove_duplicate=False))
         self._ids = {name: (id(m), type(m)) for name, m in self._modules.items()}
@@ -501,42 +521,28 @@ class ModelGuard:
         self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
         self._tensor_attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                               if isinstance(v, torch.Tensor)]
-        self._settings = _settings(model)
+
+    def _record_reads(self) -> None:
+        """What the forwards read (``capture.reads``), in the columns the hot path compares."""
+        self._settings = _settings(self.model)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
-        own_forward = (model.__dict__, "forward", self._forwards[""])
+        own_forward = (self.model.__dict__, "forward", self._forwards[""])
         watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on and not _by_value(v)] \
             + [own_forward]
+        # by identity, three columns compared by C-level map()s (~30 ns an attribute)
+        self._attr_dicts, self._attr_keys, self._attr_values = _columns(watched, 3)
         # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
         by_value = [(d, k, v) for d, k, v, _, on in self._settings if on and _by_value(v)]
-        self._value_dicts = [d for d, _, _ in by_value]
-        self._value_keys = [k for _, k, _ in by_value]
-        self._values = [v for _, _, v in by_value]
+        self._value_dicts, self._value_keys, self._values = _columns(by_value, 3)
         # methods of the user's own classes that the forwards run (Block.forward = f replaces one for every instance)
-        self._methods = methods_read(model)
-        self._method_dicts = [d for d, _, _, _ in self._methods]
-        self._method_names = [k for _, k, _, _ in self._methods]
-        self._method_fns = [f for _, _, f, _ in self._methods]
+        self._methods = methods_read(self.model)
+        self._method_dicts, self._method_names, self._method_fns = _columns(self._methods, 3)
         # their code, and that of the global functions watched: IPython's autoreload swaps __code__ in place
         functions = {id(f): (f, q) for _, _, f, q in self._methods}
         functions.update((id(v), (v, name.split("'")[1])) for _, _, v, name, on in self._settings
                          if on and isinstance(v, types.FunctionType))
-        self._functions = [f for f, _ in functions.values()]
-        self._function_names = [q for _, q in functions.values()]
+        self._functions, self._function_names = _columns(list(functions.values()), 2)
         self._codes = [f.__code__ for f in self._functions]
-        # the hot path's form: three columns, compared by C-level map()s (~30 ns an attribute)
-        self._attr_dicts = [d for d, _, _ in watched]
-        self._attr_keys = [k for _, k, _ in watched]
-        self._attr_values = [v for _, _, v in watched]
-        tracked = _tracked_modules(model)
-        # flags read from the instance dict (C-level, cheap); a class whose ``training`` is a property (a
-        # torch.compile'd submodule, OptimizedModule, forwards it) is read through the attribute
-        self._dicts = [m.__dict__ for m in tracked if "training" in m.__dict__]
-        self._flags = list(map(_training, self._dicts))
-        self._owners = [m for m in tracked if "training" not in m.__dict__]
-        self._owner_flags = [m.training for m in self._owners]
-        self._epoch = _EPOCH[0]
-        self._handles = RemovableHandle.next_id
-        self.version += 1
 
     def add_checks(self, code: "_GuardCode") -> None:
         """``clean()``'s conditions, inline in ``code`` (``hot_guard``): a few flags and attributes one by one, many
@@ -560,7 +566,10 @@ class ModelGuard:
                                f"{code.const(self._attr_values)}))")
         code.checks += [f"{code.const(d)}.get({code.const(k)}) == {code.const(v)}"
                         for d, k, v in zip(self._value_dicts, self._value_keys, self._values)]
-        if self._functions:
+        if len(self._functions) <= _INLINE:
+            code.checks += [f"{code.const(f)}.__code__ is {code.const(c)}"
+                            for f, c in zip(self._functions, self._codes)]
+        else:
             code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(_code_of)}, "
                                f"{code.const(self._functions)}), {code.const(self._codes)}))")
         if len(self._method_dicts) <= _INLINE:
