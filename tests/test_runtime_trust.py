@@ -37,6 +37,18 @@ def _expect(model, *args, **kwargs):
         return model(*args, **kwargs)
 
 
+def _replanned(model, x, edit, said):
+    """Optimize ``model`` and call it, then ``edit()``: the next call re-plans, with a notice that contains ``said``,
+    and returns what the model returns now."""
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    _quiet(om, x)
+    edit()
+    with pytest.warns(OparaNotice, match="model changed") as told:
+        out = om(x)
+    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
+    torch.testing.assert_close(out, _expect(model, x))
+
+
 @pytest.mark.parametrize("edit", [
     lambda m: setattr(m, "head", nn.Linear(16, 4)),
     lambda m: m.bn.train(),
@@ -346,14 +358,8 @@ def test_outputs_that_share_memory_are_right_when_fresh_and_when_held(kind, clon
     (lambda m: setattr(m[1], "mode", "product"), "attribute '1.mode' changed ('sum' -> 'product')"),
 ], ids=["float", "flag", "string"])
 def test_a_changed_setting_of_the_model_is_replanned(edit, said):
-    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-    edit(model)
-    with pytest.warns(OparaNotice, match="model changed") as told:
-        out = om(x)
-    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
-    torch.testing.assert_close(out, _expect(model, x))
+    model = nn.Sequential(nn.ReLU(), Block()).eval()
+    _replanned(model, torch.randn(2, 4), lambda: edit(model), said)
 
 
 @pytest.mark.parametrize("edit, said", [
@@ -364,14 +370,8 @@ def test_a_changed_setting_of_the_model_is_replanned(edit, said):
 def test_a_changed_field_of_a_settings_object_is_replanned(edit, said):
     """``model.config.output_hidden_states = True`` and the like: read as ``self.config.x`` (or through a property of
     the config), baked into the graph, so a change must re-plan."""
-    model, x, graphs = Configured().eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-    edit(model.config)
-    with pytest.warns(OparaNotice, match="model changed") as told:
-        out = om(x)
-    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
-    torch.testing.assert_close(out, _expect(model, x))
+    model = Configured().eval()
+    _replanned(model, torch.randn(2, 4), lambda: edit(model.config), said)
 
 
 def test_a_settings_field_the_forward_never_reads_is_no_reason_to_replan():
@@ -501,14 +501,8 @@ class AdvancesAGlobal(nn.Module):
 
 
 def test_a_changed_global_the_forward_reads_is_replanned(monkeypatch):
-    model, x, graphs = ReadsAGlobal().eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-    monkeypatch.setitem(globals(), "SCALE", 3.0)
-    with pytest.warns(OparaNotice, match="model changed") as told:
-        out = om(x)
-    assert any("global 'SCALE' changed (2.0 -> 3.0)" in str(w.message) for w in told), [str(w.message) for w in told]
-    torch.testing.assert_close(out, _expect(model, x))
+    _replanned(ReadsAGlobal().eval(), torch.randn(2, 4), lambda: monkeypatch.setitem(globals(), "SCALE", 3.0),
+               "global 'SCALE' changed (2.0 -> 3.0)")
 
 
 def test_a_forward_that_advances_a_global_runs_the_original_after_planning_left_it_alone(monkeypatch):
@@ -638,14 +632,7 @@ def test_a_helper_function_redefined_in_the_notebook_is_replanned(monkeypatch, e
     what they read in turn."""
     monkeypatch.setitem(globals(), "_act", _act)
     monkeypatch.setitem(globals(), "LEAK", 1.0)
-    model, x, graphs = UsesAHelper().eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-    edit()
-    with pytest.warns(OparaNotice, match="model changed") as told:
-        out = om(x)
-    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
-    torch.testing.assert_close(out, _expect(model, x))
+    _replanned(UsesAHelper().eval(), torch.randn(2, 4), edit, said)
 
 
 SKIP = [1]  # a list of the user's code a forward reads
@@ -675,14 +662,8 @@ class Skips(nn.Module):
 ], ids=["list-in-place", "dict-in-place", "set-in-place", "list-replaced", "global-list-in-place"])
 def test_a_list_dict_or_set_the_forward_reads_is_compared_by_contents(monkeypatch, edit, said):
     monkeypatch.setitem(globals(), "SKIP", [1])
-    model, x, graphs = Skips().eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-    edit(model)
-    with pytest.warns(OparaNotice, match="model changed") as told:
-        out = om(x)
-    assert any(said in str(w.message) for w in told), [str(w.message) for w in told]
-    torch.testing.assert_close(out, _expect(model, x))
+    model = Skips().eval()
+    _replanned(model, torch.randn(2, 4), lambda: edit(model), said)
 
 
 def test_a_list_set_to_equal_contents_is_no_reason_to_replan():
@@ -751,27 +732,16 @@ def test_a_global_tensor_replaced_is_replanned_and_one_changed_in_place_is_read_
 def test_a_method_replaced_on_its_class_is_replanned(monkeypatch, name):
     """``Block.forward = f`` (or a method the forward calls) changes what every instance computes: eager runs the new
     code, so a replay of the old would be stale."""
-    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
     new = {"forward": lambda self, inp: self.lin(inp) * 3.0, "_combine": lambda self, a, b: a - b}[name]
-    monkeypatch.setattr(Block, name, new)
-    with pytest.warns(OparaNotice, match=f"method 'Block.{name}' was replaced on its class"):
-        out = om(x)
-    torch.testing.assert_close(out, _expect(model, x))
+    _replanned(nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4),
+               lambda: monkeypatch.setattr(Block, name, new), f"method 'Block.{name}' was replaced on its class")
 
 
 def test_a_method_given_new_code_in_place_is_replanned(monkeypatch):
     """IPython's ``%autoreload`` keeps a function object and swaps its ``__code__`` when the file changes: eager runs
     the new code, so the function's code is watched too."""
-    model, x, graphs = nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), FakeGraphs()
-    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
-    _quiet(om, x)
-
     def _combine(self, a, b):
         return a - b
 
-    monkeypatch.setattr(Block._combine, "__code__", _combine.__code__)
-    with pytest.warns(OparaNotice, match="'Block._combine' has new code"):
-        out = om(x)
-    torch.testing.assert_close(out, _expect(model, x))
+    reload = lambda: monkeypatch.setattr(Block._combine, "__code__", _combine.__code__)  # noqa: E731
+    _replanned(nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), reload, "'Block._combine' has new code")
