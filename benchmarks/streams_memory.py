@@ -5,16 +5,13 @@ DeepFM, because each stream allocates from blocks of its own.) Run on the GPU ma
     PYTHONPATH=. python benchmarks/streams_memory.py [--models googlenet,deepfm] [--streams 1,2,4,8,16] [--md FILE]
 
 Per model: the plain CUDA graph of the model (the reference the report uses), then ``strategy="opara"`` with each
-``max_streams``. Columns: synchronous
-median ms (call, then synchronize; interleaved rounds), the speed-up over the plain graph, and the MiB the captured
-graph's private pool took (``GraphedCall.pool_mb``) with its ratio to the plain graph's. Each module is released
-before the next is made, so pools do not stack.
+``max_streams``. Columns: synchronous median ms (call, then synchronize: ``runtime.timing.sync_latency_ms``), the
+speed-up over the plain graph, and the MiB the captured graph's private pool took (``GraphedCall.pool_mb``) with its
+ratio to the plain graph's. Each module is released before the next is made, so pools do not stack.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -23,19 +20,12 @@ import opara_nb
 from benchmarks._table import emit
 from opara_nb import models
 from opara_nb.bench.modes import PlainCudaGraph
+from opara_nb.runtime import timing
 
 
-def _sync_ms(call, rounds: int = 5, per_round: int = 20) -> float:
-    samples = []
-    for _ in range(rounds):
-        call()
-        torch.cuda.synchronize()
-        for _ in range(per_round):
-            start = time.perf_counter()
-            call()
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def _sync_ms(call) -> float:
+    """Median ms of call + synchronize, as ``auto`` times its candidates."""
+    return timing.sync_latency_ms({"call": call}, torch.cuda.synchronize)["call"]
 
 
 def _measure(model, args, kwargs, **options) -> tuple[float, float, int]:
