@@ -174,7 +174,8 @@ def guard_rows(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[s
     """The hot path's check alone on a larger model, with what its model part compares per call."""
     om = _called(model, args, kwargs, strategy="sequential")
     entry, guard = om._last, om._guard
-    watched = f"{len(guard._flags)} training flags, {len(guard._attr_keys)} attributes"
+    counts = guard.counts()
+    watched = f"{counts['training flags']} training flags, {counts['attributes']} attributes"
     check_us = _python_us(lambda: entry.hot(args, kwargs))
     rows = [f"| {name} | guard: the hot path's whole check ({watched}) | {check_us:.2f} | | |",
             f"| {name} | guard: model alone (ModelGuard.clean) | {_python_us(guard.clean):.2f} | | |"]

@@ -443,22 +443,39 @@ except AttributeError:
         return [t.data_ptr() for t in tensors] == ptrs
 
 
-_training = operator.itemgetter("training")
-
-
+_INLINE = 6  # up to this many rows of a watch, hot_guard compares them one by one
 _proxy_get = types.MappingProxyType.get  # a class __dict__'s get
-_code_of = operator.attrgetter("__code__")
+# how a watch's ``get(holder, key)`` reads inline in generated code (cheaper than a call)
+_INLINE_FORMS = {operator.getitem: "{h}[{k}]", dict.get: "{h}.get({k})", _proxy_get: "{h}.get({k})",
+                 getattr: "{h}.{name}"}
 
 
-def _columns(rows: list[tuple], n: int) -> tuple[list, ...]:
-    """The first ``n`` columns of ``rows``, as lists."""
-    return tuple([row[i] for row in rows] for i in range(n))
+class _Watch:
+    """Rows of (holder, key, value) that must still hold on every call: ``get(holder, key)`` is (``same="is"``) or
+    equals (``"=="``) the value recorded. ``what`` names the rows for reports."""
+
+    def __init__(self, what: str, get: Callable[[Any, Any], Any], rows: list[tuple], same: str = "is") -> None:
+        self.what, self.get, self.same = what, get, same
+        self.holders, self.keys, self.values = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def holds(self) -> bool:
+        now = map(self.get, self.holders, self.keys)
+        return all(map(operator.is_, now, self.values)) if self.same == "is" else list(now) == self.values
+
+    def add_checks(self, code: "_GuardCode") -> None:
+        """These rows' conditions in ``code``: a few one by one, many by C-level ``map``s (cheaper per row)."""
+        if len(self.holders) <= _INLINE:
+            form = _INLINE_FORMS[self.get]
+            code.checks += [f"{form.format(h=code.const(h), k=code.const(k) if '{k}' in form else '', name=k)} "
+                            f"{self.same} {code.value(v)}" for h, k, v in zip(self.holders, self.keys, self.values)]
+            return
+        now = f"map({code.const(self.get)}, {code.const(self.holders)}, {code.const(self.keys)})"
+        code.checks.append(f"all(map({code.const(operator.is_)}, {now}, {code.const(self.values)}))"
+                           if self.same == "is" else f"list({now}) == {code.const(self.values)}")
 
 
 def _by_value(value: Any) -> bool:
     return type(value) in (list, dict, set)
-
-_INLINE = 6  # up to this many flags or attributes, hot_guard compares them one by one
 
 
 def _hook_dicts(m: nn.Module) -> tuple:
@@ -495,12 +512,13 @@ class ModelGuard:
         self._record_structure()
         self._record_reads()
         tracked = _tracked_modules(self.model)
-        # flags read from the instance dict (C-level, cheap); a class whose ``training`` is a property (a
-        # torch.compile'd submodule, OptimizedModule, forwards it) is read through the attribute
-        self._dicts = [m.__dict__ for m in tracked if "training" in m.__dict__]
-        self._flags = list(map(_training, self._dicts))
-        self._owners = [m for m in tracked if "training" not in m.__dict__]
-        self._owner_flags = [m.training for m in self._owners]
+        # flags read from the instance dict (cheap); a class whose ``training`` is a property (a torch.compile'd
+        # submodule, OptimizedModule, forwards it) is read through the attribute
+        self._watches[:0] = [
+            _Watch("training flags", operator.getitem,
+                   [(m.__dict__, "training", m.training) for m in tracked if "training" in m.__dict__]),
+            _Watch("training flags", getattr,
+                   [(m, "training", m.training) for m in tracked if "training" not in m.__dict__])]
         self._epoch = _EPOCH[0]
         self._handles = RemovableHandle.next_id
         self.version += 1
@@ -523,74 +541,44 @@ class ModelGuard:
                               if isinstance(v, torch.Tensor)]
 
     def _record_reads(self) -> None:
-        """What the forwards read (``capture.reads``), in the columns the hot path compares."""
+        """What the forwards read (``capture.reads``), as the watches the hot path compares."""
         self._settings = _settings(self.model)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
-        watched = self._tensor_attrs + [(d, k, v) for d, k, v, _, on in self._settings if on and not _by_value(v)] \
-            + [own_forward]
-        # by identity, three columns compared by C-level map()s (~30 ns an attribute)
-        self._attr_dicts, self._attr_keys, self._attr_values = _columns(watched, 3)
-        # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
-        by_value = [(d, k, v) for d, k, v, _, on in self._settings if on and _by_value(v)]
-        self._value_dicts, self._value_keys, self._values = _columns(by_value, 3)
+        watched = [(d, k, v) for d, k, v, _, on in self._settings if on]
         # methods of the user's own classes that the forwards run (Block.forward = f replaces one for every instance)
         self._methods = methods_read(self.model)
-        self._method_dicts, self._method_names, self._method_fns = _columns(self._methods, 3)
         # their code, and that of the global functions watched: IPython's autoreload swaps __code__ in place
         functions = {id(f): (f, q) for _, _, f, q in self._methods}
-        functions.update((id(v), (v, name.split("'")[1])) for _, _, v, name, on in self._settings
-                         if on and isinstance(v, types.FunctionType))
-        self._functions, self._function_names = _columns(list(functions.values()), 2)
-        self._codes = [f.__code__ for f in self._functions]
+        functions.update((id(v), (v, k)) for d, k, v in watched if isinstance(v, types.FunctionType))
+        self._reloadable = [(f, name, f.__code__) for f, name in functions.values()]
+        self._watches = [
+            _Watch("attributes", dict.get, self._tensor_attrs + [w for w in watched if not _by_value(w[2])]
+                   + [own_forward]),
+            # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
+            _Watch("contents", dict.get, [w for w in watched if _by_value(w[2])], same="=="),
+            _Watch("code", getattr, [(f, "__code__", c) for f, _, c in self._reloadable]),
+            _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods])]
+
+    def counts(self) -> dict[str, int]:
+        """How many values of each kind are compared per call (for reports)."""
+        counts: dict[str, int] = {}
+        for w in self._watches:
+            counts[w.what] = counts.get(w.what, 0) + len(w.holders)
+        return counts
 
     def add_checks(self, code: "_GuardCode") -> None:
-        """``clean()``'s conditions, inline in ``code`` (``hot_guard``): a few flags and attributes one by one, many
-        by C-level ``map``s, which cost less per item once there are more than a handful."""
+        """``clean()``'s conditions, inline in ``code`` (``hot_guard``)."""
         code.checks += [f"{code.const(_EPOCH)}[0] == {self._epoch}",
                         f"{code.const(RemovableHandle)}.next_id == {self._handles}"]
-        if len(self._dicts) <= _INLINE:
-            code.checks += [f"{code.const(d)}['training'] is {code.value(flag)}"
-                            for d, flag in zip(self._dicts, self._flags)]
-        else:
-            code.checks.append(f"list(map({code.const(_training)}, {code.const(self._dicts)})) == "
-                               f"{code.const(self._flags)}")
-        code.checks += [f"{code.const(m)}.training is {code.value(flag)}"
-                        for m, flag in zip(self._owners, self._owner_flags)]
-        if len(self._attr_dicts) <= _INLINE:
-            code.checks += [f"{code.const(d)}.get({code.const(k)}) is {code.const(v)}"
-                            for d, k, v in zip(self._attr_dicts, self._attr_keys, self._attr_values)]
-        else:
-            code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(dict.get)}, "
-                               f"{code.const(self._attr_dicts)}, {code.const(self._attr_keys)}), "
-                               f"{code.const(self._attr_values)}))")
-        code.checks += [f"{code.const(d)}.get({code.const(k)}) == {code.const(v)}"
-                        for d, k, v in zip(self._value_dicts, self._value_keys, self._values)]
-        if len(self._functions) <= _INLINE:
-            code.checks += [f"{code.const(f)}.__code__ is {code.const(c)}"
-                            for f, c in zip(self._functions, self._codes)]
-        else:
-            code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(_code_of)}, "
-                               f"{code.const(self._functions)}), {code.const(self._codes)}))")
-        if len(self._method_dicts) <= _INLINE:
-            code.checks += [f"{code.const(d)}.get({code.const(k)}) is {code.const(f)}"
-                            for d, k, f in zip(self._method_dicts, self._method_names, self._method_fns)]
-        else:
-            code.checks.append(f"all(map({code.const(operator.is_)}, map({code.const(_proxy_get)}, "
-                               f"{code.const(self._method_dicts)}, {code.const(self._method_names)}), "
-                               f"{code.const(self._method_fns)}))")
+        for w in self._watches:
+            w.add_checks(code)
 
     def clean(self) -> bool:
-        """True when nothing a replay depends on can have changed (the hot path: no walk over the model)."""
+        """True when nothing a replay depends on can have changed (the slow path's form of the hot check)."""
         if _EPOCH[0] != self._epoch or RemovableHandle.next_id != self._handles:
             return False
-        if list(map(_training, self._dicts)) != self._flags or \
-                any(m.training is not flag for m, flag in zip(self._owners, self._owner_flags)):
-            return False
-        return all(map(operator.is_, map(dict.get, self._attr_dicts, self._attr_keys), self._attr_values)) and \
-            list(map(dict.get, self._value_dicts, self._value_keys)) == self._values and \
-            all(map(operator.is_, map(_proxy_get, self._method_dicts, self._method_names), self._method_fns)) and \
-            all(map(operator.is_, map(_code_of, self._functions), self._codes))
+        return all(w.holds() for w in self._watches)
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one short line each (empty: nothing a graph depends on changed)."""
@@ -611,8 +599,7 @@ class ModelGuard:
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
-        lines += [f"'{name}' has new code (reloaded)" for f, name, c in zip(self._functions, self._function_names,
-                                                                           self._codes) if f.__code__ is not c]
+        lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
