@@ -104,6 +104,7 @@ def call_guard(args: tuple, kwargs: dict, before: Callable[["_GuardCode"], None]
     code = _GuardCode([], [])
     if before is not None:
         before(code)
+    first = len(code.checks)  # the checks ``before`` added
     code.checks += ["type(args) is tuple", f"len(args) == {len(args)}"]
     if not kwargs and _flat_tensors(args, kwargs) is not None:
         leaves: list[Any] = list(args)
@@ -119,11 +120,10 @@ def call_guard(args: tuple, kwargs: dict, before: Callable[["_GuardCode"], None]
             code.add(v, f"kwargs[{code.const(k)}]", leaves)
     except _Other:  # a container only pytree flattens (a namedtuple, a ModelOutput)
         guard = _pytree_guard(args, kwargs)
-        if before is None:
+        if not first:
             return guard
-        first = _GuardCode([], [])
-        before(first)
-        holds = first.predicate()
+        code.checks = code.checks[:first]
+        holds = code.predicate()
         return lambda args, kwargs: guard(args, kwargs) if holds() else None
     return code.build(leaves)
 
@@ -197,7 +197,7 @@ class _GuardCode:
 
     def predicate(self) -> Callable[[], bool]:
         """The checks alone, as a function of no arguments."""
-        return self._define("holds", f"def holds():\n    return bool({' and '.join(self.checks) or 'True'})\n")
+        return self._define("holds", f"def holds():\n    return bool({' and '.join(self.checks)})\n")
 
     def _define(self, name: str, source: str) -> Callable:
         exec(compile(source, "<opara_nb call guard>", "exec"), self.names)  # noqa: S102 - our own source, no user text
