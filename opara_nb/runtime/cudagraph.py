@@ -3,8 +3,8 @@
 ``GraphedCall`` captures ``fn(*args, **kwargs)`` (any Python callable: the dynamo-compiled model with all its graphs
 and the glue between graph breaks, one planned graph, or the plain model) into one ``torch.cuda.CUDAGraph`` that reads
 clones of the example inputs. ``replay(leaves)`` copies the caller's tensors into those buffers, replays, copies back
-any input the model changes in place, and returns the outputs; ``fast(leaves)`` does the same as code generated for
-the graph's configuration (the call path users get).
+any input the model changes in place, and returns the outputs; it runs ``fast(leaves)``, code generated for the graph's
+configuration, which the call path users get calls directly.
 
 Outputs (``clone_outputs``):
 
@@ -140,7 +140,7 @@ class GraphedCall:
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
         self._stream_key: list[Any] = [None]  # the id of the stream that last called (a list: ``fast`` reads it)
-        self.fast: Callable[[list[Any]], Any] = _through_replay(weakref.ref(self))
+        self.fast: Callable[[list[Any]], Any] = _not_captured  # see _make_fast
         self.graph: Any = None
         self._replay_graph: Callable[[], None] | None = None
         self.pool: Any = None
@@ -199,16 +199,20 @@ class GraphedCall:
         self._make_fast()
 
     def _make_fast(self) -> None:
-        """``fast(leaves)``: ``replay`` as one function generated for this graph's configuration, its flags decided
-        and its loops unrolled (about half of ``replay``'s own time). Until the outputs' uses are counted (the
-        first replay) it is ``replay`` itself. It holds no reference to this object (a weak proxy for rare work),
-        so dropping the object frees its buffers at once."""
-        if self.graph is None or (self._protect and self._uses is None):
-            self.fast = _through_replay(weakref.ref(self))
+        """``fast(leaves)``, the replay: one function generated for this graph's configuration, its flags decided and
+        its loops unrolled. In order: protect outputs the caller still holds (the first replay counts their uses
+        and makes this function again), follow the caller's stream, check inputs captured in place, copy the inputs
+        into the static buffers, replay, copy back inputs the graph changed in place, return the outputs. It holds
+        no reference to this object (a weak proxy for rare work), so dropping the object frees its buffers at
+        once."""
+        if self.graph is None:
+            self.fast = _not_captured
             return
         names: dict[str, Any] = {"ME": weakref.proxy(self), "O": self._out, "K": self._stream_key}
         lines = []
-        if self._protect:
+        if self._protect and self._uses is None:  # first, while held outputs still belong to the last stream
+            lines.append("ME._count_uses()")
+        elif self._protect:
             names.update(UC=_use_count, RC=sys.getrefcount, HELD=OutputsHeld)
             for n, (i, cdata, uses, refs, where) in enumerate(self._uses):
                 names[f"W{n}"] = where
@@ -254,34 +258,15 @@ class GraphedCall:
             cdata = self._out[where[0]].untyped_storage()._cdata
             # references: one per place in our list, plus getrefcount's own argument
             self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where))
+        self._make_fast()  # now with the counts
 
     # ------------------------------------------------------------------ replay
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.replay(pytree.tree_leaves((args, kwargs)))
 
     def replay(self, leaves: list[Any]) -> Any:
-        """Copy the call's input leaves into the static buffers, replay, and return the outputs.
-
-        This is the hot path of every call: rare work (another stream, parameters moved, inputs changed in place,
-        outputs to protect) is behind one flag each."""
-        if self._protect:  # first, while held outputs still belong to the stream that last called
-            self._protect_outputs()
-        if self._stream_id is not None and self._stream_id() != self._stream_key[0]:
-            self._follow_stream()
-        if self._fixed:
-            self._check_fixed(leaves)
-        if self._mutated and _aliased([leaves[i] for i in self._slots]):
-            raise NotReplayable("inputs that share memory go to a graph that writes one of them in place")
-        for i, dst in self._copies:
-            src = leaves[i]
-            if src is not dst:  # the caller may pass the static buffer itself
-                dst.copy_(src)
-        self._replay_graph()
-        for i in self._mutated:
-            leaves[i].copy_(self._static[i])
-        if self._as_is:
-            return self._out[0] if self._single else self._rebuild(self._out)
-        return self._outputs()
+        """Copy the call's input leaves into the static buffers, replay, and return the outputs (``fast``)."""
+        return self.fast(leaves)
 
     def _check_fixed(self, leaves: list[Any]) -> None:
         """Inputs captured in place (parameters) must still be where the graph reads them; checked only after
@@ -310,19 +295,6 @@ class GraphedCall:
             return outs[0]
         return self._rebuild(outs)
 
-    def _protect_outputs(self) -> None:
-        """Before a replay overwrites the outputs: move any the caller still holds to memory of their own."""
-        if self._uses is None:
-            self._count_uses()
-            self._make_fast()
-            return
-        out = self._out
-        for i, cdata, uses, refs, where in self._uses:
-            if _use_count(cdata) > uses:
-                raise OutputsHeld("a view of an earlier output is still alive")
-            if sys.getrefcount(out[i]) > refs:
-                self._rescue(where)
-
     def _rescue(self, where: list[int]) -> None:
         """The caller holds the output in places ``where``: give that tensor memory of its own (a copy), and keep
         the graph's memory for us, in every place."""
@@ -350,7 +322,7 @@ class GraphedCall:
             except Exception:  # noqa: BLE001 - a half-captured graph may refuse reset; dropping it is enough
                 pass
         self.graph = self._replay_graph = None
-        self.fast = _through_replay(weakref.ref(self))  # drops the generated function's hold on the buffers
+        self.fast = _not_captured  # drops the generated function's hold on the buffers
         self.pool = None
         self._out = []
         self._static = []
@@ -366,9 +338,8 @@ class GraphedCall:
             pass
 
 
-def _through_replay(ref: Callable[[], Any]) -> Callable[[list[Any]], Any]:
-    """``fast`` before it is generated: the general ``replay`` of the (weakly referenced) GraphedCall."""
-    return lambda leaves: ref().replay(leaves)
+def _not_captured(leaves: list[Any]) -> Any:
+    raise RuntimeError("this call's CUDA graph is not captured, or was released")
 
 
 def _direct_replay(graph: Any) -> Callable[[], None]:
