@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
-           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read"]
+           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read",
+           "CONTAINERS", "contents"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -24,7 +25,7 @@ MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
 # Globals of the user's code watched besides plain values, by identity: functions (a notebook helper redefined by
 # re-running its cell) and tensors (a graph reads a global tensor where it was at capture).
 _WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType, torch.Tensor)
-_CONTAINERS = (list, dict, set)
+CONTAINERS = (list, dict, set)  # plain containers: compared by contents, since they can change in place
 _MAX_ITEMS = 64
 
 
@@ -33,15 +34,20 @@ def plain_setting(value: Any) -> bool:
     of plain values (``self.skip = [1, 3]``, read in a loop or a membership test), which is compared by contents."""
     if isinstance(value, SETTINGS):
         return True
-    if type(value) not in _CONTAINERS or len(value) > _MAX_ITEMS:
+    if type(value) not in CONTAINERS or len(value) > _MAX_ITEMS:
         return False
     items = list(value.items()) if type(value) is dict else [(v, None) for v in value]
     return all(isinstance(k, SETTINGS) and isinstance(v, SETTINGS) for k, v in items)
 
 
+def contents(value: Any) -> Any:
+    """A copy of a list's, dict's or set's contents, else None."""
+    return type(value)(value) if type(value) in CONTAINERS else None
+
+
 def setting_copy(value: Any) -> Any:
     """What to keep of a setting to compare it later: a container's contents (it can change in place), else itself."""
-    return type(value)(value) if type(value) in _CONTAINERS else value
+    return value if type(value) not in CONTAINERS else contents(value)
 
 
 def same_value(now: Any, then: Any) -> bool:
@@ -50,7 +56,7 @@ def same_value(now: Any, then: Any) -> bool:
     without a plain equality is a change unless it is the same object."""
     if now is then:
         return True
-    if type(now) is not type(then) or type(then) in (list, dict, set):
+    if type(now) is not type(then) or type(then) in CONTAINERS:
         return False
     try:
         return bool(now == then)
@@ -60,7 +66,7 @@ def same_value(now: Any, then: Any) -> bool:
 
 def same_setting(now: Any, kept: Any) -> bool:
     """``same_value`` against what ``setting_copy`` kept: a container by its contents."""
-    if type(kept) in _CONTAINERS:
+    if type(kept) in CONTAINERS:
         return type(now) is type(kept) and now == kept
     return same_value(now, kept)
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import MISSING, same_value, settings_read
+from .reads import MISSING, contents, same_value, settings_read
 
 __all__ = ["Sandbox", "clone_inputs", "model_error"]
 
@@ -87,7 +87,6 @@ class Sandbox:
 
 # What nn.Module.__init__ puts in every module's __dict__ (parameters, buffers, submodules, hooks, flags): not user state.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
-_CONTAINERS = (list, dict, set)
 
 
 def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
@@ -96,16 +95,14 @@ def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any
     ``__dict__``, the fields read, False: names it gains are not counted)."""
     state = []
     for name, m in model.named_modules(remove_duplicate=False):
-        plain = {k: (v, type(v)(v) if type(v) in _CONTAINERS else None) for k, v in m.__dict__.items()
-                 if _plain(k, v)}
+        plain = {k: (v, contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
     for qualified, attrs, key, _, kind in settings_read(model):
         if kind != "self":  # modules' own attributes are all in ``state`` already
             entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0] if kind == "field" else "global",
                                                    attrs, {}, False))
-            value = attrs[key]
-            entry[2][key] = (value, type(value)(value) if type(value) in _CONTAINERS else None)
+            entry[2][key] = (attrs[key], contents(attrs[key]))
     return state + list(holders.values())
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import MISSING, methods_read, reads_training, same_setting, setting_copy, settings_read
+from ..capture.reads import CONTAINERS, MISSING, methods_read, reads_training, same_setting, setting_copy, settings_read
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
 
@@ -475,7 +475,7 @@ class _Watch:
 
 
 def _by_value(value: Any) -> bool:
-    return type(value) in (list, dict, set)
+    return type(value) in CONTAINERS
 
 
 def _hook_dicts(m: nn.Module) -> tuple:
