@@ -744,10 +744,9 @@ class OparaModule(nn.Module):
 
 def _compiled_module(model: Any) -> nn.Module | None:
     """The module inside a ``torch.compile``d one (dynamo's ``OptimizedModule``), else None."""
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-        return inner
-    return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else None
 
 
 def _rebuild(original: Any, options: dict) -> OparaModule:

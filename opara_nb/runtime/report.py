@@ -96,10 +96,11 @@ class RunReport:
         if self.kept not in pools or base is None or base not in pools or base == self.kept:
             return None
         line = f"graph memory {pools[self.kept]:.1f} MiB vs {pools[base]:.1f} MiB for a plain CUDA graph"
-        if pools[self.kept] > MEMORY_NOTE_RATIO * max(pools[base], 1.0):
+        ratio = pools[self.kept] / max(pools[base], 1.0)
+        if ratio > MEMORY_NOTE_RATIO:
             # each stream allocates from blocks of its own, and values read across streams live until the join
-            line += (f" ({pools[self.kept] / max(pools[base], 1.0):.1f}x, the price of its streams; "
-                     "optimize(..., max_memory_mb=N) keeps only plans that fit)")
+            line += f" ({ratio:.1f}x, the price of its streams; optimize(..., max_memory_mb=N) keeps only plans that " \
+                    "fit)"
         return line
 
     def to_dict(self) -> dict[str, Any]:
