@@ -175,7 +175,8 @@ def guard_rows(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[s
     om = _called(model, args, kwargs, strategy="sequential")
     entry, guard = om._last, om._guard
     counts = guard.counts()
-    watched = f"{counts['training flags']} training flags, {counts['attributes']} attributes"
+    watched = (f"{counts['training flags']} training flags compared, {counts['training flags counted on change']} "
+               f"counted on change, {counts['attributes']} attributes")
     check_us = _python_us(lambda: entry.hot(args, kwargs))
     rows = [f"| {name} | guard: the hot path's whole check ({watched}) | {check_us:.2f} | | |",
             f"| {name} | guard: model alone (ModelGuard.clean) | {_python_us(guard.clean):.2f} | | |"]

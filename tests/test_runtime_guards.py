@@ -215,6 +215,37 @@ def test_the_hot_check_refuses_every_change_and_is_made_again_after_a_snapshot(w
     assert guard.version == version + 1
 
 
+class _OwnSetattr(nn.BatchNorm1d):
+    """A class with its own __setattr__: its flag is compared on every call, not counted."""
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value) if name == "training" else super().__setattr__(name, value)
+
+
+def test_training_flags_are_counted_on_assignment_not_compared_on_every_call():
+    """57 BatchNorms cost the hot check one compare: assigning a watched flag bumps a counter. Set back to what it
+    was, the flag is a false alarm that clean() clears without a new snapshot; an unrelated module's flag is nothing."""
+    model = nn.Sequential(*(nn.BatchNorm1d(2) for _ in range(57)), _OwnSetattr(2)).eval()
+    x, other = torch.randn(3, 2), nn.BatchNorm1d(2)
+    guard = ModelGuard(model)
+    counts = guard.counts()
+    assert counts["training flags counted on change"] == 58 and counts["training flags"] == 1
+    check = hot_guard((x,), {}, CallState(), guard)
+    assert check.source.count("training") <= 1 and "map(" not in check.source
+    assert check((x,), {}) == (x,)
+    other.train()                                  # not this model's
+    assert check((x,), {}) == (x,)
+    version = guard.version
+    for edit in (lambda: model[30].train(), lambda: setattr(model[56], "training", True), lambda: model.train(),
+                 lambda: object.__setattr__(model[57], "training", True)):
+        edit()
+        assert check((x,), {}) is None and not guard.clean()
+        assert any("switched to train" in c for c in guard.changes())
+        model.eval()
+        assert guard.clean() and check((x,), {}) == (x,)
+    assert guard.version == version
+
+
 def test_in_place_updates_are_not_changes_and_a_hook_elsewhere_is_a_false_alarm():
     model, fresh = _Net().eval(), _Net().state_dict()
     guard = ModelGuard(model)

@@ -8,23 +8,26 @@ checks it itself, cheaply:
 - ``call_key``: the cache key of a call (structure, per-tensor shape/dtype/device/stride, values of other leaves and
   of 0-dim CPU tensors, whose value a kernel takes as an argument at capture).
 - ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's TF32/determinism.
-- ``ModelGuard``: on the hot path two integer compares and the training flags of the submodules whose code reads
-  ``training``. The integers: a global counter that module, parameter and buffer registration hooks bump, and so do
-  ``param.data = t`` (it keeps the object but moves its memory) and ``Module._apply`` (``.to()``, ``.half()``); and
-  the global hook-handle counter (any new hook); and, by identity, the plain values a ``forward`` reads
-  (``capture.reads.settings_read``: the user's own modules' settings and globals, helper functions included, any
-  module's ``self.config`` fields) and the model's own ``forward`` on the instance. Any signal makes it walk the
-  whole model (identities, flags, hooks, instance forwards, data pointers, settings) and say what changed.
+- ``ModelGuard``: on the hot path three integer compares. A global counter that module, parameter and buffer
+  registration hooks bump, and so do ``param.data = t`` (it keeps the object but moves its memory) and
+  ``Module._apply`` (``.to()``, ``.half()``); the global hook-handle counter (any new hook); a counter bumped by
+  assigning the training flag of a submodule whose code reads ``training`` (``.train()``, ``.eval()``). And, by
+  identity, the plain values a ``forward`` reads (``capture.reads.settings_read``: the user's own modules' settings
+  and globals, helper functions included, any module's ``self.config`` fields) and the model's own ``forward`` on the
+  instance. Any signal makes it walk the whole model (identities, flags, hooks, instance forwards, data pointers,
+  settings) and say what changed.
 
-Not seen without a walk: a submodule's ``forward`` replaced on the instance, a buffer swapped by writing
-``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor buffer, ``torch.utils.swap_tensors`` called by
-hand; ``om.refresh()`` re-checks everything (see docs/user_guide.md).
+Not seen without a walk: a submodule's ``forward`` replaced on the instance, a training flag written into a module's
+``__dict__``, a buffer swapped by writing ``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor
+buffer, ``torch.utils.swap_tensors`` called by hand; ``om.refresh()`` re-checks everything (see
+docs/user_guide.md).
 """
 from __future__ import annotations
 
 import functools
 import operator
 import types
+import weakref
 from collections.abc import Hashable
 from typing import Any, Callable
 
@@ -356,6 +359,8 @@ def _python_state() -> tuple:  # pragma: no cover - only without dynamo's Global
 # ---------------------------------------------------------------------------------------------- the model
 
 _EPOCH = [0]  # bumped by the registration hooks below: a module, parameter or buffer was (re)assigned somewhere
+_FLAGS = [0]  # bumped when a watched module's training flag is assigned (.train(), .eval(), m.training = ...)
+_FLAG_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the modules whose flag some ModelGuard counts
 _hooks_installed = False
 
 
@@ -394,10 +399,23 @@ def _counted_apply(apply: Any) -> Any:
     return _apply
 
 
+def _counted_setattr(setattr_: Any) -> Any:
+    @functools.wraps(setattr_)
+    def __setattr__(self: nn.Module, name: str, value: Any) -> None:
+        if name == "training" and self in _FLAG_WATCHED:  # one string compare for every other attribute
+            _FLAGS[0] += 1
+        setattr_(self, name, value)
+
+    __setattr__._opara_counted = True  # type: ignore[attr-defined]
+    return __setattr__
+
+
 def install_watch() -> None:
     """Make every way of moving a model's tensors bump ``_EPOCH``: the global registration hooks (a module, parameter
-    or buffer assigned), ``nn.Parameter.data`` assignment and ``nn.Module._apply`` (``.to()``, ``.half()`` ...).
-    They only count: behaviour is unchanged, and nothing runs until the first OparaModule is made."""
+    or buffer assigned), ``nn.Parameter.data`` assignment and ``nn.Module._apply`` (``.to()``, ``.half()`` ...);
+    and assigning the training flag of a watched module bump ``_FLAGS`` (``nn.Module.__setattr__``: what ``.train()``,
+    ``.eval()`` and ``m.training = ...`` run). They only count: behaviour is unchanged, and nothing runs until the
+    first OparaModule is made."""
     global _hooks_installed
     if _hooks_installed:
         return
@@ -410,6 +428,8 @@ def install_watch() -> None:
         nn.Parameter.data = _CountedData(torch._C.TensorBase.data)  # type: ignore[assignment]
     if not getattr(nn.Module._apply, "_opara_counted", False):
         nn.Module._apply = _counted_apply(nn.Module._apply)  # type: ignore[method-assign]
+    if not getattr(nn.Module.__setattr__, "_opara_counted", False):
+        nn.Module.__setattr__ = _counted_setattr(nn.Module.__setattr__)  # type: ignore[method-assign]
     _hooks_installed = True
 
 
@@ -474,6 +494,10 @@ class _Watch:
                            if self.same == "is" else f"list({now}) == {code.const(self.values)}")
 
 
+def _flag_watch(modules: list[nn.Module]) -> _Watch:
+    return _Watch("training flags", operator.getitem, [(m.__dict__, "training", m.training) for m in modules])
+
+
 def _by_value(value: Any) -> bool:
     return type(value) in CONTAINERS
 
@@ -512,13 +536,18 @@ class ModelGuard:
         self._record_structure()
         self._record_reads()
         tracked = _tracked_modules(self.model)
-        # flags read from the instance dict (cheap); a class whose ``training`` is a property (a torch.compile'd
-        # submodule, OptimizedModule, forwards it) is read through the attribute
-        self._watches[:0] = [
-            _Watch("training flags", operator.getitem,
-                   [(m.__dict__, "training", m.training) for m in tracked if "training" in m.__dict__]),
-            _Watch("training flags", getattr,
-                   [(m, "training", m.training) for m in tracked if "training" not in m.__dict__])]
+        # A flag assigned through nn.Module.__setattr__ (.train(), .eval(), m.training = ...) bumps _FLAGS: the hot
+        # path compares one counter, not dozens of flags (57 BatchNorms in GoogLeNet). A class with its own
+        # __setattr__, or whose ``training`` is a property (OptimizedModule forwards it), is compared on every call.
+        counted = [m for m in tracked if "training" in m.__dict__ and type(m).__setattr__ is nn.Module.__setattr__]
+        _FLAG_WATCHED.update(counted)
+        self._flags = _flag_watch(counted)
+        self._flags_seen = [_FLAGS[0]]  # a list: clean() moves it on after a false alarm, the hot check reads it
+        ids = set(map(id, counted))
+        others = [m for m in tracked if id(m) not in ids]
+        self._watches[:0] = [_flag_watch([m for m in others if "training" in m.__dict__]),
+                             _Watch("training flags", getattr,
+                                    [(m, "training", m.training) for m in others if "training" not in m.__dict__])]
         self._epoch = _EPOCH[0]
         self._handles = RemovableHandle.next_id
         self.version += 1
@@ -562,7 +591,7 @@ class ModelGuard:
 
     def counts(self) -> dict[str, int]:
         """How many values of each kind are compared per call (for reports)."""
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {"training flags counted on change": len(self._flags.holders)}
         for w in self._watches:
             counts[w.what] = counts.get(w.what, 0) + len(w.holders)
         return counts
@@ -570,7 +599,8 @@ class ModelGuard:
     def add_checks(self, code: "_GuardCode") -> None:
         """``clean()``'s conditions, inline in ``code`` (``hot_guard``)."""
         code.checks += [f"{code.const(_EPOCH)}[0] == {self._epoch}",
-                        f"{code.const(RemovableHandle)}.next_id == {self._handles}"]
+                        f"{code.const(RemovableHandle)}.next_id == {self._handles}",
+                        f"{code.const(_FLAGS)}[0] == {code.const(self._flags_seen)}[0]"]
         for w in self._watches:
             w.add_checks(code)
 
@@ -578,6 +608,10 @@ class ModelGuard:
         """True when nothing a replay depends on can have changed (the slow path's form of the hot check)."""
         if _EPOCH[0] != self._epoch or RemovableHandle.next_id != self._handles:
             return False
+        if _FLAGS[0] != self._flags_seen[0]:  # a watched flag was assigned, maybe to the value it had
+            if not self._flags.holds():
+                return False
+            self._flags_seen[0] = _FLAGS[0]
         return all(w.holds() for w in self._watches)
 
     def changes(self) -> list[str]:
