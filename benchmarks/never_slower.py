@@ -5,7 +5,8 @@ same model, on models beyond the paper's six, in one process. Run on the GPU mac
 
 Per model: the plain graph (``bench.modes.PlainCudaGraph``: copy inputs, replay, return the static outputs) and
 ``opara_nb.optimize(model, x)`` (strategy "auto"), timed synchronously (call, then synchronize) in interleaved rounds
-so drift is shared; medians in ms. "margin" is plain / default (>= 1: not slower). TF32 is off so the outputs can be
+so drift is shared; medians in ms. "margin" is plain / default (>= 1: not slower). The graph pools are those `auto`
+captured (``report.graph_memory_mb``): the plain graph's and the kept plan's. TF32 is off so the outputs can be
 compared with eager (max abs diff). Models are built from code or configs with random weights (no downloads).
 """
 from __future__ import annotations
@@ -130,10 +131,13 @@ def measure(name: str, build: Callable[[], tuple], iters: int) -> str:
     auto_plain = (rep.candidates.get("cudagraph") or {}).get("sync_ms")
     auto_kept = (rep.candidates.get(rep.kept) or {}).get("sync_ms")
     own = f"{auto_plain / auto_kept:.2f}x" if auto_plain and auto_kept else "-"
+    pools = rep.graph_memory_mb
+    memory = (f"{pools['cudagraph']:.0f} / {pools[rep.kept]:.0f} ({pools[rep.kept] / pools['cudagraph']:.1f}x)"
+              if pools.get("cudagraph") and rep.kept in pools else "-")
     plain.release()
     om.release()
     return (f"| {name} | {times['plain']:.3f} | {times['default']:.3f} | {margin:.2f}x | {rep.mode} | {rep.kept} | "
-            f"{own} | {diff:.1e} | {plan_s:.1f} |")
+            f"{own} | {memory} | {diff:.1e} | {plan_s:.1f} |")
 
 
 def main() -> None:
@@ -148,7 +152,8 @@ def main() -> None:
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, fp32, TF32 off; "
              f"command: PYTHONPATH=. python benchmarks/never_slower.py --iters {ns.iters}", "",
              "| model | plain CUDA graph ms | opara_nb default ms | margin | mode | kept | auto's own measured "
-             "margin | max abs diff vs eager | optimize s |", "|---|---|---|---|---|---|---|---|---|"]
+             "margin | graph pool MiB, plain / kept | max abs diff vs eager | optimize s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         try:
             lines.append(measure(name, MODELS[name], ns.iters))

@@ -7,7 +7,7 @@ call, so a plan shown in a notebook is the plan that runs. ``PlanSpec`` names a 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .errors import OparaUsageError
@@ -20,6 +20,7 @@ __all__ = ["PlanSpec", "CANDIDATES", "DEFAULT_ORDER", "PLAIN_GRAPH", "spec_for",
 DEFAULT_ORDER: dict[str, str] = {"opara": "opara", "nimble": "opara", "wavefront": "opara",
                                  "sequential": "topological"}
 _FUSED = "fused"
+_STREAMS = "streams"
 # The candidate that is the original model in one plain CUDA graph (no dynamo, no plan): reports and plan files name it.
 PLAIN_GRAPH = "cudagraph"
 
@@ -35,22 +36,26 @@ MERGE_WORK_FACTOR = 1.0
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """How one graph is scheduled and run: stream ``strategy``, launch ``order``, and whether operators are fused into
+    """How one graph is scheduled and run: stream ``strategy``, launch ``order``, at most ``streams`` physical CUDA
+    streams (0: as many as the module allows, its ``max_streams``), and whether operators are fused into
     TorchInductor segments (``fuse``).
 
-    Its ``name`` is the strategy, then ``+order`` when the order is not the strategy's default, then ``+fused``:
-    ``opara``, ``opara+topological``, ``nimble+topological``, ``sequential``, ``opara+fused``. ``PlanSpec.parse``
-    reads a name back.
+    Its ``name`` is the strategy, then ``+order`` when the order is not the strategy's default, then ``+<n>streams``
+    for a cap, then ``+fused``: ``opara``, ``opara+topological``, ``opara+4streams``, ``opara+fused``.
+    ``PlanSpec.parse`` reads a name back.
 
     >>> PlanSpec("nimble", "topological").name
     'nimble+topological'
     >>> PlanSpec.parse("opara+fused")
-    PlanSpec(strategy='opara', order='opara', fuse=True)
+    PlanSpec(strategy='opara', order='opara', fuse=True, streams=0)
+    >>> PlanSpec.parse("opara+4streams").streams
+    4
     """
 
     strategy: str
     order: str = ""
     fuse: bool = False
+    streams: int = 0
 
     def __post_init__(self) -> None:
         from .schedule import ORDERS, STRATEGIES
@@ -61,12 +66,16 @@ class PlanSpec:
             object.__setattr__(self, "order", DEFAULT_ORDER[self.strategy])
         if self.order not in ORDERS:
             raise OparaUsageError(f"unknown launch order {self.order!r}: use one of {', '.join(ORDERS)}")
+        if not isinstance(self.streams, int) or self.streams < 0:
+            raise OparaUsageError(f"streams must be a whole number >= 0 (0: no cap), got {self.streams!r}")
 
     @property
     def name(self) -> str:
         parts = [self.strategy]
         if self.order != DEFAULT_ORDER[self.strategy]:
             parts.append(self.order)
+        if self.streams:
+            parts.append(f"{self.streams}{_STREAMS}")
         if self.fuse:
             parts.append(_FUSED)
         return "+".join(parts)
@@ -78,19 +87,32 @@ class PlanSpec:
 
         strategy, *rest = str(name).split("+")
         fuse = _FUSED in rest
-        rest = [r for r in rest if r != _FUSED]
-        if len(rest) > 1 or (rest and rest[0] not in ORDERS):
-            raise OparaUsageError(f"cannot read plan name {name!r}: write strategy[+order][+fused], order one of "
-                             f"{', '.join(ORDERS)}")
-        return cls(strategy, rest[0] if rest else "", fuse)
+        caps = [r for r in rest if r.endswith(_STREAMS) and r[:-len(_STREAMS)].isdigit()]
+        rest = [r for r in rest if r != _FUSED and r not in caps]
+        if len(rest) > 1 or (rest and rest[0] not in ORDERS) or len(caps) > 1:
+            raise OparaUsageError(f"cannot read plan name {name!r}: write strategy[+order][+<n>streams][+fused], "
+                                  f"order one of {', '.join(ORDERS)}")
+        return cls(strategy, rest[0] if rest else "", fuse, int(caps[0][:-len(_STREAMS)]) if caps else 0)
+
+    def uncapped(self) -> "PlanSpec":
+        """The same plan without a stream cap (the cap changes how streams are mapped, not the plan)."""
+        return replace(self, streams=0)
 
     def __str__(self) -> str:
         return self.name
 
 
+# Each physical stream takes memory blocks of its own in the graph's pool (2 MiB for small tensors, 20 MiB segments
+# for large ones), so a plan on fewer streams is smaller, and often as fast: on the H200, DeepFM on 4 streams ran at
+# 0.103 ms in 8 MiB against 0.113 ms in 32 MiB on 16, T5's encoder as fast on 4 streams as on 12 in half the memory
+# (benchmarks/results/h200/run7/streams_memory.md). "auto" tries opara capped at this many streams too (only where
+# the cap changes the plan), and of candidates equally fast keeps the smallest.
+FEW_STREAMS = 4
+
 # What strategy="auto" tries; "sequential" keeps the eager order, so "auto" is never slower than a sequential graph.
-CANDIDATES: tuple[PlanSpec, ...] = (PlanSpec("opara"), PlanSpec("opara", "topological"), PlanSpec("nimble"),
-                                    PlanSpec("wavefront"), PlanSpec("sequential"))
+CANDIDATES: tuple[PlanSpec, ...] = (PlanSpec("opara"), PlanSpec("opara", "topological"),
+                                    PlanSpec("opara", streams=FEW_STREAMS), PlanSpec("nimble"), PlanSpec("wavefront"),
+                                    PlanSpec("sequential"))
 
 
 def spec_for(strategy: str, order: str = "", fuse: bool = False) -> PlanSpec:

@@ -195,11 +195,12 @@ class SignatureRecord:
 
     @property
     def spec(self) -> dict[str, Any] | None:
-        """The kept plan's strategy, launch order and fusion (None for the plain CUDA graph)."""
+        """The kept plan's strategy, launch order, fusion and stream cap, if any (None for the plain CUDA graph)."""
         if self.kept == PLAIN_GRAPH:
             return None
         spec = PlanSpec.parse(self.kept)
-        return {"strategy": spec.strategy, "order": spec.order, "fused": spec.fuse}
+        fields = {"strategy": spec.strategy, "order": spec.order, "fused": spec.fuse}
+        return {**fields, "streams": spec.streams} if spec.streams else fields
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "device": self.device, "mode": self.mode, "requested": self.requested,

@@ -51,16 +51,19 @@ def test_candidates_include_the_sequential_baseline_once_each():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("fuse", [False, True])
-def test_every_plan_name_reads_back_as_its_spec(strategy, order, fuse):
-    spec = PlanSpec(strategy, order, fuse)
+@pytest.mark.parametrize("streams", [0, 4])
+def test_every_plan_name_reads_back_as_its_spec(strategy, order, fuse, streams):
+    spec = PlanSpec(strategy, order, fuse, streams)
     assert PlanSpec.parse(spec.name) == spec
+    assert (f"+{streams}streams" in spec.name) == bool(streams)
     assert spec.name.startswith(strategy) and (("+fused" in spec.name) == fuse)
     assert (f"+{order}" in spec.name) == (order != DEFAULT_ORDER[strategy])
 
 
-@pytest.mark.parametrize("name", ["magic", "opara+sideways", "opara+topological+opara", ""])
+@pytest.mark.parametrize("name", ["magic", "opara+sideways", "opara+topological+opara", "", "opara+2streams+4streams",
+                                  "opara+xstreams"])
 def test_bad_plan_names_say_what_is_valid(name):
-    with pytest.raises(ValueError, match="strateg|order"):
+    with pytest.raises(ValueError, match="strateg|order|streams"):
         PlanSpec.parse(name)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 import opara_nb
 from opara_nb import models, planfile
 from opara_nb.errors import OparaUsageError
+from opara_nb.pipeline import FEW_STREAMS
 from opara_nb.planfile import FORMAT_VERSION, PlanFileError
 from opara_nb.runtime import OparaNotice, optimize
 from _helpers import ItemNet
@@ -131,6 +132,23 @@ def test_round_trip_through_the_cuda_graph_path_keeps_auto_choice_without_timing
     assert fake_cuda["graphs"].captures == captures + 1  # the stored plan only: no other candidate, no plain graph
     assert _plans(loaded) == _plans(om)
     assert "0.500 ms vs 0.900 ms" in rep.plan_source
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(loaded, *args, **kwargs), model(*args, **kwargs))
+
+
+def test_a_plan_kept_on_fewer_streams_loads_on_as_few(fake_cuda, tmp_path, request):
+    capped = f"opara+{FEW_STREAMS}streams"
+    fake_cuda["times"] = {capped: 0.5, "cudagraph": 0.9}
+    model, args, kwargs = models.get("deepfm")
+    om = _quiet(optimize, model, *args, graphs=fake_cuda["graphs"], **kwargs)
+    assert om.report.kept == capped
+    path = om.save_plan(tmp_path / "plan.json")
+    assert json.loads(path.read_text())["signatures"][0]["spec"]["streams"] == FEW_STREAMS
+
+    request.getfixturevalue("no_tuning")
+    loaded = _quiet(optimize, model, *args, graphs=fake_cuda["graphs"], plan=path, **kwargs)
+    assert loaded.report.kept == capped and _plans(loaded) == _plans(om)
+    assert max(ex.mapping.num_physical for ex in loaded.executors) <= FEW_STREAMS
     with torch.no_grad():
         torch.testing.assert_close(_quiet(loaded, *args, **kwargs), model(*args, **kwargs))
 

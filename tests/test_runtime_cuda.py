@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from opara_nb import models
-from opara_nb.pipeline import CANDIDATES
+from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
+from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
 from _helpers import Block, BranchNet, Configured, Counting, ItemNet, Outputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
@@ -79,12 +80,18 @@ def test_every_strategy_matches_eager(name):
     out = _quiet(om, *args, **kwargs)
     rep = om.report
     assert rep.mode == "cuda-graph", rep.reason
-    assert set(om.diffs) >= set(candidates), rep.notices
+    # a stream-capped candidate is captured only where the cap changes the plan
+    candidates = {c for c in candidates if not PlanSpec.parse(c).streams}
+    assert set(om.diffs) >= candidates, rep.notices
     bad = {k: d for k, d in om.diffs.items() if d > PAPER[name]}
     assert not bad, f"{name}: max abs diff over {PAPER[name]}: {bad}"
     assert _max_diff(out, expected) <= PAPER[name]
     assert set(rep.candidates) >= set(candidates)
-    assert rep.kept == min(rep.candidates, key=lambda k: rep.candidates[k]["sync_ms"])
+    times = {k: t["sync_ms"] for k, t in rep.candidates.items()}
+    # the fastest, or of those within the noise margin the one with the least graph memory (or the plain graph,
+    # when timed again alone against it)
+    assert times[rep.kept] <= min(times.values()) * (1 + PLAIN_GRAPH_MARGIN) or \
+        any("kept the plain CUDA graph" in n for n in rep.notices), (rep.kept, times)
     assert all(t["sync_ms"] > 0 and t["replay_ms"] > 0 for t in rep.candidates.values())
     assert rep.eager_ms and rep.eager_ms > 0
     assert all(g["physical_streams"] <= g["logical_streams"] for g in rep.graphs)

@@ -13,7 +13,7 @@ from torch import nn
 import opara_nb
 from opara_nb import models
 from opara_nb.errors import OparaUsageError
-from opara_nb.pipeline import CANDIDATES
+from opara_nb.pipeline import CANDIDATES, FEW_STREAMS
 from opara_nb.runtime import OparaModule, OparaNotice, RunReport, optimize
 from opara_nb.testing import FakeGraphs
 from _helpers import ItemNet
@@ -176,11 +176,31 @@ def test_auto_keeps_the_fastest_candidate_and_includes_the_plain_graph(fake_cuda
     assert rep.mode == "cuda-graph" and rep.accelerated and rep.reason is None
     assert rep.kept == "nimble" and {k: t["sync_ms"] for k, t in rep.candidates.items()} == fake_cuda["times"]
     assert rep.eager_ms == 10.0 and "1.20x faster than a plain CUDA graph" in rep.gain()
-    assert fake_cuda["graphs"].captures == len(CANDIDATES) + 1
+    # the inception block's plan needs no more than FEW_STREAMS streams: the capped candidate would repeat opara's
+    assert fake_cuda["graphs"].captures == len(CANDIDATES) and f"opara+{FEW_STREAMS}streams" not in rep.candidates
     assert om.plan.strategy == "nimble"
     with torch.no_grad():
         torch.testing.assert_close(_quiet(om, *args, **kwargs), model(*args, **kwargs))
     assert "candidates" in str(rep)
+
+
+def test_auto_tries_opara_on_fewer_streams_where_that_changes_the_plan(fake_cuda):
+    """DeepFM's plan runs on more than FEW_STREAMS streams: auto also captures it capped (fewer streams take less
+    graph memory), and keeps it when it is the fastest; a module already capped as low captures it once."""
+    capped = f"opara+{FEW_STREAMS}streams"
+    fake_cuda["times"] = {"opara": 1.0, capped: 0.9, "cudagraph": 3.0}
+    model, args, kwargs = models.get("deepfm")
+    om = _optimize(fake_cuda, model, *args, **kwargs)
+    rep = om.report
+    assert capped in rep.candidates and "opara" in rep.candidates
+    streams = {name: max(r.executor(name).mapping.num_physical for r in om._backend.runners)
+               for name in ("opara", capped)}
+    assert rep.kept == capped and streams[capped] <= FEW_STREAMS < streams["opara"]
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(om, *args, **kwargs), model(*args, **kwargs))
+    om.release()
+    few = _optimize(fake_cuda, model, *args, max_streams=FEW_STREAMS, **kwargs)
+    assert capped not in few.report.candidates and "opara" in few.report.candidates
 
 
 def test_a_plan_must_beat_the_plain_graph_beyond_the_noise_to_be_kept():

@@ -18,7 +18,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable
 
 import torch
@@ -89,8 +89,7 @@ def _candidate_specs(strategy: str, order: str, fuse: bool, candidates: tuple[st
         elif candidates:
             specs = tuple(PlanSpec.parse(n) for n in candidates)
         else:
-            specs = tuple(PlanSpec(s.strategy, order if order and s.strategy != "sequential" else s.order)
-                          for s in CANDIDATES)
+            specs = tuple(replace(s, order=order) if order and s.strategy != "sequential" else s for s in CANDIDATES)
             if fuse or (AUTO_FUSES and fusion_available()):
                 specs += tuple(PlanSpec(s.strategy, s.order, True) for s in specs if s.strategy != "sequential")
     except ValueError as exc:
@@ -421,6 +420,8 @@ class OparaModule(nn.Module):
         if not runners:
             graphed.release()
             return Entry("eager", self._no_graph_reason())
+        # a stream cap that changes no graph would capture the uncapped plan again
+        specs = tuple(s for s in specs if s is specs[0] or not s.streams or self._backend.caps(s, runners))
         captured, errors = self._capture_candidates(graphed, compiled, args, kwargs, specs)
         if not captured:
             return self._piecewise(runners, args, kwargs, errors[0], first)

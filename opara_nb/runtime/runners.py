@@ -19,7 +19,7 @@ import torch
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
 from .cudagraph import CudaGraphs, GraphedCall, release_cuda_memory
-from .executor import PlanExecutor
+from .executor import PlanExecutor, physical_mapping
 
 __all__ = ["Backend", "GraphRunner", "GraphCapture", "weak_call", "is_parameter"]
 
@@ -147,11 +147,24 @@ class Backend:
 
     def make_executor(self, g: Any, plan: Any, spec: PlanSpec, compiled: dict | None = None) -> PlanExecutor:
         """The executor of ``plan``; fused specs share ``compiled`` segments between the plans of one graph."""
+        streams = self.streams(spec)
         if spec.fuse:
             from .fused import FusedExecutor
 
-            return FusedExecutor(g, plan, max_streams=self.max_streams, progress=self.progress, cache=compiled)
-        return PlanExecutor(g, plan, max_streams=self.max_streams)
+            return FusedExecutor(g, plan, max_streams=streams, progress=self.progress, cache=compiled)
+        return PlanExecutor(g, plan, max_streams=streams)
+
+    def streams(self, spec: PlanSpec) -> int:
+        """The physical streams ``spec`` may use: its cap, within the module's ``max_streams``."""
+        return min(spec.streams, self.max_streams) if spec.streams else self.max_streams
+
+    def caps(self, spec: PlanSpec, runners: list["GraphRunner"]) -> bool:
+        """Whether ``spec``'s stream cap changes how any of ``runners``' graphs run (else it repeats the uncapped
+        plan, and capturing it would be wasted)."""
+        if not spec.streams or spec.streams >= self.max_streams:
+            return False
+        return any(physical_mapping(r.g.dag, r.plans[spec.name], self.max_streams).num_physical > spec.streams
+                   for r in runners if spec.name in r.plans)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from ..capture import CapturedGraph
@@ -180,7 +193,11 @@ class Backend:
             return None, preset, 0.0, (time.perf_counter() - t0) * 1e3
         gp = profile_graph(g)
         t1 = time.perf_counter()
-        plans = {s.name: plan_with_profile(g, gp, s) for s in self.specs}
+        plans: dict[PlanSpec, Any] = {}
+        for s in self.specs:  # a stream cap maps the plan onto fewer streams: one plan serves both
+            if s.uncapped() not in plans:
+                plans[s.uncapped()] = plan_with_profile(g, gp, s.uncapped())
+        plans = {s.name: plans[s.uncapped()] for s in self.specs}
         return gp, plans, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
     def reset(self) -> None:
