@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from opara_nb.runtime.guards import CallState, ModelGuard, call_guard, call_key, hot_guard, reads_training
+from opara_nb.runtime.guards import (CallState, ModelGuard, call_guard, call_key, hot_guard, reads_cudnn,
+                                     reads_training)
 
 
 def _key(*args, **kwargs):
@@ -136,9 +137,34 @@ def test_call_state_sees_autocast_tf32_and_dtype_but_not_grad_mode():
     torch.backends.cudnn.allow_tf32 = not previous
     try:
         assert not state.check() and "cudnn" in state.reason()
+        assert CallState(cudnn=False).check()  # a graph cuDNN runs nothing of does not care
     finally:
         torch.backends.cudnn.allow_tf32 = previous
     assert state.check()
+
+
+class _Attention(nn.Module):
+    def forward(self, q):
+        return nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+@pytest.mark.parametrize("model, shape, reads", [
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4)), (2, 4), False),
+    (nn.Conv2d(3, 3, 1), (2, 3, 4, 4), True), (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), (2, 3), True),
+    (nn.InstanceNorm2d(3), (2, 3, 4, 4), True), (_Attention(), (1, 2, 3, 4), True)],
+    ids=["linear", "conv", "batchnorm", "instancenorm", "attention"])
+def test_which_graphs_depend_on_cudnn_flags(model, shape, reads):
+    """Only a graph that runs a cuDNN operator re-checks cuDNN's flags on every call: the hot check of the others is
+    three C calls shorter."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model.eval(), backend=backend)(torch.randn(*shape))
+    assert graphs and reads_cudnn(graphs) == reads
 
 
 class _Net(nn.Module):

@@ -203,6 +203,21 @@ def test_auto_tries_opara_on_fewer_streams_where_that_changes_the_plan(fake_cuda
     assert capped not in few.report.candidates and "opara" in few.report.candidates
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_only_a_graph_that_runs_cudnn_operators_is_checked_against_cudnn_flags(fake_cuda, conv):
+    model = (nn.Sequential(nn.Conv2d(3, 3, 1)) if conv else nn.Sequential(nn.Linear(4, 4), nn.ReLU())).eval()
+    x = torch.randn(1, 3, 4, 4) if conv else torch.randn(2, 4)
+    om = _optimize(fake_cuda, model, x, strategy="sequential")
+    _quiet(om, x)
+    entry, check, _ = om._hot
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                    allow_tf32=not torch.backends.cudnn.allow_tf32):
+        assert (check((x,), {}) is None) == conv
+        with torch.no_grad():
+            torch.testing.assert_close(_quiet(om, x), model(x))
+    assert len(om._cache) == 1 + conv  # the conv model captured again for the new flags
+
+
 def test_a_plan_must_beat_the_plain_graph_beyond_the_noise_to_be_kept():
     from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN, _fastest
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 import types
 import weakref
 from collections.abc import Hashable
@@ -38,7 +39,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..capture.reads import CONTAINERS, MISSING, methods_read, reads_training, same_setting, setting_copy, settings_read
 
-__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "ModelGuard", "registration_epoch", "install_watch"]
+__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
+           "install_watch"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -306,39 +308,65 @@ def _cudnn_state() -> tuple:
     return _cudnn_tf32(), _cudnn_deterministic(), _cudnn_enabled()
 
 
+# Operators whose kernels depend on cuDNN's flags (enabled, TF32, deterministic): convolutions, batch, instance and
+# group norm, RNNs, grid sampling, CTC loss, attention (cuDNN's SDPA backend). Matched in the op's name.
+_CUDNN_OPS = re.compile(r"conv|batch_norm|instance_norm|group_norm|rnn|lstm|gru|grid_sampl|affine_grid|ctc|attention"
+                        r"|sdp|cudnn", re.IGNORECASE)
+_KNOWN_NAMESPACES = ("aten", "prims")
+
+
+def reads_cudnn(graphs: list[torch.fx.GraphModule]) -> bool:
+    """Whether any of ``graphs`` (one model's dynamo graphs) runs an operator whose result cuDNN's flags change. A
+    custom op (``torch.ops.<namespace>``) may call cuDNN inside: it counts as one."""
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                name = type(gm.get_submodule(node.target)).__name__
+            elif node.op in ("call_function", "call_method"):
+                target = node.target
+                if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
+                        target.namespace not in _KNOWN_NAMESPACES:
+                    return True
+                name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            else:
+                continue
+            if _CUDNN_OPS.search(name):
+                return True
+    return False
+
+
 class CallState:
     """The global state a graph was captured under, ignoring grad mode (calls run without autograd anyway).
 
-    ``check()`` is one C++ call plus cuDNN's flags; ``key()`` is a hashable form for the cache (slow path only).
+    ``check()`` is one C++ call plus cuDNN's flags (``cudnn=False``: not those, for a graph none of whose operators
+    cuDNN runs: ``reads_cudnn``); ``key()`` is a hashable form for the cache (slow path only, flags included).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cudnn: bool = True) -> None:
         grad = torch.is_grad_enabled()
         with torch.enable_grad():
             self._on = _GlobalStateGuard() if _GlobalStateGuard is not None else None
         with torch.no_grad():
             self._off = _GlobalStateGuard() if _GlobalStateGuard is not None else None
         torch.set_grad_enabled(grad)
-        self._cudnn = _cudnn_state()
+        self._cudnn = _cudnn_state() if cudnn else None
 
     def check(self) -> bool:
         guard = self._on if _grad_enabled() else self._off
-        tf32, deterministic, enabled = self._cudnn
-        return ((guard is None or guard.check()) and _cudnn_tf32() == tf32 and _cudnn_deterministic() == deterministic
-                and _cudnn_enabled() == enabled)
+        return (guard is None or guard.check()) and (self._cudnn is None or _cudnn_state() == self._cudnn)
 
     def add_checks(self, code: "_GuardCode") -> None:
         """``check()``'s conditions, inline in ``code`` (``hot_guard``)."""
         if self._on is not None:
             on, off = code.const(self._on.check), code.const(self._off.check)
             code.checks.append(f"({on}() if {code.const(_grad_enabled)}() else {off}())")
-        for getter, value in zip((_cudnn_tf32, _cudnn_deterministic, _cudnn_enabled), self._cudnn):
+        for getter, value in zip((_cudnn_tf32, _cudnn_deterministic, _cudnn_enabled), self._cudnn or ()):
             code.checks.append(f"{code.const(getter)}() is {code.value(value)}")
 
     def reason(self) -> str:
         guard = self._on if torch.is_grad_enabled() else self._off
         why = guard.reason().strip() if guard is not None and not guard.check() else ""
-        if _cudnn_state() != self._cudnn:
+        if self._cudnn is not None and _cudnn_state() != self._cudnn:
             why = f"{why} cudnn flags".strip()
         return why or "global state"
 

@@ -33,7 +33,7 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import CallState, ModelGuard, call_key, hot_guard
+from .guards import CallState, ModelGuard, call_key, hot_guard, reads_cudnn
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -360,7 +360,10 @@ class OparaModule(nn.Module):
             self.notices.append(box.note())
         if self._guard is not None:
             self._guard.snapshot()
-        entry.key, entry.state = key, CallState()
+        # one dynamo graph without cuDNN's operators: its replay does not depend on cuDNN's flags (graph breaks: the
+        # Python between graphs runs in the capture too, unseen)
+        cudnn = len(entry.runners) != 1 or reads_cudnn([entry.runners[0].g.gm])
+        entry.key, entry.state = key, CallState(cudnn)
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
             self._evict()
