@@ -203,6 +203,14 @@ def test_auto_tries_opara_on_fewer_streams_where_that_changes_the_plan(fake_cuda
     assert capped not in few.report.candidates and "opara" in few.report.candidates
 
 
+def test_the_capped_candidate_has_a_fused_twin_and_keeps_its_cap_under_another_order():
+    from opara_nb.runtime.module import _candidate_specs
+
+    names = [s.name for s in _candidate_specs("auto", "topological", True, None)]
+    assert f"opara+topological+{FEW_STREAMS}streams" in names
+    assert f"opara+topological+{FEW_STREAMS}streams+fused" in names and len(set(names)) == len(names)
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_only_a_graph_that_runs_cudnn_operators_is_checked_against_cudnn_flags(fake_cuda, conv):
     model = (nn.Sequential(nn.Conv2d(3, 3, 1)) if conv else nn.Sequential(nn.Linear(4, 4), nn.ReLU())).eval()

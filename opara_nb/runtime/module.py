@@ -91,7 +91,7 @@ def _candidate_specs(strategy: str, order: str, fuse: bool, candidates: tuple[st
         else:
             specs = tuple(replace(s, order=order) if order and s.strategy != "sequential" else s for s in CANDIDATES)
             if fuse or (AUTO_FUSES and fusion_available()):
-                specs += tuple(PlanSpec(s.strategy, s.order, True) for s in specs if s.strategy != "sequential")
+                specs += tuple(replace(s, fuse=True) for s in specs if s.strategy != "sequential")
     except ValueError as exc:
         raise OparaUsageError(str(exc)) from None
     return tuple(dict.fromkeys(specs))
