@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,9 +100,22 @@ class RunReport:
         ratio = pools[self.kept] / max(pools[base], 1.0)
         if ratio > MEMORY_NOTE_RATIO:
             # each stream allocates from blocks of its own, and values read across streams live until the join
-            line += f" ({ratio:.1f}x, the price of its streams; optimize(..., max_memory_mb=N) keeps only plans that " \
-                    "fit)"
+            smaller = self._smaller_plan(pools, base)
+            trade = (f"{smaller} takes {pools[smaller]:.0f} MiB at {self.candidates[smaller]['sync_ms']:.3f} ms: "
+                     f"optimize(..., max_memory_mb={math.ceil(pools[smaller])})" if smaller else
+                     "optimize(..., max_memory_mb=N) keeps only plans that fit")
+            line += f" ({ratio:.1f}x, the price of its streams; {trade})"
         return line
+
+    def _smaller_plan(self, pools: dict[str, float], base: str) -> str | None:
+        """The fastest candidate within MEMORY_NOTE_RATIO of the plain graph's memory that still beats the plain
+        graph (what ``max_memory_mb`` would keep), or None."""
+        def sync(name: str) -> float | None:
+            return (self.candidates.get(name) or {}).get("sync_ms")
+
+        fits = [k for k, mb in pools.items() if k not in (base, self.kept) and sync(k) and sync(base)
+                and mb <= MEMORY_NOTE_RATIO * max(pools[base], 1.0) and sync(k) < sync(base)]
+        return min(fits, key=sync, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
