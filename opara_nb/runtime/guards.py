@@ -430,9 +430,9 @@ def _counted_apply(apply: Any) -> Any:
 def _counted_setattr(setattr_: Any) -> Any:
     @functools.wraps(setattr_)
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
-        if name == "training" and self in _FLAG_WATCHED:  # one string compare for every other attribute
-            _FLAGS[0] += 1
         setattr_(self, name, value)
+        if name == "training" and self in _FLAG_WATCHED:  # after the set: a snapshot between sees the new flag
+            _FLAGS[0] += 1
 
     __setattr__._opara_counted = True  # type: ignore[attr-defined]
     return __setattr__
