@@ -10,6 +10,7 @@ from collections import namedtuple
 import pytest
 import torch
 
+from opara_nb import models
 from opara_nb.bench import BenchResult, allocation_table, benchmark, sweep_markdown
 from opara_nb.bench import collect as collect_mod
 from opara_nb.bench import harness
@@ -61,6 +62,13 @@ def test_json_round_trip(cpu_result):
     assert data["env"]["torch"] == torch.__version__ and "allow_tf32_matmul" in data["env"]
     assert data["settings"]["iters"] == 5 and data["settings"]["batch"] == 1
     assert BenchResult.from_json(text).to_dict() == cpu_result.to_dict()
+
+
+def test_a_capped_plan_name_is_a_mode_that_runs_on_as_few_streams():
+    model, args, kwargs = models.get("deepfm")
+    res = benchmark(model, *args, modes=["opara", "opara+2streams"], iters=2, warmup=1, **kwargs)
+    wide, capped = res.rows
+    assert capped["status"] == "ok" and capped["physical_streams"] <= 2 < wide["physical_streams"]
 
 
 def test_unknown_mode_and_bad_iters_are_usage_errors():

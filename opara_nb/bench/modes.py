@@ -19,9 +19,10 @@ from ..errors import OparaUsageError, one_line
 __all__ = ["MODES", "DEFAULT_MODES", "CPU_DEFAULT_MODES", "opara_mode", "is_mode", "Built", "Unavailable", "build_mode",
            "PlainCudaGraph", "map_tensors", "tensor_leaves"]
 
-# The modes that go through opara_nb.optimize are named like plans (pipeline.PlanSpec: strategy[+order][+fused]), plus
-# "auto" and "auto+fused"; any plan name is a mode. Nimble and wavefront launch in topological order as those systems
-# do; "opara+topological" is the launch-order ablation of opara (Alg. 1 without Alg. 2).
+# The modes that go through opara_nb.optimize are named like plans (pipeline.PlanSpec:
+# strategy[+order][+<n>streams][+fused]), plus "auto" and "auto+fused"; any plan name is a mode. Nimble and wavefront
+# launch in topological order as those systems do; "opara+topological" is the launch-order ablation of opara (Alg. 1
+# without Alg. 2).
 MODES: dict[str, str] = {
     "eager": "the model as given",
     "cudagraph": "the eager model in one plain torch.cuda.CUDAGraph (one stream; the baseline)",
@@ -173,12 +174,16 @@ def opara_mode(mode: str) -> tuple[str, str, bool] | None:
 
 
 def _build_opara(mode: str) -> Callable[[Callable, tuple, dict, bool], Built]:
+    from ..pipeline import PlanSpec
+
     strategy, order, fuse = opara_mode(mode)  # type: ignore[misc]
+    # a capped plan ("opara+4streams") is its plan on at most that many streams
+    cap = {"max_streams": PlanSpec.parse(mode).streams} if strategy != "auto" and PlanSpec.parse(mode).streams else {}
 
     def build(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
         from ..runtime import optimize  # the runtime layer is only needed for these modes
 
-        om = optimize(model, *args, strategy=strategy, order=order, fuse=fuse, **kwargs)
+        om = optimize(model, *args, strategy=strategy, order=order, fuse=fuse, **cap, **kwargs)
         info = _opara_info(om)
         info["requested"] = mode
         return Built(lambda: om(*args, **kwargs), info, om.release, lambda: _opara_info(om))

@@ -7,7 +7,8 @@ checks it itself, cheaply:
 
 - ``call_key``: the cache key of a call (structure, per-tensor shape/dtype/device/stride, values of other leaves and
   of 0-dim CPU tensors, whose value a kernel takes as an argument at capture).
-- ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's TF32/determinism.
+- ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's flags, those only for
+  a graph that runs an operator cuDNN may run (``reads_cudnn``).
 - ``ModelGuard``: on the hot path three integer compares. A global counter that module, parameter and buffer
   registration hooks bump, and so do ``param.data = t`` (it keeps the object but moves its memory) and
   ``Module._apply`` (``.to()``, ``.half()``); the global hook-handle counter (any new hook); a counter bumped by
@@ -618,7 +619,7 @@ class ModelGuard:
             _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods])]
 
     def counts(self) -> dict[str, int]:
-        """How many values of each kind are compared per call (for reports)."""
+        """How many values of each kind are compared per call, and how many flags are counted instead (reports)."""
         counts: dict[str, int] = {"training flags counted on change": len(self._flags.holders)}
         for w in self._watches:
             counts[w.what] = counts.get(w.what, 0) + len(w.holders)

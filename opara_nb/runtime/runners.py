@@ -193,11 +193,11 @@ class Backend:
             return None, preset, 0.0, (time.perf_counter() - t0) * 1e3
         gp = profile_graph(g)
         t1 = time.perf_counter()
-        plans: dict[PlanSpec, Any] = {}
-        for s in self.specs:  # a stream cap maps the plan onto fewer streams: one plan serves both
-            if s.uncapped() not in plans:
-                plans[s.uncapped()] = plan_with_profile(g, gp, s.uncapped())
-        plans = {s.name: plans[s.uncapped()] for s in self.specs}
+        made: dict[PlanSpec, Any] = {}  # a stream cap maps a plan onto fewer streams: one plan serves both
+        for s in self.specs:
+            if s.uncapped() not in made:
+                made[s.uncapped()] = plan_with_profile(g, gp, s.uncapped())
+        plans = {s.name: made[s.uncapped()] for s in self.specs}
         return gp, plans, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
     def reset(self) -> None:
