@@ -109,7 +109,8 @@ def test_help_for_both_forms(ip, capsys):
     ip.run_cell("%opara?")
     out = capsys.readouterr().out
     assert "not found" not in out and "%opara model x" in out and "%%opara model --inputs x" in out
-    for flag in ("--quiet", "--verbose", "--reprofile", "--plan", "--fuse", "--store"):
+    for flag in ("--quiet", "--verbose", "--reprofile", "--plan", "--fuse", "--store", "--max-memory-mb",
+                 "--max-streams"):
         assert flag in out
 
 
@@ -133,7 +134,7 @@ def test_mistakes_suggest_the_magic_that_was_typed(ip, line, suggests):
     assert suggests in str(info.value) and ("%%opara" not in str(info.value) or line.startswith("%opara "))
 
 
-def test_plan_and_fuse_reach_optimize_only_when_given(ip, monkeypatch):
+def test_plan_fuse_and_limits_reach_optimize_only_when_given(ip, monkeypatch):
     import opara_nb
 
     seen = []
@@ -143,8 +144,13 @@ def test_plan_and_fuse_reach_optimize_only_when_given(ip, monkeypatch):
     run(ip, BUILD)
     run(ip, "%opara model x -q")
     run(ip, "%opara model x -q --fuse --plan saved.json")
-    assert "plan" not in seen[0] and "fuse" not in seen[0]
+    run(ip, "%opara model x -q --max-memory-mb 158 --max-streams 4")
+    assert not {"plan", "fuse", "max_memory_mb", "max_streams"} & set(seen[0])
     assert seen[1]["plan"] == "saved.json" and seen[1]["fuse"] is True
+    assert seen[2]["max_memory_mb"] == 158.0 and seen[2]["max_streams"] == 4
+    for bad in ("--max-memory-mb 0", "--max-streams -1"):
+        with pytest.raises(UsageError, match="above 0"):
+            run(ip, f"%opara model x -q {bad}")
 
 
 # ----- item 3: the cache says so ------------------------------------------------------------------------------------

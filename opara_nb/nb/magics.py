@@ -125,6 +125,9 @@ class OparaMagics(Magics, Configurable):
     @argument("--order", default=None, help=f"launch order: {', '.join(ORDERS)} (default: the strategy's own)")
     @argument("--fuse", action="store_true", help="also try operators fused into TorchInductor segments")
     @argument("--plan", default=None, metavar="PATH", help="load the plan from a plan file (skips profiling)")
+    @argument("--max-memory-mb", type=float, default=None, metavar="N",
+              help="keep only plans whose CUDA graph memory fits in N MiB (the report says what each takes)")
+    @argument("--max-streams", type=int, default=None, metavar="N", help="run each plan on at most N CUDA streams")
     @argument("--reprofile", action="store_true", help="measure the profile again instead of using the cached one")
     @argument("--no-graph", action="store_true", help="do not show the stream graph")
     @argument("--bench", action="store_true", help="measure eager / sequential CUDA graph / opara latency")
@@ -187,6 +190,8 @@ class OparaMagics(Magics, Configurable):
                            strategy=_choice("--strategy", args.strategy or self.strategy, STRATEGY_CHOICES, usage=True),
                            order=_choice("--order", args.order or self.order, ORDER_CHOICES, usage=True),
                            fuse=args.fuse, plan=args.plan, reprofile=args.reprofile,
+                           max_memory_mb=_positive("--max-memory-mb", args.max_memory_mb),
+                           max_streams=_positive("--max-streams", args.max_streams),
                            graph=self.graph and not args.no_graph, bench=args.bench, dashboard=args.dashboard,
                            quiet=self.quiet or args.quiet, verbose=self.verbose or args.verbose,
                            return_result=args.return_result, store_as=_store_name(args.store_as))
@@ -251,6 +256,10 @@ class OparaMagics(Magics, Configurable):
             options["fuse"] = True
         if opts.plan:
             options["plan"] = opts.plan
+        if opts.max_memory_mb is not None:
+            options["max_memory_mb"] = opts.max_memory_mb
+        if opts.max_streams is not None:
+            options["max_streams"] = opts.max_streams
         steps = 2 + opts.bench + (opts.graph and not opts.quiet)
         with self._quiet_if(opts), progress.task("opara", total=steps) as bar, warnings.catch_warnings():
             if not opts.verbose:  # the runtime warns when it cannot accelerate; the summary says so instead
@@ -428,6 +437,12 @@ def _choice(what: str, value: str, choices: tuple[str, ...], usage: bool = False
     from traitlets import TraitError
 
     raise TraitError(message)
+
+
+def _positive(flag: str, value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise usage_error(f"{flag} takes a number above 0, got {value:g}")
+    return value
 
 
 def _store_name(name: str | None) -> str | None:

@@ -27,6 +27,8 @@ class CellOptions:
     order: str = ""
     fuse: bool = False
     plan: str | None = None
+    max_memory_mb: float | None = None
+    max_streams: int | None = None
     reprofile: bool = False
     graph: bool = True
     bench: bool = False
