@@ -3,6 +3,7 @@ results match eager, a segment that fails falls back alone, the stream choreogra
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from opara_nb.capture import capture_graphs
 from opara_nb.capture.hazards import storage_keys
 from opara_nb.pipeline import PlanSpec, plan_graph, plan_with_profile
 from opara_nb.runtime import FusedExecutor, PlanExecutor
+from opara_nb.runtime import fused as fused_mod
 from opara_nb.runtime.fused import MIN_FUSED_OPS
 from opara_nb.schedule import make_plan
 from opara_nb.testing import FakeStreams
@@ -62,6 +64,39 @@ def test_auto_with_fuse_runs_the_fused_plan_on_cpu():
         warnings.simplefilter("ignore")
         om = opara_nb.optimize(model, *args, fuse=True, **kwargs)
     assert om.report.kept == "opara+fused" and "auto keeps 'opara+fused'" in om.report.reason
+
+
+def test_a_model_built_again_reuses_the_segments_compiled_in_this_process(monkeypatch):
+    """A notebook re-running its cell builds the model again: its segments are TorchInductor's code already in memory.
+    The weights are inputs of that code, so other weights are no reason to compile again; another global state is."""
+    calls = []
+
+    def counting(gm, example_inputs, options):
+        calls.append(gm)
+        return gm
+
+    monkeypatch.setattr(fused_mod, "inductor_compile", counting)  # stands in for TorchInductor, memo included
+    monkeypatch.setattr(fused_mod, "_COMPILED", OrderedDict())
+    compiled = []
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for scale, tf32 in ((1.0, previous), (1.5, previous), (1.0, not previous)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            model, args, kwargs = models.get("inception_block")
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(scale)
+            before = len(calls)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                om = opara_nb.optimize(model, *args, strategy="opara", fuse=True, **kwargs)
+                with torch.no_grad():
+                    _close(om(*args, **kwargs), model(*args, **kwargs))
+            assert any(m.fused for ex in om.executors for m in ex.segment_modules)
+            compiled.append(len(calls) - before)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert compiled[0] > 0 and compiled[1] == 0 and compiled[2] == compiled[0]
 
 
 # ---- fallback, checks, give-up ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Iterator
 
 import torch
@@ -44,7 +44,7 @@ from .runners import is_parameter
 from .split import SegmentModule, fresh_copy, split_graph
 
 __all__ = ["FusedExecutor", "inductor_compile", "fusion_available", "INDUCTOR_OPTIONS", "MIN_FUSED_OPS",
-           "VERIFY_RTOL"]
+           "VERIFY_RTOL", "MEMO_SIZE"]
 
 INDUCTOR_OPTIONS: dict[str, Any] = {"triton.cudagraphs": False, "layout_optimization": False}
 MIN_FUSED_OPS = 2
@@ -87,6 +87,41 @@ def _cacheable(example_inputs: list) -> Iterator[list]:
     fakes = [mode.from_tensor(x, static_shapes=True) for x in example_inputs]
     with tracing(TracingContext(mode)):
         yield fakes
+
+
+# Segments compiled in this process, by what their code is: a model built again (a notebook re-running its cell) or
+# another model with the same layers reuses them, without TorchInductor's cache lookups (1-3 s for GoogLeNet's 40).
+MEMO_SIZE = 1024
+_COMPILED: "OrderedDict[tuple, Callable]" = OrderedDict()
+_SAFE_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _memo_key(module: SegmentModule, args: tuple, options: dict, state: tuple) -> tuple | None:
+    """What decides a segment's compiled code: its fx code, what its inputs look like, the options and the global
+    state compiling reads (TF32, deterministic, default dtype, inductor's config). None when the code could mean
+    something else elsewhere: it reads attributes (constants of one model), calls modules, or calls a function that
+    is not torch's (a user's function of the same name may differ)."""
+    for n in module.gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            return None
+        if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) and \
+                getattr(n.target, "__module__", None) not in _SAFE_MODULES and \
+                not str(getattr(n.target, "__module__", "")).startswith("torch."):
+            return None
+    if not all(type(a) in _PLAIN for a in args):
+        return None
+    inputs = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad, is_parameter(a)) for a in args)
+    return module.gm.code, inputs, repr(sorted(options.items())), state
+
+
+def _compile_state() -> tuple | None:
+    """The global state and TorchInductor config a compile reads (once per ``compile``); None if unreadable."""
+    import torch._inductor.config as config
+
+    from .guards import CallState
+
+    save = getattr(config, "save_config_portable", None)
+    return (CallState.key(), repr(sorted(save().items()))) if save is not None else None
 
 
 def fusion_available() -> bool:
@@ -137,6 +172,7 @@ class FusedExecutor(PlanExecutor):
         self._done = 0
         self._give_up: str | None = None
         self._failures: list[str] = []
+        self._state: tuple | None = None  # _compile_state() while compiling
 
     # ----------------------------------------------------------------- compiling
     def __call__(self, *args: Any) -> Any:
@@ -158,6 +194,8 @@ class FusedExecutor(PlanExecutor):
                               unit="segments")
         self._done = 0
         self.free_after = self._free_plain
+        # the memo holds TorchInductor's code: an injected compiler (tests) neither reads nor fills it
+        self._state = _compile_state() if self.compiler is inductor_compile else None
         start = time.perf_counter()
         try:
             out = self.run(*args)
@@ -187,11 +225,21 @@ class FusedExecutor(PlanExecutor):
             if fn is not None:
                 module.use(fn)
             return module.gm(*args)
+        memo = _memo_key(module, args, self.options, self._state) if self._state is not None else None
+        if memo is not None and memo in _COMPILED:
+            _COMPILED.move_to_end(memo)
+            module.use(_COMPILED[memo])
+            self.cache[module.key] = (module.run, None)
+            return module.gm(*args)
         if self._give_up is not None:
             module.reason = self._give_up
             return module.gm(*args)
         ref = self._try_compile(module, args)
         self.cache[module.key] = (module.run if module.fused else None, module.reason)
+        if memo is not None and module.fused:
+            _COMPILED[memo] = module.run
+            while len(_COMPILED) > MEMO_SIZE:
+                _COMPILED.popitem(last=False)
         return ref
 
     def _try_compile(self, module: SegmentModule, args: tuple) -> Any:
