@@ -226,10 +226,10 @@ class FusedExecutor(PlanExecutor):
                 module.use(fn)
             return module.gm(*args)
         memo = _memo_key(module, args, self.options, self._state) if self._state is not None else None
-        if memo is not None and memo in _COMPILED:
-            _COMPILED.move_to_end(memo)
-            module.use(_COMPILED[memo])
-            self.cache[module.key] = (module.run, None)
+        known = _COMPILED.get(memo) if memo is not None else None  # one lookup: another thread may evict it
+        if known is not None:
+            module.use(known)
+            self.cache[module.key] = (known, None)
             return module.gm(*args)
         if self._give_up is not None:
             module.reason = self._give_up
@@ -238,7 +238,7 @@ class FusedExecutor(PlanExecutor):
         self.cache[module.key] = (module.run if module.fused else None, module.reason)
         if memo is not None and module.fused:
             _COMPILED[memo] = module.run
-            while len(_COMPILED) > MEMO_SIZE:
+            while len(_COMPILED) > MEMO_SIZE:  # the oldest first (a bound, not an LRU: that would need a lock)
                 _COMPILED.popitem(last=False)
         return ref
 
