@@ -159,7 +159,7 @@ def test_report_leads_with_the_measured_gain():
     cands["opara+4streams"] = {"sync_ms": 0.6, "replay_ms": 0.5, "pool_mb": 26.0}
     cands["sequential"] = {"sync_ms": 0.9, "replay_ms": 0.8, "pool_mb": 18.0}  # fits, but slower than plain
     assert rep.memory_line().endswith("(3.2x, the price of its streams; opara+4streams takes 26 MiB at 0.600 ms: "
-                                      "optimize(..., max_memory_mb=26))")
+                                      "optimize(..., max_memory_mb=26), or %%opara --max-memory-mb 26)")
     plain = RunReport(mode="cuda-graph", requested="auto", kept="cudagraph", candidates=cands)
     assert "plain CUDA graph was fastest" in plain.gain()
     assert RunReport(mode="eager-plan", kept="opara").gain() is None
