@@ -178,7 +178,8 @@ def _build_opara(mode: str) -> Callable[[Callable, tuple, dict, bool], Built]:
 
     strategy, order, fuse = opara_mode(mode)  # type: ignore[misc]
     # a capped plan ("opara+4streams") is its plan on at most that many streams
-    cap = {"max_streams": PlanSpec.parse(mode).streams} if strategy != "auto" and PlanSpec.parse(mode).streams else {}
+    streams = PlanSpec.parse(mode).streams if strategy != "auto" else 0
+    cap = {"max_streams": streams} if streams else {}
 
     def build(model: Callable, args: tuple, kwargs: dict, cuda: bool) -> Built:
         from ..runtime import optimize  # the runtime layer is only needed for these modes

@@ -101,17 +101,19 @@ def _memo_key(module: SegmentModule, args: tuple, options: dict, state: tuple) -
     state compiling reads (TF32, deterministic, default dtype, inductor's config). None when the code could mean
     something else elsewhere: it reads attributes (constants of one model), calls modules, or calls a function that
     is not torch's (a user's function of the same name may differ)."""
-    for n in module.gm.graph.nodes:
-        if n.op in ("get_attr", "call_module"):
-            return None
-        if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) and \
-                getattr(n.target, "__module__", None) not in _SAFE_MODULES and \
-                not str(getattr(n.target, "__module__", "")).startswith("torch."):
-            return None
+    nodes = module.gm.graph.nodes
+    if any(n.op in ("get_attr", "call_module") or (n.op == "call_function" and not _torchs(n.target)) for n in nodes):
+        return None
     if not all(type(a) in _PLAIN for a in args):
         return None
     inputs = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad, is_parameter(a)) for a in args)
     return module.gm.code, inputs, repr(sorted(options.items())), state
+
+
+def _torchs(fn: Any) -> bool:
+    """An operator or a function of torch, Python's operator module, builtins or math: the same everywhere."""
+    where = str(getattr(fn, "__module__", None))
+    return isinstance(fn, torch._ops.OpOverload) or where in _SAFE_MODULES or where.startswith("torch.")
 
 
 def _compile_state() -> tuple | None:

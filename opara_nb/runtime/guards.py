@@ -568,15 +568,17 @@ class ModelGuard:
         # A flag assigned through nn.Module.__setattr__ (.train(), .eval(), m.training = ...) bumps _FLAGS: the hot
         # path compares one counter, not dozens of flags (57 BatchNorms in GoogLeNet). A class with its own
         # __setattr__, or whose ``training`` is a property (OptimizedModule forwards it), is compared on every call.
-        counted = [m for m in tracked if "training" in m.__dict__ and type(m).__setattr__ is nn.Module.__setattr__]
+        counted, compared, properties = [], [], []
+        for m in tracked:
+            if "training" not in m.__dict__:
+                properties.append(m)
+            else:
+                (counted if type(m).__setattr__ is nn.Module.__setattr__ else compared).append(m)
         _FLAG_WATCHED.update(counted)
         self._flags = _flag_watch(counted)
         self._flags_seen = [_FLAGS[0]]  # a list: clean() moves it on after a false alarm, the hot check reads it
-        ids = set(map(id, counted))
-        others = [m for m in tracked if id(m) not in ids]
-        self._watches[:0] = [_flag_watch([m for m in others if "training" in m.__dict__]),
-                             _Watch("training flags", getattr,
-                                    [(m, "training", m.training) for m in others if "training" not in m.__dict__])]
+        self._watches[:0] = [_flag_watch(compared),
+                             _Watch("training flags", getattr, [(m, "training", m.training) for m in properties])]
         self._epoch = _EPOCH[0]
         self._handles = RemovableHandle.next_id
         self.version += 1

@@ -101,10 +101,11 @@ class RunReport:
         if ratio > MEMORY_NOTE_RATIO:
             # each stream allocates from blocks of its own, and values read across streams live until the join
             smaller = self._smaller_plan(pools, base)
-            trade = (f"{smaller} takes {pools[smaller]:.0f} MiB at {self.candidates[smaller]['sync_ms']:.3f} ms: "
-                     f"optimize(..., max_memory_mb={math.ceil(pools[smaller])}), or %%opara --max-memory-mb "
-                     f"{math.ceil(pools[smaller])}" if smaller else
-                     "optimize(..., max_memory_mb=N) keeps only plans that fit")
+            trade = "optimize(..., max_memory_mb=N) keeps only plans that fit"
+            if smaller:
+                fits = math.ceil(pools[smaller])
+                trade = (f"{smaller} takes {pools[smaller]:.0f} MiB at {self.candidates[smaller]['sync_ms']:.3f} ms: "
+                         f"optimize(..., max_memory_mb={fits}), or %%opara --max-memory-mb {fits}")
             line += f" ({ratio:.1f}x, the price of its streams; {trade})"
         return line
 
