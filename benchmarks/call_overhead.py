@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 import warnings
 from typing import Any, Callable
@@ -203,6 +204,63 @@ def python_path(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[
             f"{times['check']:.2f} |"]
 
 
+def _without(fast: Callable, *markers: str) -> Callable:
+    """``fast`` generated again without the lines (and their indented bodies) that start with one of ``markers``."""
+    kept, skip = [], False
+    for line in fast.source.splitlines():
+        body = line.strip()
+        if skip and line.startswith("        "):
+            continue
+        skip = any(body.startswith(m) for m in markers)
+        if not skip:
+            kept.append(line)
+    names = dict(fast.__globals__)
+    exec(compile("\n".join(kept) + "\n", "<variant>", "exec"), names)  # noqa: S102 - our own source
+    return names["fast"]
+
+
+def parts(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Where the call path's host time goes: the replay function with parts removed, and each part alone."""
+    om = _called(model, args, kwargs, strategy="sequential")
+    om(*args, **kwargs)  # the second call counts the outputs' uses: the replay function is final from here
+    entry, graphed = om._last, om._last.graphed
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    fast, names = graphed.fast, graphed.fast.__globals__
+    pairs = [(graphed._static[i], leaves[i]) for i in graphed._slots]
+    direct = graphed._replay_graph
+
+    def raw() -> None:
+        for dst, src in pairs:
+            dst.copy_(src)
+        direct()
+
+    calls = {"raw: copy inputs, replay (C method)": raw,
+             "fast(leaves): the generated replay function": lambda: fast(leaves),
+             "fast without the stream check": lambda f=_without(fast, "if SID()"): f(leaves),
+             "fast without output protection": lambda f=_without(fast, "if UC(", "if RC("): f(leaves),
+             "OparaModule call": lambda: om(*args, **kwargs)}
+    for _ in range(50):
+        for call in calls.values():
+            call()
+    host = _host_us(calls)
+    rows = [f"| {name} | {k} | {v:.2f} |" for k, v in host.items()]
+    lock = threading.RLock()
+
+    def locked() -> None:
+        with lock:
+            pass
+
+    alone = {"hot check (entry.hot)": lambda: entry.hot(args, kwargs), "RLock enter/exit": locked,
+             "hook check (4 lookups)": lambda: om._forward_hooks or om._forward_pre_hooks}
+    if "SID" in names:
+        alone["stream id (SID())"] = names["SID"]
+    if "UC" in names:
+        alone["storage use count (UC)"] = lambda: names["UC"](names["O"][0].untyped_storage()._cdata)
+    rows += [f"| {name} | alone: {k} | {_python_us(f):.3f} |" for k, f in alone.items()]
+    om.release()
+    return rows
+
+
 def profile(name: str, model: nn.Module, args: tuple, kwargs: dict, calls: int = 4000) -> list[str]:
     """Where the host time of OparaModule's call goes: cProfile over ``calls`` calls queued behind a GPU sleep, the
     functions with the most own time (cProfile inflates Python frames; the shares are what to read)."""
@@ -230,6 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--md", default=None)
     parser.add_argument("--python-path", action="store_true", help="time the Python call path on fake graphs (no GPU)")
+    parser.add_argument("--parts", action="store_true", help="where the call path's host time goes, part by part")
     parser.add_argument("--cases", default="", help="only these cases (comma-separated name prefixes, e.g. "
                         "tiny,deepfm); skips the Hugging Face guard rows and the cProfile")
     ns = parser.parse_args()
@@ -238,6 +297,12 @@ def main() -> None:
                  "--python-path", "", "| model | raw copy+replay us | OparaModule us | over raw | hot check us |",
                  "|---|---|---|---|---|"]
         lines += [row for case in _cases("cpu") if case[0] != "googlenet" for row in python_path(*case)]
+        emit(lines, ns.md)
+        return
+    if ns.parts:
+        lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, command: PYTHONPATH=. python "
+                 "benchmarks/call_overhead.py --parts", "", "| model | part | host us/call |", "|---|---|---|"]
+        lines += [row for case in _cases()[:1] + _cases()[2:3] for row in parts(*case)]
         emit(lines, ns.md)
         return
     head = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -16,7 +16,7 @@
 #   scripts/gpu_check.sh alloc
 # Mid-course check: scripts/gpu_check.sh quick
 # Memory against streams (issue 13): MEMORY_MODELS=googlenet,deepfm scripts/gpu_check.sh memory
-# Compile time (issue 10): COMPILE_MODEL=googlenet [COMPILE_PROFILE=1] scripts/gpu_check.sh compile (benchmarks/compile_time.py: fused
+# Compile time (issue 10): COMPILE_MODEL=googlenet [COMPILE_PROFILE=1] [COMPILE_PYCACHE=/tmp/pyc] scripts/gpu_check.sh compile (benchmarks/compile_time.py: fused
 # planning and reduce-overhead, cold and warm, each in a fresh process)
 # Fused segments (issue 10): scripts/gpu_check.sh fused (event-cost probe, then the fused cuda tests: FUSED_TESTS is
 # their -k expression, default "not nasnet"; FUSED_TESTS=nasnet for that one); scripts/gpu_check.sh probe [MODEL...]
@@ -132,7 +132,7 @@ stage_memory() {
 # issue 10's compile-time targets: fused planning cold and warm against reduce-overhead, each in a fresh process
 stage_compile() {
   bounded "${COMPILE_TIMEOUT:-500}" python benchmarks/compile_time.py --model "${COMPILE_MODEL:-googlenet}" \
-    ${COMPILE_PROFILE:+--profile-warm} --md "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.md" 2>&1 \
+    ${COMPILE_PROFILE:+--profile-warm} ${COMPILE_PYCACHE:+--pycache "$COMPILE_PYCACHE"} --md "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.md" 2>&1 \
     | grep -v "^USDT" | tee "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.log" | tail -12
   [ -n "${OUT:-}" ] && cp "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.log" "$OUT/" 2>/dev/null
   [ -n "${OUT:-}" ] && cp "$PARTS/compile_time_${COMPILE_MODEL:-googlenet}.md" "$OUT/" 2>/dev/null
