@@ -277,6 +277,38 @@ def test_parameters_keep_their_addresses_and_in_place_updates_are_seen():
     om.release()
 
 
+class _LongK(nn.Module):
+    """Independent linears with long inner dimensions (cuBLAS splits K: its workspace is written), one stream each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(k, 64) for k in (65536, 32768, 8192, 16384))
+
+    def forward(self, xs):
+        return sum(h(x).sum(0) for h, x in zip(self.heads, xs))
+
+
+def test_releasing_one_module_frees_nothing_another_modules_graph_writes():
+    """Captured GEMMs write cuBLAS workspaces that torch keys by stream; all our graphs share streams. Releasing one
+    module's graphs (torch.cuda.CUDAGraph.reset) must not free memory the other's replay still writes: tensors
+    allocated after the release keep their values through its replays, and its results stay right."""
+    model = _LongK().cuda().eval()
+    xs = [torch.randn(8, h.in_features, device="cuda") for h in model.heads]
+    om = _quiet(optimize, model, xs)
+    other = _quiet(optimize, _LongK().cuda().eval(), xs)
+    other(xs)
+    other.release()
+    del other
+    gc.collect()
+    fillers = [torch.full((8 << 20,), 7.0, device="cuda") for _ in range(16)]  # 512 MiB over what was freed
+    outs = [om(xs).clone() for _ in range(20)]
+    torch.cuda.synchronize()
+    assert all(bool((t == 7.0).all()) for t in fillers)
+    for out in outs:
+        torch.testing.assert_close(out, _eager(model, xs), atol=1e-2, rtol=1e-4)
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():
