@@ -1,13 +1,15 @@
 """Never slower than a plain CUDA graph: OparaModule's default against a hand-written ``torch.cuda.CUDAGraph`` of the
 same model, on models beyond the paper's six, in one process. Run on the GPU machine from the checkout root:
 
-    PYTHONPATH=. python benchmarks/never_slower.py [--md FILE] [--models a,b,...] [--iters 200]
+    PYTHONPATH=. python benchmarks/never_slower.py [--md FILE] [--models a,b,...] [--iters 200] [--fuse]
 
 Per model: the plain graph (``bench.modes.PlainCudaGraph``: copy inputs, replay, return the static outputs) and
 ``opara_nb.optimize(model, x)`` (strategy "auto"), timed synchronously (call, then synchronize) in interleaved rounds
 so drift is shared; medians in ms. "margin" is plain / default (>= 1: not slower). The graph pools are those `auto`
 captured (``report.graph_memory_mb``): the plain graph's and the kept plan's. TF32 is off so the outputs can be
-compared with eager (max abs diff). Models are built from code or configs with random weights (no downloads).
+compared with eager (max abs diff, and relative: over the largest output value). ``--fuse``: the default with
+``fuse=True`` (TorchInductor's fused segments among the candidates). Models are built from code or configs with
+random weights (no downloads).
 """
 from __future__ import annotations
 
@@ -112,7 +114,12 @@ def _diff(a: Any, b: Any) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(la, lb))
 
 
-def measure(name: str, build: Callable[[], tuple], iters: int) -> str:
+def _scale(a: Any) -> float:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(a) if isinstance(t, torch.Tensor) and t.numel()]
+    return max((t.float().abs().max().item() for t in leaves), default=float("nan"))
+
+
+def measure(name: str, build: Callable[[], tuple], iters: int, fuse: bool = False) -> str:
     model, args, kwargs = build()
     model = model.eval().cuda()
     args, kwargs = _to(args, "cuda"), _to(kwargs, "cuda")
@@ -122,7 +129,7 @@ def measure(name: str, build: Callable[[], tuple], iters: int) -> str:
         warnings.simplefilter("ignore")
         plain = PlainCudaGraph(model, args, kwargs)
         start = time.perf_counter()
-        om = opara_nb.optimize(model, *args, **kwargs)
+        om = opara_nb.optimize(model, *args, fuse=fuse, **kwargs)
         plan_s = time.perf_counter() - start
         diff = _diff(om(*args, **kwargs), expected)
     rep = om.report
@@ -137,7 +144,7 @@ def measure(name: str, build: Callable[[], tuple], iters: int) -> str:
     plain.release()
     om.release()
     return (f"| {name} | {times['plain']:.3f} | {times['default']:.3f} | {margin:.2f}x | {rep.mode} | {rep.kept} | "
-            f"{own} | {memory} | {diff:.1e} | {plan_s:.1f} |")
+            f"{own} | {memory} | {diff:.1e} ({diff / _scale(expected):.0e}) | {plan_s:.1f} |")
 
 
 def main() -> None:
@@ -145,18 +152,19 @@ def main() -> None:
     parser.add_argument("--md", default=None)
     parser.add_argument("--models", default=None, help="comma list (default: all)")
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--fuse", action="store_true", help="the default with fuse=True")
     ns = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     names = ns.models.split(",") if ns.models else list(MODELS)
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, fp32, TF32 off; "
-             f"command: PYTHONPATH=. python benchmarks/never_slower.py --iters {ns.iters}", "",
+             f"command: PYTHONPATH=. python benchmarks/never_slower.py --iters {ns.iters}{' --fuse' * ns.fuse}", "",
              "| model | plain CUDA graph ms | opara_nb default ms | margin | mode | kept | auto's own measured "
-             "margin | graph pool MiB, plain / kept | max abs diff vs eager | optimize s |",
+             "margin | graph pool MiB, plain / kept | max abs diff vs eager (relative) | optimize s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         try:
-            lines.append(measure(name, MODELS[name], ns.iters))
+            lines.append(measure(name, MODELS[name], ns.iters, ns.fuse))
         except Exception as exc:  # noqa: BLE001 - one model's failure must not cost the others their numbers
             traceback.print_exc()
             lines.append(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |")
