@@ -17,6 +17,7 @@ A graph that cannot be planned or captured runs as dynamo gave it (``gm.forward`
 from __future__ import annotations
 
 import itertools
+import threading
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -46,14 +47,20 @@ class _Runner:
     """A planned graph: captured into its own CUDA graph on CUDA (``runners.GraphCapture``), run eagerly on CPU
     (saying once that nothing is accelerated)."""
 
-    def __init__(self, executor: Callable, cuda: bool) -> None:
+    def __init__(self, executor: Callable, cuda: bool, writes: bool = False) -> None:
         from .runtime.runners import GraphCapture
 
-        self.capture = GraphCapture(executor) if cuda else None
+        self.capture = GraphCapture(executor, writes=writes) if cuda else None
         self.executor = executor
         self._warned = False
+        # One call at a time: the executor keeps a call's values on itself, the capture its static buffers.
+        self._lock = threading.RLock()
 
     def __call__(self, *args: Any) -> Any:
+        with self._lock:
+            return self._call(args)
+
+    def _call(self, args: tuple) -> Any:
         if self.capture is None:
             return self.executor(*args)
         out = self.capture(*args)
@@ -74,11 +81,15 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         return gm.forward
     try:
         from .capture import CapturedGraph
+        from .capture.hazards import is_mutating
+        from .capture.sandbox import inputs_put_back
         from .runtime import FusedExecutor, PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
+        writes = any(is_mutating(n, gm) for n in gm.graph.nodes)
         if plan_file is None:
-            plan = _planned(g, fuse)
+            with inputs_put_back([*example_inputs, *gm.buffers()], writes):  # profiling runs it on them
+                plan = _planned(g, fuse)
         else:
             plan, fused_in_file = _from_file(g, plan_file, example_inputs)
             fuse = fuse or fused_in_file
@@ -93,7 +104,7 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         _said_cpu.append(True)  # once per process: a model with graph breaks hands over several graphs
         warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
                       stacklevel=user_stacklevel())
-    return _Runner(executor, cuda)
+    return _Runner(executor, cuda, writes)
 
 
 _said_cpu: list[bool] = []

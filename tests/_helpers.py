@@ -122,3 +122,21 @@ class Configured(nn.Module):
     def forward(self, x):
         y = self.layers(x)
         return {"y": y} if self.config.use_return_dict else (y,)
+
+
+class CountsCalls(nn.Module):
+    """A buffer the forward advances, and the input it writes: planning must leave both as they were."""
+
+    def __init__(self, rebind: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.rebind = rebind
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        if self.rebind:
+            self.n = self.n + 1  # a new tensor under the buffer's name
+        else:
+            self.n += 1
+        x.add_(1)
+        return self.lin(x) * self.n

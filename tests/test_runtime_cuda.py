@@ -22,7 +22,7 @@ from opara_nb import models
 from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
-from _helpers import Block, BranchNet, Configured, Counting, ItemNet, Outputs
+from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, ItemNet, Outputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -307,6 +307,87 @@ def test_releasing_one_module_frees_nothing_another_modules_graph_writes():
     for out in outs:
         torch.testing.assert_close(out, _eager(model, xs), atol=1e-2, rtol=1e-4)
     om.release()
+
+
+class _Shifted(nn.ReLU):
+    def forward(self, x):
+        return x.tanh()
+
+
+def _seq():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval().cuda()
+
+
+@pytest.mark.parametrize("change", ["hook removed", "class swapped", "global hook"])
+def test_9_changes_the_registration_counters_miss_are_not_replayed_stale(change):
+    """Removing a hook moves no registration counter, nor does ``m.__class__ = Other``; a global hook must run on
+    the model's modules only, not once more on the wrapper."""
+    model, x = _seq(), torch.randn(4, 8, device="cuda")
+    handle = model[0].register_forward_hook(lambda mod, i, o: o * 2) if change == "hook removed" else None
+    om = _quiet(optimize, model, x)
+    _quiet(om, x)
+    if change == "hook removed":
+        handle.remove()
+    elif change == "class swapped":
+        model[1].__class__ = _Shifted
+    else:
+        handle = nn.modules.module.register_module_forward_hook(lambda mod, i, o: o + 1)
+    try:
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x), atol=1e-5, rtol=1e-5)
+    finally:
+        if change == "global hook":
+            handle.remove()
+    om.release()
+
+
+def test_10_a_view_held_across_the_switch_to_copies_is_never_replayed_over():
+    model = _seq()
+    x1, x2 = torch.randn(4, 8, device="cuda"), torch.randn(4, 8, device="cuda")
+    om = _quiet(optimize, model, x1)
+    expected = _eager(model, x1)[0].clone()
+    y = om(x1)  # noqa: F841 - held
+    view = om(x1)[0]
+    for _ in range(3):
+        _quiet(om, x2)
+        torch.testing.assert_close(view, expected)
+    om.release()
+
+
+class _CountsThenBranches(nn.Module):
+    """A buffer advanced by ``+=``, then a data-dependent branch (a graph break): dynamo's replay of the update
+    between graphs rebinds the buffer's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n += 1
+        y = self.lin(x)
+        return y * self.n if y.sum() > 0 else y - self.n
+
+
+def test_11_planning_a_piecewise_model_leaves_its_buffer_as_it_was():
+    model, x = _CountsThenBranches().cuda().eval(), torch.randn(4, 8, device="cuda")
+    n = model.n
+    om = _quiet(optimize, model, x)
+    assert model.n is n and model.n.item() == 0
+    twin = copy.deepcopy(model)
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x), _eager(twin, x), atol=1e-5, rtol=1e-5)
+    assert model.n.item() == twin.n.item() == 3
+    om.release()
+
+
+def test_12_the_backend_on_cuda_plans_and_captures_without_changing_what_the_graph_writes():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, x = CountsCalls().cuda().eval(), torch.zeros(4, 8, device="cuda")
+    with torch.no_grad():
+        _quiet(torch.compile(model, backend="opara"), x)
+    assert model.n.item() == 1 and bool((x == 1).all())
 
 
 # ------------------------------------------------------------------------------------------------ trust: never stale

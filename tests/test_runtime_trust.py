@@ -15,7 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import Block, BranchNet, Configured, Counting, Outputs
+from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, Outputs
 
 
 def _quiet(fn, *args, **kwargs):
@@ -202,6 +202,13 @@ def test_a_view_of_an_earlier_output_switches_to_copies(setup):
     row2 = out[0]
     _quiet(om, x)
     assert torch.equal(row2, out[0]) and out.data_ptr() != _quiet(om, x).data_ptr()
+    for _ in range(2):  # copies from now on, and the view into the graph's buffer is still alive: never replayed over
+        _quiet(om, torch.randn_like(x))
+        assert torch.equal(row, kept)
+    del row
+    before = graphs.captures
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))  # the view gone, replays resume
+    assert graphs.captures == before
 
 
 def test_explicit_clone_choices(setup):
@@ -745,3 +752,133 @@ def test_a_method_given_new_code_in_place_is_replanned(monkeypatch):
 
     reload = lambda: monkeypatch.setattr(Block._combine, "__code__", _combine.__code__)  # noqa: E731
     _replanned(nn.Sequential(nn.ReLU(), Block()).eval(), torch.randn(2, 4), reload, "'Block._combine' has new code")
+
+
+# ------------------------------------------------------------------------------------------- more model changes
+class _Tanh(nn.ReLU):
+    def forward(self, x):
+        return x.tanh()
+
+
+def _remove_later(model):
+    """A hook registered before optimize, removed after the first call."""
+    return model.b.register_forward_hook(lambda mod, i, o: o * 0)
+
+
+_EDITS = {
+    "submodule-replaced": lambda m, h: setattr(m, "head", nn.Linear(16, 4)),
+    "bn-train": lambda m, h: m.bn.train(),
+    "hook-added": lambda m, h: m.b.register_forward_hook(lambda mod, i, o: o * 0),
+    "hook-removed": lambda m, h: h.remove(),
+    "class-swapped": lambda m, h: setattr(m.b, "__class__", type("Shifted", (nn.Conv2d,), {
+        "forward": lambda self, x: nn.Conv2d.forward(self, x) + 1})),
+    "method-replaced-on-class": lambda m, h: setattr(BranchNet, "forward", lambda self, x, scale=None: x.mean()),
+}
+
+
+@pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
+@pytest.mark.parametrize("edit", list(_EDITS), ids=list(_EDITS))
+def test_every_model_change_is_seen_on_the_replay_and_on_the_eager_plan(monkeypatch, graphs, edit):
+    """The eager plan (a machine without CUDA) runs from dynamo's cache, whose guards skip hooks: it is checked
+    against the model like a replay is. Removing a hook and swapping a module's class count as changes too."""
+    monkeypatch.setattr(BranchNet, "forward", BranchNet.forward)  # put back after the class edit
+    torch.manual_seed(0)
+    model, x = BranchNet().eval(), torch.randn(2, 3, 8, 8)
+    handle = _remove_later(model) if edit == "hook-removed" else None
+    fake = graphs() if graphs else None
+    om = _quiet(optimize, model, x, strategy="opara", graphs=fake)
+    _quiet(om, x)
+    before = fake.captures if fake else 0
+    _EDITS[edit](model, handle)
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    if fake:  # a fake replay runs the call again: what shows a real one would not be stale is the new capture
+        assert fake.captures > before
+    om.refresh()
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
+@pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
+def test_a_global_module_hook_runs_as_often_as_in_eager(graphs):
+    """A global forward hook runs on the model's modules, not once more on the OparaModule wrapper."""
+    torch.manual_seed(0)
+    model, x = BranchNet().eval(), torch.randn(2, 3, 8, 8)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs() if graphs else None)
+    _quiet(om, x)
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, i, o: o + 1)
+    try:
+        out, expected = _quiet(om, x), _expect(model, x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
+def test_a_new_shape_on_the_eager_plan_is_planned_on_copies():
+    """Without CUDA a new input shape compiles and profiles again (many runs of the forward): on copies, so the
+    call changes the buffer and the input once, as eager does."""
+    model = CountsCalls().eval()
+    om = _quiet(optimize, model, torch.zeros(4, 8))
+    assert model.n.item() == 0
+    x = torch.zeros(6, 8)
+    out = _quiet(om, x)
+    assert model.n.item() == 1 and bool((x == 1).all())
+    twin = CountsCalls().eval()
+    twin.load_state_dict({**model.state_dict(), "n": torch.zeros(())})
+    torch.testing.assert_close(out, _expect(twin, torch.zeros(6, 8)))
+
+
+def test_planning_puts_back_a_buffer_the_forward_rebinds():
+    """``self.n = self.n + 1`` binds another tensor to the name (dynamo may do the same for ``+=`` between graphs):
+    the sandbox puts back the tensor object, not only its value."""
+    from opara_nb.capture.sandbox import Sandbox
+
+    model = CountsCalls(rebind=True).eval()
+    n = model.n
+    with Sandbox(model) as box:
+        for _ in range(3):
+            model(torch.zeros(2, 8))
+    assert model.n is n and n.item() == 0 and "n" in box.restored
+
+
+def test_the_backend_plans_without_changing_what_the_graph_writes():
+    """torch.compile(backend="opara"): profiling runs the graph on dynamo's inputs, the caller's own tensors; the
+    first call still advances the buffer and writes the input once."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = CountsCalls().eval()
+    x = torch.zeros(4, 8)
+    with torch.no_grad():
+        _quiet(torch.compile(model, backend="opara"), x)
+    assert model.n.item() == 1 and bool((x == 1).all())
+
+
+def test_the_backend_serves_threads_one_call_at_a_time():
+    """A compiled graph's executor keeps a call's values on itself: concurrent calls from threads must not mix."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BranchNet().eval()
+    compiled = torch.compile(model, backend="opara")
+    xs = [torch.randn(2, 3, 8, 8) for _ in range(6)]
+    with torch.no_grad():
+        _quiet(compiled, xs[0])
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(30):
+                    results[i] = compiled(xs[i])
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    for i, x in enumerate(xs):
+        torch.testing.assert_close(results[i], _expect(model, x))

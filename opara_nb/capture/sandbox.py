@@ -10,7 +10,8 @@ CUDA graph replays kernels only, so a forward that changes them cannot be replay
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch.utils import _pytree as pytree
 from ..errors import OparaUsageError
 from .reads import MISSING, contents, same_value, settings_read
 
-__all__ = ["Sandbox", "clone_inputs", "model_error"]
+__all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back"]
 
 PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not copied
 
@@ -30,6 +31,23 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
     return pytree.tree_map(copy, (tuple(args), dict(kwargs)))
+
+
+@contextlib.contextmanager
+def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
+    """Planning a dynamo graph runs it many times on the tensors dynamo hands over, which are the caller's own
+    (inputs, buffers): those the runs write are put back afterwards, so the call itself changes them once, as eager
+    does. ``writes=False`` (the graph mutates nothing): nothing to copy. Parameters are not copied (a forward that
+    writes its weights is not inference)."""
+    saved = [(t, t._version, t.detach().clone()) for t in tensors
+             if writes and isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, version, copy in saved:
+                if t._version != version:
+                    t.copy_(copy)
 
 
 class Sandbox:
@@ -51,11 +69,20 @@ class Sandbox:
             self._saved = {k: t.detach().clone() for k, t in self._tensors.items()
                            if k in buffers or copy_params}
         self._python = _python_state(self.model)
+        # which tensor each module holds under each name: dynamo's replay of ``self.n += 1`` between graphs may
+        # rebind the name to another tensor (a graph's output), which later runs then update
+        self._bindings = [(f"{prefix}.{k}" if prefix else k, d, k, t) for prefix, m in
+                          self.model.named_modules(remove_duplicate=False)
+                          for d in (m._parameters, m._buffers) if isinstance(d, dict)  # not TorchScript's
+                          for k, t in d.items()]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.model is None:
             return
+        rebound = [name for name, d, k, t in self._bindings if d.get(k) is not t]
+        for _, d, k, t in self._bindings:
+            d[k] = t
         # Versions do not catch everything (BatchNorm's kernel updates running stats without a bump): compare values.
         with torch.no_grad():
             changed = [k for k, t in self._tensors.items()
@@ -64,7 +91,7 @@ class Sandbox:
                 if k in self._saved:
                     self._tensors[k].copy_(self._saved[k])
         lost = [k for k in changed if k not in self._saved]
-        self.restored = [k for k in changed if k in self._saved]
+        self.restored = list(dict.fromkeys(rebound + [k for k in changed if k in self._saved]))
         self._saved = {}
         self.restored += _restore_python(self._python)
         if lost and exc[0] is None:

@@ -194,7 +194,9 @@ class GraphedCall:
 
     def _configure(self) -> None:
         """The replay path's flags, from the output classification and the clone choice; ``fast`` made again."""
-        self._protect = self._clone_outputs is None and bool(self._guarded)
+        # Copying outputs (clone_outputs=True, or switched on after a held view was seen) still checks: what was
+        # handed out before the switch, or a view of it, may still be held, and a replay would write it.
+        self._protect = self._clone_outputs is not False and bool(self._guarded)
         self._as_is = not self._clone_outputs and not self._copied
         self._make_fast()
 

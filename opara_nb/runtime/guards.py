@@ -434,16 +434,31 @@ def _counted_setattr(setattr_: Any) -> Any:
         setattr_(self, name, value)
         if name == "training" and self in _FLAG_WATCHED:  # after the set: a snapshot between sees the new flag
             _FLAGS[0] += 1
+        elif name == "__class__":  # m.__class__ = Other: another forward, unseen by the registration hooks
+            _EPOCH[0] += 1
 
     __setattr__._opara_counted = True  # type: ignore[attr-defined]
     return __setattr__
 
 
+def _counted_remove(remove: Any) -> Any:
+    @functools.wraps(remove)
+    def _remove(self: RemovableHandle) -> None:
+        try:
+            remove(self)
+        finally:  # a hook removed: registering one moves RemovableHandle.next_id, removing one moves nothing
+            _EPOCH[0] += 1
+
+    _remove._opara_counted = True  # type: ignore[attr-defined]
+    return _remove
+
+
 def install_watch() -> None:
     """Make every way of moving a model's tensors bump ``_EPOCH``: the global registration hooks (a module, parameter
     or buffer assigned), ``nn.Parameter.data`` assignment and ``nn.Module._apply`` (``.to()``, ``.half()`` ...);
-    and assigning the training flag of a watched module bump ``_FLAGS`` (``nn.Module.__setattr__``: what ``.train()``,
-    ``.eval()`` and ``m.training = ...`` run). They only count: behaviour is unchanged, and nothing runs until the
+    so do a hook's removal (``RemovableHandle.remove``) and a module's ``__class__`` assigned; and assigning the
+    training flag of a watched module bumps ``_FLAGS`` (``nn.Module.__setattr__``: what ``.train()``, ``.eval()``
+    and ``m.training = ...`` run). They only count: behaviour is unchanged, and nothing runs until the
     first OparaModule is made."""
     global _hooks_installed
     if _hooks_installed:
@@ -459,6 +474,8 @@ def install_watch() -> None:
         nn.Module._apply = _counted_apply(nn.Module._apply)  # type: ignore[method-assign]
     if not getattr(nn.Module.__setattr__, "_opara_counted", False):
         nn.Module.__setattr__ = _counted_setattr(nn.Module.__setattr__)  # type: ignore[method-assign]
+    if not getattr(RemovableHandle.remove, "_opara_counted", False):
+        RemovableHandle.remove = _counted_remove(RemovableHandle.remove)  # type: ignore[method-assign]
     _hooks_installed = True
 
 

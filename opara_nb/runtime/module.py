@@ -45,10 +45,6 @@ __all__ = ["OparaModule", "optimize", "OparaNotice", "AUTO_FUSES"]
 AUTO_FUSES = False
 
 
-# torch's global forward hooks: a dict each, changed in place, so one lookup per call tells whether there are any.
-_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
-
-
 class OparaNotice(UserWarning):
     """One-line notices: a new input signature was captured, the model changed, or a call fell back (and why)."""
 
@@ -151,6 +147,7 @@ class OparaModule(nn.Module):
         self._lock = threading.RLock()
         self._compiled: Callable | None = None
         self._cache: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._planned: set[Hashable] = set()  # signatures whose plan runs eagerly (no CUDA), planned on copies
         self._last: Entry | None = None
         self._hot: tuple | None = None  # see _use
         self._guard: ModelGuard | None = None
@@ -165,10 +162,12 @@ class OparaModule(nn.Module):
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # nn.Module.__call__ costs microseconds per call; it is only needed for hooks registered on this wrapper.
+        # Global module hooks are the model's business: eager has no wrapper for them to run on (the model's own
+        # modules run them, inside the graph as dynamo traced them).
         # The hot path is inline (a Python frame costs ~0.1 us): the same signature as the last call, and its one
         # generated check of inputs, global state and model holds.
         try:
-            if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+            if self._forward_hooks or self._forward_pre_hooks:
                 return super().__call__(*args, **kwargs)
             with self._lock:
                 hot = self._hot
@@ -187,7 +186,7 @@ class OparaModule(nn.Module):
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
         """A call that lets ``ModelError`` through (for ``optimize``, which re-raises it from its own frame)."""
-        if self._forward_hooks or self._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+        if self._forward_hooks or self._forward_pre_hooks:
             return super().__call__(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
@@ -218,13 +217,13 @@ class OparaModule(nn.Module):
             return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
                                   "original model (autograd works as usual)", args, kwargs)
         record = self._record(key, args, kwargs)
-        if not self._graphs.usable(leaves):
-            return self._run_eager_plan(args, kwargs, leaves, record)
         if self._replans > MAX_REPLANS:
             return self._fallback(f"the model changed {self._replans} times since it was optimized (last: "
                                   f"{self._last_change}): running the original model from now on; om.refresh() "
                                   "plans again", args, kwargs)
-        self._check_model()
+        self._check_model()  # on the CPU too: dynamo's own guards skip hooks, and our plan runs from its cache
+        if not self._graphs.usable(leaves):
+            return self._run_eager_plan(args, kwargs, leaves, record, (key, CallState.key()))
         full_key = (key, CallState.key())
         entry = self._cache.get(full_key)
         if entry is None:
@@ -308,7 +307,8 @@ class OparaModule(nn.Module):
         if self._planfile is not None:
             self._planfile.check_model(self.original)
 
-    def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list, record: Any = None) -> Any:
+    def _run_eager_plan(self, args: tuple, kwargs: dict, leaves: list, record: Any = None,
+                        key: Hashable = None) -> Any:
         where = "CUDA is not available" if not torch.cuda.is_available() else "the inputs are on the CPU"
         kept = record.kept if record is not None else \
             next((s.name for s in self._specs if s.fuse), self._specs[0].name)  # fusion was asked for: show it
@@ -318,6 +318,9 @@ class OparaModule(nn.Module):
         runners_before = len(self._backend.runners)
         try:
             with torch.no_grad(), self._backend.selecting(kept):
+                if key not in self._planned:  # planning runs the forward many times: on copies, state put back
+                    self._plan_on_copies(args, kwargs)
+                    self._planned.add(key)
                 out = self._compiled_fn()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - either the model's own error, or ours: then run the original
             _raise_fatal(exc)
@@ -341,6 +344,16 @@ class OparaModule(nn.Module):
         _describe_inputs(self._last, args, kwargs)
         self._notify(f"opara_nb: {reason}")
         return out
+
+    def _plan_on_copies(self, args: tuple, kwargs: dict) -> None:
+        """Compile and plan this signature (dynamo, profiling: many runs of the forward) on copies of the inputs,
+        with the model's state restored afterwards, so the call itself runs the forward once, as eager does."""
+        with Sandbox(self.original) as box:
+            copies, kw = clone_inputs(args, kwargs)
+            self._compiled_fn()(*copies, **kw)
+        note = box.note()
+        if note and note not in self.notices:
+            self.notices.append(note)
 
     # ---------------------------------------------------------------- capture
     def _capture(self, key: Hashable, args: tuple, kwargs: dict, record: Any = None) -> Entry:
@@ -708,6 +721,7 @@ class OparaModule(nn.Module):
         for entry in self._cache.values():
             entry.release()
         self._cache.clear()
+        self._planned.clear()
         self._use(None)
         # Dynamo keeps compiled code (and through it our runners and their CUDA example inputs) alive after the
         # module is dropped: forget the compiled function and empty the runners so nothing keeps device memory.

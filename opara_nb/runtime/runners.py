@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..capture.sandbox import inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
 from .cudagraph import CudaGraphs, GraphedCall, release_cuda_memory
@@ -34,9 +35,10 @@ class GraphCapture:
     afterwards; outputs are copies (the Python between graphs may keep them). A graph that cannot be captured, or
     whose parameters moved, runs uncaptured with ``failed`` saying why."""
 
-    def __init__(self, executor: Callable, graphs: CudaGraphs | None = None) -> None:
+    def __init__(self, executor: Callable, graphs: CudaGraphs | None = None, writes: bool = True) -> None:
         self.executor = executor
         self.graphs = graphs
+        self.writes = writes  # whether the graph may write its inputs: the warm-up's writes are put back
         self.graphed: GraphedCall | None = None
         self.failed: str | None = None
 
@@ -44,7 +46,8 @@ class GraphCapture:
         graphed = GraphedCall(self.executor, args, {}, clone_outputs=True, warmup=1, in_place=is_parameter,
                               graphs=self.graphs)
         try:
-            graphed.warm_up()
+            with inputs_put_back(list(args), self.writes):  # parameters and buffers are warmed up in place
+                graphed.warm_up()
             graphed.capture()
         except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
             error = one_line(exc)
