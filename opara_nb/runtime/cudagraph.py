@@ -135,6 +135,7 @@ class GraphedCall:
         self._single = False
         self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
+        self._aliases: list[tuple[int, int]] = []  # (output, input slot): an output in a copied input's memory
         self._protect = self._as_is = False
         self._uses: list[tuple[int, int, int, int, list[int]]] | None = None
         self._stream: Any = None
@@ -172,11 +173,15 @@ class GraphedCall:
 
     def _classify_outputs(self) -> None:
         inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
-        self._guarded, self._copied = [], []
+        slots = {self._static[i].untyped_storage().data_ptr(): i for i in self._slots}
+        self._guarded, self._copied, self._aliases = [], [], []
         for i, t in enumerate(self._out):
             if not isinstance(t, torch.Tensor):
                 continue
-            if t.untyped_storage().data_ptr() in inputs or self._owned(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in slots and t.dtype == self._static[slots[ptr]].dtype:
+                self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
+            elif ptr in inputs or self._owned(t):
                 self._copied.append(i)
             else:
                 self._guarded.append(i)
@@ -197,7 +202,7 @@ class GraphedCall:
         # Copying outputs (clone_outputs=True, or switched on after a held view was seen) still checks: what was
         # handed out before the switch, or a view of it, may still be held, and a replay would write it.
         self._protect = self._clone_outputs is not False and bool(self._guarded)
-        self._as_is = not self._clone_outputs and not self._copied
+        self._as_is = not self._clone_outputs and not self._copied and not self._aliases
         self._make_fast()
 
     def _make_fast(self) -> None:
@@ -238,7 +243,7 @@ class GraphedCall:
             names[f"S{i}"] = self._static[i]
             lines.append(f"leaves[{i}].copy_(S{i})")
         if not self._as_is:
-            lines.append("return ME._outputs()")
+            lines.append("return ME._outputs(leaves)")
         elif self._single:
             lines.append("return O[0]")
         else:
@@ -284,7 +289,7 @@ class GraphedCall:
         """Replay with the buffers as they are (for timing)."""
         self.graph.replay()
 
-    def _outputs(self) -> Any:
+    def _outputs(self, leaves: list[Any]) -> Any:
         outs = self._out
         copies: dict[int, torch.Tensor] = {}  # an output returned in several places is copied once, as one object
         if self.clone_outputs:
@@ -293,6 +298,10 @@ class GraphedCall:
             outs = list(outs)
             for i in self._copied:
                 outs[i] = _copy(outs[i], copies)
+        if self._aliases:
+            outs = list(outs)
+            for i, slot in self._aliases:
+                outs[i] = _in_caller(self._out[i], self._static[slot], leaves[slot])
         if self._single:
             return outs[0]
         return self._rebuild(outs)
@@ -351,6 +360,15 @@ def _direct_replay(graph: Any) -> Callable[[], None]:
     if base is None or not isinstance(graph, base) or getattr(graph, "_tracker", None) is not None:
         return graph.replay
     return base.replay.__get__(graph)
+
+
+def _in_caller(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """What eager returns where the graph returned (a view of) its copy of an input: the caller's tensor itself, or
+    the same view of it (the guards hold its strides to the captured ones)."""
+    if out is static:
+        return leaf
+    return leaf.as_strided(out.size(), out.stride(), leaf.storage_offset() + out.storage_offset()
+                           - static.storage_offset())
 
 
 def _copy(t: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:
