@@ -886,3 +886,26 @@ def test_the_backend_serves_threads_one_call_at_a_time():
     assert not errors, errors[:1]
     for i, x in enumerate(xs):
         torch.testing.assert_close(results[i], _expect(model, x))
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) + torch.randn_like(x)
+
+
+def test_planning_leaves_the_random_number_generator_where_it_was():
+    """Seed, optimize, call: the same numbers as seed, call, without optimizing in between."""
+    model, x = Noisy().eval(), torch.randn(2, 4)
+    torch.manual_seed(7)
+    om = _quiet(optimize, model, x)
+    after_optimize = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_optimize, torch.rand(3))
+    torch.manual_seed(7)
+    out = _quiet(om, x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, _expect(model, x))

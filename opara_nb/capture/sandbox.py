@@ -4,7 +4,8 @@ Planning runs the user's forward many times (dynamo's trace, profiling, warm-ups
 would run it once per call, so a forward that updates state (BatchNorm left in training mode inside an eval model,
 a call counter) must not see those runs: ``Sandbox`` records every parameter's and buffer's version counter and keeps
 copies of the buffers (and of the parameters, up to a size limit); afterwards whatever changed is copied back in place
-(graphs baked in the addresses, so the tensors themselves stay). Plain Python attributes of the modules (a counter
+(graphs baked in the addresses, so the tensors themselves stay). The CPU random number generator is put back too (the
+CUDA one is left to the graphs, which register with it when captured). Plain Python attributes of the modules (a counter
 ``self.n += 1``, a list the forward appends to) are put back too; ``python_changes()`` names them while planning: a
 CUDA graph replays kernels only, so a forward that changes them cannot be replayed faithfully.
 """
@@ -69,6 +70,7 @@ class Sandbox:
             self._saved = {k: t.detach().clone() for k, t in self._tensors.items()
                            if k in buffers or copy_params}
         self._python = _python_state(self.model)
+        self._rng = torch.random.get_rng_state()  # a forward that draws random numbers advances it on every run
         # which tensor each module holds under each name: dynamo's replay of ``self.n += 1`` between graphs may
         # rebind the name to another tensor (a graph's output), which later runs then update
         self._bindings = [(f"{prefix}.{k}" if prefix else k, d, k, t) for prefix, m in
@@ -80,6 +82,7 @@ class Sandbox:
     def __exit__(self, *exc: Any) -> None:
         if self.model is None:
             return
+        torch.random.set_rng_state(self._rng)
         rebound = [name for name, d, k, t in self._bindings if d.get(k) is not t]
         for _, d, k, t in self._bindings:
             d[k] = t
