@@ -211,3 +211,43 @@ def test_dashboard_flag_shows_the_dashboard(ip, capsys):
     res = run(ip, "%%opara model --inputs x --strategy opara --dashboard -o\n" + BUILD)
     assert isinstance(res, OparaResult)
     assert "VBox" in capsys.readouterr().out  # without a frontend the widget prints its repr
+
+
+MUTATES = """
+import torch
+from torch import nn
+
+class Mutates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        self.n += 1
+        x.mul_(2)
+        return self.lin(x) + torch.rand_like(x) * 0
+
+x = torch.ones(2, 4)
+model = Mutates().eval()
+"""
+
+
+@pytest.mark.parametrize("line", ["%opara model x", "%opara_bench model x --iters 2 --modes eager,opara"])
+def test_the_magics_leave_the_model_inputs_and_random_numbers_as_they_were(ip, line):
+    """The output check (%opara) and the timing (%opara_bench) run the forward on copies of the inputs, with the
+    model's state and the random number generator put back: a forward that writes its input, a buffer and an
+    attribute leaves them as the cell left them, and the check compares like with like (difference 0)."""
+    import torch
+
+    run(ip, MUTATES)
+    rng = torch.random.get_rng_state()
+    res = run(ip, line + " -o")
+    ns = ip.user_ns
+    model = ns["model"].original if isinstance(ns["model"], OparaModule) else ns["model"]
+    assert bool((ns["x"] == 1).all()) and model.calls == 0 and model.n.item() == 0
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    if line.startswith("%opara "):
+        assert res.max_abs_diff == 0

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .._tensors import max_abs_diff
+from ..capture.sandbox import Sandbox, clone_inputs
 from ..errors import OparaUsageError, one_line
 from .modes import (CPU_DEFAULT_MODES, DEFAULT_MODES, MODES, Built, Unavailable, build_mode, is_mode,
                     opara_mode,
@@ -318,7 +319,9 @@ def run_benchmark(model: Callable, args: tuple, kwargs: dict, modes: Iterable[st
     batch = next((t.shape[0] for t in tensor_leaves((args, kwargs)) if t.dim() > 0), None)
     settings = {"iters": iters, "warmup": warmup, "batch": batch, "modes": chosen}
     result = BenchResult(label or type(model).__name__, [], environment(), settings, notes)
-    with torch.no_grad():
+    # Every mode runs the forward many times: on copies of the inputs, with the model's state put back afterwards.
+    args, kwargs = clone_inputs(args, kwargs)
+    with torch.no_grad(), Sandbox(model):
         reference = map_tensors(lambda t: t.detach().clone(), model(*args, **kwargs))
         settings.update(_profile_first(model, args, kwargs, chosen, cuda))
         if settings.get("profile_first_error"):

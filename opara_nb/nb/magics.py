@@ -19,6 +19,7 @@ from traitlets.config import Configurable
 
 from .. import progress
 from .._tensors import max_abs_diff
+from ..capture.sandbox import Sandbox, clone_inputs
 from ..errors import OparaUsageError
 from ..schedule import ORDERS, STRATEGIES
 from .display import OparaResult, ProfileResult, measured_timelines
@@ -269,9 +270,10 @@ class OparaMagics(Magics, Configurable):
                 om = _call_core(opara_nb.optimize, model, *inputs, **options, **kwargs)
             bar.step("check against the original")
             diff = None
-            if self.check:
-                with torch.no_grad():
-                    diff = max_abs_diff(model(*inputs, **kwargs), om(*inputs, **kwargs))
+            if self.check:  # each on its own copies of the inputs, the model's state and RNG put back after
+                with torch.no_grad(), Sandbox(model):
+                    (a, ka), (b, kb) = clone_inputs(tuple(inputs), kwargs), clone_inputs(tuple(inputs), kwargs)
+                    diff = max_abs_diff(model(*a, **ka), om(*b, **kb))
             bench = None
             if opts.bench:
                 bar.step("benchmark")
