@@ -443,18 +443,25 @@ class Stepping(nn.Module):
         return y
 
 
-def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planning_left_it_alone():
-    model, graphs = Stepping().eval(), FakeGraphs()
-    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs)
+@pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
+def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planning_left_it_alone(graphs):
+    """And keeps running it: each call's own change is no reason to plan again (it was, on every call, until the
+    re-plan limit); om.refresh() plans again."""
+    model = Stepping().eval()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs() if graphs else None)
     assert model.state.step == 0  # planning put it back
     x = torch.randn(2, 4)
-    for step in (0, 1):
-        model.state.step = step
-        expected = _expect(model, x)
-        model.state.step = step
-        torch.testing.assert_close(_quiet(om, x), expected)
-        assert model.state.step == step + 1  # the call advanced it, as the original does
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        for step in (0, 1, 2, 3):
+            expected = _expect(model, x)
+            model.state.step = step
+            torch.testing.assert_close(om(x), expected)
+            assert model.state.step == step + 1  # the call advanced it, as the original does
+    assert not [w for w in told if "model changed" in str(w.message)], [str(w.message) for w in told]
     assert om.report.mode == "eager" and "state.step" in om.report.reason
+    om.refresh()
+    assert om._self_changing is None
 
 
 def test_a_forward_replaced_on_the_model_instance_is_replanned():

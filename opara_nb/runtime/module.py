@@ -154,6 +154,9 @@ class OparaModule(nn.Module):
         self._shown: set[str] = set()
         self._evicted_unused = 0
         self._replans, self._last_change = 0, ""
+        # Why the original model runs from now on: its forward changes what it reads (the guard would see each
+        # call's own change and re-plan every time). refresh() and release() plan again.
+        self._self_changing: str | None = None
         self.notices: list[str] = []
         if compiled_by_user is not None:
             self._notify("opara_nb: the model was compiled with torch.compile; opara_nb compiles it itself, so it "
@@ -217,6 +220,8 @@ class OparaModule(nn.Module):
             return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
                                   "original model (autograd works as usual)", args, kwargs)
         record = self._record(key, args, kwargs)
+        if self._self_changing:
+            return self._fallback(self._self_changing, args, kwargs)
         if self._replans > MAX_REPLANS:
             return self._fallback(f"the model changed {self._replans} times since it was optimized (last: "
                                   f"{self._last_change}): running the original model from now on; om.refresh() "
@@ -321,6 +326,8 @@ class OparaModule(nn.Module):
                 if key not in self._planned:  # planning runs the forward many times: on copies, state put back
                     self._plan_on_copies(args, kwargs)
                     self._planned.add(key)
+                if self._self_changing:
+                    return self._fallback(self._self_changing, args, kwargs)
                 out = self._compiled_fn()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - either the model's own error, or ours: then run the original
             _raise_fatal(exc)
@@ -351,6 +358,11 @@ class OparaModule(nn.Module):
         with Sandbox(self.original) as box:
             copies, kw = clone_inputs(args, kwargs)
             self._compiled_fn()(*copies, **kw)
+            changed = box.python_changes()
+        if changed:  # the eager plan would run it right, but each call's own change would make it plan again
+            self._self_changing = (f"the forward changes Python attributes of the model ({', '.join(changed[:3])}"
+                                   f"{' ...' if len(changed) > 3 else ''}) on every call: running the original "
+                                   "model (om.refresh() plans again)")
         note = box.note()
         if note and note not in self.notices:
             self.notices.append(note)
@@ -431,6 +443,7 @@ class OparaModule(nn.Module):
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
         unreplayable = _python_side_effects(box, runners)
         if unreplayable is not None:  # found after the first run: capturing would be wasted
+            self._self_changing = unreplayable.reason
             graphed.release()
             return unreplayable
         if not runners:
@@ -449,6 +462,7 @@ class OparaModule(nn.Module):
         error = _attempt(plain.warm_up)
         unreplayable = _python_side_effects(box, []) if error is None else None
         if unreplayable is not None:
+            self._self_changing = unreplayable.reason
             plain.release()
             return unreplayable
         error = error or _attempt(plain.capture)
@@ -716,6 +730,7 @@ class OparaModule(nn.Module):
                     self._reset()
                     self._guard.snapshot()
             self._replans = 0
+            self._self_changing = None
 
     def _reset(self) -> None:
         for entry in self._cache.values():
@@ -733,6 +748,7 @@ class OparaModule(nn.Module):
         """Free every captured graph, its static buffers and memory pool; later calls capture again."""
         with self._lock:
             self._reset()
+            self._self_changing = None
 
     def __del__(self) -> None:
         try:
