@@ -916,3 +916,35 @@ def test_planning_leaves_the_random_number_generator_where_it_was():
     out = _quiet(om, x)
     torch.manual_seed(7)
     torch.testing.assert_close(out, _expect(model, x))
+
+
+@pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
+def test_an_optimized_block_inside_a_model_that_is_optimized_again(graphs):
+    """Dynamo traces an OparaModule inside a model as its original; the outer guard and sandbox leave the inner
+    module's bookkeeping alone (no false 'model changed', no internal failure), and both stay right after the block
+    changes."""
+    make = (lambda: graphs()) if graphs else (lambda: None)
+    block, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4)
+    inner = _quiet(optimize, block, x, graphs=make())
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = inner, nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(self.block(x)) + 1
+
+    model = Outer().eval()
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        om = optimize(model, x, graphs=make())
+        for _ in range(3):
+            torch.testing.assert_close(om(x), _expect(model, x))
+        block[0] = nn.Linear(4, 4)
+        for _ in range(3):
+            torch.testing.assert_close(om(x), _expect(model, x))
+        torch.testing.assert_close(inner(x), _expect(block, x))
+    said = [str(w.message) for w in told]
+    assert not [m for m in said if "failed" in m or "block._" in m or "block.notices" in m], said
+    assert inner.report.mode == om.report.mode != "eager"

@@ -180,6 +180,12 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
     return found, called
 
 
+def is_wrapper(m: Any) -> bool:
+    """An OparaModule inside the model: dynamo traces its original (a registered submodule, read like any other);
+    its own attributes are bookkeeping, not settings of the model."""
+    return getattr(type(m), "_opara_wrapper", False)
+
+
 def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
     """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, kind) of
     every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads, each value once. Kinds: "self"
@@ -190,7 +196,7 @@ def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
     for prefix, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
-        if cls.__module__.startswith("torch.nn."):
+        if cls.__module__.startswith("torch.nn.") or is_wrapper(m):
             continue
         own, at = not from_a_library(cls), f"{prefix}." if prefix else ""
         _, names, globals_read = forward_reads(cls)
@@ -232,7 +238,7 @@ def methods_read(model: nn.Module) -> list[tuple[Any, str, Any, str]]:
     one replaced on its class (``Block.forward = f``) must be seen. Library classes are left out."""
     found: dict[tuple[int, str], tuple[Any, str, Any, str]] = {}
     for cls in {type(m) for m in model.modules()}:
-        if cls.__module__.startswith("torch.") or from_a_library(cls):
+        if cls.__module__.startswith("torch.") or from_a_library(cls) or getattr(cls, "_opara_wrapper", False):
             continue
         for name in sorted(forward_reads(cls)[1]):
             owner = next((k for k in cls.__mro__ if name in vars(k)), None)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import MISSING, contents, same_value, settings_read
+from .reads import MISSING, contents, is_wrapper, same_value, settings_read
 
 __all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back"]
 
@@ -125,6 +125,8 @@ def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any
     ``__dict__``, the fields read, False: names it gains are not counted)."""
     state = []
     for name, m in model.named_modules(remove_duplicate=False):
+        if is_wrapper(m):  # an OparaModule inside: its bookkeeping is its own (its original is a submodule)
+            continue
         plain = {k: (v, contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
