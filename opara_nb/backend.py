@@ -17,6 +17,7 @@ A graph that cannot be planned or captured runs as dynamo gave it (``gm.forward`
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import warnings
 from typing import Any, Callable, Mapping
@@ -118,7 +119,13 @@ def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:
                               "options={'plan': 'path/to/plan.json'} (a file from om.save_plan) and "
                               "options={'fuse': True} (TorchInductor-compiled segments)")
     options = options or {}
-    return (None if options.get("plan") is None else str(options["plan"])), bool(options.get("fuse", False))
+    plan, fuse = options.get("plan"), options.get("fuse", False)
+    if not isinstance(fuse, bool):
+        raise OparaUsageError(f"the opara backend's option 'fuse' is True or False, got {fuse!r}")
+    if plan is not None and (not isinstance(plan, (str, os.PathLike)) or not str(plan)):
+        raise OparaUsageError(f"the opara backend's option 'plan' is the path of a plan file (from om.save_plan), "
+                              f"got {plan!r}")
+    return (None if plan is None else os.fspath(plan)), fuse
 
 
 def _planned(g: Any, fuse: bool) -> Any:

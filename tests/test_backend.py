@@ -102,3 +102,22 @@ def test_a_model_with_graph_breaks_hears_not_accelerated_once(monkeypatch):
         warnings.simplefilter("always")
         torch.compile(Breaks(), backend="opara")(torch.randn(2, 4))
     assert sum("not accelerated" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"bogus": 1}, "unknown option(s) bogus"),
+    ({"fuse": "no"}, "'fuse' is True or False, got 'no'"),
+    ({"plan": 123}, "'plan' is the path of a plan file"),
+    ({"plan": ""}, "'plan' is the path of a plan file"),
+])
+def test_bad_backend_options_say_what_to_pass(options, said):
+    """Dynamo wraps what a backend raises (BackendCompilerFailed); the error inside is ours, with what to pass."""
+    import torch._dynamo
+
+    from opara_nb.errors import OparaUsageError
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as caught:
+        torch.compile(torch.nn.Linear(4, 4).eval(), backend="opara", options=options)(torch.randn(2, 4))
+    inner = getattr(caught.value, "inner_exception", caught.value)
+    assert isinstance(inner, OparaUsageError) and said in str(inner), repr(caught.value)
