@@ -446,7 +446,8 @@ class Stepping(nn.Module):
 @pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
 def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planning_left_it_alone(graphs):
     """And keeps running it: each call's own change is no reason to plan again (it was, on every call, until the
-    re-plan limit); om.refresh() plans again."""
+    re-plan limit): one re-plan shows the change is every call's, not a lazy initialisation; om.refresh() plans
+    again."""
     model = Stepping().eval()
     om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=graphs() if graphs else None)
     assert model.state.step == 0  # planning put it back
@@ -458,10 +459,34 @@ def test_a_forward_that_advances_a_settings_field_runs_the_original_after_planni
             model.state.step = step
             torch.testing.assert_close(om(x), expected)
             assert model.state.step == step + 1  # the call advanced it, as the original does
-    assert not [w for w in told if "model changed" in str(w.message)], [str(w.message) for w in told]
+    assert len([w for w in told if "model changed" in str(w.message)]) <= 1, [str(w.message) for w in told]
     assert om.report.mode == "eager" and "state.step" in om.report.reason
     om.refresh()
     assert om._self_changing is None
+
+
+class LazyInit(nn.Module):
+    """A forward that sets an attribute on its first call only (a lazily built setting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = 2.0
+        return self.lin(x) * self.scale
+
+
+def test_a_forward_that_changes_state_only_once_is_replayed_after_one_re_plan():
+    model, graphs = LazyInit().eval(), FakeGraphs()
+    x = torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=graphs)
+    outs = [_quiet(om, x) for _ in range(4)]
+    for out in outs:
+        torch.testing.assert_close(out, _expect(model, x))
+    assert om.report.mode == "cuda-graph" and om._self_changing is None
 
 
 def test_a_forward_replaced_on_the_model_instance_is_replanned():

@@ -161,6 +161,7 @@ class OparaModule(nn.Module):
         # Why the original model runs from now on: its forward changes what it reads (the guard would see each
         # call's own change and re-plan every time). refresh() and release() plan again.
         self._self_changing: str | None = None
+        self._seen_self_change = False
         self.notices: list[str] = []
         if compiled_by_user is not None:
             self._notify("opara_nb: the model was compiled with torch.compile; opara_nb compiles it itself, so it "
@@ -367,13 +368,20 @@ class OparaModule(nn.Module):
             copies, kw = clone_inputs(args, kwargs)
             self._compiled_fn()(*copies, **kw)
             changed = box.python_changes()
-        if changed:  # the eager plan would run it right, but each call's own change would make it plan again
-            self._self_changing = (f"the forward changes Python attributes of the model ({', '.join(changed[:3])}"
-                                   f"{' ...' if len(changed) > 3 else ''}) on every call: running the original "
-                                   "model (om.refresh() plans again)")
+        if changed:  # the eager plan runs it right, but each call's own change would make it plan again
+            self._changed_itself(f"the forward changes Python attributes of the model ({', '.join(changed[:3])}"
+                                 f"{' ...' if len(changed) > 3 else ''}) on every call: running the original model "
+                                 "(om.refresh() plans again)")
         note = box.note()
         if note and note not in self.notices:
             self.notices.append(note)
+
+    def _changed_itself(self, reason: str) -> None:
+        """Planning saw the forward change Python state. Once may be a lazy initialisation (the next plan replays);
+        seen again after the re-plan it caused, it is every call's: run the original from now on."""
+        if self._seen_self_change:
+            self._self_changing = reason
+        self._seen_self_change = True
 
     # ---------------------------------------------------------------- capture
     def _capture(self, key: Hashable, args: tuple, kwargs: dict, record: Any = None) -> Entry:
@@ -451,7 +459,7 @@ class OparaModule(nn.Module):
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
         unreplayable = _python_side_effects(box, runners)
         if unreplayable is not None:  # found after the first run: capturing would be wasted
-            self._self_changing = unreplayable.reason
+            self._changed_itself(unreplayable.reason)
             graphed.release()
             return unreplayable
         if not runners:
@@ -470,7 +478,7 @@ class OparaModule(nn.Module):
         error = _attempt(plain.warm_up)
         unreplayable = _python_side_effects(box, []) if error is None else None
         if unreplayable is not None:
-            self._self_changing = unreplayable.reason
+            self._changed_itself(unreplayable.reason)
             plain.release()
             return unreplayable
         error = error or _attempt(plain.capture)
@@ -738,7 +746,7 @@ class OparaModule(nn.Module):
                     self._reset()
                     self._guard.snapshot()
             self._replans = 0
-            self._self_changing = None
+            self._self_changing, self._seen_self_change = None, False
 
     def _reset(self) -> None:
         for entry in self._cache.values():
@@ -756,7 +764,7 @@ class OparaModule(nn.Module):
         """Free every captured graph, its static buffers and memory pool; later calls capture again."""
         with self._lock:
             self._reset()
-            self._self_changing = None
+            self._self_changing, self._seen_self_change = None, False
 
     def __del__(self) -> None:
         try:
