@@ -973,3 +973,84 @@ def test_an_optimized_block_inside_a_model_that_is_optimized_again(graphs):
     said = [str(w.message) for w in told]
     assert not [m for m in said if "failed" in m or "block._" in m or "block.notices" in m], said
     assert inner.report.mode == om.report.mode != "eager"
+
+
+def test_a_strided_view_input_is_planned_on_a_copy_with_its_strides():
+    """A slice of a bigger tensor: the planning copy keeps its strides, so the real call does not compile (and
+    profile) again on the caller's own tensor; the call writes it once, as eager does."""
+    from opara_nb.capture.sandbox import clone_inputs
+
+    big = torch.ones(10, 8)
+    for view in (big[2:5, 1:5], big.t(), big[:, ::2]):
+        (copy,), _ = clone_inputs((view,), {})
+        assert copy.stride() == view.stride() and torch.equal(copy, view)
+    model = CountsCalls().eval()
+    om = _quiet(optimize, model, torch.zeros(3, 8))
+    big = torch.zeros(10, 16)
+    _quiet(om, big[2:5, 4:12])
+    assert model.n.item() == 1 and bool((big[2:5, 4:12] == 1).all()) and big.sum().item() == 24
+
+
+class _Box:
+    """An argument pytree does not open, equal by name: a replay keyed by it would serve another call's tensor."""
+
+    def __init__(self, name, t):
+        self.name, self.t = name, t
+
+    def __eq__(self, other):
+        return isinstance(other, _Box) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+class ReadsABox(nn.Module):
+    def forward(self, x, box):
+        return x + box.t
+
+
+def test_an_argument_that_is_neither_a_tensor_nor_a_plain_value_runs_the_original():
+    om = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), _Box("w", torch.ones(2)), graphs=FakeGraphs())
+    _quiet(om, torch.zeros(2), _Box("w", torch.ones(2)))
+    torch.testing.assert_close(_quiet(om, torch.zeros(2), _Box("w", torch.full((2,), 7.0))), torch.full((2,), 7.0))
+    assert om.report.mode == "eager" and "_Box" in om.report.reason
+
+
+class ReturnsAnObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return _Box("out", self.lin(x))
+
+
+def test_an_output_pytree_does_not_open_is_never_handed_back_as_the_same_object():
+    model = ReturnsAnObject().eval()
+    om = _quiet(optimize, model, torch.ones(2), graphs=FakeGraphs())
+    a, b = _quiet(om, torch.ones(2)), _quiet(om, torch.full((2,), 5.0))
+    assert a is not b
+    torch.testing.assert_close(a.t, _expect(model, torch.ones(2)).t)
+    torch.testing.assert_close(b.t, _expect(model, torch.full((2,), 5.0)).t)
+    assert "returns a _Box object" in om.report.reason
+
+
+class ViewsOfEachOther(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y[:, :3], y
+
+
+def test_copied_outputs_that_share_memory_still_share_it():
+    om = _quiet(optimize, ViewsOfEachOther().eval(), torch.randn(3, 4), graphs=FakeGraphs(), clone_outputs=True)
+    x = torch.randn(3, 4)
+    y, head, same = _quiet(om, x)
+    assert same is y and head.data_ptr() == y.data_ptr()
+    y.add_(1)
+    assert torch.equal(head, y[:, :3])
+    again, _, _ = _quiet(om, x)
+    torch.testing.assert_close(again + 1, y)

@@ -27,9 +27,10 @@ PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not 
 
 
 def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Copies of every tensor in ``(args, kwargs)`` (same device, dtype, strides); other leaves as they are."""
+    """Copies of every tensor in ``(args, kwargs)`` (same device, dtype, strides: dynamo compiles for the strides it
+    sees, and a copy with others would leave the real call to compile again); other leaves as they are."""
     def copy(x: Any) -> Any:
-        return x.detach().clone() if isinstance(x, torch.Tensor) else x
+        return _same_strides(x.detach()) if isinstance(x, torch.Tensor) else x
 
     return pytree.tree_map(copy, (tuple(args), dict(kwargs)))
 
@@ -49,6 +50,17 @@ def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
             for t, version, copy in saved:
                 if t._version != version:
                     t.copy_(copy)
+
+
+def _same_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x.clone()`` keeps the strides of a dense tensor only; a slice or a transposed view gets them here too. A
+    tensor whose elements overlap (``expand``) cannot be written that way: a dense copy."""
+    if x.layout != torch.strided or x.is_contiguous() or any(s == 0 and n > 1 for s, n in zip(x.stride(), x.size())):
+        return x.clone()
+    try:
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+    except RuntimeError:  # other overlapping strides: copy_ refuses to write them
+        return x.clone()
 
 
 class Sandbox:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .guards import _ptrs_equal, install_watch, registration_epoch
+from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
@@ -163,6 +163,10 @@ class GraphedCall:
         self._replay_graph = _direct_replay(self.graph)
         self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
         self._out, self._out_spec = pytree.tree_flatten(out)
+        odd = next((x for x in self._out if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
+        if odd is not None:  # not a container pytree opens: every replay would return this very object
+            raise NotReplayable(f"the model returns a {type(odd).__name__} object, which a replay would hand back as "
+                                "the same object on every call")
         self._rebuild = _rebuilder(out, self._out_spec)
         del out  # counted references to the outputs must be ours alone
         self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
@@ -291,13 +295,14 @@ class GraphedCall:
 
     def _outputs(self, leaves: list[Any]) -> Any:
         outs = self._out
-        copies: dict[int, torch.Tensor] = {}  # an output returned in several places is copied once, as one object
         if self.clone_outputs:
-            outs = [_copy(x, copies) if isinstance(x, torch.Tensor) else x for x in outs]
+            copies = _copies([x for x in outs if isinstance(x, torch.Tensor)])
+            outs = [copies[id(x)] if isinstance(x, torch.Tensor) else x for x in outs]
         elif self._copied:
+            copies = _copies([outs[i] for i in self._copied])
             outs = list(outs)
             for i in self._copied:
-                outs[i] = _copy(outs[i], copies)
+                outs[i] = copies[id(outs[i])]
         if self._aliases:
             outs = list(outs)
             for i, slot in self._aliases:
@@ -371,10 +376,21 @@ def _in_caller(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> t
                            - static.storage_offset())
 
 
-def _copy(t: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:
-    if id(t) not in copies:
-        copies[id(t)] = t.clone()
-    return copies[id(t)]
+def _copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """A copy of each tensor, by id: one returned in several places is copied once, as one object, and outputs that
+    share memory (``y, y[:, :3]``) share it in their copies too, as views of one copy of that memory."""
+    groups: dict[int, dict[int, torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
+    copies: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        if len(group) == 1:
+            copies.update((k, t.clone()) for k, t in group.items())
+            continue
+        memory = next(iter(group.values())).untyped_storage().clone()
+        for k, t in group.items():
+            copies[k] = t.new_empty(0).set_(memory, t.storage_offset(), t.size(), t.stride())
+    return copies
 
 
 def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:

@@ -25,6 +25,7 @@ docs/user_guide.md).
 """
 from __future__ import annotations
 
+import enum
 import functools
 import operator
 import re
@@ -269,6 +270,13 @@ class _Other(Exception):
 
 
 _SCALARS = (int, float, bool, str, torch.dtype, torch.device)
+_PLAIN_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                 torch.memory_format, torch.Size, enum.Enum)
+
+
+def plain_leaf(x: Any) -> bool:
+    """An immutable value: compared by equality as an input, safe to hand back as the same object as an output."""
+    return isinstance(x, _PLAIN_LEAVES)
 _NONE_IS_LEAF = pytree.tree_leaves(None) == [None]  # as pytree does it, so leaf positions agree with its flatten
 
 

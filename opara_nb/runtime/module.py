@@ -33,7 +33,7 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import CallState, ModelGuard, call_key, hot_guard, reads_cudnn
+from .guards import CallState, ModelGuard, call_key, hot_guard, plain_leaf, reads_cudnn
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -238,6 +238,11 @@ class OparaModule(nn.Module):
         self._check_model()  # on the CPU too: dynamo's own guards skip hooks, and our plan runs from its cache
         if not self._graphs.usable(leaves):
             return self._run_eager_plan(args, kwargs, leaves, record, (key, CallState.key()))
+        odd = next((x for x in leaves if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
+        if odd is not None:  # keyed by its hash or repr, its tensors never copied in: a replay could be another's
+            return self._fallback(f"an argument of type {type(odd).__name__} is neither a tensor nor a plain value "
+                                  "(number, string, flag, dtype, enum): a graph would keep what it held when captured, "
+                                  "so such calls run the original model", args, kwargs)
         full_key = (key, CallState.key())
         entry = self._cache.get(full_key)
         if entry is None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..capture.hazards import is_mutating
 from ..capture.sandbox import inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
@@ -175,7 +176,10 @@ class Backend:
         index = len(self.runners)
         try:
             g = CapturedGraph.from_gm(gm, example_inputs, index)
-            gp, plans, profile_ms, plan_ms = self._plan(g)
+            # dynamo may compile here on the caller's own tensors (a call whose inputs the planning copies did not
+            # match): what profiling writes of them is put back
+            with inputs_put_back([*example_inputs, *gm.buffers()], any(is_mutating(n, gm) for n in gm.graph.nodes)):
+                gp, plans, profile_ms, plan_ms = self._plan(g)
         except Exception as exc:
             if getattr(exc, "opara_fatal", False):
                 raise
