@@ -140,3 +140,23 @@ class CountsCalls(nn.Module):
             self.n += 1
         x.add_(1)
         return self.lin(x) * self.n
+
+
+def run_threads(work, n: int) -> list:
+    """Run ``work(i)`` for i in range(n) on n threads at once; the exceptions they raised."""
+    import threading
+
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as exc:  # noqa: BLE001 - collected for the test to assert on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

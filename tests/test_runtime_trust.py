@@ -15,7 +15,7 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, Outputs
+from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, Outputs, run_threads
 
 
 def _quiet(fn, *args, **kwargs):
@@ -900,21 +900,14 @@ def test_the_backend_serves_threads_one_call_at_a_time():
     xs = [torch.randn(2, 3, 8, 8) for _ in range(6)]
     with torch.no_grad():
         _quiet(compiled, xs[0])
-    results, errors = {}, []
+    results = {}
 
     def work(i):
-        try:
-            with torch.no_grad():
-                for _ in range(30):
-                    results[i] = compiled(xs[i])
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
+        with torch.no_grad():
+            for _ in range(30):
+                results[i] = compiled(xs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(work, 6)
     assert not errors, errors[:1]
     for i, x in enumerate(xs):
         torch.testing.assert_close(results[i], _expect(model, x))
