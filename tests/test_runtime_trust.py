@@ -1047,3 +1047,27 @@ def test_copied_outputs_that_share_memory_still_share_it():
     assert torch.equal(head, y[:, :3])
     again, _, _ = _quiet(om, x)
     torch.testing.assert_close(again + 1, y)
+
+
+class ReturnsItsOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("buf", torch.zeros(4))
+
+    def forward(self, x):
+        return self.lin(x), self.lin.weight, self.buf, self.lin.weight[0]
+
+
+@pytest.mark.parametrize("clone_outputs", [None, True, False])
+def test_a_parameter_or_buffer_the_model_returns_comes_back_as_itself(clone_outputs):
+    """As eager returns them: the model's own tensor (a copy before), or a view of it, live."""
+    model, x = ReturnsItsOwn().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, graphs=FakeGraphs(), clone_outputs=clone_outputs)
+    for _ in range(2):
+        out, weight, buf, row = _quiet(om, x)
+    assert weight is model.lin.weight and buf is model.buf
+    assert row.data_ptr() == model.lin.weight.data_ptr() and torch.equal(row, model.lin.weight[0])
+    buf.add_(1)
+    assert bool((model.buf == 1).all())
+    torch.testing.assert_close(out, _expect(model, x)[0])

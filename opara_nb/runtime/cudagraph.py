@@ -111,7 +111,8 @@ class GraphedCall:
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, clone_outputs: bool | None = None,
                  warmup: int = 3, in_place: Callable[[torch.Tensor], bool] = lambda t: False,
-                 graphs: CudaGraphs | None = None, owned: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
+                 graphs: CudaGraphs | None = None,
+                 owned: Callable[[torch.Tensor], torch.Tensor | None] = lambda t: None) -> None:
         self.fn = fn
         self._clone_outputs = clone_outputs
         self.warmup = warmup
@@ -128,7 +129,7 @@ class GraphedCall:
             install_watch()
         self._slots = [i for i, x in enumerate(self._static) if isinstance(x, torch.Tensor) and i not in self._fixed]
         self._copies = [(i, self._static[i]) for i in self._slots]
-        self._owned = owned  # tensors the caller owns (parameters, buffers): outputs aliasing them are copied
+        self._owned = owned  # the caller's tensor (a parameter, a buffer) an output aliases, or None
         self._mutated: list[int] = []
         self._out: list[Any] = []
         self._out_spec: Any = None
@@ -136,6 +137,7 @@ class GraphedCall:
         self._guarded: list[int] = []     # outputs handed out as they are, checked before the next replay
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
         self._aliases: list[tuple[int, int]] = []  # (output, input slot): an output in a copied input's memory
+        self._owners: list[tuple[int, torch.Tensor]] = []  # (output, the model's tensor it is or views)
         self._protect = self._as_is = False
         self._uses: list[tuple[int, int, int, int, list[int]]] | None = None
         self._stream: Any = None
@@ -178,14 +180,17 @@ class GraphedCall:
     def _classify_outputs(self) -> None:
         inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
         slots = {self._static[i].untyped_storage().data_ptr(): i for i in self._slots}
-        self._guarded, self._copied, self._aliases = [], [], []
+        self._guarded, self._copied, self._aliases, self._owners = [], [], [], []
         for i, t in enumerate(self._out):
             if not isinstance(t, torch.Tensor):
                 continue
             ptr = t.untyped_storage().data_ptr()
+            owner = self._owned(t)
             if ptr in slots and t.dtype == self._static[slots[ptr]].dtype:
                 self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
-            elif ptr in inputs or self._owned(t):
+            elif owner is not None and t.dtype == owner.dtype:
+                self._owners.append((i, owner))  # the model's own parameter or buffer (or a view), as eager returns
+            elif ptr in inputs or owner is not None:
                 self._copied.append(i)
             else:
                 self._guarded.append(i)
@@ -206,7 +211,7 @@ class GraphedCall:
         # Copying outputs (clone_outputs=True, or switched on after a held view was seen) still checks: what was
         # handed out before the switch, or a view of it, may still be held, and a replay would write it.
         self._protect = self._clone_outputs is not False and bool(self._guarded)
-        self._as_is = not self._clone_outputs and not self._copied and not self._aliases
+        self._as_is = not self._clone_outputs and not self._copied and not self._aliases and not self._owners
         self._make_fast()
 
     def _make_fast(self) -> None:
@@ -303,10 +308,12 @@ class GraphedCall:
             outs = list(outs)
             for i in self._copied:
                 outs[i] = copies[id(outs[i])]
-        if self._aliases:
+        if self._aliases or self._owners:
             outs = list(outs)
             for i, slot in self._aliases:
                 outs[i] = _in_caller(self._out[i], self._static[slot], leaves[slot])
+            for i, owner in self._owners:
+                outs[i] = _in_caller(self._out[i], owner, owner)
         if self._single:
             return outs[0]
         return self._rebuild(outs)

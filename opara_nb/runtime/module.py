@@ -621,13 +621,13 @@ class OparaModule(nn.Module):
             why = "it skipped the frame"
         return f"dynamo handed no graph to opara_nb ({why}): running the original model"
 
-    def _owned(self, t: torch.Tensor) -> bool:
-        """Whether an output aliases one of the model's own tensors (then it is always copied)."""
+    def _owned(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The model's own parameter or buffer an output is or views (returned as eager returns it), or None."""
         if not isinstance(self.original, nn.Module):
-            return False
+            return None
         ptr = t.untyped_storage().data_ptr()
-        return any(p.untyped_storage().data_ptr() == ptr for p in self.original.parameters()) or \
-            any(b.untyped_storage().data_ptr() == ptr for b in self.original.buffers())
+        return next((p for p in [*self.original.parameters(), *self.original.buffers()]
+                     if p.untyped_storage().data_ptr() == ptr), None)
 
     def _notify(self, message: str, once: bool = True) -> None:
         if once and message in self._shown:
