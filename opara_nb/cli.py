@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -106,7 +107,8 @@ def _add_tune_parser(sub: Any) -> None:
     tune.add_argument("--strategy", default="auto", help="auto (default: measure the candidates, keep the fastest) "
                                                         "or one stream strategy")
     tune.add_argument("--fuse", action="store_true", help="add TorchInductor-fused candidates")
-    tune.add_argument("--device", default=None, help="cuda (the default when a GPU is present) or cpu")
+    tune.add_argument("--device", default=None, type=_device_name,
+                      help="cuda (the default when a GPU is present) or cpu")
     tune.add_argument("--seed", type=int, default=0, help="seed for the factory's weights and random inputs "
                                                          "(default 0)")
 
@@ -117,7 +119,8 @@ def _add_profile_parser(sub: Any) -> None:
     prof = sub.add_parser("profile", help="profile a bundled model per operator and print the attribution checks")
     prof.add_argument("--model", default="inception_block", help="model name (default: inception_block)")
     prof.add_argument("--batch", type=int, default=1)
-    prof.add_argument("--device", default=None, help="cuda (the default when a GPU is present) or cpu")
+    prof.add_argument("--device", default=None, type=_device_name,
+                      help="cuda (the default when a GPU is present) or cpu")
     prof.add_argument("--top", type=int, default=25, help="rows to print (most expensive operators)")
     prof.add_argument("--demand", default=DEMANDS[0], choices=DEMANDS)
     prof.add_argument("--json", default=None, help="write the profile as JSON to this path")
@@ -307,8 +310,27 @@ def _cmd_tune(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _device_name(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu or cuda (cuda:N for another GPU)")
+
+
+def _check_outputs(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Output paths that cannot be files, refused before anything runs (a benchmark would be lost at its end)."""
+    for option in ("json", "md", "trace", "out"):
+        path = getattr(ns, option, None)
+        if path is None or (ns.command == "demo" and option == "out"):
+            continue
+        if Path(path).is_dir():
+            parser.error(f"--{option} {path}: that is a folder; give a file path")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opara-nb`` and ``python -m opara_nb``; returns the exit status."""
+    from .errors import OparaUsageError
+
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
@@ -316,13 +338,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 0
+    _check_outputs(ns, parser)
+    try:
+        return _run(ns, parser)
+    except OparaUsageError as exc:  # a mistake in what was asked: one line, as argparse's own
+        parser.error(str(exc))
+    except OSError as exc:  # an output that cannot be written (a folder, no permission, no such folder)
+        if exc.filename is None:
+            raise
+        parser.error(f"cannot write {exc.filename}: {exc.strerror}")
+
+
+def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if ns.command == "demo":
         from .bench.demo import run_demo
         from .models import names
 
         if ns.model not in names():
             parser.error(f"unknown model {ns.model}; valid: {', '.join(names())}")
-        return run_demo(ns.model, Path(ns.out), iters=max(1, ns.iters))
+        if ns.iters < 1:
+            parser.error("--iters must be >= 1")
+        return run_demo(ns.model, Path(ns.out), iters=ns.iters)
     commands = {"bench": _cmd_bench, "alloc": _cmd_alloc, "profile": _cmd_profile, "tune": _cmd_tune}
     return commands[ns.command](ns, parser)
 

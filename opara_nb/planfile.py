@@ -253,12 +253,21 @@ class PlanFile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (a replica reading it meanwhile sees the old or the new file, never half)."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise OparaUsageError(f"save_plan needs a file path, got {path!r}")
         target = Path(path)
+        if target.is_dir():
+            raise OparaUsageError(f"save_plan({str(path)!r}): that is a folder; give a file path, e.g. "
+                                  f"{str(target / 'model.plan.json')!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(self.to_dict()) + "\n")
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(self.to_dict()) + "\n")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # never leave the half-written file behind
+            raise
         self.path = str(target)
         return target
 
@@ -416,7 +425,11 @@ def read(path: str | os.PathLike) -> PlanFile:
         signatures = _read_each(data["signatures"], SignatureRecord.from_dict, "signature")
         if not signatures:
             raise ValueError("it holds no plan")
-        return PlanFile(signatures, dict(data["model"]), dict(data["environment"]), version, where)
+        model = dict(data["model"])
+        tensors = model.get("tensors", [])
+        if not isinstance(tensors, list) or not all(isinstance(t, list) and len(t) >= 2 for t in tensors):
+            raise ValueError("its model section does not list parameters as [name, shape and dtype]")
+        return PlanFile(signatures, model, dict(data["environment"]), version, where)
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanFileError(f"{where} is damaged or was edited ({_reason(exc)}); {_RETUNE}") from None
 

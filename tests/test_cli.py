@@ -82,3 +82,17 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "opara_nb", "bench", "--model", "nope"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "valid:" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["profile", "--model", "inception_block", "--device", "tpu"], "unknown device 'tpu'"),
+    (["profile", "--model", "inception_block", "--batch", "0", "--device", "cpu"], "batch must be a positive int"),
+    (["demo", "--iters", "0"], "--iters must be >= 1"),
+    (["bench", "--model", "inception_block", "--iters", "2", "--md", "{tmp}"], "that is a folder"),
+    (["alloc", "--model", "inception_block", "--json", "{tmp}"], "that is a folder"),
+])
+def test_mistakes_exit_2_with_one_line_and_no_traceback(argv, said, capsys, tmp_path):
+    """Before anything runs where possible (a benchmark is not lost at its end to an output path that is a folder)."""
+    assert _exit_code([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err

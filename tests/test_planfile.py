@@ -334,6 +334,7 @@ def test_edited_plans_are_refused_when_read(saved, tmp_path, edit, words):
     (lambda d: d["signatures"][0].update(kept="fastest"), ["fastest"]),
     (lambda d: d["signatures"][0]["graphs"][0].pop("nodes"), ["missing field", "nodes"]),
     (lambda d: d.update(signatures=[]), ["holds no plan"]),
+    (lambda d: d["model"].update(tensors="abc"), ["model section"]),
 ])
 def test_edited_records_are_refused_when_read(saved, tmp_path, edit, words):
     path, text = saved
@@ -494,3 +495,14 @@ def test_gpu_round_trip_replays_the_same_plan_without_profiling(strategy, tmp_pa
     compiled = torch.compile(model, backend="opara", options={"plan": str(path)})
     with torch.no_grad():
         torch.testing.assert_close(_quiet(compiled, *args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["folder", 5])
+def test_save_plan_to_a_folder_or_a_non_path_says_so_and_leaves_nothing_behind(saved, tmp_path, where):
+    path, _ = saved
+    model, x = _branchy()
+    om = _quiet(optimize, model, x, plan=path)
+    target = tmp_path if where == "folder" else where
+    with pytest.raises(OparaUsageError, match="save_plan"):
+        om.save_plan(target)
+    assert not list(tmp_path.iterdir())  # no half-written temporary file

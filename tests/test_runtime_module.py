@@ -3,6 +3,7 @@ path's bookkeeping (candidates, LRU, piecewise, timing) with the graph layer fak
 from __future__ import annotations
 
 import gc
+import re
 import warnings
 import weakref
 
@@ -483,3 +484,20 @@ def test_cpu_fallback_notice_points_at_the_callers_line():
     with pytest.warns(OparaNotice, match="not accelerated") as caught:
         optimize(model, *args, strategy="opara", **kwargs)
     assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"max_streams": 0}, "max_streams is a whole number"),
+    ({"max_streams": "2"}, "max_streams is a whole number"),
+    ({"max_graphs": 2.5}, "max_graphs is a whole number"),
+    ({"candidates": "opara"}, "candidates is a list of plan names"),
+    ({"max_memory_mb": -1}, "max_memory_mb is a number of MiB above 0"),
+    ({"max_memory_mb": float("nan")}, "max_memory_mb is a number of MiB above 0"),
+    ({"fuse": "no"}, "fuse is True or False"),
+    ({"clone_outputs": "yes"}, "clone_outputs is None, True or False"),
+    ({"plan": 123}, "plan is the path of a plan file"),
+])
+def test_options_of_the_wrong_kind_are_refused_at_once(options, said):
+    """Each would otherwise fail later, inside planning, and show up only as a fallback to the original model."""
+    with pytest.raises(OparaUsageError, match=re.escape(said)):
+        OparaModule(torch.nn.Linear(4, 4).eval(), **options)

@@ -127,8 +127,8 @@ class OparaModule(nn.Module):
         compiled_by_user = _compiled_module(model)
         if compiled_by_user is not None:  # opara_nb compiles through dynamo itself: two compiles of one call fight
             model = compiled_by_user
-        if max_graphs < 1:
-            raise OparaUsageError(f"max_graphs must be at least 1, got {max_graphs}")
+        _check_options(max_graphs=max_graphs, max_streams=max_streams, max_memory_mb=max_memory_mb, fuse=fuse,
+                       clone_outputs=clone_outputs, candidates=candidates, plan=plan)
         if strategy != "auto":
             from ..schedule import STRATEGIES
 
@@ -860,6 +860,33 @@ def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner]) -> Ent
     names = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
     return Entry("eager", f"the forward changes Python attributes of the model ({names}), which a CUDA graph replay "
                           "would skip: running the original model", runners=runners)
+
+
+def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: Any, clone_outputs: Any,
+                   candidates: Any, plan: Any) -> None:
+    """``OparaUsageError`` naming the first option of the wrong kind (a wrong one would fail later, as a fallback)."""
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    problems = [
+        (not count(max_graphs), f"max_graphs is a whole number of at least 1, got {max_graphs!r}"),
+        (not count(max_streams), f"max_streams is a whole number of at least 1, got {max_streams!r}"),
+        (max_memory_mb is not None and not (isinstance(max_memory_mb, (int, float)) and not isinstance(
+            max_memory_mb, bool) and 0 < max_memory_mb < float("inf")),
+         f"max_memory_mb is a number of MiB above 0 (or None), got {max_memory_mb!r}"),
+        (not isinstance(fuse, bool), f"fuse is True or False, got {fuse!r}"),
+        (clone_outputs not in (None, True, False) or isinstance(clone_outputs, int) and
+         not isinstance(clone_outputs, bool), f"clone_outputs is None, True or False, got {clone_outputs!r}"),
+        (candidates is not None and (not isinstance(candidates, (list, tuple)) or not candidates
+                                     or not all(isinstance(c, str) for c in candidates)),
+         f"candidates is a list of plan names, e.g. ('opara', 'nimble'), got {candidates!r}"),
+        (plan is not None and not hasattr(plan, "plans_for") and (not isinstance(plan, (str, os.PathLike))
+                                                                  or not str(plan)),
+         f"plan is the path of a plan file (from om.save_plan), got {plan!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise OparaUsageError(message)
 
 
 def _fits(pools: dict[str, float], name: str, limit: float | None) -> bool:
