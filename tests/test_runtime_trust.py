@@ -1071,3 +1071,21 @@ def test_a_parameter_or_buffer_the_model_returns_comes_back_as_itself(clone_outp
     buf.add_(1)
     assert bool((model.buf == 1).all())
     torch.testing.assert_close(out, _expect(model, x)[0])
+
+
+@pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
+def test_a_call_that_runs_the_original_returns_no_autograd_graph(graphs):
+    """Like every replay: a fallback for an inference call (a forward with Python side effects, an argument of a
+    class of the user's) runs the original without autograd, so its output can go to .numpy(); training mode keeps
+    autograd."""
+    lin = nn.Linear(2, 2)
+    om = _quiet(optimize, nn.Sequential(lin).eval(), torch.randn(2), graphs=graphs() if graphs else None)
+    assert not _quiet(om, torch.randn(2)).requires_grad
+    counting = _quiet(optimize, Counting().eval(), torch.randn(2, 4), graphs=graphs() if graphs else None)
+    boxed = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), _Box("w", lin.weight[0]),
+                   graphs=graphs() if graphs else None)
+    for out in [_quiet(counting, torch.randn(2, 4)) for _ in range(3)] + [
+            _quiet(boxed, torch.zeros(2), _Box("w", lin.weight[0]))]:
+        assert not out.requires_grad and out.grad_fn is None
+    om.original.train()
+    assert _quiet(om, torch.randn(2)).requires_grad  # training mode: the original with autograd, as documented

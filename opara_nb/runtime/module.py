@@ -223,11 +223,12 @@ class OparaModule(nn.Module):
 
     def _dispatch(self, args: tuple, kwargs: dict) -> Any:
         if isinstance(self.original, nn.Module) and self.original.training:
-            return self._fallback("the model is in training mode: call .eval() on it to optimize", args, kwargs)
+            return self._fallback("the model is in training mode: call .eval() on it to optimize", args, kwargs,
+                                  grad=True)
         key, leaves = call_key(args, kwargs)
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
             return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
-                                  "original model (autograd works as usual)", args, kwargs)
+                                  "original model (autograd works as usual)", args, kwargs, grad=True)
         record = self._record(key, args, kwargs)
         if self._self_changing:
             return self._fallback(self._self_changing, args, kwargs)
@@ -276,7 +277,8 @@ class OparaModule(nn.Module):
         if entry.mode in ("piecewise", "eager-plan"):
             with torch.no_grad(), self._backend.selecting(entry.kept, per_graph=entry.mode == "piecewise"):
                 return self._compiled_fn()(*args, **kwargs)
-        return self.original(*args, **kwargs)
+        with torch.no_grad():  # as a replay would return it: no autograd graph kept alive
+            return self.original(*args, **kwargs)
 
     def _run_uncaptured(self, entry: Entry, args: tuple, kwargs: dict, why: Exception) -> Any:
         """This call may not replay: run the original model. If a held view of an output was the reason, copy
@@ -293,10 +295,13 @@ class OparaModule(nn.Module):
         with torch.no_grad():
             return self.original(*args, **kwargs)
 
-    def _fallback(self, reason: str, args: tuple, kwargs: dict) -> Any:
+    def _fallback(self, reason: str, args: tuple, kwargs: dict, grad: bool = False) -> Any:
+        """Run the original model, saying why. Without autograd (what every replay returns) unless ``grad``: in
+        training mode, or for an input that requires grad, the user wants the autograd graph."""
         self._use(Entry("eager", reason))
         self._notify(f"opara_nb: {reason}")
-        return self.original(*args, **kwargs)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.original(*args, **kwargs)
 
     def _compiled_fn(self) -> Callable:
         if self._compiled is None:
