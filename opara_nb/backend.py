@@ -82,12 +82,12 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .capture.hazards import is_mutating
+        from .capture.hazards import graph_writes
         from .capture.sandbox import inputs_put_back
         from .runtime import FusedExecutor, PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
-        writes = any(is_mutating(n, gm) for n in gm.graph.nodes)
+        writes = graph_writes(gm)
         if plan_file is None:
             with inputs_put_back([*example_inputs, *gm.buffers()], writes):  # profiling runs it on them
                 plan = _planned(g, fuse)
@@ -119,10 +119,12 @@ def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:
                               "options={'plan': 'path/to/plan.json'} (a file from om.save_plan) and "
                               "options={'fuse': True} (TorchInductor-compiled segments)")
     options = options or {}
+    from .planfile import is_plan_path
+
     plan, fuse = options.get("plan"), options.get("fuse", False)
     if not isinstance(fuse, bool):
         raise OparaUsageError(f"the opara backend's option 'fuse' is True or False, got {fuse!r}")
-    if plan is not None and (not isinstance(plan, (str, os.PathLike)) or not str(plan)):
+    if plan is not None and not is_plan_path(plan):
         raise OparaUsageError(f"the opara backend's option 'plan' is the path of a plan file (from om.save_plan), "
                               f"got {plan!r}")
     return (None if plan is None else os.fspath(plan)), fuse

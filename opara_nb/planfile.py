@@ -45,6 +45,11 @@ _RETUNE = ("tune again for this model and these inputs (opara_nb.optimize(model,
            "or python -m opara_nb tune)")
 
 
+def is_plan_path(value: Any) -> bool:
+    """Whether ``value`` can name a plan file: a non-empty str or path."""
+    return isinstance(value, (str, os.PathLike)) and bool(str(value))
+
+
 class PlanFileError(OparaUsageError):
     """A plan file that does not fit this model, these inputs or this opara_nb; the message says which and what to
     do."""
@@ -253,7 +258,7 @@ class PlanFile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (a replica reading it meanwhile sees the old or the new file, never half)."""
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
+        if not is_plan_path(path):
             raise OparaUsageError(f"save_plan needs a file path, got {path!r}")
         target = Path(path)
         if target.is_dir():

@@ -12,7 +12,7 @@ from typing import Any, Hashable
 
 import torch
 
-__all__ = ["mutated_inputs", "is_mutating", "is_view_like", "storage_keys", "UNKNOWN"]
+__all__ = ["mutated_inputs", "is_mutating", "graph_writes", "is_view_like", "storage_keys", "UNKNOWN"]
 
 # Sentinel: the node mutates something, but we cannot tell what.
 UNKNOWN: object = object()
@@ -102,6 +102,11 @@ def _function_writes(node: torch.fx.Node) -> list[Any]:
 def is_mutating(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     written = mutated_inputs(node, gm)
     return written is UNKNOWN or bool(written)
+
+
+def graph_writes(gm: torch.fx.GraphModule) -> bool:
+    """Whether any node of ``gm`` writes memory in place (an input, a buffer, or its own values)."""
+    return any(is_mutating(n, gm) for n in gm.graph.nodes)
 
 
 def is_view_like(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:

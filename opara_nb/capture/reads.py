@@ -237,8 +237,8 @@ def methods_read(model: nn.Module) -> list[tuple[Any, str, Any, str]]:
     reaches as ``self.name``, for the classes of the user's own code in ``model``: a graph bakes in what they did, so
     one replaced on its class (``Block.forward = f``) must be seen. Library classes are left out."""
     found: dict[tuple[int, str], tuple[Any, str, Any, str]] = {}
-    for cls in {type(m) for m in model.modules()}:
-        if cls.__module__.startswith("torch.") or from_a_library(cls) or getattr(cls, "_opara_wrapper", False):
+    for cls in {type(m) for m in model.modules() if not is_wrapper(m)}:
+        if cls.__module__.startswith("torch.") or from_a_library(cls):
             continue
         for name in sorted(forward_reads(cls)[1]):
             owner = next((k for k in cls.__mro__ if name in vars(k)), None)

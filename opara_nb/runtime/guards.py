@@ -274,10 +274,12 @@ _PLAIN_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype,
                  torch.memory_format, torch.Size, enum.Enum)
 
 
+_NONE_IS_LEAF = pytree.tree_leaves(None) == [None]  # as pytree does it, so leaf positions agree with its flatten
+
+
 def plain_leaf(x: Any) -> bool:
     """An immutable value: compared by equality as an input, safe to hand back as the same object as an output."""
     return isinstance(x, _PLAIN_LEAVES)
-_NONE_IS_LEAF = pytree.tree_leaves(None) == [None]  # as pytree does it, so leaf positions agree with its flatten
 
 
 def _walk(obj: Any, leaves: list[Any]) -> Hashable:

@@ -237,14 +237,14 @@ class OparaModule(nn.Module):
                                   f"{self._last_change}): running the original model from now on; om.refresh() "
                                   "plans again", args, kwargs)
         self._check_model()  # on the CPU too: dynamo's own guards skip hooks, and our plan runs from its cache
+        full_key = (key, CallState.key())
         if not self._graphs.usable(leaves):
-            return self._run_eager_plan(args, kwargs, leaves, record, (key, CallState.key()))
+            return self._run_eager_plan(args, kwargs, leaves, record, full_key)
         odd = next((x for x in leaves if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
         if odd is not None:  # keyed by its hash or repr, its tensors never copied in: a replay could be another's
             return self._fallback(f"an argument of type {type(odd).__name__} is neither a tensor nor a plain value "
                                   "(number, string, flag, dtype, enum): a graph would keep what it held when captured, "
                                   "so such calls run the original model", args, kwargs)
-        full_key = (key, CallState.key())
         entry = self._cache.get(full_key)
         if entry is None:
             entry = self._capture(full_key, args, kwargs, record)
@@ -379,9 +379,12 @@ class OparaModule(nn.Module):
             self._compiled_fn()(*copies, **kw)
             changed = box.python_changes()
         if changed:  # the eager plan runs it right, but each call's own change would make it plan again
-            self._changed_itself(f"the forward changes Python attributes of the model ({', '.join(changed[:3])}"
-                                 f"{' ...' if len(changed) > 3 else ''}) on every call: running the original model "
-                                 "(om.refresh() plans again)")
+            self._changed_itself(f"the forward changes Python attributes of the model ({_first(changed)}) on every "
+                                 "call: running the original model (om.refresh() plans again)")
+        self._keep_note(box)
+
+    def _keep_note(self, box: Sandbox) -> None:
+        """The report's line on state planning put back, once."""
         note = box.note()
         if note and note not in self.notices:
             self.notices.append(note)
@@ -407,8 +410,7 @@ class OparaModule(nn.Module):
             entry = self._plan_and_capture(*clone_inputs(args, kwargs), record, box)
         entry.source = record
         _describe_inputs(entry, args, kwargs)
-        if box.note():
-            self.notices.append(box.note())
+        self._keep_note(box)
         if self._guard is not None:
             self._guard.snapshot()
         # one dynamo graph without cuDNN's operators: its replay does not depend on cuDNN's flags (graph breaks: the
@@ -862,14 +864,19 @@ def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner]) -> Ent
     changed = box.python_changes() if box is not None else []
     if not changed:
         return None
-    names = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
-    return Entry("eager", f"the forward changes Python attributes of the model ({names}), which a CUDA graph replay "
-                          "would skip: running the original model", runners=runners)
+    return Entry("eager", f"the forward changes Python attributes of the model ({_first(changed)}), which a CUDA graph "
+                          "replay would skip: running the original model", runners=runners)
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: Any, clone_outputs: Any,
                    candidates: Any, plan: Any) -> None:
     """``OparaUsageError`` naming the first option of the wrong kind (a wrong one would fail later, as a fallback)."""
+    from ..planfile import is_plan_path
+
     def count(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
@@ -880,13 +887,12 @@ def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: 
             max_memory_mb, bool) and 0 < max_memory_mb < float("inf")),
          f"max_memory_mb is a number of MiB above 0 (or None), got {max_memory_mb!r}"),
         (not isinstance(fuse, bool), f"fuse is True or False, got {fuse!r}"),
-        (clone_outputs not in (None, True, False) or isinstance(clone_outputs, int) and
-         not isinstance(clone_outputs, bool), f"clone_outputs is None, True or False, got {clone_outputs!r}"),
+        (clone_outputs is not None and not isinstance(clone_outputs, bool),
+         f"clone_outputs is None, True or False, got {clone_outputs!r}"),
         (candidates is not None and (not isinstance(candidates, (list, tuple)) or not candidates
                                      or not all(isinstance(c, str) for c in candidates)),
          f"candidates is a list of plan names, e.g. ('opara', 'nimble'), got {candidates!r}"),
-        (plan is not None and not hasattr(plan, "plans_for") and (not isinstance(plan, (str, os.PathLike))
-                                                                  or not str(plan)),
+        (plan is not None and not hasattr(plan, "plans_for") and not is_plan_path(plan),
          f"plan is the path of a plan file (from om.save_plan), got {plan!r}"),
     ]
     for bad, message in problems:

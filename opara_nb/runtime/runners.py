@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..capture.hazards import is_mutating
+from ..capture.hazards import graph_writes
 from ..capture.sandbox import inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
@@ -107,7 +107,7 @@ class GraphRunner:
         if not self.backend.per_graph:
             return self.executor(name)(*args)
         if name not in self.captures:
-            self.captures[name] = GraphCapture(self.executor(name), self.backend.graphs)
+            self.captures[name] = GraphCapture(self.executor(name), self.backend.graphs, graph_writes(self.g.gm))
         return self.captures[name](*args)
 
     def close(self) -> None:
@@ -178,7 +178,7 @@ class Backend:
             g = CapturedGraph.from_gm(gm, example_inputs, index)
             # dynamo may compile here on the caller's own tensors (a call whose inputs the planning copies did not
             # match): what profiling writes of them is put back
-            with inputs_put_back([*example_inputs, *gm.buffers()], any(is_mutating(n, gm) for n in gm.graph.nodes)):
+            with inputs_put_back([*example_inputs, *gm.buffers()], graph_writes(gm)):
                 gp, plans, profile_ms, plan_ms = self._plan(g)
         except Exception as exc:
             if getattr(exc, "opara_fatal", False):
