@@ -69,10 +69,9 @@ def _cases(dev: str = "cuda") -> list[tuple[str, nn.Module, tuple, dict]]:
     return cases
 
 
-def _host_us(calls: dict[str, Callable[[], Any]], rounds: int = 60, burst: int = 20) -> dict[str, float]:
+def _host_samples(calls: dict[str, Callable[[], Any]], rounds: int = 60, burst: int = 20) -> dict[str, list[float]]:
     """Host time per call, in bursts of ``burst`` calls queued behind a long GPU sleep (so no call waits for the
-    device), variants interleaved round by round so that drift is shared: the lower quartile of the bursts, since
-    host jitter only ever adds time (run 5's medians of 25 bursts moved by +-4 us between identical paths)."""
+    device), variants interleaved round by round so that drift is shared: one sample per round and variant."""
     samples: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
         for k, call in calls.items():
@@ -82,7 +81,19 @@ def _host_us(calls: dict[str, Callable[[], Any]], rounds: int = 60, burst: int =
                 call()
             samples[k].append((time.perf_counter() - start) / burst * 1e6)
             torch.cuda.synchronize()
-    return {k: statistics.quantiles(v, n=4)[0] for k, v in samples.items()}
+    return samples
+
+
+def _host_us(calls: dict[str, Callable[[], Any]], rounds: int = 60, burst: int = 20) -> dict[str, float]:
+    """The lower quartile of each variant's bursts, since host jitter only ever adds time (run 5's medians of 25
+    bursts moved by +-4 us between identical paths)."""
+    return {k: statistics.quantiles(v, n=4)[0] for k, v in _host_samples(calls, rounds, burst).items()}
+
+
+def _paired_over(samples: dict[str, list[float]], path: str, raw: str) -> float:
+    """The median over rounds of ``path`` minus ``raw`` timed in the same round: drift between rounds (this host's
+    Python speed moves up to 2x between calls) cancels in each difference."""
+    return statistics.median(a - b for a, b in zip(samples[path], samples[raw]))
 
 
 def _sync_us(calls: dict[str, Callable[[], Any]], rounds: int = 10, per_round: int = 20) -> dict[str, float]:
@@ -147,14 +158,15 @@ def measure(name: str, model: nn.Module, args: tuple, kwargs: dict) -> list[str]
     for _ in range(50):
         for call in calls.values():
             call()
-    host = _host_us(calls)
+    samples = _host_samples(calls, rounds=120)
+    host = {k: statistics.quantiles(v, n=4)[0] for k, v in samples.items()}
     sync = _sync_us(calls)
     for k in calls:
-        base = host["same graph as auto, raw replay"] if "auto" in k else \
-            host["same graph as sequential clone_outputs=False, raw replay"] if "False" in k else \
-            host["same graph as sequential, raw replay"]
-        over = "" if "raw" in k else f"{host[k] - base:+.1f}"
-        rows.append(f"| {name} | {k} | {host[k]:.1f} | {over} | {sync[k]:.1f} |")
+        base = "same graph as auto, raw replay" if "auto" in k else \
+            "same graph as sequential clone_outputs=False, raw replay" if "False" in k else \
+            "same graph as sequential, raw replay"
+        over = "" if "raw" in k else f"{host[k] - host[base]:+.1f} | {_paired_over(samples, k, base):+.1f}"
+        rows.append(f"| {name} | {k} | {host[k]:.1f} | {over or ' | '} | {sync[k]:.1f} |")
     for label, om in (("sequential", seq), ("auto", auto)):  # did a held output switch the module to copies?
         rows.append(f"| {name} | {label}: clone_outputs={om.clone_outputs}, notices={len(om.notices)} | | | |")
     entry = seq._last
@@ -308,8 +320,8 @@ def main() -> None:
     head = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"command: PYTHONPATH=. python benchmarks/call_overhead.py{' --cases ' + ns.cases if ns.cases else ''}")
     lines = [head, "", "| model | call path | host us/call (GPU busy, lower quartile of bursts) | "
-             "over a raw replay of the same graph | sync latency us (median) |",
-             "|---|---|---|---|---|"]
+             "over a raw replay of the same graph (quartiles) | over it, paired by round (median) | "
+             "sync latency us (median) |", "|---|---|---|---|---|---|"]
     wanted = [w for w in ns.cases.split(",") if w]
     cases = [c for c in _cases() if not wanted or any(c[0].startswith(w) for w in wanted)]
     for case in cases:

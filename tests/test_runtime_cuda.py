@@ -390,6 +390,149 @@ def test_12_the_backend_on_cuda_plans_and_captures_without_changing_what_the_gra
     assert model.n.item() == 1 and bool((x == 1).all())
 
 
+
+# GPU twins of the third to fifth sweeps' fixes (their CPU tests, in test_runtime_trust.py, replay FakeGraphs)
+def test_13_a_strided_view_input_is_planned_on_a_copy_and_written_once_by_the_call():
+    model = CountsCalls().cuda().eval()
+    om = _quiet(optimize, model, torch.zeros(3, 8, device="cuda"))
+    assert model.n.item() == 0
+    big = torch.zeros(10, 16, device="cuda")
+    _quiet(om, big[2:5, 4:12])
+    assert model.n.item() == 1 and bool((big[2:5, 4:12] == 1).all()) and big.sum().item() == 24
+    om.release()
+
+
+class _Box:
+    """An argument pytree does not open, equal by name: a replay keyed by it would serve another call's tensor."""
+
+    def __init__(self, name, t):
+        self.name, self.t = name, t
+
+    def __eq__(self, other):
+        return isinstance(other, _Box) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+class _ReadsABox(nn.Module):
+    def forward(self, x, box):
+        return x + box.t
+
+
+class _ReturnsABox(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _Box("out", self.lin(x))
+
+
+def test_14_odd_arguments_run_the_original_and_odd_outputs_are_never_the_same_object():
+    dev = "cuda"
+    om = _quiet(optimize, _ReadsABox().eval(), torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
+    _quiet(om, torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
+    out = _quiet(om, torch.zeros(2, device=dev), _Box("w", torch.full((2,), 7.0, device=dev)))
+    torch.testing.assert_close(out, torch.full((2,), 7.0, device=dev))
+    assert not out.requires_grad and "_Box" in om.report.reason
+    model = _ReturnsABox().cuda().eval()
+    boxed = _quiet(optimize, model, torch.ones(4, 8, device=dev))
+    x1, x2 = torch.randn(4, 8, device=dev), torch.randn(4, 8, device=dev)
+    a, b = _quiet(boxed, x1), _quiet(boxed, x2)
+    assert a is not b and "returns a _Box object" in boxed.report.reason
+    torch.testing.assert_close(a.t, _eager(model, x1).t)
+    torch.testing.assert_close(b.t, _eager(model, x2).t)
+    om.release()
+    boxed.release()
+
+
+class _ViewsOfEachOther(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y[:, :3], y
+
+
+def test_15_copied_outputs_that_share_memory_still_share_it():
+    om = _quiet(optimize, _ViewsOfEachOther().cuda().eval(), torch.randn(3, 4, device="cuda"), clone_outputs=True)
+    x = torch.randn(3, 4, device="cuda")
+    y, head, same = _quiet(om, x)
+    assert om.report.mode == "cuda-graph"
+    assert same is y and head.data_ptr() == y.data_ptr()
+    y.add_(1)
+    assert torch.equal(head, y[:, :3])
+    again, _, _ = _quiet(om, x)
+    torch.testing.assert_close(again + 1, y)
+    om.release()
+
+
+class _ReturnsItsOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("buf", torch.zeros(4))
+
+    def forward(self, x):
+        return self.lin(x), self.lin.weight, self.buf, self.lin.weight[0]
+
+
+@pytest.mark.parametrize("clone_outputs", [None, True, False])
+def test_16_a_parameter_or_buffer_the_model_returns_comes_back_as_itself(clone_outputs):
+    model, x = _ReturnsItsOwn().cuda().eval(), torch.randn(2, 4, device="cuda")
+    om = _quiet(optimize, model, x, clone_outputs=clone_outputs)
+    for _ in range(2):
+        out, weight, buf, row = _quiet(om, x)
+    assert om.report.mode == "cuda-graph"
+    assert weight is model.lin.weight and buf is model.buf
+    assert row.data_ptr() == model.lin.weight.data_ptr() and torch.equal(row, model.lin.weight[0])
+    buf.add_(1)
+    assert bool((model.buf == 1).all())
+    torch.testing.assert_close(out, _eager(model, x)[0])
+    om.release()
+
+
+class _Steps:
+    def __init__(self) -> None:
+        self.step = 0
+
+
+class _Stepping(nn.Module):
+    """Reads a field of a plain object and advances it on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.state = nn.Linear(4, 4), _Steps()
+
+    def forward(self, x):
+        y = self.lin(x) * (1.0 + self.state.step)
+        self.state.step = self.state.step + 1
+        return y
+
+
+def test_17_a_self_changing_forward_runs_the_original_and_a_fallback_keeps_no_autograd_graph():
+    model, x = _Stepping().cuda().eval(), torch.randn(2, 4, device="cuda")
+    om = _quiet(optimize, model, x)
+    assert model.state.step == 0
+    for step in range(4):
+        model.state.step = step
+        expected = _eager(model, x)
+        model.state.step = step
+        out = _quiet(om, x)
+        torch.testing.assert_close(out, expected)
+        assert model.state.step == step + 1 and not out.requires_grad and out.grad_fn is None
+    assert om.report.mode == "eager" and "state.step" in om.report.reason
+    counting = _quiet(optimize, Counting().cuda().eval(), torch.randn(2, 4, device="cuda"))
+    for _ in range(3):
+        out = _quiet(counting, torch.randn(2, 4, device="cuda"))
+        assert not out.requires_grad and out.grad_fn is None
+    om.release()
+    counting.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

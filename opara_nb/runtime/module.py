@@ -181,7 +181,9 @@ class OparaModule(nn.Module):
         try:
             if self._forward_hooks or self._forward_pre_hooks:
                 return super().__call__(*args, **kwargs)
-            with self._lock:
+            lock = self._lock
+            lock.acquire()  # explicit, not `with`: __exit__'s three arguments cost 0.2 us per call
+            try:
                 hot = self._hot
                 if hot is not None:
                     entry, check, graphed = hot
@@ -193,6 +195,8 @@ class OparaModule(nn.Module):
                         except (OutputsHeld, NotReplayable) as exc:
                             return self._run_uncaptured(entry, args, kwargs, exc)
                 return self._dispatch(args, kwargs)
+            finally:
+                lock.release()
         except ModelError as exc:  # the model's own error, shown as the model raised it, from the user's line
             raise exc.error.with_traceback(user_traceback(exc.error.__traceback__)) from None
 
