@@ -75,14 +75,23 @@ class _FakeGraph:
         import torch.utils._pytree as pytree
 
         self.fn, self.replays, self._pytree, self._torch = fn, 0, pytree, torch
-        self.out = [t.detach() if isinstance(t, torch.Tensor) else t for t in pytree.tree_leaves(out)]
+        self.out = [t.detach() for t in self._tensors(out)]
+
+    def _tensors(self, out: Any) -> list[Any]:
+        """The output's tensors, those inside objects pytree does not open too (a graph writes those as well)."""
+        from .runtime.objects import reachable
+
+        found = []
+        for x in self._pytree.tree_leaves(out):
+            found += [x] if isinstance(x, self._torch.Tensor) else \
+                [t for t in reachable(x) if isinstance(t, self._torch.Tensor)]
+        return found
 
     def replay(self) -> None:
         self.replays += 1
         with self._torch.no_grad():
-            for dst, src in zip(self.out, self._pytree.tree_leaves(self.fn())):
-                if isinstance(dst, self._torch.Tensor):
-                    dst.copy_(src)
+            for dst, src in zip(self.out, self._tensors(self.fn())):
+                dst.copy_(src)
 
     def reset(self) -> None:
         self.fn = None

@@ -429,7 +429,7 @@ class _ReturnsABox(nn.Module):
         return _Box("out", self.lin(x))
 
 
-def test_14_odd_arguments_run_the_original_and_odd_outputs_are_never_the_same_object():
+def test_14_odd_arguments_run_the_original_and_odd_outputs_are_a_new_object_each_call():
     dev = "cuda"
     om = _quiet(optimize, _ReadsABox().eval(), torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
     _quiet(om, torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
@@ -440,11 +440,40 @@ def test_14_odd_arguments_run_the_original_and_odd_outputs_are_never_the_same_ob
     boxed = _quiet(optimize, model, torch.ones(4, 8, device=dev))
     x1, x2 = torch.randn(4, 8, device=dev), torch.randn(4, 8, device=dev)
     a, b = _quiet(boxed, x1), _quiet(boxed, x2)
-    assert a is not b and "returns a _Box object" in boxed.report.reason
+    assert boxed.report.mode == "cuda-graph" and a is not b and a.t.data_ptr() != b.t.data_ptr()
     torch.testing.assert_close(a.t, _eager(model, x1).t)
     torch.testing.assert_close(b.t, _eager(model, x2).t)
     om.release()
     boxed.release()
+
+
+class _ShapesViewsAndACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, z):
+        y = self.lin(x)
+        return y, y.shape, z.real, x.view(torch.int32), _Box("cache", [self.lin(y), y])
+
+
+def test_18_sizes_views_in_another_dtype_object_outputs_and_dlpack_holders_on_cuda():
+    model = _ShapesViewsAndACache().cuda().eval()
+    x, z = torch.randn(4, 8, device="cuda"), torch.randn(4, 8, dtype=torch.cfloat, device="cuda")
+    om = _quiet(optimize, model, x, z)
+    y, shape, real, bits, box = _quiet(om, x, z)
+    want = _eager(model, x, z)
+    assert om.report.mode == "cuda-graph" and type(shape) is torch.Size
+    assert real.data_ptr() == z.data_ptr() and bits.data_ptr() == x.data_ptr() and bits.dtype == torch.int32
+    for got, exp in zip(box.t, want[4].t):
+        torch.testing.assert_close(got, exp)
+    held = torch.from_dlpack(_quiet(om, x, z)[0])  # holds the output below Python
+    expected = _eager(model, x, z)[0].clone()
+    x2 = torch.randn(4, 8, device="cuda")
+    for _ in range(2):
+        torch.testing.assert_close(_quiet(om, x2, z)[0], _eager(model, x2, z)[0])
+    torch.testing.assert_close(held, expected)
+    om.release()
 
 
 class _ViewsOfEachOther(nn.Module):

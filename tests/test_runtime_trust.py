@@ -1018,14 +1018,121 @@ class ReturnsAnObject(nn.Module):
         return _Box("out", self.lin(x))
 
 
-def test_an_output_pytree_does_not_open_is_never_handed_back_as_the_same_object():
+def test_an_output_pytree_does_not_open_is_a_new_object_each_call_as_in_eager():
+    """A replay has one such object (built at capture, holding the graph's memory): each call gets a deep copy,
+    so an object the caller holds or changes is never touched by a later call."""
     model = ReturnsAnObject().eval()
     om = _quiet(optimize, model, torch.ones(2), graphs=FakeGraphs())
     a, b = _quiet(om, torch.ones(2)), _quiet(om, torch.full((2,), 5.0))
-    assert a is not b
+    assert om.report.mode == "cuda-graph" and a is not b and a.t.data_ptr() != b.t.data_ptr()
     torch.testing.assert_close(a.t, _expect(model, torch.ones(2)).t)
     torch.testing.assert_close(b.t, _expect(model, torch.full((2,), 5.0)).t)
-    assert "returns a _Box object" in om.report.reason
+    a.name = "changed by the caller"
+    a.t.zero_()
+    c = _quiet(om, torch.ones(2))
+    assert c.name == "out"
+    torch.testing.assert_close(c.t, _expect(model, torch.ones(2)).t)
+
+
+class _Cache:
+    """A cache object like Hugging Face's: lists of tensors, the model's own module, an input tensor, views."""
+
+    def __init__(self, keys, owner, x):
+        self.keys, self.head, self.owner, self.x = keys, keys[0][:1], owner, x
+
+
+class ReturnsACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.k(x).relu(), _Cache([self.k(x), self.v(x)], self, x)
+
+
+def test_an_object_output_keeps_the_callers_input_the_model_and_shared_memory_as_eager_does():
+    model, x = ReturnsACache().eval(), torch.randn(3, 4)
+    om = _quiet(optimize, model, x, graphs=FakeGraphs())
+    for _ in range(2):
+        y = torch.randn(3, 4)
+        out, cache = _quiet(om, y)
+        _, want = _expect(model, y)
+        assert om.report.mode == "cuda-graph"
+        assert cache.owner is model and cache.x is y  # as eager: not copies
+        for got, exp in zip(cache.keys, want.keys):
+            torch.testing.assert_close(got, exp)
+        assert cache.head.data_ptr() == cache.keys[0].data_ptr()  # a view of the copy, as of the original
+
+
+class ViewsAnInputInAnObject(nn.Module):
+    def forward(self, x):
+        return x * 2, _Box("view", x[1:])
+
+
+def test_an_object_holding_a_view_of_an_input_is_not_replayed():
+    om = _quiet(optimize, ViewsAnInputInAnObject().eval(), torch.randn(3), graphs=FakeGraphs())
+    x = torch.randn(3)
+    _, box = _quiet(om, x)
+    assert box.t.data_ptr() == x[1:].data_ptr() and "view of an input" in om.report.reason
+
+
+class ReturnsAShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.shape, {"shape": y.size(), "n": [y.shape]}
+
+
+def test_a_torch_size_output_comes_back_as_a_torch_size():
+    om = _quiet(optimize, ReturnsAShape().eval(), torch.randn(3, 4), graphs=FakeGraphs())
+    for _ in range(2):
+        _, shape, more = _quiet(om, torch.randn(3, 4))
+    assert type(shape) is torch.Size and type(more["shape"]) is torch.Size and type(more["n"][0]) is torch.Size
+    assert shape.numel() == 12
+
+
+class ViewsInOtherDtypes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("buf", torch.zeros(3, dtype=torch.cfloat))
+
+    def forward(self, z, x):
+        return z.real, torch.view_as_real(z), x.view(torch.int32)[1:], torch.view_as_real(self.buf), z.abs()
+
+
+def test_a_view_of_an_input_or_buffer_in_another_dtype_is_the_same_view_as_in_eager():
+    model = ViewsInOtherDtypes().eval()
+    z, x = torch.randn(3, 4, dtype=torch.cfloat), torch.randn(4)
+    om = _quiet(optimize, model, z, x, graphs=FakeGraphs())
+    for _ in range(2):
+        z, x = torch.randn(3, 4, dtype=torch.cfloat), torch.randn(4)
+        real, pairs, bits, buf, _ = _quiet(om, z, x)
+        want = _expect(model, z, x)
+        for got, exp in zip((real, pairs, bits, buf), want):
+            assert got.dtype == exp.dtype and got.shape == exp.shape and got.stride() == exp.stride()
+            assert got.data_ptr() == exp.data_ptr()
+    real.zero_()
+    bits.zero_()
+    buf.fill_(1.0)
+    assert bool((z.real == 0).all()) and bool((x[1:] == 0).all()) and bool((model.buf.real == 1).all())
+
+
+def test_an_output_held_through_dlpack_is_never_overwritten():
+    """A NumPy array made with DLPack holds the tensor below Python (no reference count moves): it counts as held,
+    and the next call runs without the graph, as for a held view."""
+    np = pytest.importorskip("numpy")
+    model = Block().eval()
+    om = _quiet(optimize, model, torch.randn(2, 4), graphs=FakeGraphs())
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    _quiet(om, x1)
+    held = np.from_dlpack(_quiet(om, x1))
+    expected = _expect(model, x1).numpy().copy()
+    for _ in range(2):
+        torch.testing.assert_close(_quiet(om, x2), _expect(model, x2))
+    assert (held == expected).all()
 
 
 class ViewsOfEachOther(nn.Module):

@@ -29,16 +29,20 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
+from .objects import OpaqueOutput
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
 
 
 _use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
+# How many holders a tensor has below Python (a DLPack capsule: a NumPy, CuPy or JAX array made from an output)
+_impl_count = getattr(torch.Tensor, "_use_count", None)
 
 
 class OutputsHeld(RuntimeError):
-    """A view of an earlier output is still alive: replaying would overwrite what the caller holds."""
+    """A view of an earlier output (or an array made from it through DLPack) is still alive: replaying would
+    overwrite what the caller holds."""
 
 
 class NotReplayable(RuntimeError):
@@ -138,8 +142,9 @@ class GraphedCall:
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
         self._aliases: list[tuple[int, int]] = []  # (output, input slot): an output in a copied input's memory
         self._owners: list[tuple[int, torch.Tensor]] = []  # (output, the model's tensor it is or views)
+        self._opaque: list[tuple[int, OpaqueOutput]] = []  # (output, the object pytree does not open)
         self._protect = self._as_is = False
-        self._uses: list[tuple[int, int, int, int, list[int]]] | None = None
+        self._uses: list[tuple[int, int, int, int, list[int], int | None]] | None = None
         self._stream: Any = None
         self._stream_id: Callable[[], int] | None = None
         self._stream_key: list[Any] = [None]  # the id of the stream that last called (a list: ``fast`` reads it)
@@ -165,10 +170,11 @@ class GraphedCall:
         self._replay_graph = _direct_replay(self.graph)
         self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
         self._out, self._out_spec = pytree.tree_flatten(out)
-        odd = next((x for x in self._out if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
-        if odd is not None:  # not a container pytree opens: every replay would return this very object
-            raise NotReplayable(f"the model returns a {type(odd).__name__} object, which a replay would hand back as "
-                                "the same object on every call")
+        try:  # objects pytree does not open: a copy per call, as eager builds a new one
+            self._opaque = [(i, OpaqueOutput(x, self._static, self._slots, self._owned))
+                            for i, x in enumerate(self._out) if not isinstance(x, torch.Tensor) and not plain_leaf(x)]
+        except ValueError as exc:
+            raise NotReplayable(str(exc)) from None
         self._rebuild = _rebuilder(out, self._out_spec)
         del out  # counted references to the outputs must be ours alone
         self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
@@ -186,11 +192,11 @@ class GraphedCall:
                 continue
             ptr = t.untyped_storage().data_ptr()
             owner = self._owned(t)
-            if ptr in slots and t.dtype == self._static[slots[ptr]].dtype:
+            if ptr in slots:
                 self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
-            elif owner is not None and t.dtype == owner.dtype:
+            elif owner is not None:
                 self._owners.append((i, owner))  # the model's own parameter or buffer (or a view), as eager returns
-            elif ptr in inputs or owner is not None:
+            elif ptr in inputs:
                 self._copied.append(i)
             else:
                 self._guarded.append(i)
@@ -211,7 +217,7 @@ class GraphedCall:
         # Copying outputs (clone_outputs=True, or switched on after a held view was seen) still checks: what was
         # handed out before the switch, or a view of it, may still be held, and a replay would write it.
         self._protect = self._clone_outputs is not False and bool(self._guarded)
-        self._as_is = not self._clone_outputs and not self._copied and not self._aliases and not self._owners
+        self._as_is = not (self._clone_outputs or self._copied or self._aliases or self._owners or self._opaque)
         self._make_fast()
 
     def _make_fast(self) -> None:
@@ -230,9 +236,11 @@ class GraphedCall:
             lines.append("ME._count_uses()")
         elif self._protect:
             names.update(UC=_use_count, RC=sys.getrefcount, HELD=OutputsHeld)
-            for n, (i, cdata, uses, refs, where) in enumerate(self._uses):
+            for n, (i, cdata, uses, refs, where, impl) in enumerate(self._uses):
                 names[f"W{n}"] = where
-                lines += [f"if UC({cdata}) > {uses}:", "    raise HELD('a view of an earlier output is still alive')",
+                below = f" or O[{i}]._use_count() > {impl}" if impl is not None else ""
+                lines += [f"if UC({cdata}) > {uses}{below}:",
+                          "    raise HELD('a view of an earlier output (or an array made from it) is still alive')",
                           f"if RC(O[{i}]) > {refs}:", f"    ME._rescue(W{n})"]
         if self._stream_id is not None:
             names["SID"] = self._stream_id
@@ -271,9 +279,12 @@ class GraphedCall:
             places.setdefault(id(self._out[i]), []).append(i)
         self._uses = []
         for where in places.values():
-            cdata = self._out[where[0]].untyped_storage()._cdata
-            # references: one per place in our list, plus getrefcount's own argument
-            self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where))
+            out = self._out[where[0]]
+            cdata = out.untyped_storage()._cdata
+            # references: one per place in our list, plus getrefcount's own argument. A DLPack capsule holds the
+            # tensor below Python (its data pointer: moving the tensor cannot help), so it counts as a held view.
+            impl = out._use_count() if _impl_count is not None else None
+            self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where, impl))
         self._make_fast()  # now with the counts
 
     # ------------------------------------------------------------------ replay
@@ -308,12 +319,14 @@ class GraphedCall:
             outs = list(outs)
             for i in self._copied:
                 outs[i] = copies[id(outs[i])]
-        if self._aliases or self._owners:
+        if self._aliases or self._owners or self._opaque:
             outs = list(outs)
             for i, slot in self._aliases:
                 outs[i] = _in_caller(self._out[i], self._static[slot], leaves[slot])
             for i, owner in self._owners:
                 outs[i] = _in_caller(self._out[i], owner, owner)
+            for i, opaque in self._opaque:
+                outs[i] = opaque.fresh(leaves)
         if self._single:
             return outs[0]
         return self._rebuild(outs)
@@ -352,6 +365,7 @@ class GraphedCall:
         self._slots = []
         self._copies = []
         self._guarded = []
+        self._opaque = []
         self._protect = False
 
     def __del__(self) -> None:
@@ -376,11 +390,16 @@ def _direct_replay(graph: Any) -> Callable[[], None]:
 
 def _in_caller(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     """What eager returns where the graph returned (a view of) its copy of an input: the caller's tensor itself, or
-    the same view of it (the guards hold its strides to the captured ones)."""
+    the same view of it (the guards hold its strides to the captured ones), in the view's dtype (``x.real``,
+    ``x.view(torch.int32)``)."""
     if out is static:
         return leaf
-    return leaf.as_strided(out.size(), out.stride(), leaf.storage_offset() + out.storage_offset()
-                           - static.storage_offset())
+    if out.dtype == leaf.dtype:
+        return leaf.as_strided(out.size(), out.stride(), leaf.storage_offset() + out.storage_offset()
+                               - static.storage_offset())
+    start = (out.storage_offset() * out.element_size() - static.storage_offset() * static.element_size()
+             + leaf.storage_offset() * leaf.element_size())  # in bytes
+    return out.new_empty(0).set_(leaf.untyped_storage(), start // out.element_size(), out.size(), out.stride())
 
 
 def _copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -405,14 +424,28 @@ def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:
     (pytree's unflatten costs ~10 us a call), pytree for anything else (a ModelOutput, a namedtuple)."""
     build = _builder(out)
     if build is None:
-        return lambda leaves: pytree.tree_unflatten(leaves, spec)
+        return lambda leaves: _unflatten(iter(leaves), spec)
     return lambda leaves: build(iter(leaves))
+
+
+def _unflatten(leaves: Any, spec: Any) -> Any:
+    """pytree's unflatten, except that a ``torch.Size`` comes back as one (pytree rebuilds it as a plain tuple)."""
+    if spec.is_leaf():
+        return next(leaves)
+    kids = spec.children() if hasattr(spec, "children") else spec.children_specs  # children_specs: torch < 2.13
+    children = [_unflatten(leaves, child) for child in kids]
+    if spec.type is torch.Size:
+        return torch.Size(children)
+    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
 
 
 def _builder(obj: Any) -> Callable[[Any], Any] | None:
     kind = type(obj)
     if kind is torch.Tensor:
         return next
+    if kind is torch.Size:
+        n = len(obj)
+        return lambda it: torch.Size([next(it) for _ in range(n)])
     if kind is tuple or kind is list:
         parts = [_builder(v) for v in obj]
         if any(p is None for p in parts):
