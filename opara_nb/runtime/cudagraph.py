@@ -29,7 +29,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
-from .objects import OpaqueOutput
+from .objects import OpaqueOutput, copy_tensors
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
@@ -312,10 +312,10 @@ class GraphedCall:
     def _outputs(self, leaves: list[Any]) -> Any:
         outs = self._out
         if self.clone_outputs:
-            copies = _copies([x for x in outs if isinstance(x, torch.Tensor)])
+            copies = copy_tensors([x for x in outs if isinstance(x, torch.Tensor)])
             outs = [copies[id(x)] if isinstance(x, torch.Tensor) else x for x in outs]
         elif self._copied:
-            copies = _copies([outs[i] for i in self._copied])
+            copies = copy_tensors([outs[i] for i in self._copied])
             outs = list(outs)
             for i in self._copied:
                 outs[i] = copies[id(outs[i])]
@@ -400,23 +400,6 @@ def _in_caller(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> t
     start = (out.storage_offset() * out.element_size() - static.storage_offset() * static.element_size()
              + leaf.storage_offset() * leaf.element_size())  # in bytes
     return out.new_empty(0).set_(leaf.untyped_storage(), start // out.element_size(), out.size(), out.stride())
-
-
-def _copies(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """A copy of each tensor, by id: one returned in several places is copied once, as one object, and outputs that
-    share memory (``y, y[:, :3]``) share it in their copies too, as views of one copy of that memory."""
-    groups: dict[int, dict[int, torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
-    copies: dict[int, torch.Tensor] = {}
-    for group in groups.values():
-        if len(group) == 1:
-            copies.update((k, t.clone()) for k, t in group.items())
-            continue
-        memory = next(iter(group.values())).untyped_storage().clone()
-        for k, t in group.items():
-            copies[k] = t.new_empty(0).set_(memory, t.storage_offset(), t.size(), t.stride())
-    return copies
 
 
 def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:

@@ -2,21 +2,36 @@
 
 Eager returns a new such object on every call, holding new tensors. A replay has only the one object built when
 the call was captured, holding the graph's own output memory. ``OpaqueOutput`` keeps that object private and hands
-out a deep copy per call instead: the graph's tensors copied (tensors that share memory still share it in the copy),
+out a copy per call instead: the graph's tensors copied (tensors that share memory still share it in the copies),
 while the caller's inputs, the model's parameters and buffers, and modules stay themselves, as in eager.
+
+The copy is planned once, at capture: plain objects (a ``__dict__``, no copy hooks of their own), lists, tuples and
+dicts are rebuilt by code made for this object, and anything else goes to ``copy.deepcopy`` with the tensors already
+copied. ``copy.deepcopy`` of a Hugging Face ``DynamicCache`` costs about 200 us (CPU), the planned copy a tenth.
 """
 from __future__ import annotations
 
 import copy
+import enum
 import types
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["OpaqueOutput", "reachable"]
+__all__ = ["OpaqueOutput", "copy_tensors", "reachable"]
 
 _MAX_OBJECTS = 10_000  # an output that reaches further than this is not copied per call: the call is not replayed
+_ATOMIC = (str, bytes, int, float, complex, bool, type(None), type, range, enum.Enum, torch.device, torch.dtype,
+           torch.Size, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+_Make = Callable[["_Call"], Any]
+
+
+class _Call:
+    """One call's copy: the graph's tensors copied, the caller's input leaves, and what was built (shared parts)."""
+
+    def __init__(self, copies: dict[int, torch.Tensor], leaves: list[Any]) -> None:
+        self.copies, self.leaves, self.built = copies, leaves, {}
 
 
 class OpaqueOutput:
@@ -24,36 +39,114 @@ class OpaqueOutput:
 
     ``static``: the graph's input buffers by leaf position (``slots``: those copied from the caller);
     ``owned(t)``: the model's parameter or buffer ``t`` is or views, or None. Raises ``ValueError`` (why) when the
-    object holds a view of an input or of a parameter (a copy would not be that view) or reaches too far."""
+    object holds a view of an input or of a parameter (a copy would not be that view), reaches too far, or cannot
+    be copied."""
 
     def __init__(self, obj: Any, static: list[Any], slots: list[int],
                  owned: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
-        self._obj = obj
-        inputs = {id(static[i]): i for i in slots}
+        self._obj, self._name = obj, type(obj).__name__
+        self._inputs = {id(static[i]): i for i in slots}
         storages = {static[i].untyped_storage().data_ptr() for i in slots}
-        self._keep: dict[int, Any] = {}  # kept as themselves: modules, parameters, buffers
-        self._inputs: list[tuple[int, int]] = []  # (id of an input buffer, its leaf position)
+        self._keep: dict[int, Any] = {}  # themselves in every copy: modules, parameters, buffers
+        self._tensors: list[torch.Tensor] = []  # the graph's memory: copied per call
         for x in reachable(obj):
-            if isinstance(x, nn.Module):
+            if isinstance(x, nn.Module) or (id(x) not in self._inputs and owned(x) is x):
                 self._keep[id(x)] = x
-            elif id(x) in inputs:
-                self._inputs.append((id(x), inputs[id(x)]))
-            elif owned(x) is x:
-                self._keep[id(x)] = x
+            elif id(x) in self._inputs:
+                continue
             elif owned(x) is not None or x.untyped_storage().data_ptr() in storages:
-                raise ValueError(f"the model returns a {type(obj).__name__} object holding a view of an input or a "
+                raise ValueError(f"the model returns a {self._name} object holding a view of an input or a "
                                  "parameter, which a copy per call would not keep")
+            else:
+                self._tensors.append(x)
+        self._make = self._maker(obj, set())
         try:
-            self.fresh(static)  # once now: an object deepcopy cannot copy is found at capture, not at a call
+            self.fresh(static)  # once now: what cannot be copied is found at capture, not at a call
         except Exception as exc:  # noqa: BLE001 - any reason not to copy it is a reason not to replay it
-            raise ValueError(f"the model returns a {type(obj).__name__} object that cannot be copied per call "
+            raise ValueError(f"the model returns a {self._name} object that cannot be copied per call "
                              f"({type(exc).__name__}: {exc})") from None
 
     def fresh(self, leaves: list[Any]) -> Any:
-        memo = dict(self._keep)
-        for key, i in self._inputs:
-            memo[key] = leaves[i]
-        return copy.deepcopy(self._obj, memo)
+        return self._make(_Call(copy_tensors(self._tensors), leaves))
+
+    def _maker(self, x: Any, path: set[int]) -> _Make:
+        key = id(x)
+        if isinstance(x, torch.Tensor):
+            if key in self._inputs:
+                i = self._inputs[key]
+                return lambda call: call.leaves[i]
+            if key in self._keep:
+                return lambda call: x
+            return lambda call: call.copies[key]
+        if key in self._keep or isinstance(x, _ATOMIC):
+            return lambda call: x
+        if key in path:
+            raise ValueError(f"the model returns a {self._name} object that refers to itself")
+        path = path | {key}
+        build = self._container(x, path) or self._plain(x, path) or self._deepcopy(x)
+
+        def shared(call: _Call) -> Any:  # one object in two places stays one object in the copy
+            made = call.built.get(key)
+            if made is None:
+                made = call.built[key] = build(call)
+            return made
+
+        return shared
+
+    def _container(self, x: Any, path: set[int]) -> _Make | None:
+        kind = type(x)
+        if kind is list or kind is tuple:
+            parts = [self._maker(v, path) for v in x]
+            return lambda call: kind([p(call) for p in parts])
+        if kind is dict:
+            items = [(self._maker(k, path), self._maker(v, path)) for k, v in x.items()]
+            return lambda call: {k(call): v(call) for k, v in items}
+        return None
+
+    def _plain(self, x: Any, path: set[int]) -> _Make | None:
+        """An object whose copy is a new instance with copies of its attributes (what deepcopy does for it)."""
+        kind = type(x)
+        hooks = ("__deepcopy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")
+        if not isinstance(getattr(x, "__dict__", None), dict) or any(
+                getattr(kind, h, None) is not getattr(object, h, None) for h in hooks):
+            return None
+        items = [(k, self._maker(v, path)) for k, v in vars(x).items()]
+        slots = [(k, self._maker(getattr(x, k), path)) for k in _slots(x)]
+
+        def build(call: _Call) -> Any:
+            made = kind.__new__(kind)
+            made.__dict__.update({k: p(call) for k, p in items})
+            for k, p in slots:
+                setattr(made, k, p(call))
+            return made
+
+        return build
+
+    def _deepcopy(self, x: Any) -> _Make:
+        def build(call: _Call) -> Any:
+            memo = dict(self._keep)
+            memo.update(call.copies)
+            memo.update((key, call.leaves[i]) for key, i in self._inputs.items())
+            return copy.deepcopy(x, memo)
+
+        return build
+
+
+def copy_tensors(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """A copy of each tensor, by id: one returned in several places is copied once, as one object, and outputs that
+    share memory (``y, y[:, :3]``) share it in their copies too, as views of one copy of that memory."""
+    groups: dict[int, dict[int, torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
+    copies: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        if len(group) == 1:
+            copies.update((k, t.clone()) for k, t in group.items())
+            continue
+        memory = next(iter(group.values())).untyped_storage().clone()
+        for k, t in group.items():
+            copies[k] = t.new_empty(0).set_(memory, t.storage_offset(), t.size(), t.stride())
+    return copies
 
 
 def reachable(obj: Any) -> list[Any]:
@@ -77,16 +170,23 @@ def reachable(obj: Any) -> list[Any]:
 def _children(x: Any) -> list[Any]:
     if isinstance(x, types.MethodType):  # deepcopy copies a bound method's object
         return [x.__self__]
-    if isinstance(x, (str, bytes, int, float, complex, bool, type(None), type, types.FunctionType,
-                      types.BuiltinFunctionType, types.ModuleType)):
-        return []  # atomic to deepcopy
+    if isinstance(x, _ATOMIC):
+        return []
     if isinstance(x, dict):
         return [*x.keys(), *x.values()]
     if isinstance(x, (list, tuple, set, frozenset)):
         return list(x)
-    children = list(getattr(x, "__dict__", {}).values())
+    return [*getattr(x, "__dict__", {}).values(), *(getattr(x, k) for k in _slots(x))]
+
+
+def _slots(x: Any) -> list[str]:
+    """The names of ``x``'s filled slots (``__slots__`` of its classes)."""
+    names = []
     for cls in type(x).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(x, name):
-                children.append(getattr(x, name))
-    return children
+        slots = getattr(cls, "__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):  # a private name, mangled
+                name = f"_{cls.__name__.lstrip('_')}{name}"
+            if name not in ("__dict__", "__weakref__") and hasattr(x, name):
+                names.append(name)
+    return names

@@ -1,0 +1,78 @@
+"""The per-call copy of an output object pytree does not open (runtime/objects.py), without a graph."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+
+from opara_nb.runtime.objects import OpaqueOutput
+
+
+class Layer:
+    __slots__ = ("__dict__", "__private", "keys")
+
+    def __init__(self, keys, private):
+        self.keys, self.__private, self.device = keys, private, keys.device
+
+    @property
+    def private(self):
+        return self.__private
+
+
+class Hooked:
+    """Copy hooks of its own: copied by copy.deepcopy, with the tensors copied beforehand."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        made = Hooked(copy.deepcopy(self.t, memo))
+        made.copied_by_hook = True
+        return made
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def _opaque(obj, static=(), owned=lambda t: None):
+    static = list(static)
+    return OpaqueOutput(obj, static, list(range(len(static))), owned)
+
+
+def test_a_copy_is_a_new_object_with_copied_tensors_and_shared_parts_still_shared():
+    graph = torch.randn(4, 3)
+    shared = [graph[1]]
+    obj = Layer(graph, private=shared)
+    obj.again = shared
+    obj.pair, obj.hooked = Pair(graph, 2), Hooked(graph[0])
+    copy = _opaque(obj).fresh([])
+    assert type(copy) is Layer and copy is not obj and copy.device == graph.device
+    assert torch.equal(copy.keys, graph) and copy.keys.data_ptr() != graph.data_ptr()
+    assert copy.private is copy.again and copy.private is not shared  # one list in two places stays one
+    assert copy.private[0].data_ptr() == copy.keys[1].data_ptr()  # a view of the copy, as of the original
+    assert type(copy.pair) is Pair and copy.pair.a is copy.keys
+    assert copy.hooked.copied_by_hook and copy.hooked.t.data_ptr() == copy.keys.data_ptr()
+    graph.add_(1)  # the next replay writes the graph's memory: copies already handed out keep their values
+    assert not torch.equal(copy.keys, graph)
+
+
+def test_inputs_parameters_and_modules_stay_themselves():
+    lin, x = nn.Linear(2, 2), torch.randn(2)
+    obj = Layer(torch.randn(2), private={"w": lin.weight, "module": lin, "x": x})
+    caller = torch.randn(2)
+    copy = _opaque(obj, static=[x], owned=lambda t: t if t is lin.weight else None).fresh([caller])
+    assert copy.private["w"] is lin.weight and copy.private["module"] is lin and copy.private["x"] is caller
+
+
+def test_an_object_that_refers_to_itself_or_views_an_input_is_refused():
+    obj = Layer(torch.randn(2), private=None)
+    obj.me = obj
+    with pytest.raises(ValueError, match="refers to itself"):
+        _opaque(obj)
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="view of an input"):
+        _opaque(Layer(x[1:], private=None), static=[x])
