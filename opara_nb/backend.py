@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -28,7 +30,7 @@ from .errors import OparaUsageError, one_line, user_stacklevel
 
 __all__ = ["opara_backend", "skip_reason"]
 
-_graph_ids = itertools.count()
+_graph_counts: dict[int, itertools.count] = {}  # per compile (its wrapper's id, while it lives): graphs handed over
 _OPTIONS = ("plan", "fuse")
 _noticed: set[str] = set()  # plan files whose "tuned elsewhere" notice was shown
 
@@ -76,6 +78,7 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
                   options: Mapping[str, Any] | None = None) -> Callable:
     """Plan ``gm`` (capture -> profile -> plan with strategy "opara", or the plan file's plan with
     ``options={"plan": path}``) and return its runner; see the module doc."""
+    index = _graph_index(sys._getframe(1))
     plan_file, fuse = _read_options(options)
     reason = skip_reason(gm, example_inputs)
     if reason is not None:
@@ -83,13 +86,13 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
     try:
         from .capture import CapturedGraph
         from .capture.hazards import graph_writes
-        from .capture.sandbox import inputs_put_back
+        from .capture.sandbox import graph_put_back
         from .runtime import FusedExecutor, PlanExecutor
 
-        g = CapturedGraph.from_gm(gm, example_inputs, next(_graph_ids))
+        g = CapturedGraph.from_gm(gm, example_inputs, index)
         writes = graph_writes(gm)
         if plan_file is None:
-            with inputs_put_back([*example_inputs, *gm.buffers()], writes):  # profiling runs it on them
+            with graph_put_back(gm, example_inputs):  # profiling runs it on the caller's tensors
                 plan = _planned(g, fuse)
         else:
             plan, fused_in_file = _from_file(g, plan_file, example_inputs)
@@ -109,6 +112,23 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
 
 
 _said_cpu: list[bool] = []
+# What calls the backend once per compile: ``torch.compile``'s wrapper, or dynamo's debug wrapper (``_optimize``).
+_COMPILE_WRAPPERS = ("_TorchCompileWrapper", "WrapBackendDebug")
+
+
+def _graph_index(caller: Any) -> int:
+    """The graph's position among those this compile handed over (messages say "graph N of this model"). Dynamo calls
+    the backend through an object made per compile: graphs are counted on it. Called otherwise: 0."""
+    frames = (caller, caller.f_back) if caller is not None else ()
+    made = [f.f_locals.get("self") for f in frames if f is not None]
+    compile_ = next((m for m in made if type(m).__name__ in _COMPILE_WRAPPERS), None)
+    if compile_ is None:
+        return 0
+    key = id(compile_)
+    if key not in _graph_counts:
+        _graph_counts[key] = itertools.count()
+        weakref.finalize(compile_, _graph_counts.pop, key, None)
+    return next(_graph_counts[key])
 
 
 def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:

@@ -194,12 +194,11 @@ class ModelPlan:
 
 def plan_model(model: Callable, *args: Any, strategy: str = "opara", order: str = "", demand: str = "occupancy",
                **kwargs: Any) -> ModelPlan:
-    """Capture ``model`` on the example inputs and plan every graph; nothing runs on streams (works on CPU)."""
+    """Capture ``model`` on the example inputs and plan every graph; nothing runs on streams (works on CPU). The
+    model, the inputs and the RNG are left as they were (``profile_graphs``)."""
     from .capture import capture_graphs
+    from .profiling.model import profile_graphs
 
     spec = spec_for(strategy, order)
-    result = ModelPlan(spec=spec)
-    for g in capture_graphs(model, args, kwargs):
-        gp, plan = plan_graph(g, spec, demand=demand)
-        result.graphs.append((g, gp, plan))
-    return result
+    profiled = profile_graphs(capture_graphs(model, args, kwargs), demand=demand)
+    return ModelPlan([(g, gp, plan_with_profile(g, gp, spec)) for g, gp in profiled], spec)

@@ -562,6 +562,99 @@ def test_17_a_self_changing_forward_runs_the_original_and_a_fallback_keeps_no_au
     counting.release()
 
 
+
+# GPU twins of the sixth sweep's fixes (CPU tests: test_trust_model_guard.py, test_trust_planning.py)
+class _ClassScaled(nn.Module):
+    alpha = 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * self.alpha
+
+
+@pytest.mark.parametrize("edit", ["class value", "hidden by the instance"])
+def test_19_a_setting_read_from_the_class_is_never_replayed_stale(monkeypatch, edit):
+    model, x = _ClassScaled().cuda().eval(), torch.randn(4, 8, device="cuda")
+    om = _quiet(optimize, model, x)
+    for _ in range(2):
+        _quiet(om, x)
+    if edit == "class value":
+        monkeypatch.setattr(_ClassScaled, "alpha", 3.0)
+    else:
+        model.alpha = 5.0
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    om.release()
+
+
+def _scaled(net, x):
+    return net(x) * 2
+
+
+@pytest.mark.parametrize("edit", ["parameter replaced", "bn.train()"])
+def test_20_a_partial_of_a_module_is_never_replayed_stale(edit):
+    import functools
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).cuda().eval()
+    x = torch.randn(4, 8, device="cuda")
+    om = _quiet(optimize, functools.partial(_scaled, net), x)
+    for _ in range(2):
+        _quiet(om, x)
+    if edit == "parameter replaced":
+        net[0].weight = nn.Parameter(torch.randn(8, 8, device="cuda"))
+    else:
+        net[1].train()
+    twin = copy.deepcopy(net)
+    expected = _eager(lambda y: _scaled(twin, y), x)
+    torch.testing.assert_close(_quiet(om, x), expected)
+    torch.testing.assert_close(net[1].running_mean, twin[1].running_mean)
+    om.release()
+
+
+class _SeesAndCounts(nn.Module):
+    """A BatchNorm left in training mode, and a plain tensor attribute the forward writes in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.seen = torch.zeros(8, device="cuda")
+
+    def forward(self, x):
+        self.seen.add_(1)
+        return self.bn(self.lin(x))
+
+
+def test_21_planning_profiling_and_the_backend_leave_running_stats_and_tensor_attributes_as_they_were():
+    import torch._dynamo
+
+    import opara_nb
+
+    def fresh():
+        torch.manual_seed(0)
+        model = _SeesAndCounts().cuda().eval()
+        model.bn.train()
+        return model
+
+    x = torch.randn(16, 8, device="cuda")
+    model = fresh()
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.cuda.get_rng_state()
+    _quiet(opara_nb.profile, model, x, cache=False)
+    om = _quiet(optimize, model, x)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+    assert bool((model.seen == 0).all()) and torch.equal(torch.cuda.get_rng_state(), rng)
+    om.release()
+    torch._dynamo.reset()
+    model, ref = fresh(), fresh()
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(torch.compile(model, backend="opara"), x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.bn.running_mean, ref.bn.running_mean, rtol=0, atol=1e-7)
+    assert model.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 1
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

@@ -11,8 +11,10 @@ import operator
 from typing import Any, Hashable
 
 import torch
+from torch import nn
 
-__all__ = ["mutated_inputs", "is_mutating", "graph_writes", "is_view_like", "storage_keys", "UNKNOWN"]
+__all__ = ["mutated_inputs", "is_mutating", "updates_running_stats", "graph_writes", "is_view_like", "storage_keys",
+           "UNKNOWN"]
 
 # Sentinel: the node mutates something, but we cannot tell what.
 UNKNOWN: object = object()
@@ -55,11 +57,22 @@ def _schema_written(node: torch.fx.Node) -> list[Any] | None:
 def _inplace_kwarg(node: torch.fx.Node) -> bool:
     if node.kwargs.get("inplace") is True:
         return True
+    arguments = _arguments(node)
+    return arguments is not None and arguments.get("inplace") is True
+
+
+def _arguments(node: torch.fx.Node) -> dict[str, Any] | None:
+    """``node``'s arguments by name, defaults included (from its schema or Python signature); None if unnamed."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        named = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        return {**named, **dict(zip([a.name for a in schema.arguments], node.args)), **node.kwargs}
     try:
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     except (TypeError, ValueError):
-        return False
-    return bound.arguments.get("inplace") is True
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _first_tensor_input(node: torch.fx.Node) -> list[Any]:
@@ -104,9 +117,31 @@ def is_mutating(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     return written is UNKNOWN or bool(written)
 
 
+# aten's batch norms that leave the statistics alone: the functional one returns new ones, the other does not train
+_STATS_KEPT = ("functional", "no_training")
+
+
+def updates_running_stats(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Whether ``node`` is a batch or instance norm that updates running statistics (training, or a flag not known
+    here). Its kernel writes them in place without a mutable schema or a version bump, so only this tells."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.modules.batchnorm._NormBase) and module.training \
+            and module.running_mean is not None
+    name = _name(node.target) if node.op == "call_function" else ""
+    if not any(k in name for k in ("batch_norm", "instance_norm")) or any(k in name for k in _STATS_KEPT):
+        return False
+    arguments = _arguments(node)
+    if arguments is None:
+        return True  # a builtin (torch.batch_norm): assume it does
+    flag = arguments.get("training", arguments.get("use_input_stats", True))
+    return isinstance(arguments.get("running_mean"), torch.fx.Node) and flag is not False
+
+
 def graph_writes(gm: torch.fx.GraphModule) -> bool:
-    """Whether any node of ``gm`` writes memory in place (an input, a buffer, or its own values)."""
-    return any(is_mutating(n, gm) for n in gm.graph.nodes)
+    """Whether any node of ``gm`` writes memory in place (an input, a buffer, or its own values), running statistics
+    included."""
+    return any(is_mutating(n, gm) or updates_running_stats(n, gm) for n in gm.graph.nodes)
 
 
 def is_view_like(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:

@@ -5,6 +5,7 @@ watches what a graph baked in from these reads; the planning sandbox snapshots t
 that changes them."""
 from __future__ import annotations
 
+import dataclasses
 import dis
 import functools
 import os
@@ -17,7 +18,7 @@ from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
            "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read",
-           "CONTAINERS", "contents"]
+           "CONTAINERS", "contents", "unset_read", "callable_reads"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -79,11 +80,11 @@ def _worse(a: str, b: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def forward_reads(cls: type) -> tuple[str, frozenset[str], tuple[tuple[dict, str], ...]]:
-    """What ``cls.forward`` (and the methods it calls as ``self.name``, transitively) reads: how it reads a
-    ``training`` flag (see ``reads_training``), every ``self.name`` it loads, and the (module globals, name) of every
-    global name it loads."""
-    found, seen, todo, globals_read = "", set(), ["forward"], {}
+def forward_reads(cls: type, start: str = "forward") -> tuple[str, frozenset[str], tuple[tuple[dict, str], ...]]:
+    """What ``cls.forward`` (or the method ``start``, and the methods it calls as ``self.name``, transitively) reads:
+    how it reads a ``training`` flag (see ``reads_training``), every ``self.name`` it loads, and the (module globals,
+    name) of every global name it loads."""
+    found, seen, todo, globals_read = "", set(), [start], {}
     while todo:
         name = todo.pop()
         if name in seen:
@@ -189,30 +190,66 @@ def is_wrapper(m: Any) -> bool:
 def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
     """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, kind) of
     every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads, each value once. Kinds: "self"
-    (``self.name``), "field" (``self.holder.field`` of a plain object, directly or through a property of it) and
-    "global" (a global name of the user's own code: a constant in the notebook, say, or a helper function, with what
-    that function reads in turn). torch.nn's own modules are left out: their settings are fixed at construction and
-    their training flags are tracked."""
+    (``self.name``, held by the instance or, as ``alpha = 2.0`` in a class body, by its class or a base class: then
+    the class ``__dict__``, a read-only mapping), "field" (``self.holder.field`` of a plain object, directly or
+    through a property of it) and "global" (a global name of the user's own code: a constant in the notebook, say, or
+    a helper function, with what that function reads in turn). torch.nn's own modules are left out: their settings
+    are fixed at construction and their training flags are tracked."""
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
-    for prefix, m in model.named_modules(remove_duplicate=False):
-        cls = type(m)
-        if cls.__module__.startswith("torch.nn.") or is_wrapper(m):
-            continue
-        own, at = not from_a_library(cls), f"{prefix}." if prefix else ""
-        _, names, globals_read = forward_reads(cls)
-        for k in sorted(names):
-            if "." not in k:
-                if k != "training" and plain_setting(m.__dict__.get(k, MISSING)):
-                    found.setdefault((id(m.__dict__), k), (at + k, m.__dict__, k, own, "self"))
-                continue
-            name, field = k.split(".", 1)
-            for d, key in holder_fields(m.__dict__.get(name), field):
-                found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
-        for namespace, g in _through_functions(globals_read) if own else ():
-            value = namespace.get(g, MISSING)
-            if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value):
-                found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
+    for at, m, own in _reading_modules(model):
+        _module_settings(at, m, own, forward_reads(type(m)), found)
     return list(found.values())
+
+
+def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict) -> None:
+    """``settings_read``'s rows for what one module's method (``forward_reads``) reads, added to ``found``."""
+    _, names, globals_read = reads
+    for k in sorted(names):
+        if "." not in k:
+            holder = m if k in m.__dict__ else _class_holding(m, k)[1]
+            if k != "training" and holder is not None and plain_setting(vars(holder).get(k, MISSING)):
+                found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
+            continue
+        name, field = k.split(".", 1)
+        for d, key in holder_fields(m.__dict__.get(name), field):
+            found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
+    for namespace, g in _through_functions(globals_read) if own else ():
+        value = namespace.get(g, MISSING)
+        if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value):
+            found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
+
+
+def _class_holding(m: Any, k: str) -> tuple[list[type], type | None]:
+    """(the classes of ``m``'s MRO ahead of the one whose ``__dict__`` holds ``k``, that class), or ([...], None)."""
+    ahead = []
+    for cls in type(m).__mro__:
+        if k in vars(cls):
+            return ahead, cls
+        ahead.append(cls)
+    return ahead, None
+
+
+def unset_read(model: nn.Module) -> list[tuple[str, Any, str, bool]]:
+    """(qualified name, the module or class, key, whether the reading class is the user's own) for every plain value
+    a ``forward`` reads from a class (``alpha = 2.0`` in its body, or a base class's): the instance, or a class ahead
+    in the MRO, gaining that name would hide the value a graph baked in. Each (object, key) once."""
+    found: dict[tuple[int, str], tuple[str, Any, str, bool]] = {}
+    for at, m, own in _reading_modules(model):
+        for k in sorted(forward_reads(type(m))[1]):
+            if "." in k or k == "training" or k in m.__dict__:
+                continue
+            ahead, holder = _class_holding(m, k)
+            if holder is not None and plain_setting(vars(holder)[k]):
+                found.update(((id(obj), k), (at + k, obj, k, own)) for obj in (m, *ahead))
+    return list(found.values())
+
+
+def _reading_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(qualified prefix, module, whether its class is the user's own) of the modules whose reads are watched:
+    torch.nn's own are left out (their settings are fixed at construction, their training flags tracked)."""
+    return [(f"{prefix}." if prefix else "", m, not from_a_library(type(m)))
+            for prefix, m in model.named_modules(remove_duplicate=False)
+            if not type(m).__module__.startswith("torch.nn.") and not is_wrapper(m)]
 
 
 def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 64) -> list[tuple[dict, str]]:
@@ -246,3 +283,95 @@ def methods_read(model: nn.Module) -> list[tuple[Any, str, Any, str]]:
             if isinstance(fn, types.FunctionType) and owner is not nn.Module:
                 found.setdefault((id(owner), name), (vars(owner), name, fn, f"{owner.__name__}.{name}"))
     return list(found.values())
+
+
+@dataclasses.dataclass
+class CallableReads:
+    """What a model given as a callable reaches: ``modules`` (name, module), guarded like a module model;
+    ``settings`` (as ``settings_read``: values bound by name in a dict: globals, a partial's keywords); ``refs``
+    (object, attribute, value, the line that says it changed): closure cells, code and defaults, by identity;
+    ``opaque``: why it cannot be inspected soundly ("" when it can)."""
+
+    modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    settings: list[tuple[str, dict, str, bool, str]] = dataclasses.field(default_factory=list)
+    refs: list[tuple[Any, str, Any, str]] = dataclasses.field(default_factory=list)
+    opaque: str = ""
+
+
+def callable_reads(fn: Any) -> CallableReads:
+    """What a callable model (a function, a ``functools.partial``, a module's bound method, and what these reach
+    through their arguments, closures, defaults and globals, transitively) reads; see ``CallableReads``."""
+    found = CallableReads()
+    _reach(fn, "model", found, set())
+    return found
+
+
+def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
+    if id(fn) in seen or found.opaque:
+        return
+    seen.add(id(fn))
+    if isinstance(fn, nn.Module):
+        found.modules.setdefault(name, fn)
+    elif isinstance(fn, functools.partial):
+        _reach(fn.func, name, found, seen)
+        for i, arg in enumerate(fn.args):  # a tuple: rebinding one is impossible, what it holds is followed
+            _reach_value(arg, f"args[{i}]", found, seen)
+        _reach_dict(fn.keywords, list(fn.keywords), "keyword", found, seen)
+    elif isinstance(fn, types.MethodType) and isinstance(fn.__self__, nn.Module):
+        me, method = fn.__self__, fn.__func__
+        found.modules.setdefault(name, me)
+        if getattr(type(me), method.__name__, None) is not method:
+            found.opaque = f"{method.__qualname__} is bound by hand, not a method of its module's class"
+            return
+        found.refs.append((method, "__code__", method.__code__, f"'{method.__qualname__}' has new code (reloaded)"))
+        own, settings = not from_a_library(type(me)), {}
+        _module_settings("", me, own, forward_reads(type(me), method.__name__), settings)
+        found.settings += settings.values()
+    elif isinstance(fn, types.FunctionType):
+        _reach_function(fn, found, seen)
+    elif not isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # C code reads no Python state
+        found.opaque = f"a {type(fn).__name__} object"
+
+
+def _reach_function(fn: types.FunctionType, found: CallableReads, seen: set[int]) -> None:
+    """A function's code, defaults, closure cells and globals (of the user's own code only, as for a forward)."""
+    if _installed(fn.__code__.co_filename or ""):
+        return
+    found.refs += [(fn, "__code__", fn.__code__, f"'{fn.__qualname__}' has new code (reloaded)"),
+                   (fn, "__defaults__", fn.__defaults__, f"the defaults of '{fn.__qualname__}' were replaced")]
+    for i, value in enumerate(fn.__defaults__ or ()):
+        _reach_value(value, f"{fn.__name__}_default{i}", found, seen)
+    _reach_dict(fn.__kwdefaults__ or {}, list(fn.__kwdefaults__ or ()), "default", found, seen)
+    for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # not bound yet
+            continue
+        found.refs.append((cell, "cell_contents", value, f"'{var}' in the closure of '{fn.__qualname__}' was rebound"))
+        _reach_value(value, var, found, seen)
+    _reach_dict(fn.__globals__, sorted(_global_loads(fn.__code__)), "global", found, seen)
+
+
+def _reach_dict(names: dict, keys: list[str], kind: str, found: CallableReads, seen: set[int]) -> None:
+    """Values bound by name (globals, keywords): watched as settings, and followed."""
+    for k in keys:
+        value = names.get(k, MISSING)
+        if value is MISSING:  # a builtin
+            continue
+        if isinstance(value, _WATCHED_GLOBALS + (nn.Module, functools.partial, types.MethodType)) \
+                or plain_setting(value):
+            found.settings.append((k if kind == "global" else f"{kind} {k}", names, k, True, "global"))
+        _reach_value(value, k, found, seen)
+
+
+def _reach_value(value: Any, name: str, found: CallableReads, seen: set[int]) -> None:
+    """Follow a value a callable holds: modules and callables are reached; a module held any other way (in a list,
+    a dict, an object's attribute) would be read unguarded, so the callable is opaque."""
+    if isinstance(value, (nn.Module, functools.partial, types.FunctionType, types.MethodType)):
+        _reach(value, name, found, seen)
+    elif isinstance(value, (list, tuple, dict)) and any(isinstance(v, nn.Module) for v in
+                                                        (value.values() if isinstance(value, dict) else value)):
+        found.opaque = f"{name!r} holds modules in a {type(value).__name__}"
+    elif not isinstance(value, (type, types.ModuleType)) and \
+            any(isinstance(v, nn.Module) for v in (getattr(value, "__dict__", None) or {}).values()):
+        found.opaque = f"{name!r} is a {type(value).__name__} that holds modules"

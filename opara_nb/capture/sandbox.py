@@ -3,11 +3,12 @@
 Planning runs the user's forward many times (dynamo's trace, profiling, warm-ups, capture, candidate timing). Eager
 would run it once per call, so a forward that updates state (BatchNorm left in training mode inside an eval model,
 a call counter) must not see those runs: ``Sandbox`` records every parameter's and buffer's version counter and keeps
-copies of the buffers (and of the parameters, up to a size limit); afterwards whatever changed is copied back in place
-(graphs baked in the addresses, so the tensors themselves stay). The CPU random number generator is put back too (the
-CUDA one is left to the graphs, which register with it when captured). Plain Python attributes of the modules (a counter
-``self.n += 1``, a list the forward appends to) are put back too; ``python_changes()`` names them while planning: a
-CUDA graph replays kernels only, so a forward that changes them cannot be replayed faithfully.
+copies of the buffers (and of the parameters, up to a size limit), and the same for the tensors a forward may write
+that are neither (plain tensor attributes, global tensors it reads); afterwards whatever changed is copied back in
+place (graphs baked in the addresses, so the tensors themselves stay). The CPU random number generator is put back
+too (the CUDA one is left to the graphs, which register with it when captured). Plain Python attributes of the
+modules (a counter ``self.n += 1``, a list the forward appends to) are put back too; ``python_changes()`` names them
+while planning: a CUDA graph replays kernels only, so a forward that changes them cannot be replayed faithfully.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
+from .hazards import graph_writes
 from .reads import MISSING, contents, is_wrapper, same_value, settings_read
 
-__all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back"]
+__all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back"]
 
 PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not copied
 
@@ -39,8 +41,9 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
     """Planning a dynamo graph runs it many times on the tensors dynamo hands over, which are the caller's own
     (inputs, buffers): those the runs write are put back afterwards, so the call itself changes them once, as eager
-    does. ``writes=False`` (the graph mutates nothing): nothing to copy. Parameters are not copied (a forward that
-    writes its weights is not inference)."""
+    does. Written means a new version or new values (BatchNorm's kernel updates running statistics without a
+    version bump). ``writes=False`` (the graph mutates nothing): nothing to copy. Parameters are not copied (a
+    forward that writes its weights is not inference)."""
     saved = [(t, t._version, t.detach().clone()) for t in tensors
              if writes and isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
     try:
@@ -48,8 +51,13 @@ def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for t, version, copy in saved:
-                if t._version != version:
+                if t._version != version or not _same(t, copy):
                     t.copy_(copy)
+
+
+def graph_put_back(gm: torch.fx.GraphModule, example_inputs: list) -> contextlib.AbstractContextManager:
+    """``inputs_put_back`` for runs of dynamo graph ``gm``: its inputs and buffers, copied if it may write any."""
+    return inputs_put_back([*example_inputs, *gm.buffers()], graph_writes(gm))
 
 
 def _same_strides(x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +81,19 @@ class Sandbox:
     def __enter__(self) -> "Sandbox":
         if self.model is None:
             return self
+        _check_not_meta(self.model)
+        reads = settings_read(self.model)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
-        self._tensors = {**params, **buffers}
+        # tensors the forward may write that are neither: plain tensor attributes, global tensors it reads
+        held = _loose_tensors(self.model, reads)
+        loose = {name: d[k] for name, d, k in held}
+        self._tensors = {**params, **buffers, **loose}
         self._versions = {k: t._version for k, t in self._tensors.items()}
-        copy_params = sum(p.numel() * p.element_size() for p in params.values()) <= PARAM_COPY_LIMIT
+        copied = {**(params if _fits(params) else {}), **buffers, **(loose if _fits(loose) else {})}
         with torch.no_grad():
-            self._saved = {k: t.detach().clone() for k, t in self._tensors.items()
-                           if k in buffers or copy_params}
-        self._python = _python_state(self.model)
+            self._saved = {k: t.detach().clone() for k, t in copied.items()}
+        self._python = _python_state(self.model, reads)
         self._rng = torch.random.get_rng_state()  # a forward that draws random numbers advances it on every run
         # which tensor each module holds under each name: dynamo's replay of ``self.n += 1`` between graphs may
         # rebind the name to another tensor (a graph's output), which later runs then update
@@ -89,6 +101,7 @@ class Sandbox:
                           self.model.named_modules(remove_duplicate=False)
                           for d in (m._parameters, m._buffers) if isinstance(d, dict)  # not TorchScript's
                           for k, t in d.items()]
+        self._bindings += [(name, d, k, d[k]) for name, d, k in held]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -110,9 +123,9 @@ class Sandbox:
         self._saved = {}
         self.restored += _restore_python(self._python)
         if lost and exc[0] is None:
-            raise OparaUsageError(f"the model's forward writes parameter(s) {', '.join(lost[:3])} in place, and "
-                                  "they are too large to keep a copy while planning: opara_nb cannot optimize it "
-                                  "without changing the model")
+            raise OparaUsageError(f"the model's forward writes {', '.join(lost[:3])} in place, and they are too "
+                                  "large to keep a copy while planning: opara_nb cannot optimize it without "
+                                  "changing the model")
 
     def python_changes(self) -> list[str]:
         """The plain Python attributes changed so far (inside the block; nothing is put back yet)."""
@@ -127,11 +140,41 @@ class Sandbox:
                 "the original model would")
 
 
-# What nn.Module.__init__ puts in every module's __dict__ (parameters, buffers, submodules, hooks, flags): not user state.
+# What nn.Module.__init__ puts in every module's __dict__ (parameters, buffers, submodules, hooks, flags):
+# not user state.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
-def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
+def _fits(tensors: dict[str, torch.Tensor]) -> bool:
+    return sum(t.numel() * t.element_size() for t in tensors.values()) <= PARAM_COPY_LIMIT
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    """A model on the meta device has no values to plan with (nor to put back): say so before planning."""
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise OparaUsageError(f"the model's tensors are on the meta device ({meta}), so there are no values to run: "
+                              "load real weights first, e.g. model.to_empty(device='cuda') then "
+                              "model.load_state_dict(...)")
+
+
+def _loose_tensors(model: nn.Module, reads: list) -> list[tuple[str, dict, str]]:
+    """(qualified name, the ``__dict__`` that holds it, key) of each tensor the forward may write in place that is
+    neither a parameter nor a buffer: the modules' plain tensor attributes (``self.seen = torch.zeros(4)``) and the
+    global tensors their forwards read; each tensor once."""
+    found = [(f"{prefix}.{k}" if prefix else k, m.__dict__, k) for prefix, m in
+             model.named_modules(remove_duplicate=False) if not is_wrapper(m)
+             for k, v in m.__dict__.items() if isinstance(v, torch.Tensor) and k not in _MODULE_INTERNALS]
+    found += [(name, d, k) for name, d, k, _, kind in reads if kind == "global" and isinstance(d.get(k), torch.Tensor)]
+    owned = {id(t) for t in (*model.parameters(), *model.buffers())}
+    unique = {}
+    for name, d, k in found:
+        if id(d[k]) not in owned:
+            unique.setdefault(id(d[k]), (name, d, k))
+    return list(unique.values())
+
+
+def _python_state(model: nn.Module, reads: list) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
     """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)}, True);
     per settings object a forward reads (``self.config.flag``) and for the user's globals it reads: (its name, its
     ``__dict__``, the fields read, False: names it gains are not counted)."""
@@ -142,7 +185,7 @@ def _python_state(model: nn.Module) -> list[tuple[str, dict, dict[str, tuple[Any
         plain = {k: (v, contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
-    for qualified, attrs, key, _, kind in settings_read(model):
+    for qualified, attrs, key, _, kind in reads:
         if kind != "self":  # modules' own attributes are all in ``state`` already
             entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0] if kind == "field" else "global",
                                                    attrs, {}, False))
@@ -197,6 +240,8 @@ def _same_contents(now: Any, then: Any) -> bool:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta:
+        return True  # no values to differ
     return a.shape == b.shape and bool((a == b).logical_or(a.isnan() & b.isnan()).all()) if a.is_floating_point() \
         else torch.equal(a, b)
 

@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
+from ..capture.sandbox import graph_put_back
 from .cache import refreshing
 from .graph import profile_graph
 from .records import GraphProfile, NodeProfile
@@ -14,7 +17,7 @@ from .records import GraphProfile, NodeProfile
 if TYPE_CHECKING:
     from ..capture import CapturedGraph
 
-__all__ = ["ModelProfile", "profile_model"]
+__all__ = ["ModelProfile", "profile_model", "profile_graphs"]
 
 COLUMNS = ("graph", "node", "op", "module", "kernels", "time_ms", "grid", "block", "regs", "smem", "flops", "bytes",
            "intensity", "class", "demand")
@@ -157,5 +160,19 @@ def profile_model(model: Callable, *args: Any, cache: bool = True, **kwargs: Any
     from ..capture import capture_graphs
 
     with contextlib.nullcontext() if cache else refreshing():
-        graphs = capture_graphs(model, args, kwargs)
-        return ModelProfile([(g, profile_graph(g)) for g in graphs])
+        return ModelProfile(profile_graphs(capture_graphs(model, args, kwargs)))
+
+
+def profile_graphs(graphs: list["CapturedGraph"], demand: str = "occupancy") -> list[tuple["CapturedGraph",
+                                                                                        GraphProfile]]:
+    """(graph, its profile) for each captured graph. Measuring runs each graph many times on the model's own
+    parameters and buffers: what the runs write of them (a BatchNorm in training updates its running statistics)
+    is put back, and so are the random number generators, so profiling changes nothing."""
+    devices = sorted({x.device.index for g in graphs for x in g.example_inputs
+                      if isinstance(x, torch.Tensor) and x.is_cuda})
+    profiles = []
+    with torch.random.fork_rng(devices=devices):
+        for g in graphs:
+            with graph_put_back(g.gm, g.example_inputs):
+                profiles.append((g, profile_graph(g, demand=demand)))
+    return profiles

@@ -168,7 +168,8 @@ class GraphProfile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GraphProfile":
-        gp = _from_dict(cls, {k: v for k, v in data.items() if k not in ("nodes", "device")} | {"nodes": {}, "device": None})
+        fields = {k: v for k, v in data.items() if k not in ("nodes", "device")}
+        gp = _from_dict(cls, fields | {"nodes": {}, "device": None})
         gp.device = DeviceInfo.from_dict(data["device"])
         gp.nodes = {n["name"]: NodeProfile.from_dict(n) for n in data["nodes"]}
         return gp

@@ -71,7 +71,8 @@ class _Spans:
             name = e.get("name", "")
             if e.get("ph") == "X" and e.get("cat") == "user_annotation" and name.startswith(TAG):
                 ts = float(e["ts"])
-                spans.setdefault((e.get("pid"), e.get("tid")), []).append((ts, ts + float(e.get("dur", 0)), name[len(TAG):]))
+                span = (ts, ts + float(e.get("dur", 0)), name[len(TAG):])
+                spans.setdefault((e.get("pid"), e.get("tid")), []).append(span)
         self.spans = {k: sorted(v) for k, v in spans.items()}
         self.starts = {k: [s[0] for s in v] for k, v in self.spans.items()}
 

@@ -13,10 +13,12 @@ checks it itself, cheaply:
   registration hooks bump, and so do ``param.data = t`` (it keeps the object but moves its memory) and
   ``Module._apply`` (``.to()``, ``.half()``); the global hook-handle counter (any new hook); a counter bumped by
   assigning the training flag of a submodule whose code reads ``training`` (``.train()``, ``.eval()``). And, by
-  identity, the plain values a ``forward`` reads (``capture.reads.settings_read``: the user's own modules' settings
-  and globals, helper functions included, any module's ``self.config`` fields) and the model's own ``forward`` on the
-  instance. Any signal makes it walk the whole model (identities, flags, hooks, instance forwards, data pointers,
-  settings) and say what changed.
+  identity, the plain values a ``forward`` reads (``capture.reads.settings_read``: the user's own modules' settings,
+  on the instance or its class, and globals, helper functions included, any module's ``self.config`` fields) and the
+  model's own ``forward`` on the instance; an instance gaining a name its class's value was read from bumps the first
+  counter. A callable model (function, partial, bound method) is guarded through the modules and values it reaches
+  (``capture.reads.callable_reads``). Any signal makes it walk the whole model (identities, flags, hooks, instance
+  forwards, data pointers, settings) and say what changed.
 
 Not seen without a walk: a submodule's ``forward`` replaced on the instance, a training flag written into a module's
 ``__dict__``, a buffer swapped by writing ``module._buffers`` directly or ``buffer.data = t`` on a plain-tensor
@@ -39,7 +41,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import CONTAINERS, MISSING, methods_read, reads_training, same_setting, setting_copy, settings_read
+from ..capture.reads import (CONTAINERS, MISSING, CallableReads, callable_reads, methods_read, reads_training,
+                             same_setting, setting_copy, settings_read, unset_read)
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
            "install_watch"]
@@ -400,6 +403,10 @@ def _python_state() -> tuple:  # pragma: no cover - only without dynamo's Global
 _EPOCH = [0]  # bumped by the registration hooks below: a module, parameter or buffer was (re)assigned somewhere
 _FLAGS = [0]  # bumped when a watched module's training flag is assigned (.train(), .eval(), m.training = ...)
 _FLAG_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the modules whose flag some ModelGuard counts
+# Modules that read a plain value from their class (``alpha = 2.0`` in the class body): setting one of the names in
+# _COUNTED on them hides that value, and bumps _EPOCH.
+_SHADOW_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_COUNTED = {"training", "__class__"}  # the names whose assignment on a module may count (one set lookup per set)
 _hooks_installed = False
 
 
@@ -442,10 +449,13 @@ def _counted_setattr(setattr_: Any) -> Any:
     @functools.wraps(setattr_)
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
         setattr_(self, name, value)
-        if name == "training" and self in _FLAG_WATCHED:  # after the set: a snapshot between sees the new flag
-            _FLAGS[0] += 1
-        elif name == "__class__":  # m.__class__ = Other: another forward, unseen by the registration hooks
-            _EPOCH[0] += 1
+        if name in _COUNTED:
+            if name == "training":
+                if self in _FLAG_WATCHED:  # after the set: a snapshot between sees the new flag
+                    _FLAGS[0] += 1
+            # m.__class__ = Other: another forward, unseen by the registration hooks; or a class value hidden
+            elif name == "__class__" or self in _SHADOW_WATCHED:
+                _EPOCH[0] += 1
 
     __setattr__._opara_counted = True  # type: ignore[attr-defined]
     return __setattr__
@@ -489,15 +499,17 @@ def install_watch() -> None:
     _hooks_installed = True
 
 
-def _settings(model: nn.Module) -> list[tuple[dict, str, Any, str, bool]]:
+def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict, str, Any, str, bool]]:
     """(``__dict__``, name, value, qualified name, watched) of the plain values a graph bakes in as constants (see
     ``capture.reads.settings_read``). ``watched``: checked on every call, for classes of the user's own code and for
     fields of a settings object (a Hugging Face config: its few distinct fields are shared by every layer, and users
     flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
     torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
-    change."""
-    return [(d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
-             own or kind == "field") for name, d, k, own, kind in settings_read(model)]
+    change. A callable model adds what it reads itself (``reads``: its globals, a partial's keywords)."""
+    found = settings_read(model) + (reads.settings if reads is not None else [])
+    rows = {(id(d), k): (d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
+                         own or kind == "field") for name, d, k, own, kind in found}
+    return list(rows.values())
 
 
 def _tracked_modules(model: nn.Module) -> list[nn.Module]:
@@ -523,7 +535,7 @@ _INLINE = 6  # up to this many rows of a watch, hot_guard compares them one by o
 _proxy_get = types.MappingProxyType.get  # a class __dict__'s get
 # how a watch's ``get(holder, key)`` reads inline in generated code (cheaper than a call)
 _INLINE_FORMS = {operator.getitem: "{h}[{k}]", dict.get: "{h}.get({k})", _proxy_get: "{h}.get({k})",
-                 getattr: "{h}.{name}"}
+                 getattr: "{h}.{name}", operator.contains: "({k} in {h})"}
 
 
 class _Watch:
@@ -548,6 +560,22 @@ class _Watch:
         now = f"map({code.const(self.get)}, {code.const(self.holders)}, {code.const(self.keys)})"
         code.checks.append(f"all(map({code.const(operator.is_)}, {now}, {code.const(self.values)}))"
                            if self.same == "is" else f"list({now}) == {code.const(self.values)}")
+
+
+def _reached(model: Any) -> tuple[nn.Module, CallableReads | None]:
+    """The module tree a guard walks: the model, or for a callable model a root holding the modules it reaches (put
+    in ``_modules`` directly: no registration hook runs, so no other guard is alarmed), and what else it reads."""
+    if isinstance(model, nn.Module):
+        return model, None
+    reads = callable_reads(model)
+    root = nn.Module()
+    root._modules.update(reads.modules)
+    return root, reads
+
+
+def _in_dicts(rows: list[tuple], classes: bool = False) -> list[tuple]:
+    """The rows held in a plain dict (``classes``: in a class ``__dict__``, a mappingproxy ``dict.get`` refuses)."""
+    return [r for r in rows if (type(r[0]) is not dict) == classes]
 
 
 def _flag_watch(modules: list[nn.Module]) -> _Watch:
@@ -581,14 +609,20 @@ class ModelGuard:
     (False, ["submodule 'head' was replaced"])
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         install_watch()
-        self.model = model
+        self.original = model  # a module, or a callable (a function, a partial, a bound method)
         self.version = 0  # counts snapshots: a hot_guard made from an older one is made again
         self.snapshot()
 
+    @property
+    def opaque(self) -> str:
+        """Why a callable model cannot be guarded soundly ("" when it can: every module model can)."""
+        return self._reads.opaque if self._reads is not None else ""
+
     def snapshot(self) -> None:
         """Record the model as it is now (after a capture, or after ``changes()`` found nothing)."""
+        self.model, self._reads = _reached(self.original)
         self._record_structure()
         self._record_reads()
         tracked = _tracked_modules(self.model)
@@ -629,7 +663,7 @@ class ModelGuard:
 
     def _record_reads(self) -> None:
         """What the forwards read (``capture.reads``), as the watches the hot path compares."""
-        self._settings = _settings(self.model)
+        self._settings = _settings(self.model, self._reads)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
         watched = [(d, k, v) for d, k, v, _, on in self._settings if on]
@@ -639,13 +673,37 @@ class ModelGuard:
         functions = {id(f): (f, q) for _, _, f, q in self._methods}
         functions.update((id(v), (v, k)) for d, k, v in watched if isinstance(v, types.FunctionType))
         self._reloadable = [(f, name, f.__code__) for f, name in functions.values()]
+        # what a callable model holds by identity (closure cells, code, defaults)
+        self._refs = self._reads.refs if self._reads is not None else []
+        plain, by_value = [w for w in watched if not _by_value(w[2])], [w for w in watched if _by_value(w[2])]
         self._watches = [
-            _Watch("attributes", dict.get, self._tensor_attrs + [w for w in watched if not _by_value(w[2])]
-                   + [own_forward]),
+            _Watch("attributes", dict.get, self._tensor_attrs + _in_dicts(plain) + [own_forward]),
+            _Watch("class attributes", _proxy_get, _in_dicts(plain, classes=True)),
             # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
-            _Watch("contents", dict.get, [w for w in watched if _by_value(w[2])], same="=="),
+            _Watch("contents", dict.get, _in_dicts(by_value), same="=="),
+            _Watch("contents", _proxy_get, _in_dicts(by_value, classes=True), same="=="),
             _Watch("code", getattr, [(f, "__code__", c) for f, _, c in self._reloadable]),
-            _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods])]
+            _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods]),
+            _Watch("references", getattr, [(o, a, v) for o, a, v, _ in self._refs]),
+            self._record_unset()]
+
+    def _record_unset(self) -> _Watch:
+        """Names a forward reads from a class, which the instance (or a class ahead in the MRO) must not gain: an
+        instance set through ``nn.Module.__setattr__`` bumps a counter (``_SHADOW_WATCHED``), anything else is
+        compared per call (a class's ``__dict__``, a module whose class has its own ``__setattr__``)."""
+        unset = unset_read(self.model)
+        self._unset = [(q, vars(o), k, "the instance" if isinstance(o, nn.Module) else o.__name__)
+                       for q, o, k, _ in unset]
+        rows = []
+        for _, o, k, own in unset:
+            if not own:
+                continue
+            if isinstance(o, nn.Module) and type(o).__setattr__ is nn.Module.__setattr__:
+                _SHADOW_WATCHED.add(o)
+                _COUNTED.add(k)
+            else:
+                rows.append((vars(o), k, False))
+        return _Watch("names left to the class", operator.contains, rows)
 
     def counts(self) -> dict[str, int]:
         """How many values of each kind are compared per call, and how many flags are counted instead (reports)."""
@@ -692,6 +750,8 @@ class ModelGuard:
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
+        lines += [f"{q!r} was set on {where}, hiding its class's value" for q, d, k, where in self._unset if k in d]
+        lines += [line for o, a, v, line in self._refs if getattr(o, a, MISSING) is not v]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:
@@ -714,6 +774,8 @@ class ModelGuard:
 def _setting_change(name: str, then: Any, now: Any) -> str:
     if isinstance(then, types.FunctionType):
         return f"{name} was redefined"
+    if callable(then) and not isinstance(then, type):  # a module, a partial, a bound method: reprs are long
+        return f"{name} now holds another {type(now).__name__}"
     if isinstance(then, torch.Tensor):
         return f"{name} now holds another tensor"
     return f"{name} changed ({then!r} -> {now!r})"

@@ -226,7 +226,7 @@ class OparaModule(nn.Module):
         self._hot = (entry, entry.hot, entry.graphed)
 
     def _dispatch(self, args: tuple, kwargs: dict) -> Any:
-        if isinstance(self.original, nn.Module) and self.original.training:
+        if self._training():
             return self._fallback("the model is in training mode: call .eval() on it to optimize", args, kwargs,
                                   grad=True)
         key, leaves = call_key(args, kwargs)
@@ -241,6 +241,9 @@ class OparaModule(nn.Module):
                                   f"{self._last_change}): running the original model from now on; om.refresh() "
                                   "plans again", args, kwargs)
         self._check_model()  # on the CPU too: dynamo's own guards skip hooks, and our plan runs from its cache
+        if self._guard.opaque:  # a callable whose reads cannot all be watched: a replay could be stale
+            return self._fallback(f"the model cannot be guarded ({self._guard.opaque}): running the original model; "
+                                  "pass a module, a function or a functools.partial of one", args, kwargs)
         full_key = (key, CallState.key())
         if not self._graphs.usable(leaves):
             return self._run_eager_plan(args, kwargs, leaves, record, full_key)
@@ -314,10 +317,16 @@ class OparaModule(nn.Module):
             self._compiled = compile_with_backend(self.original, self._backend)
         return self._compiled
 
+    def _training(self) -> bool:
+        """The model's training flag; for a callable model, whether a module it reaches now is in training mode."""
+        if isinstance(self.original, nn.Module):
+            return self.original.training
+        self._check_model()  # the modules it reaches now (a global rebound is seen first)
+        return any(m.training for m in self._guard.model.children())
+
     def _check_model(self) -> None:
-        """Re-plan from scratch when the model changed since the last capture (a false alarm only re-snapshots)."""
-        if not isinstance(self.original, nn.Module):
-            return
+        """Re-plan from scratch when the model changed since the last capture (a false alarm only re-snapshots). A
+        callable model (a function, a partial) is guarded through the modules and values it reaches."""
         if self._guard is None:
             self._guard = ModelGuard(self.original)
             return
@@ -755,7 +764,7 @@ class OparaModule(nn.Module):
         """Check the whole model now (also what the per-call guard cannot see, such as a replaced ``forward``) and
         re-plan if anything changed; a module that gave up planning on a model that kept changing plans again."""
         with self._lock:
-            if self._guard is not None and isinstance(self.original, nn.Module):
+            if self._guard is not None:
                 changes = self._guard.changes()
                 if changes:
                     self._notify(f"opara_nb: the model changed ({'; '.join(changes[:3])}): re-planning", once=False)

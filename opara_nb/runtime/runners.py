@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..capture.hazards import graph_writes
-from ..capture.sandbox import inputs_put_back
+from ..capture.sandbox import graph_put_back, inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
 from .cudagraph import CudaGraphs, GraphedCall, release_cuda_memory
@@ -178,7 +178,7 @@ class Backend:
             g = CapturedGraph.from_gm(gm, example_inputs, index)
             # dynamo may compile here on the caller's own tensors (a call whose inputs the planning copies did not
             # match): what profiling writes of them is put back
-            with inputs_put_back([*example_inputs, *gm.buffers()], graph_writes(gm)):
+            with graph_put_back(gm, example_inputs):
                 gp, plans, profile_ms, plan_ms = self._plan(g)
         except Exception as exc:
             if getattr(exc, "opara_fatal", False):

@@ -25,7 +25,7 @@ import torch.fx
 from torch import nn
 
 from ..capture.graph import CapturedGraph
-from ..capture.hazards import is_mutating, is_view_like
+from ..capture.hazards import is_mutating, is_view_like, updates_running_stats
 from ..errors import one_line
 from ..schedule import DAG, Plan, Segment, plan_on_streams, segment_io
 from ..schedule.segments import segment_of
@@ -221,7 +221,7 @@ def split_graph(g: Any, plan: Plan, segments: Sequence[Segment]) -> SplitGraph:
         inputs = [by_name[n] for n in sio.inputs]
         outputs = [by_name[n] for n in sio.outputs]
         module = SegmentModule(_segment_gm(gm, nodes, inputs, outputs), seg, _working_ops(nodes, gm),
-                               any(is_mutating(n, gm) for n in nodes))
+                               any(is_mutating(n, gm) or updates_running_stats(n, gm) for n in nodes))
         outer.add_segment(module, inputs, outputs)
         modules.append(module)
     outer.graph.output(torch.fx.map_arg(output.args[0], outer.value))

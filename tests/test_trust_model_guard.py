@@ -1,0 +1,186 @@
+"""The model guard sees what a replay baked in beyond the module's own ``__dict__``: settings read from the class (or a
+base class, or later hidden by the instance), and the modules and values a model given as a plain function, a
+``functools.partial`` or a bound method reaches. CPU only: ``FakeGraphs`` stands in for CUDA graphs, so a re-plan
+notice (which only the slow path gives, after the hot path's check refused the call) is what these assert on."""
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from opara_nb.runtime import OparaNotice, optimize
+from opara_nb.runtime.guards import CallState, ModelGuard, hot_guard
+from opara_nb.testing import FakeGraphs
+
+SCALE = 2.0
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _notices(om, *args):
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        out = om(*args)
+    return out, [str(w.message) for w in told if issubclass(w.category, OparaNotice)]
+
+
+def _replans(model, x, edit, said, expect):
+    """Optimize ``model``, call it, ``edit()``: the next call re-plans saying ``said`` and returns ``expect()``."""
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    _quiet(om, x)
+    _quiet(om, x)
+    edit()
+    out, told = _notices(om, x)
+    assert any("model changed" in t and said in t for t in told), told
+    torch.testing.assert_close(out, expect())
+
+
+# ---------------------------------------------------------------------------------------------- class-level settings
+
+class Base(nn.Module):
+    alpha = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * self.alpha
+
+
+class Sub(Base):
+    pass
+
+
+@pytest.mark.parametrize("cls, edit, said", [
+    (Base, lambda mp, m: mp.setattr(Base, "alpha", 3.0), "'alpha' changed (2.0 -> 3.0)"),
+    (Sub, lambda mp, m: mp.setattr(Sub, "alpha", 4.0, raising=False), "'alpha' was set on Sub"),
+    (Sub, lambda mp, m: mp.setattr(Base, "alpha", 4.0), "'alpha' changed (2.0 -> 4.0)"),
+    (Base, lambda mp, m: setattr(m, "alpha", 5.0), "'alpha' was set on the instance"),
+], ids=["on-its-class", "on-a-subclass", "on-a-base-class", "hidden-by-the-instance"])
+def test_a_setting_read_from_the_class_is_replanned(monkeypatch, cls, edit, said):
+    monkeypatch.setattr(Base, "alpha", 2.0)
+    torch.manual_seed(0)
+    m, x = cls().eval(), torch.randn(3, 4)
+    _replans(m, x, lambda: edit(monkeypatch, m), said, lambda: m(x).detach())
+
+
+def test_the_hot_check_refuses_a_class_setting_changed_or_hidden(monkeypatch):
+    monkeypatch.setattr(Base, "alpha", 2.0)
+    m, x = Sub().eval(), torch.randn(3, 4)
+    check = hot_guard((x,), {}, CallState(), ModelGuard(m))
+    assert check((x,), {}) is not None
+    monkeypatch.setattr(Sub, "alpha", 2.5, raising=False)
+    assert check((x,), {}) is None
+    monkeypatch.delattr(Sub, "alpha")
+    assert check((x,), {}) is not None
+    m.alpha = 7.0
+    assert check((x,), {}) is None
+
+
+def test_a_value_written_into_the_instance_dict_directly_is_seen_by_a_full_check(monkeypatch):
+    monkeypatch.setattr(Base, "alpha", 2.0)
+    m = Base().eval()
+    guard = ModelGuard(m)
+    m.__dict__["alpha"] = 9.0  # no __setattr__: not counted, but changes() (om.refresh()) sees it
+    assert any("alpha" in line for line in guard.changes())
+
+
+# ---------------------------------------------------------------------------------------------- callables as models
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x, scale=1.0):
+        return self.bn(self.lin(x)) * scale
+
+
+def _net():
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.fill_(3.0)
+    return net
+
+
+NET_EDITS = [
+    (lambda n: setattr(n.lin, "weight", nn.Parameter(torch.randn(4, 4))), "'net.lin.weight' was replaced"),
+    (lambda n: n.register_forward_hook(lambda m, i, o: o * 0), "hooks added"),
+    (lambda n: n.bn.train(), "switched to train"),
+]
+
+
+@pytest.mark.parametrize("edit, said", NET_EDITS, ids=["param-replaced", "hook-added", "bn-train"])
+def test_a_partial_of_a_module_is_guarded_like_the_module(edit, said):
+    net, x = _net(), torch.randn(8, 4)
+    _replans(functools.partial(net, scale=2.0), x, lambda: edit(net), said.replace("'net.", "'model."),
+             lambda: torch.no_grad()(net)(x, 2.0))
+
+
+def fn_model(x):
+    return GLOBAL_NET(x, SCALE)
+
+
+GLOBAL_NET = None
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda mod: setattr(mod, "SCALE", 3.0), "global 'SCALE' changed (2.0 -> 3.0)"),
+    (lambda mod: setattr(mod, "GLOBAL_NET", _net()), "GLOBAL_NET"),
+    (lambda mod: mod.GLOBAL_NET.bn.train(), "switched to train"),
+    (lambda mod: setattr(mod.GLOBAL_NET.lin, "weight", nn.Parameter(torch.randn(4, 4))), "was replaced"),
+], ids=["global-setting", "global-module-rebound", "bn-train", "param-replaced"])
+def test_a_function_is_guarded_through_the_globals_it_reads(monkeypatch, edit, said):
+    mod = sys.modules[__name__]
+    monkeypatch.setattr(mod, "GLOBAL_NET", _net())
+    monkeypatch.setattr(mod, "SCALE", 2.0)
+    x = torch.randn(8, 4)
+    _replans(fn_model, x, lambda: edit(mod), said, lambda: _quiet(torch.no_grad()(fn_model), x))
+
+
+def test_a_closure_and_a_bound_method_are_guarded():
+    net = _net()
+
+    def closure(x):
+        return net(x) + 1
+
+    x = torch.randn(8, 4)
+    _replans(closure, x, lambda: net.bn.train(), "switched to train", lambda: torch.no_grad()(closure)(x))
+    net = _net()
+    _replans(net.forward, x, lambda: net.lin.register_forward_hook(lambda m, i, o: o * 0), "hooks added",
+             lambda: torch.no_grad()(net.forward)(x))
+
+
+def test_a_partial_in_training_mode_runs_the_original():
+    net = _net()
+    om = _quiet(optimize, functools.partial(net, scale=2.0), torch.randn(8, 4), graphs=FakeGraphs())
+    net.train()
+    _, told = _notices(om, torch.randn(8, 4))
+    assert any("training mode" in t for t in told), told
+
+
+class _Holder:
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x)
+
+
+def test_a_callable_that_cannot_be_inspected_runs_the_original_with_a_notice():
+    net, x = _net(), torch.randn(8, 4)
+    om, told = _notices(lambda: optimize(_Holder(net), x, graphs=FakeGraphs()))
+    assert any("cannot be guarded" in t for t in told), told
+    out = _quiet(om, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x))

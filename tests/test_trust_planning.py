@@ -1,0 +1,195 @@
+"""Trust, on CPU: what planning runs (dynamo's trace, profiling, warm-ups) changes nothing of the user's model, inputs,
+tensors or RNG, through every entry point (optimize, the torch.compile backend, profile, plan, %opara_profile); the
+one real call changes what eager would, once."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import opara_nb
+from opara_nb.capture import compile_with_backend
+from opara_nb.errors import OparaUsageError
+from opara_nb.pipeline import PlanSpec
+from opara_nb.planfile import PlanFileError
+from opara_nb.runtime import optimize
+from opara_nb.runtime.runners import Backend
+from opara_nb.testing import FakeGraphs
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+class TrainBN(nn.Module):
+    """A BatchNorm left in training mode inside an eval model (it updates its running statistics on every run) and,
+    when asked, a draw from the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, noise=False):
+        y = self.bn(self.lin(x))
+        return y + torch.randn_like(y) if noise else y
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = TrainBN().eval()
+    model.bn.train()
+    return model
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.bn.state_dict().items()}
+
+
+def _assert_same_state(model, expected):
+    for k, v in _bn_state(model).items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=f"bn.{k} differs")
+
+
+# ---------------------------------------------------------------- graphs dynamo hands over: written tensors put back
+@pytest.mark.parametrize("options", [{}, {"fuse": True}], ids=["streams", "fused segments"])
+def test_backend_first_call_updates_running_stats_once_as_eager(options):
+    torch._dynamo.reset()
+    model, x = _bn_model(), torch.randn(8, 4)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        out = _quiet(torch.compile(model, backend="opara", options=options), x)
+        expected = ref(x)
+    torch.testing.assert_close(out, expected)
+    _assert_same_state(model, _bn_state(ref))
+
+
+def test_backend_puts_back_what_planning_wrote_of_an_input_and_the_call_writes_it_once():
+    class Scales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x.mul_(2))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Scales().eval(), torch.randn(3, 4)
+    before = x.clone()
+    with torch.no_grad():
+        _quiet(torch.compile(model, backend="opara"), x)
+    torch.testing.assert_close(x, before * 2, rtol=0, atol=0)
+
+
+def test_an_optimized_module_compiling_inside_a_call_updates_running_stats_once():
+    # dynamo compiles inside the user's call when a guard it alone checks fails: the Backend then plans (profiles) the
+    # new graph on the real buffers, and the call runs it once
+    model, x = _bn_model(), torch.randn(8, 4)
+    ref = copy.deepcopy(model)
+    compiled = compile_with_backend(model, Backend((PlanSpec("opara"),), max_streams=4))
+    with torch.no_grad():
+        _quiet(compiled, x)
+        ref(x)
+    _assert_same_state(model, _bn_state(ref))
+
+
+# ---------------------------------------------------------------- profile, plan, %opara_profile change nothing
+@pytest.mark.parametrize("entry", [
+    lambda m, x: opara_nb.profile(m, x, noise=True, cache=False),
+    lambda m, x: opara_nb.plan(m, x, noise=True),
+], ids=["profile", "plan"])
+def test_profile_and_plan_change_no_model_state_and_no_rng(entry):
+    model, x = _bn_model(), torch.randn(8, 4)
+    state, rng, inputs = _bn_state(model), torch.get_rng_state(), x.clone()
+    _quiet(entry, model, x)
+    _assert_same_state(model, state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(x, inputs)
+
+
+def test_opara_profile_magic_changes_nothing():
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    try:
+        shell.run_line_magic("load_ext", "opara_nb")
+        model, x = _bn_model(), torch.randn(8, 4)
+        shell.user_ns.update(model=model, x=x)
+        state = _bn_state(model)
+        _quiet(shell.run_line_magic, "opara_profile", "model x --reprofile -q --no-graph")
+        _assert_same_state(model, state)
+        shell.run_line_magic("unload_ext", "opara_nb")
+    finally:
+        InteractiveShell.clear_instance()
+
+
+# ---------------------------------------------------------------- tensors that are neither parameters nor buffers
+STATS = torch.zeros(4)
+
+
+class Accumulates(nn.Module):
+    """A forward that writes, in place, a plain tensor attribute (not a buffer) and a global tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seen = torch.zeros(4)
+
+    def forward(self, x):
+        self.seen.add_(1)
+        STATS.add_(1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs], ids=["eager-plan", "fake-graphs"])
+def test_optimize_puts_back_plain_tensor_attributes_and_global_tensors(graphs):
+    STATS.zero_()
+    torch.manual_seed(0)
+    model, x = Accumulates().eval(), torch.randn(3, 4)
+    seen = model.seen
+    _quiet(optimize, model, x, strategy="opara", graphs=graphs() if graphs else None)
+    assert model.seen is seen
+    assert torch.equal(model.seen, torch.zeros(4)) and torch.equal(STATS, torch.zeros(4))
+
+
+# ---------------------------------------------------------------- clear errors
+def test_a_model_on_the_meta_device_says_to_load_real_weights():
+    model, x = nn.Linear(4, 4, device="meta").eval(), torch.ones(3, 4, device="meta")
+    with pytest.raises(OparaUsageError, match=r"meta device.*to_empty") as raised:
+        _quiet(opara_nb.optimize, model, x)
+    assert "\n" not in str(raised.value)
+
+
+def test_backend_plan_file_errors_number_the_graphs_of_this_compile(tmp_path):
+    class Add(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    class Sub(Add):
+        def forward(self, x):
+            return self.a(x) - self.b(x)
+
+    torch._dynamo.reset()
+    x, path = torch.randn(3, 4), str(tmp_path / "add.plan.json")
+    _quiet(optimize, Add().eval(), x).save_plan(path)
+    with torch.no_grad():
+        for _ in range(2):  # earlier compiles in this process
+            _quiet(torch.compile(Add().eval(), backend="opara"), x)
+        with pytest.raises(Exception) as raised:
+            _quiet(torch.compile(Sub().eval(), backend="opara", options={"plan": path}), x)
+    error = getattr(raised.value, "inner_exception", raised.value)
+    assert isinstance(error, PlanFileError) and "graph 0 of this model" in str(error), str(error)
