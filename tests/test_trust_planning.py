@@ -4,6 +4,7 @@ one real call changes what eager would, once."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -193,3 +194,59 @@ def test_backend_plan_file_errors_number_the_graphs_of_this_compile(tmp_path):
             _quiet(torch.compile(Sub().eval(), backend="opara", options={"plan": path}), x)
     error = getattr(raised.value, "inner_exception", raised.value)
     assert isinstance(error, PlanFileError) and "graph 0 of this model" in str(error), str(error)
+
+
+class BranchesAfterBN(nn.Module):
+    """A BatchNorm left in training mode, then a data-dependent branch: two graphs, each captured on its own, the
+    running statistics given to the first as graph inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(self.lin(x))
+        return y * 2 if y.sum() > 0 else y - 1
+
+
+def test_running_statistics_a_per_graph_capture_updates_reach_the_model_once_per_call(fake_cuda):
+    torch.manual_seed(0)
+    model = BranchesAfterBN().eval()
+    model.bn.train()
+    twin = copy.deepcopy(model)
+    calls = {"n": 0}
+
+    def fail():  # the whole call fails (a data-dependent branch on a GPU); each graph alone captures
+        calls["n"] += 1
+        return calls["n"] == 1
+
+    fake_cuda["graphs"].fail = fail
+    fake_cuda["times"] = {"piecewise": 2.0, "eager": 10.0}
+    om = _quiet(optimize, model, torch.randn(8, 4), strategy="opara", graphs=fake_cuda["graphs"])
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        with torch.no_grad():
+            expected = twin(x)
+        torch.testing.assert_close(_quiet(om, x), expected)
+        _assert_same_state(model, _bn_state(twin))
+    assert om.report.mode == "piecewise", om.report.reason
+
+
+def _bn_through(net, x):
+    return net(x) * 2
+
+
+def test_a_partial_of_a_model_with_a_batchnorm_in_training_is_planned_without_changing_it():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    net[1].train()
+    twin = copy.deepcopy(net)
+    x = torch.randn(8, 4)
+    om = _quiet(optimize, functools.partial(_bn_through, net), x, graphs=FakeGraphs())
+    for k, v in net[1].state_dict().items():
+        torch.testing.assert_close(v, twin[1].state_dict()[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        expected = _bn_through(twin, x)
+    torch.testing.assert_close(_quiet(om, x), expected)
+    for k, v in net[1].state_dict().items():
+        torch.testing.assert_close(v, twin[1].state_dict()[k], rtol=0, atol=0, msg=k)

@@ -306,6 +306,16 @@ def callable_reads(fn: Any) -> CallableReads:
     return found
 
 
+def reached_modules(reads: CallableReads) -> nn.Module | None:
+    """A root module holding the modules a callable model reaches (``reads``, put in ``_modules`` directly: no
+    registration hook runs), or None if it reaches none."""
+    if not reads.modules:
+        return None
+    root = nn.Module()
+    root._modules.update(reads.modules)
+    return root
+
+
 def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
     if id(fn) in seen or found.opaque:
         return

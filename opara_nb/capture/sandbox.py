@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
 from .hazards import graph_writes
-from .reads import MISSING, contents, is_wrapper, same_value, settings_read
+from .reads import MISSING, callable_reads, contents, is_wrapper, reached_modules, same_value, settings_read
 
 __all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back"]
 
@@ -51,7 +51,7 @@ def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for t, version, copy in saved:
-                if t._version != version or not _same(t, copy):
+                if t._version != version or not same_values(t, copy):
                     t.copy_(copy)
 
 
@@ -75,7 +75,7 @@ class Sandbox:
     """``with Sandbox(model) as box:`` plan; on exit changed state is restored and ``box.restored`` names it."""
 
     def __init__(self, model: Any) -> None:
-        self.model = model if isinstance(model, nn.Module) else None
+        self.model = model if isinstance(model, nn.Module) else reached_modules(callable_reads(model))
         self.restored: list[str] = []
 
     def __enter__(self) -> "Sandbox":
@@ -114,7 +114,7 @@ class Sandbox:
         # Versions do not catch everything (BatchNorm's kernel updates running stats without a bump): compare values.
         with torch.no_grad():
             changed = [k for k, t in self._tensors.items()
-                       if t._version != self._versions[k] or (k in self._saved and not _same(t, self._saved[k]))]
+                       if t._version != self._versions[k] or (k in self._saved and not same_values(t, self._saved[k]))]
             for k in changed:
                 if k in self._saved:
                     self._tensors[k].copy_(self._saved[k])
@@ -239,7 +239,7 @@ def _same_contents(now: Any, then: Any) -> bool:
     return now == then
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_meta:
         return True  # no values to differ
     return a.shape == b.shape and bool((a == b).logical_or(a.isnan() & b.isnan()).all()) if a.is_floating_point() \

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..capture.sandbox import same_values
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
 from .objects import OpaqueOutput, copy_tensors
 from .streams import stream_pool
@@ -135,6 +136,7 @@ class GraphedCall:
         self._copies = [(i, self._static[i]) for i in self._slots]
         self._owned = owned  # the caller's tensor (a parameter, a buffer) an output aliases, or None
         self._mutated: list[int] = []
+        self._written: list[int] = []  # inputs the warm-up changed (see warm_up)
         self._out: list[Any] = []
         self._out_spec: Any = None
         self._single = False
@@ -161,14 +163,20 @@ class GraphedCall:
         return self.fn(*args, **kwargs)
 
     def warm_up(self) -> None:
+        """Runs the call on the static buffers; notes the inputs it wrote by value, not only by version (BatchNorm's
+        kernel updates running statistics given as graph inputs without a version bump)."""
+        before = [(i, self._static[i].clone()) for i in self._slots]
         self.layer.warm_up(self._call_static, self.warmup)
+        self._written = [i for i, copy in before if not same_values(self._static[i], copy)]
 
     def capture(self) -> None:
         start = time.perf_counter()
         versions = [self._static[i]._version for i in self._slots]
         self.graph, self.pool, out, self.pool_mb = self.layer.capture(self._call_static)
         self._replay_graph = _direct_replay(self.graph)
-        self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v]
+        # inputs the graph writes: copied back to the caller's tensors after each replay
+        self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v
+                         or i in self._written]
         self._out, self._out_spec = pytree.tree_flatten(out)
         try:  # objects pytree does not open: a copy per call, as eager builds a new one
             self._opaque = [(i, OpaqueOutput(x, self._static, self._slots, self._owned))

@@ -41,8 +41,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import (CONTAINERS, MISSING, CallableReads, callable_reads, methods_read, reads_training,
-                             same_setting, setting_copy, settings_read, unset_read)
+from ..capture.reads import (CONTAINERS, MISSING, CallableReads, callable_reads, methods_read, reached_modules,
+                             reads_training, same_setting, setting_copy, settings_read, unset_read)
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
            "install_watch"]
@@ -568,9 +568,7 @@ def _reached(model: Any) -> tuple[nn.Module, CallableReads | None]:
     if isinstance(model, nn.Module):
         return model, None
     reads = callable_reads(model)
-    root = nn.Module()
-    root._modules.update(reads.modules)
-    return root, reads
+    return reached_modules(reads) or nn.Module(), reads
 
 
 def _in_dicts(rows: list[tuple], classes: bool = False) -> list[tuple]:
