@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import opara_nb.backend  # noqa: F401 - registers backend="opara" (no entry point without a pip install)
 from opara_nb import models
 from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
@@ -931,8 +932,6 @@ def test_training_mode_runs_eagerly():
 
 def test_torch_compile_backend_on_cuda():
     import torch._dynamo
-
-    import opara_nb.backend  # noqa: F401  (registers "opara")
 
     torch._dynamo.reset()
     model, args, kwargs = _build("inception_block")
