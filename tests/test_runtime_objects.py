@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from opara_nb.runtime.objects import OpaqueOutput
+from opara_nb.runtime.objects import OpaqueOutputs
 
 
 class Layer:
@@ -38,9 +38,22 @@ class Hooked:
 Pair = collections.namedtuple("Pair", "a b")
 
 
-def _opaque(obj, static=(), owned=lambda t: None):
-    static = list(static)
-    return OpaqueOutput(obj, static, list(range(len(static))), owned)
+class _One:
+    """One output object, copied as OparaModule copies it."""
+
+    def __init__(self, obj, static=(), owned=lambda t: None, existing=()):
+        self.static = list(static)
+        self.outs = OpaqueOutputs([obj], [0], self.static, list(range(len(self.static))), owned,
+                                  {id(x): x for x in existing})
+
+    def fresh(self, leaves):
+        handed = [None]
+        self.outs.fresh(leaves, handed)
+        return handed[0]
+
+
+def _opaque(obj, static=(), owned=lambda t: None, existing=()):
+    return _One(obj, static, owned, existing)
 
 
 def test_a_copy_is_a_new_object_with_copied_tensors_and_shared_parts_still_shared():
@@ -76,3 +89,37 @@ def test_an_object_that_refers_to_itself_or_views_an_input_is_refused():
     x = torch.randn(4)
     with pytest.raises(ValueError, match="view of an input"):
         _opaque(Layer(x[1:], private=None), static=[x])
+
+
+class Items(dict):
+    pass
+
+
+class Row(list):
+    pass
+
+
+def test_subclasses_of_dict_and_list_keep_their_items():
+    graph = torch.randn(3)
+    copy = _opaque(Items(out=graph, rows=Row([graph[1:], 2]))).fresh([])
+    assert type(copy) is Items and set(copy) == {"out", "rows"} and type(copy["rows"]) is Row
+    assert torch.equal(copy["out"], graph) and copy["out"].data_ptr() != graph.data_ptr()
+    assert copy["rows"][1] == 2 and copy["rows"][0].data_ptr() == copy["out"].data_ptr() + 4
+
+
+def test_objects_the_call_did_not_create_stay_themselves():
+    meta, sentinel, gen = Layer(torch.zeros(1), private="a"), object(), torch.Generator()
+    obj = Layer(torch.randn(2), private=[meta, sentinel, gen, collections.deque([meta])])
+    copy = _opaque(obj, existing=[meta, sentinel, gen, meta.keys]).fresh([])
+    made_meta, made_sentinel, made_gen, queue = copy.private
+    assert made_meta is meta and made_sentinel is sentinel and made_gen is gen and queue[0] is meta
+
+
+def test_outputs_share_objects_and_tensors_as_in_eager():
+    y = torch.randn(2)
+    box = Layer(y, private=None)
+    outs = [y, box, box]
+    made = OpaqueOutputs(outs, [1, 2], [], [], lambda t: None, {})
+    handed = [torch.ones(2), None, None]  # the tensor handed out at position 0 this call
+    made.fresh([], handed)
+    assert handed[1] is handed[2] and handed[1].keys is handed[0]

@@ -1196,3 +1196,79 @@ def test_a_call_that_runs_the_original_returns_no_autograd_graph(graphs):
         assert not out.requires_grad and out.grad_fn is None
     om.original.train()
     assert _quiet(om, torch.randn(2)).requires_grad  # training mode: the original with autograd, as documented
+
+
+# ------------------------------------------------------------------ seventh sweep: what eager returns as itself
+class _Meta:
+    def __init__(self, label):
+        self.label = label
+
+
+class _Out:
+    def __init__(self, t, meta, extra=None):
+        self.t, self.meta, self.extra = t, meta, extra
+
+
+class _Items(dict):
+    pass
+
+
+SENTINEL = object()
+
+
+class ReturnsItsObjects(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.meta, self.table = _Meta("a"), torch.arange(4.0)
+
+    def forward(self, x):
+        y = self.lin(x)
+        box = _Out(y, self.meta, [SENTINEL, self.table])
+        return y, box, box, _Items(out=y * 2), self.table
+
+
+def test_objects_the_model_holds_come_back_as_themselves_and_shared_objects_stay_shared():
+    """What the call did not create (the model's own objects, a global sentinel, a plain tensor attribute) is
+    returned as itself; one object returned twice, or a tensor returned and held by an object, stays one; a dict
+    subclass keeps its items. Replacing the model's object is a change (re-planned)."""
+    model, x = ReturnsItsObjects().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, graphs=FakeGraphs())
+    for _ in range(2):
+        y, box, again, items, table = _quiet(om, x)
+    assert om.report.mode == "cuda-graph"
+    assert box is again and box.t is y and box.meta is model.meta and box.extra[0] is SENTINEL
+    assert box.extra[1] is model.table and table is model.table
+    assert type(items) is _Items and set(items) == {"out"}
+    torch.testing.assert_close(items["out"], _expect(model, x)[0] * 2)
+    model.meta = _Meta("b")
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        _, box, _, _, _ = om(x)
+    assert box.meta is model.meta and any("model changed" in str(w.message) for w in told)
+
+
+def _returns_a_weight(x, lin):
+    return lin(x), lin.weight
+
+
+def test_a_function_models_parameter_comes_back_as_itself():
+    import functools
+
+    lin, x = nn.Linear(4, 4).eval(), torch.randn(2, 4)
+    om = _quiet(optimize, functools.partial(_returns_a_weight, lin=lin), x, graphs=FakeGraphs())
+    for _ in range(2):
+        _, weight = _quiet(om, x)
+    assert weight is lin.weight
+
+
+class WiderView(nn.Module):
+    def forward(self, x):
+        return x.view(torch.float64), x * 2
+
+
+def test_a_view_in_a_wider_dtype_of_a_misaligned_input_raises_as_eager_does():
+    om = _quiet(optimize, WiderView().eval(), torch.randn(4), graphs=FakeGraphs())
+    _quiet(om, torch.randn(4))
+    with pytest.raises(RuntimeError, match="divisible"):
+        _quiet(om, torch.randn(5)[1:])

@@ -184,3 +184,76 @@ def test_a_callable_that_cannot_be_inspected_runs_the_original_with_a_notice():
     out = _quiet(om, x)
     with torch.no_grad():
         torch.testing.assert_close(out, net(x))
+
+
+# ------------------------------------------------------------------------ seventh sweep: what a callable holds
+def _scaled_by(x, lin, scale=1.0, *, shift=0.0):
+    return lin(x) * scale + shift
+
+
+def _with_closure():
+    lin, weights = nn.Linear(4, 4).eval(), [1.0, 2.0]
+
+    def f(x):
+        return lin(x) * weights[1]
+
+    return f, weights
+
+
+def test_in_place_and_keyword_default_edits_of_a_function_model_are_replanned():
+    x = torch.randn(2, 4)
+    f, weights = _with_closure()
+    _replans(f, x, lambda: weights.__setitem__(1, 3.0), "'weights' was changed in place", lambda: f(x))
+    lin, factors = nn.Linear(4, 4).eval(), [2.0]
+
+    def g(x, factors):
+        return lin(x) * factors[0]
+
+    p = functools.partial(g, factors=factors)
+    _replans(p, x, lambda: factors.__setitem__(0, 5.0), "'factors' was changed in place", lambda: p(x))
+    q = functools.partial(_scaled_by, lin=lin)
+    kw = dict(_scaled_by.__kwdefaults__)
+    try:
+        _replans(q, x, lambda: setattr(_scaled_by, "__kwdefaults__", {"shift": 1.0}), "keyword defaults",
+                 lambda: q(x))
+    finally:
+        _scaled_by.__kwdefaults__ = kw
+
+
+class Encoder(nn.Module):
+    alpha = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def helper(self, y):
+        return y * self.alpha
+
+    def encode(self, x):
+        return self.helper(self.lin(x))
+
+
+def test_a_bound_method_model_sees_its_helpers_replaced_and_its_class_settings_hidden(monkeypatch):
+    x = torch.randn(2, 4)
+    enc = Encoder().eval()
+    monkeypatch.setattr(Encoder, "helper", Encoder.helper)  # restored after the test
+    _replans(enc.encode, x, lambda: setattr(Encoder, "helper", lambda self, y: y - 1), "was replaced on its class",
+             lambda: enc.encode(x))
+    enc2 = Encoder().eval()
+    _replans(enc2.encode, x, lambda: setattr(enc2, "alpha", 5.0), "hiding its class's value", lambda: enc2.encode(x))
+
+
+def test_a_deleted_closure_variable_gives_the_models_own_error():
+    lin, s = nn.Linear(4, 4).eval(), 2.0
+
+    def f(x):
+        return lin(x) * s  # noqa: F821 - deleted below, on purpose
+
+    x = torch.randn(2, 4)
+    om = _quiet(optimize, f, x, graphs=FakeGraphs())
+    _quiet(om, x)
+    _quiet(om, x)
+    del s
+    with pytest.raises(NameError):
+        _quiet(om, x)

@@ -250,3 +250,33 @@ def test_a_partial_of_a_model_with_a_batchnorm_in_training_is_planned_without_ch
     torch.testing.assert_close(_quiet(om, x), expected)
     for k, v in net[1].state_dict().items():
         torch.testing.assert_close(v, twin[1].state_dict()[k], rtol=0, atol=0, msg=k)
+
+
+class KeepsTallies(nn.Module):
+    """Tensors the forward writes in place held in a list and a dict attribute (neither parameters nor buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.hist, self.tallies = [torch.zeros(4)], {"seen": torch.zeros(4)}
+
+    def forward(self, x):
+        self.hist[0].add_(1)
+        self.tallies["seen"].add_(1)
+        return self.lin(x)
+
+
+def _tally(x, lin, acc):
+    acc.add_(1)
+    return lin(x)
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs], ids=["eager-plan", "fake-graphs"])
+def test_optimize_puts_back_tensors_in_containers_and_those_a_function_model_holds(graphs):
+    model, x = KeepsTallies().eval(), torch.randn(2, 4)
+    _quiet(optimize, model, x, graphs=graphs() if graphs else None)
+    assert model.hist[0].sum().item() == 0 and model.tallies["seen"].sum().item() == 0
+    acc = torch.zeros(4)
+    _quiet(optimize, functools.partial(_tally, lin=nn.Linear(4, 4).eval(), acc=acc), x,
+           graphs=graphs() if graphs else None)
+    assert acc.sum().item() == 0

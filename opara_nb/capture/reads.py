@@ -53,12 +53,12 @@ def setting_copy(value: Any) -> Any:
 
 def same_value(now: Any, then: Any) -> bool:
     """Whether a plain value read again is still what it was: the same object, or an equal one of the same type (a
-    forward or a user setting ``self.scale = 0.5`` again). A list, dict or set replaced by another is a change; a value
-    without a plain equality is a change unless it is the same object."""
+    forward or a user setting ``self.scale = 0.5`` again). A list, dict or set replaced by another is a change; any
+    other object (not a plain value) is a change unless it is the same object."""
     if now is then:
         return True
-    if type(now) is not type(then) or type(then) in CONTAINERS:
-        return False
+    if type(now) is not type(then) or type(then) in CONTAINERS or not isinstance(then, SETTINGS):
+        return False  # an object of another kind is only ever itself
     try:
         return bool(now == then)
     except Exception:  # noqa: BLE001
@@ -207,7 +207,11 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
     for k in sorted(names):
         if "." not in k:
             holder = m if k in m.__dict__ else _class_holding(m, k)[1]
-            if k != "training" and holder is not None and plain_setting(vars(holder).get(k, MISSING)):
+            value = vars(holder).get(k, MISSING) if holder is not None else MISSING
+            # an object the instance holds (``self.meta``, a tensor, a function) is watched by identity: a graph
+            # bakes in what it read of it, and an output may hold it
+            held = holder is m and value is not MISSING and not isinstance(value, nn.Module)
+            if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
             continue
         name, field = k.split(".", 1)
@@ -290,11 +294,15 @@ class CallableReads:
     """What a model given as a callable reaches: ``modules`` (name, module), guarded like a module model;
     ``settings`` (as ``settings_read``: values bound by name in a dict: globals, a partial's keywords); ``refs``
     (object, attribute, value, the line that says it changed): closure cells, code and defaults, by identity;
-    ``opaque``: why it cannot be inspected soundly ("" when it can)."""
+    ``contents`` (list, dict or set, a copy of its contents, the line): plain containers held in a closure or as a
+    partial's argument, by contents (they can change in place); ``opaque``: why it cannot be inspected soundly ("" when
+    it can)."""
 
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     settings: list[tuple[str, dict, str, bool, str]] = dataclasses.field(default_factory=list)
     refs: list[tuple[Any, str, Any, str]] = dataclasses.field(default_factory=list)
+    contents: list[tuple[Any, Any, str]] = dataclasses.field(default_factory=list)
+    tensors: list[tuple[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # (name, tensor) it holds
     opaque: str = ""
 
 
@@ -304,6 +312,19 @@ def callable_reads(fn: Any) -> CallableReads:
     found = CallableReads()
     _reach(fn, "model", found, set())
     return found
+
+
+def _method_refs(me: nn.Module, names: frozenset[str]) -> list[tuple[Any, str, Any, str]]:
+    """For a bound method given as the model (not ``forward``, whose reads the module guard covers): the methods it
+    calls as ``self.name``, replaced on the class, and the class settings it reads, hidden by the instance."""
+    cls, rows = type(me), []
+    for k in sorted(n for n in names if "." not in n and n != "training"):
+        value = getattr(cls, k, MISSING)
+        if isinstance(value, types.FunctionType):
+            rows.append((cls, k, value, f"method '{cls.__name__}.{k}' was replaced on its class"))
+        elif k not in me.__dict__ and plain_setting(value):
+            rows.append((me, k, value, f"{k!r} was set on the instance, hiding its class's value"))
+    return rows
 
 
 def reached_modules(reads: CallableReads) -> nn.Module | None:
@@ -335,8 +356,11 @@ def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
             return
         found.refs.append((method, "__code__", method.__code__, f"'{method.__qualname__}' has new code (reloaded)"))
         own, settings = not from_a_library(type(me)), {}
-        _module_settings("", me, own, forward_reads(type(me), method.__name__), settings)
+        reads = forward_reads(type(me), method.__name__)
+        _module_settings("", me, own, reads, settings)
         found.settings += settings.values()
+        if own:
+            found.refs += _method_refs(me, reads[1])
     elif isinstance(fn, types.FunctionType):
         _reach_function(fn, found, seen)
     elif not isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # C code reads no Python state
@@ -348,7 +372,9 @@ def _reach_function(fn: types.FunctionType, found: CallableReads, seen: set[int]
     if _installed(fn.__code__.co_filename or ""):
         return
     found.refs += [(fn, "__code__", fn.__code__, f"'{fn.__qualname__}' has new code (reloaded)"),
-                   (fn, "__defaults__", fn.__defaults__, f"the defaults of '{fn.__qualname__}' were replaced")]
+                   (fn, "__defaults__", fn.__defaults__, f"the defaults of '{fn.__qualname__}' were replaced"),
+                   (fn, "__kwdefaults__", fn.__kwdefaults__,
+                    f"the keyword defaults of '{fn.__qualname__}' were replaced")]
     for i, value in enumerate(fn.__defaults__ or ()):
         _reach_value(value, f"{fn.__name__}_default{i}", found, seen)
     _reach_dict(fn.__kwdefaults__ or {}, list(fn.__kwdefaults__ or ()), "default", found, seen)
@@ -377,6 +403,10 @@ def _reach_dict(names: dict, keys: list[str], kind: str, found: CallableReads, s
 def _reach_value(value: Any, name: str, found: CallableReads, seen: set[int]) -> None:
     """Follow a value a callable holds: modules and callables are reached; a module held any other way (in a list,
     a dict, an object's attribute) would be read unguarded, so the callable is opaque."""
+    if type(value) in CONTAINERS and plain_setting(value):
+        found.contents.append((value, contents(value), f"{name!r} was changed in place"))
+    if isinstance(value, torch.Tensor):
+        found.tensors.append((name, value))
     if isinstance(value, (nn.Module, functools.partial, types.FunctionType, types.MethodType)):
         _reach(value, name, found, seen)
     elif isinstance(value, (list, tuple, dict)) and any(isinstance(v, nn.Module) for v in

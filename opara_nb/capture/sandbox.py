@@ -75,7 +75,11 @@ class Sandbox:
     """``with Sandbox(model) as box:`` plan; on exit changed state is restored and ``box.restored`` names it."""
 
     def __init__(self, model: Any) -> None:
-        self.model = model if isinstance(model, nn.Module) else reached_modules(callable_reads(model))
+        if isinstance(model, nn.Module):
+            self.model, self._held_by_callable = model, []
+        else:  # a function model: the modules and tensors it reaches (closure, a partial's arguments, globals)
+            reads = callable_reads(model)
+            self.model, self._held_by_callable = reached_modules(reads), reads.tensors
         self.restored: list[str] = []
 
     def __enter__(self) -> "Sandbox":
@@ -85,9 +89,13 @@ class Sandbox:
         reads = settings_read(self.model)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
-        # tensors the forward may write that are neither: plain tensor attributes, global tensors it reads
+        # tensors the forward may write that are neither: plain tensor attributes, global tensors it reads; and,
+        # put back by value only, tensors in a list, tuple or dict attribute, and those a function model holds
         held = _loose_tensors(self.model, reads)
-        loose = {name: d[k] for name, d, k in held}
+        owned = {id(t) for t in (*params.values(), *buffers.values())}
+        loose = {name: t for name, t in [*_contained_tensors(self.model), *self._held_by_callable]
+                 if id(t) not in owned}
+        loose.update((name, d[k]) for name, d, k in held)
         self._tensors = {**params, **buffers, **loose}
         self._versions = {k: t._version for k, t in self._tensors.items()}
         copied = {**(params if _fits(params) else {}), **buffers, **(loose if _fits(loose) else {})}
@@ -156,6 +164,19 @@ def _check_not_meta(model: nn.Module) -> None:
         raise OparaUsageError(f"the model's tensors are on the meta device ({meta}), so there are no values to run: "
                               "load real weights first, e.g. model.to_empty(device='cuda') then "
                               "model.load_state_dict(...)")
+
+
+def _contained_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(qualified name, tensor) of the tensors held in a list, tuple or dict attribute of a module (one level)."""
+    found = []
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for k, v in m.__dict__.items():
+            if k in _MODULE_INTERNALS or is_wrapper(m) or not isinstance(v, (list, tuple, dict)):
+                continue
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            found += [(f"{prefix}.{k}[{i!r}]" if prefix else f"{k}[{i!r}]", t) for i, t in items
+                      if isinstance(t, torch.Tensor)]
+    return found
 
 
 def _loose_tensors(model: nn.Module, reads: list) -> list[tuple[str, dict, str]]:

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.sandbox import same_values
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
-from .objects import OpaqueOutput, copy_tensors
+from .objects import OpaqueOutputs, copy_tensors, held
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
@@ -144,7 +144,9 @@ class GraphedCall:
         self._copied: list[int] = []      # outputs that alias inputs or the caller's tensors: always copied
         self._aliases: list[tuple[int, int]] = []  # (output, input slot): an output in a copied input's memory
         self._owners: list[tuple[int, torch.Tensor]] = []  # (output, the model's tensor it is or views)
-        self._opaque: list[tuple[int, OpaqueOutput]] = []  # (output, the object pytree does not open)
+        self._opaque: OpaqueOutputs | None = None  # the outputs pytree does not open, copied per call
+        self._warm_out: Any = None  # the last warm-up's output, until capture
+        self._existing: dict[int, Any] = {}  # by id: what the call returns that it did not create (capture only)
         self._protect = self._as_is = False
         self._uses: list[tuple[int, int, int, int, list[int], int | None]] | None = None
         self._stream: Any = None
@@ -166,8 +168,14 @@ class GraphedCall:
         """Runs the call on the static buffers; notes the inputs it wrote by value, not only by version (BatchNorm's
         kernel updates running statistics given as graph inputs without a version bump)."""
         before = [(i, self._static[i].clone()) for i in self._slots]
-        self.layer.warm_up(self._call_static, self.warmup)
+        last: list[Any] = []
+
+        def run() -> Any:  # its last output tells what a call creates from what it returns as is (see capture)
+            last[:] = [self._call_static()]
+
+        self.layer.warm_up(run, self.warmup)
         self._written = [i for i, copy in before if not same_values(self._static[i], copy)]
+        self._warm_out = last[0] if last else None
 
     def capture(self) -> None:
         start = time.perf_counter()
@@ -178,11 +186,18 @@ class GraphedCall:
         self._mutated = [i for i, v in zip(self._slots, versions) if self._static[i]._version != v
                          or i in self._written]
         self._out, self._out_spec = pytree.tree_flatten(out)
-        try:  # objects pytree does not open: a copy per call, as eager builds a new one
-            self._opaque = [(i, OpaqueOutput(x, self._static, self._slots, self._owned))
-                            for i, x in enumerate(self._out) if not isinstance(x, torch.Tensor) and not plain_leaf(x)]
+        odd = [i for i, x in enumerate(self._out) if not isinstance(x, torch.Tensor) and not plain_leaf(x)]
+        try:
+            # what the warm-up returned too (the same object) the call did not create: eager returns it as itself
+            warm = held(self._warm_out) if self._warm_out is not None else {}
+            self._existing = {k: x for k, x in held(out).items() if k in warm}
+            # objects pytree does not open: a copy per call, as eager builds a new one
+            self._opaque = OpaqueOutputs(self._out, odd, self._static, self._slots, self._owned, self._existing) \
+                if odd else None
         except ValueError as exc:
             raise NotReplayable(str(exc)) from None
+        finally:
+            self._warm_out = None
         self._rebuild = _rebuilder(out, self._out_spec)
         del out  # counted references to the outputs must be ours alone
         self._single = self._out_spec.is_leaf()  # a lone tensor needs no unflatten on the hot path
@@ -199,7 +214,7 @@ class GraphedCall:
             if not isinstance(t, torch.Tensor):
                 continue
             ptr = t.untyped_storage().data_ptr()
-            owner = self._owned(t)
+            owner = t if id(t) in self._existing else self._owned(t)  # the model's, or one it holds
             if ptr in slots:
                 self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
             elif owner is not None:
@@ -209,6 +224,7 @@ class GraphedCall:
             else:
                 self._guarded.append(i)
         self._uses = None  # counted at the first replay, when nothing of the capture is left and nothing handed out
+        self._existing = {}
         self._configure()
 
     @property
@@ -255,6 +271,13 @@ class GraphedCall:
             lines += ["if SID() != K[0]:", "    ME._follow_stream()"]
         if self._fixed:
             lines.append("ME._check_fixed(leaves)")
+        for i, slot in self._aliases:  # a view in a wider dtype (x.view(torch.float64)) needs an aligned start
+            out, static = self._out[i], self._static[slot]
+            if out.element_size() > static.element_size():
+                names["NOTREP"] = NotReplayable
+                lines += [f"if leaves[{slot}].storage_offset() * {static.element_size()} % {out.element_size()} != "
+                          f"{static.storage_offset() * static.element_size() % out.element_size()}:",
+                          "    raise NOTREP('an input whose start does not fit the dtype of a view the model returns')"]
         if self._mutated:
             names.update(ALIASED=_aliased, NOTREP=NotReplayable)
             lines += [f"if ALIASED([{', '.join(f'leaves[{i}]' for i in self._slots)}]):",
@@ -333,8 +356,8 @@ class GraphedCall:
                 outs[i] = _in_caller(self._out[i], self._static[slot], leaves[slot])
             for i, owner in self._owners:
                 outs[i] = _in_caller(self._out[i], owner, owner)
-            for i, opaque in self._opaque:
-                outs[i] = opaque.fresh(leaves)
+            if self._opaque is not None:
+                self._opaque.fresh(leaves, outs)
         if self._single:
             return outs[0]
         return self._rebuild(outs)
@@ -373,7 +396,7 @@ class GraphedCall:
         self._slots = []
         self._copies = []
         self._guarded = []
-        self._opaque = []
+        self._opaque = self._warm_out = None
         self._protect = False
 
     def __del__(self) -> None:

@@ -531,10 +531,14 @@ except AttributeError:
         return [t.data_ptr() for t in tensors] == ptrs
 
 
+def _itself(holder: Any, key: Any) -> Any:
+    return holder
+
+
 _INLINE = 6  # up to this many rows of a watch, hot_guard compares them one by one
 _proxy_get = types.MappingProxyType.get  # a class __dict__'s get
 # how a watch's ``get(holder, key)`` reads inline in generated code (cheaper than a call)
-_INLINE_FORMS = {operator.getitem: "{h}[{k}]", dict.get: "{h}.get({k})", _proxy_get: "{h}.get({k})",
+_INLINE_FORMS = {_itself: "{h}", operator.getitem: "{h}[{k}]", dict.get: "{h}.get({k})", _proxy_get: "{h}.get({k})",
                  getattr: "{h}.{name}", operator.contains: "({k} in {h})"}
 
 
@@ -547,8 +551,11 @@ class _Watch:
         self.holders, self.keys, self.values = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     def holds(self) -> bool:
-        now = map(self.get, self.holders, self.keys)
-        return all(map(operator.is_, now, self.values)) if self.same == "is" else list(now) == self.values
+        try:
+            now = list(map(self.get, self.holders, self.keys))
+        except Exception:  # noqa: BLE001 - what it read is gone (an emptied closure cell): no longer holds
+            return False
+        return all(map(operator.is_, now, self.values)) if self.same == "is" else now == self.values
 
     def add_checks(self, code: "_GuardCode") -> None:
         """These rows' conditions in ``code``: a few one by one, many by C-level ``map``s (cheaper per row)."""
@@ -569,6 +576,14 @@ def _reached(model: Any) -> tuple[nn.Module, CallableReads | None]:
         return model, None
     reads = callable_reads(model)
     return reached_modules(reads) or nn.Module(), reads
+
+
+def _read(obj: Any, attr: str) -> Any:
+    """``getattr(obj, attr)``, or MISSING if it cannot be read (a deleted closure variable raises ValueError)."""
+    try:
+        return getattr(obj, attr)
+    except Exception:  # noqa: BLE001
+        return MISSING
 
 
 def _in_dicts(rows: list[tuple], classes: bool = False) -> list[tuple]:
@@ -673,6 +688,7 @@ class ModelGuard:
         self._reloadable = [(f, name, f.__code__) for f, name in functions.values()]
         # what a callable model holds by identity (closure cells, code, defaults)
         self._refs = self._reads.refs if self._reads is not None else []
+        self._contents = self._reads.contents if self._reads is not None else []
         plain, by_value = [w for w in watched if not _by_value(w[2])], [w for w in watched if _by_value(w[2])]
         self._watches = [
             _Watch("attributes", dict.get, self._tensor_attrs + _in_dicts(plain) + [own_forward]),
@@ -683,6 +699,7 @@ class ModelGuard:
             _Watch("code", getattr, [(f, "__code__", c) for f, _, c in self._reloadable]),
             _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods]),
             _Watch("references", getattr, [(o, a, v) for o, a, v, _ in self._refs]),
+            _Watch("contents", _itself, [(v, None, kept) for v, kept, _ in self._contents], same="=="),
             self._record_unset()]
 
     def _record_unset(self) -> _Watch:
@@ -749,7 +766,8 @@ class ModelGuard:
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
         lines += [f"{q!r} was set on {where}, hiding its class's value" for q, d, k, where in self._unset if k in d]
-        lines += [line for o, a, v, line in self._refs if getattr(o, a, MISSING) is not v]
+        lines += [line for o, a, v, line in self._refs if _read(o, a) is not v]
+        lines += [line for v, kept, line in self._contents if v != kept]
         return lines
 
     def _tensor_changes(self, model: nn.Module) -> list[str]:

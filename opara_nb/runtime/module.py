@@ -187,7 +187,10 @@ class OparaModule(nn.Module):
                 hot = self._hot
                 if hot is not None:
                     entry, check, graphed = hot
-                    leaves = check(args, kwargs)
+                    try:
+                        leaves = check(args, kwargs)
+                    except Exception:  # noqa: BLE001 - what it reads is gone (a deleted closure variable): recheck
+                        leaves = None
                     if leaves is not None:
                         entry.calls += 1
                         try:

@@ -1,9 +1,10 @@
 """Outputs that pytree does not open: a Hugging Face cache object, a class of the user's.
 
 Eager returns a new such object on every call, holding new tensors. A replay has only the one object built when
-the call was captured, holding the graph's own output memory. ``OpaqueOutput`` keeps that object private and hands
+the call was captured, holding the graph's own output memory. ``OpaqueOutputs`` keeps that object private and hands
 out a copy per call instead: the graph's tensors copied (tensors that share memory still share it in the copies),
-while the caller's inputs, the model's parameters and buffers, and modules stay themselves, as in eager.
+while what the call did not create stays itself, as in eager: the caller's inputs, the model's parameters, buffers
+and modules, and any object that was the same in two runs of the call (the model's own, a global).
 
 The copy is planned once, at capture: plain objects (a ``__dict__``, no copy hooks of their own), lists, tuples and
 dicts are rebuilt by code made for this object, and anything else goes to ``copy.deepcopy`` with the tensors already
@@ -11,6 +12,7 @@ copied. ``copy.deepcopy`` of a Hugging Face ``DynamicCache`` costs about 200 us 
 """
 from __future__ import annotations
 
+import collections
 import copy
 import enum
 import types
@@ -19,8 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["OpaqueOutput", "copy_tensors", "reachable"]
+__all__ = ["OpaqueOutputs", "copy_tensors", "held", "reachable"]
 
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or type())
 _MAX_OBJECTS = 10_000  # an output that reaches further than this is not copied per call: the call is not replayed
 _ATOMIC = (str, bytes, int, float, complex, bool, type(None), type, range, enum.Enum, torch.device, torch.dtype,
            torch.Size, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
@@ -34,40 +37,53 @@ class _Call:
         self.copies, self.leaves, self.built = copies, leaves, {}
 
 
-class OpaqueOutput:
-    """The captured object ``obj``; ``fresh(leaves)`` is a copy of it for one call with input ``leaves``.
+class OpaqueOutputs:
+    """The outputs at ``positions`` of the captured output leaves ``outs`` (objects pytree does not open);
+    ``fresh(leaves, handed)`` puts a copy of each into ``handed`` (this call's output leaves, the tensors among them
+    already decided) for one call with input ``leaves``. One copy serves every place an object or tensor is held:
+    an object returned twice, or a tensor returned and also held by an object, is one object in the copy, as in eager.
 
     ``static``: the graph's input buffers by leaf position (``slots``: those copied from the caller);
-    ``owned(t)``: the model's parameter or buffer ``t`` is or views, or None. Raises ``ValueError`` (why) when the
-    object holds a view of an input or of a parameter (a copy would not be that view), reaches too far, or cannot
-    be copied."""
+    ``owned(t)``: the model's parameter or buffer ``t`` is or views, or None; ``existing``: ids of the objects the
+    call did not create (the same object in two runs of it: the model's own, globals), kept as themselves. Raises
+    ``ValueError`` (why) when an object holds a view of an input or of a parameter (a copy would not be that view),
+    refers to itself, reaches too far, or cannot be copied."""
 
-    def __init__(self, obj: Any, static: list[Any], slots: list[int],
-                 owned: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
-        self._obj, self._name = obj, type(obj).__name__
+    def __init__(self, outs: list[Any], positions: list[int], static: list[Any], slots: list[int],
+                 owned: Callable[[torch.Tensor], torch.Tensor | None], existing: dict[int, Any]) -> None:
+        self._name = " and ".join(sorted({type(outs[j]).__name__ for j in positions}))
         self._inputs = {id(static[i]): i for i in slots}
+        self._top = {id(x): j for j, x in enumerate(outs) if isinstance(x, torch.Tensor)}  # handed out as decided
         storages = {static[i].untyped_storage().data_ptr() for i in slots}
-        self._keep: dict[int, Any] = {}  # themselves in every copy: modules, parameters, buffers
-        self._tensors: list[torch.Tensor] = []  # the graph's memory: copied per call
-        for x in reachable(obj):
-            if isinstance(x, nn.Module) or (id(x) not in self._inputs and owned(x) is x):
-                self._keep[id(x)] = x
-            elif id(x) in self._inputs:
+        self._keep: dict[int, Any] = {}  # themselves in every copy
+        self._existing = existing
+        tensors: dict[int, torch.Tensor] = {}  # the graph's memory: copied per call
+        for x in (x for j in positions for x in reachable(outs[j])):
+            key = id(x)
+            if key in self._inputs or key in self._top:
                 continue
+            if isinstance(x, nn.Module) or key in existing or owned(x) is x:
+                self._keep[key] = x
             elif owned(x) is not None or x.untyped_storage().data_ptr() in storages:
                 raise ValueError(f"the model returns a {self._name} object holding a view of an input or a "
                                  "parameter, which a copy per call would not keep")
             else:
-                self._tensors.append(x)
-        self._make = self._maker(obj, set())
+                tensors[key] = x
+        self._tensors = list(tensors.values())
+        self._makers = [(j, self._maker(outs[j], set())) for j in positions]
         try:
-            self.fresh(static)  # once now: what cannot be copied is found at capture, not at a call
+            self.fresh(static, list(outs))  # once now: what cannot be copied is found at capture, not at a call
         except Exception as exc:  # noqa: BLE001 - any reason not to copy it is a reason not to replay it
             raise ValueError(f"the model returns a {self._name} object that cannot be copied per call "
                              f"({type(exc).__name__}: {exc})") from None
 
-    def fresh(self, leaves: list[Any]) -> Any:
-        return self._make(_Call(copy_tensors(self._tensors), leaves))
+    def fresh(self, leaves: list[Any], handed: list[Any]) -> None:
+        copies = copy_tensors(self._tensors)
+        for key, j in self._top.items():
+            copies[key] = handed[j]
+        call = _Call(copies, leaves)
+        for j, make in self._makers:
+            handed[j] = make(call)
 
     def _maker(self, x: Any, path: set[int]) -> _Make:
         key = id(x)
@@ -78,7 +94,7 @@ class OpaqueOutput:
             if key in self._keep:
                 return lambda call: x
             return lambda call: call.copies[key]
-        if key in self._keep or isinstance(x, _ATOMIC):
+        if key in self._keep or key in self._existing or isinstance(x, _ATOMIC):
             return lambda call: x
         if key in path:
             raise ValueError(f"the model returns a {self._name} object that refers to itself")
@@ -108,7 +124,7 @@ class OpaqueOutput:
         kind = type(x)
         hooks = ("__deepcopy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")
         if not isinstance(getattr(x, "__dict__", None), dict) or any(
-                getattr(kind, h, None) is not getattr(object, h, None) for h in hooks):
+                getattr(kind, h, None) is not getattr(object, h, None) for h in hooks) or not _python_class(kind):
             return None
         items = [(k, self._maker(v, path)) for k, v in vars(x).items()]
         slots = [(k, self._maker(getattr(x, k), path)) for k in _slots(x)]
@@ -124,8 +140,7 @@ class OpaqueOutput:
 
     def _deepcopy(self, x: Any) -> _Make:
         def build(call: _Call) -> Any:
-            memo = dict(self._keep)
-            memo.update(call.copies)
+            memo = {**self._keep, **self._existing, **call.copies, **call.built}
             memo.update((key, call.leaves[i]) for key, i in self._inputs.items())
             return copy.deepcopy(x, memo)
 
@@ -152,19 +167,30 @@ def copy_tensors(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
 def reachable(obj: Any) -> list[Any]:
     """The tensors and modules ``obj`` holds, through containers, ``__dict__`` and ``__slots__`` (not into
     modules)."""
-    found, seen, todo = [], {id(obj)}, [obj]
+    return [x for x in held(obj).values() if isinstance(x, (torch.Tensor, nn.Module))]
+
+
+def held(obj: Any) -> dict[int, Any]:
+    """Everything ``obj`` holds, itself included, by id: through containers, ``__dict__`` and ``__slots__`` (not
+    into tensors and modules)."""
+    seen, todo = {id(obj): obj}, [obj]
     while todo:
         if len(seen) > _MAX_OBJECTS:
             raise ValueError(f"the model returns a {type(obj).__name__} object too large to copy per call")
         x = todo.pop()
         if isinstance(x, (torch.Tensor, nn.Module)):
-            found.append(x)
             continue
         for child in _children(x):
             if id(child) not in seen:
-                seen.add(id(child))
+                seen[id(child)] = child
                 todo.append(child)
-    return found
+    return seen
+
+
+def _python_class(kind: type) -> bool:
+    """Whether instances of ``kind`` keep all their state in attributes: every class but ``object`` in its MRO is
+    defined in Python (a subclass of dict, list or deque keeps its items elsewhere)."""
+    return all(c is object or (c.__flags__ & _HEAPTYPE and c.__module__ != "builtins") for c in kind.__mro__)
 
 
 def _children(x: Any) -> list[Any]:
@@ -174,7 +200,7 @@ def _children(x: Any) -> list[Any]:
         return []
     if isinstance(x, dict):
         return [*x.keys(), *x.values()]
-    if isinstance(x, (list, tuple, set, frozenset)):
+    if isinstance(x, (list, tuple, set, frozenset, collections.deque)):
         return list(x)
     return [*getattr(x, "__dict__", {}).values(), *(getattr(x, k) for k in _slots(x))]
 
