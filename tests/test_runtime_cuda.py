@@ -656,6 +656,87 @@ def test_21_planning_profiling_and_the_backend_leave_running_stats_and_tensor_at
     assert model.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 1
 
 
+
+# GPU twins of the seventh sweep's fixes (CPU tests in test_runtime_trust.py, test_trust_model_guard.py,
+# test_runtime_objects.py): written after the session's device time was spent, not yet run on a GPU
+class _Label:
+    def __init__(self, text):
+        self.text = text
+
+
+class _Holder:
+    def __init__(self, t, label, keep):
+        self.t, self.label, self.keep = t, label, keep
+
+
+class _ReturnsHolders(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.label, self.table = _Label("a"), torch.arange(8.0, device="cuda")
+
+    def forward(self, x):
+        y = self.lin(x)
+        box = _Holder(y, self.label, [self.table, y[:, :2]])
+        return y, box, box, self.table
+
+
+def test_22_output_objects_keep_what_the_call_did_not_create_and_share_what_eager_shares():
+    model, x = _ReturnsHolders().cuda().eval(), torch.randn(4, 8, device="cuda")
+    om = _quiet(optimize, model, x)
+    for _ in range(2):
+        y, box, again, table = _quiet(om, x)
+    assert om.report.mode == "cuda-graph"
+    assert box is again and box.t is y and box.label is model.label and table is model.table
+    assert box.keep[0] is model.table and box.keep[1].data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, _eager(model, x)[0])
+    x2 = torch.randn(4, 8, device="cuda")
+    y2, box2, _, _ = _quiet(om, x2)
+    assert box2 is not box
+    torch.testing.assert_close(box.t, _eager(model, x)[0])  # what the caller held is not overwritten
+    torch.testing.assert_close(box2.t, _eager(model, x2)[0])
+    model.label = _Label("b")
+    assert _quiet(om, x)[1].label is model.label
+    om.release()
+
+
+def test_23_a_bound_method_and_a_closure_model_are_never_replayed_stale(monkeypatch):
+    class Enc(nn.Module):
+        alpha = 2.0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def helper(self, y):
+            return y * self.alpha
+
+        def encode(self, x):
+            return self.helper(self.lin(x))
+
+    enc, x = Enc().cuda().eval(), torch.randn(4, 8, device="cuda")
+    om = _quiet(optimize, enc.encode, x)
+    for _ in range(2):
+        _quiet(om, x)
+    monkeypatch.setattr(Enc, "helper", lambda self, y: y - 1)
+    torch.testing.assert_close(_quiet(om, x), _eager(enc.encode, x))
+    enc.alpha = 5.0
+    monkeypatch.setattr(Enc, "helper", lambda self, y: y * self.alpha)
+    torch.testing.assert_close(_quiet(om, x), _eager(enc.encode, x))
+    lin, weights = nn.Linear(8, 8).cuda().eval(), [1.0, 2.0]
+
+    def f(y):
+        return lin(y) * weights[1]
+
+    closure = _quiet(optimize, f, x)
+    for _ in range(2):
+        _quiet(closure, x)
+    weights[1] = 3.0
+    torch.testing.assert_close(_quiet(closure, x), _eager(f, x))
+    om.release()
+    closure.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():
