@@ -1224,7 +1224,7 @@ class ReturnsItsObjects(nn.Module):
 
     def forward(self, x):
         y = self.lin(x)
-        box = _Out(y, self.meta, [SENTINEL, self.table])
+        box = _Out(y, self.meta, [SENTINEL, self.table, y[:, 1:3]])
         return y, box, box, _Items(out=y * 2), self.table
 
 
@@ -1239,6 +1239,7 @@ def test_objects_the_model_holds_come_back_as_themselves_and_shared_objects_stay
     assert om.report.mode == "cuda-graph"
     assert box is again and box.t is y and box.meta is model.meta and box.extra[0] is SENTINEL
     assert box.extra[1] is model.table and table is model.table
+    assert box.extra[2].data_ptr() == y[:, 1:3].data_ptr()  # a view of the output handed out, as in eager
     assert type(items) is _Items and set(items) == {"out"}
     torch.testing.assert_close(items["out"], _expect(model, x)[0] * 2)
     model.meta = _Meta("b")

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.sandbox import same_values
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
-from .objects import OpaqueOutputs, copy_tensors, held
+from .objects import OpaqueOutputs, copy_tensors, held, view_in
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
@@ -353,9 +353,9 @@ class GraphedCall:
         if self._aliases or self._owners or self._opaque:
             outs = list(outs)
             for i, slot in self._aliases:
-                outs[i] = _in_caller(self._out[i], self._static[slot], leaves[slot])
+                outs[i] = view_in(self._out[i], self._static[slot], leaves[slot])
             for i, owner in self._owners:
-                outs[i] = _in_caller(self._out[i], owner, owner)
+                outs[i] = view_in(self._out[i], owner, owner)
             if self._opaque is not None:
                 self._opaque.fresh(leaves, outs)
         if self._single:
@@ -417,20 +417,6 @@ def _direct_replay(graph: Any) -> Callable[[], None]:
     if base is None or not isinstance(graph, base) or getattr(graph, "_tracker", None) is not None:
         return graph.replay
     return base.replay.__get__(graph)
-
-
-def _in_caller(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-    """What eager returns where the graph returned (a view of) its copy of an input: the caller's tensor itself, or
-    the same view of it (the guards hold its strides to the captured ones), in the view's dtype (``x.real``,
-    ``x.view(torch.int32)``)."""
-    if out is static:
-        return leaf
-    if out.dtype == leaf.dtype:
-        return leaf.as_strided(out.size(), out.stride(), leaf.storage_offset() + out.storage_offset()
-                               - static.storage_offset())
-    start = (out.storage_offset() * out.element_size() - static.storage_offset() * static.element_size()
-             + leaf.storage_offset() * leaf.element_size())  # in bytes
-    return out.new_empty(0).set_(leaf.untyped_storage(), start // out.element_size(), out.size(), out.stride())
 
 
 def _rebuilder(out: Any, spec: Any) -> Callable[[list], Any]:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["OpaqueOutputs", "copy_tensors", "held", "reachable"]
+__all__ = ["OpaqueOutputs", "copy_tensors", "held", "reachable", "view_in"]
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or type())
 _MAX_OBJECTS = 10_000  # an output that reaches further than this is not copied per call: the call is not replayed
@@ -54,6 +54,8 @@ class OpaqueOutputs:
         self._name = " and ".join(sorted({type(outs[j]).__name__ for j in positions}))
         self._inputs = {id(static[i]): i for i in slots}
         self._top = {id(x): j for j, x in enumerate(outs) if isinstance(x, torch.Tensor)}  # handed out as decided
+        in_top = {x.untyped_storage().data_ptr(): j for j, x in enumerate(outs) if isinstance(x, torch.Tensor)}
+        self._views: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # views of a tensor handed out
         storages = {static[i].untyped_storage().data_ptr() for i in slots}
         self._keep: dict[int, Any] = {}  # themselves in every copy
         self._existing = existing
@@ -67,6 +69,9 @@ class OpaqueOutputs:
             elif owned(x) is not None or x.untyped_storage().data_ptr() in storages:
                 raise ValueError(f"the model returns a {self._name} object holding a view of an input or a "
                                  "parameter, which a copy per call would not keep")
+            elif x.untyped_storage().data_ptr() in in_top:  # a view of an output: the same view of what is handed
+                j = in_top[x.untyped_storage().data_ptr()]
+                self._views.append((key, x, outs[j], j))
             else:
                 tensors[key] = x
         self._tensors = list(tensors.values())
@@ -81,6 +86,8 @@ class OpaqueOutputs:
         copies = copy_tensors(self._tensors)
         for key, j in self._top.items():
             copies[key] = handed[j]
+        for key, view, base, j in self._views:
+            copies[key] = view_in(view, base, handed[j])
         call = _Call(copies, leaves)
         for j, make in self._makers:
             handed[j] = make(call)
@@ -162,6 +169,20 @@ def copy_tensors(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         for k, t in group.items():
             copies[k] = t.new_empty(0).set_(memory, t.storage_offset(), t.size(), t.stride())
     return copies
+
+
+def view_in(out: torch.Tensor, static: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """What eager returns where the graph returned (a view of) its copy of an input: the caller's tensor itself, or
+    the same view of it (the guards hold its strides to the captured ones), in the view's dtype (``x.real``,
+    ``x.view(torch.int32)``)."""
+    if out is static:
+        return leaf
+    if out.dtype == leaf.dtype:
+        return leaf.as_strided(out.size(), out.stride(), leaf.storage_offset() + out.storage_offset()
+                               - static.storage_offset())
+    start = (out.storage_offset() * out.element_size() - static.storage_offset() * static.element_size()
+             + leaf.storage_offset() * leaf.element_size())  # in bytes
+    return out.new_empty(0).set_(leaf.untyped_storage(), start // out.element_size(), out.size(), out.stride())
 
 
 def reachable(obj: Any) -> list[Any]:
