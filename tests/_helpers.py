@@ -56,8 +56,9 @@ class Outputs(nn.Module):
 
     def forward(self, x):
         y = self.lin(x).relu()
-        return {"twice": lambda: (y, y), "dict twice": lambda: {"a": y, "b": [y]}, "base and view": lambda: (y, y.view(-1)),
-                "two slices": lambda: (y[0], y[1]), "input": lambda: (x, y), "view of input": lambda: (x[0], y)}[self.kind]()
+        return {"twice": lambda: (y, y), "dict twice": lambda: {"a": y, "b": [y]},
+                "base and view": lambda: (y, y.view(-1)), "two slices": lambda: (y[0], y[1]),
+                "input": lambda: (x, y), "view of input": lambda: (x[0], y)}[self.kind]()
 
 
 class Counting(nn.Module):
@@ -160,3 +161,60 @@ def run_threads(work, n: int) -> list:
     for t in threads:
         t.join()
     return errors
+
+
+class Box:
+    """An argument pytree does not open, equal by name: a replay keyed by it would serve another call's tensor."""
+
+    def __init__(self, name, t):
+        self.name, self.t = name, t
+
+    def __eq__(self, other):
+        return isinstance(other, Box) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+class ReadsABox(nn.Module):
+    def forward(self, x, box):
+        return x + box.t
+
+
+class ViewsOfEachOther(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y[:, :3], y
+
+
+class ReturnsItsOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("buf", torch.zeros(4))
+
+    def forward(self, x):
+        return self.lin(x), self.lin.weight, self.buf, self.lin.weight[0]
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.step = 0
+
+
+class Stepping(nn.Module):
+    """A forward that reads a field of a plain object and advances it: a replay would skip the update, and the field
+    would look changed to the guard on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.state = nn.Linear(4, 4), Steps()
+
+    def forward(self, x):
+        y = self.lin(x) * (1.0 + self.state.step)
+        self.state.step = self.state.step + 1
+        return y

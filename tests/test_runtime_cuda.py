@@ -23,7 +23,8 @@ from opara_nb import models
 from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
-from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, ItemNet, Outputs
+from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, ItemNet, Outputs, ReadsABox,
+                      ReturnsItsOwn, Stepping, ViewsOfEachOther)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -403,40 +404,22 @@ def test_13_a_strided_view_input_is_planned_on_a_copy_and_written_once_by_the_ca
     om.release()
 
 
-class _Box:
-    """An argument pytree does not open, equal by name: a replay keyed by it would serve another call's tensor."""
-
-    def __init__(self, name, t):
-        self.name, self.t = name, t
-
-    def __eq__(self, other):
-        return isinstance(other, _Box) and other.name == self.name
-
-    def __hash__(self):
-        return hash(self.name)
-
-
-class _ReadsABox(nn.Module):
-    def forward(self, x, box):
-        return x + box.t
-
-
 class _ReturnsABox(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        return _Box("out", self.lin(x))
+        return Box("out", self.lin(x))
 
 
 def test_14_odd_arguments_run_the_original_and_odd_outputs_are_a_new_object_each_call():
     dev = "cuda"
-    om = _quiet(optimize, _ReadsABox().eval(), torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
-    _quiet(om, torch.zeros(2, device=dev), _Box("w", torch.ones(2, device=dev)))
-    out = _quiet(om, torch.zeros(2, device=dev), _Box("w", torch.full((2,), 7.0, device=dev)))
+    om = _quiet(optimize, ReadsABox().eval(), torch.zeros(2, device=dev), Box("w", torch.ones(2, device=dev)))
+    _quiet(om, torch.zeros(2, device=dev), Box("w", torch.ones(2, device=dev)))
+    out = _quiet(om, torch.zeros(2, device=dev), Box("w", torch.full((2,), 7.0, device=dev)))
     torch.testing.assert_close(out, torch.full((2,), 7.0, device=dev))
-    assert not out.requires_grad and "_Box" in om.report.reason
+    assert not out.requires_grad and "Box" in om.report.reason
     model = _ReturnsABox().cuda().eval()
     boxed = _quiet(optimize, model, torch.ones(4, 8, device=dev))
     x1, x2 = torch.randn(4, 8, device=dev), torch.randn(4, 8, device=dev)
@@ -455,7 +438,7 @@ class _ShapesViewsAndACache(nn.Module):
 
     def forward(self, x, z):
         y = self.lin(x)
-        return y, y.shape, z.real, x.view(torch.int32), _Box("cache", [self.lin(y), y])
+        return y, y.shape, z.real, x.view(torch.int32), Box("cache", [self.lin(y), y])
 
 
 def test_18_sizes_views_in_another_dtype_object_outputs_and_dlpack_holders_on_cuda():
@@ -477,18 +460,8 @@ def test_18_sizes_views_in_another_dtype_object_outputs_and_dlpack_holders_on_cu
     om.release()
 
 
-class _ViewsOfEachOther(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 6)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y, y[:, :3], y
-
-
 def test_15_copied_outputs_that_share_memory_still_share_it():
-    om = _quiet(optimize, _ViewsOfEachOther().cuda().eval(), torch.randn(3, 4, device="cuda"), clone_outputs=True)
+    om = _quiet(optimize, ViewsOfEachOther().cuda().eval(), torch.randn(3, 4, device="cuda"), clone_outputs=True)
     x = torch.randn(3, 4, device="cuda")
     y, head, same = _quiet(om, x)
     assert om.report.mode == "cuda-graph"
@@ -500,19 +473,9 @@ def test_15_copied_outputs_that_share_memory_still_share_it():
     om.release()
 
 
-class _ReturnsItsOwn(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.register_buffer("buf", torch.zeros(4))
-
-    def forward(self, x):
-        return self.lin(x), self.lin.weight, self.buf, self.lin.weight[0]
-
-
 @pytest.mark.parametrize("clone_outputs", [None, True, False])
 def test_16_a_parameter_or_buffer_the_model_returns_comes_back_as_itself(clone_outputs):
-    model, x = _ReturnsItsOwn().cuda().eval(), torch.randn(2, 4, device="cuda")
+    model, x = ReturnsItsOwn().cuda().eval(), torch.randn(2, 4, device="cuda")
     om = _quiet(optimize, model, x, clone_outputs=clone_outputs)
     for _ in range(2):
         out, weight, buf, row = _quiet(om, x)
@@ -525,26 +488,8 @@ def test_16_a_parameter_or_buffer_the_model_returns_comes_back_as_itself(clone_o
     om.release()
 
 
-class _Steps:
-    def __init__(self) -> None:
-        self.step = 0
-
-
-class _Stepping(nn.Module):
-    """Reads a field of a plain object and advances it on every call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.state = nn.Linear(4, 4), _Steps()
-
-    def forward(self, x):
-        y = self.lin(x) * (1.0 + self.state.step)
-        self.state.step = self.state.step + 1
-        return y
-
-
 def test_17_a_self_changing_forward_runs_the_original_and_a_fallback_keeps_no_autograd_graph():
-    model, x = _Stepping().cuda().eval(), torch.randn(2, 4, device="cuda")
+    model, x = Stepping().cuda().eval(), torch.randn(2, 4, device="cuda")
     om = _quiet(optimize, model, x)
     assert model.state.step == 0
     for step in range(4):

@@ -15,7 +15,8 @@ from torch import nn
 
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
-from _helpers import Block, BranchNet, Configured, Counting, CountsCalls, Outputs, run_threads
+from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Outputs, ReadsABox, ReturnsItsOwn,
+                      Stepping, ViewsOfEachOther, run_threads)
 
 
 def _quiet(fn, *args, **kwargs):
@@ -422,25 +423,6 @@ def test_python_state_the_forward_changes_is_left_alone_by_optimize_and_kept_by_
     assert model.calls == 2 and model.seen == [2, 3]  # each call did what the original model does
     if graphs is not None:  # a replay runs kernels only: such a forward must not be replayed
         assert om.report.mode == "eager" and "Python attributes of the model (calls, seen)" in om.report.reason
-
-
-class Steps:
-    def __init__(self) -> None:
-        self.step = 0
-
-
-class Stepping(nn.Module):
-    """A forward that reads a field of a plain object and advances it: a replay would skip the update, and the field
-    would look changed to the guard on every call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.state = nn.Linear(4, 4), Steps()
-
-    def forward(self, x):
-        y = self.lin(x) * (1.0 + self.state.step)
-        self.state.step = self.state.step + 1
-        return y
 
 
 @pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
@@ -984,29 +966,11 @@ def test_a_strided_view_input_is_planned_on_a_copy_with_its_strides():
     assert model.n.item() == 1 and bool((big[2:5, 4:12] == 1).all()) and big.sum().item() == 24
 
 
-class _Box:
-    """An argument pytree does not open, equal by name: a replay keyed by it would serve another call's tensor."""
-
-    def __init__(self, name, t):
-        self.name, self.t = name, t
-
-    def __eq__(self, other):
-        return isinstance(other, _Box) and other.name == self.name
-
-    def __hash__(self):
-        return hash(self.name)
-
-
-class ReadsABox(nn.Module):
-    def forward(self, x, box):
-        return x + box.t
-
-
 def test_an_argument_that_is_neither_a_tensor_nor_a_plain_value_runs_the_original():
-    om = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), _Box("w", torch.ones(2)), graphs=FakeGraphs())
-    _quiet(om, torch.zeros(2), _Box("w", torch.ones(2)))
-    torch.testing.assert_close(_quiet(om, torch.zeros(2), _Box("w", torch.full((2,), 7.0))), torch.full((2,), 7.0))
-    assert om.report.mode == "eager" and "_Box" in om.report.reason
+    om = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), Box("w", torch.ones(2)), graphs=FakeGraphs())
+    _quiet(om, torch.zeros(2), Box("w", torch.ones(2)))
+    torch.testing.assert_close(_quiet(om, torch.zeros(2), Box("w", torch.full((2,), 7.0))), torch.full((2,), 7.0))
+    assert om.report.mode == "eager" and "Box" in om.report.reason
 
 
 class ReturnsAnObject(nn.Module):
@@ -1015,7 +979,7 @@ class ReturnsAnObject(nn.Module):
         self.lin = nn.Linear(2, 2)
 
     def forward(self, x):
-        return _Box("out", self.lin(x))
+        return Box("out", self.lin(x))
 
 
 def test_an_output_pytree_does_not_open_is_a_new_object_each_call_as_in_eager():
@@ -1066,7 +1030,7 @@ def test_an_object_output_keeps_the_callers_input_the_model_and_shared_memory_as
 
 class ViewsAnInputInAnObject(nn.Module):
     def forward(self, x):
-        return x * 2, _Box("view", x[1:])
+        return x * 2, Box("view", x[1:])
 
 
 def test_an_object_holding_a_view_of_an_input_is_not_replayed():
@@ -1135,16 +1099,6 @@ def test_an_output_held_through_dlpack_is_never_overwritten():
     assert (held == expected).all()
 
 
-class ViewsOfEachOther(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 6)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y, y[:, :3], y
-
-
 def test_copied_outputs_that_share_memory_still_share_it():
     om = _quiet(optimize, ViewsOfEachOther().eval(), torch.randn(3, 4), graphs=FakeGraphs(), clone_outputs=True)
     x = torch.randn(3, 4)
@@ -1154,16 +1108,6 @@ def test_copied_outputs_that_share_memory_still_share_it():
     assert torch.equal(head, y[:, :3])
     again, _, _ = _quiet(om, x)
     torch.testing.assert_close(again + 1, y)
-
-
-class ReturnsItsOwn(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.register_buffer("buf", torch.zeros(4))
-
-    def forward(self, x):
-        return self.lin(x), self.lin.weight, self.buf, self.lin.weight[0]
 
 
 @pytest.mark.parametrize("clone_outputs", [None, True, False])
@@ -1189,10 +1133,10 @@ def test_a_call_that_runs_the_original_returns_no_autograd_graph(graphs):
     om = _quiet(optimize, nn.Sequential(lin).eval(), torch.randn(2), graphs=graphs() if graphs else None)
     assert not _quiet(om, torch.randn(2)).requires_grad
     counting = _quiet(optimize, Counting().eval(), torch.randn(2, 4), graphs=graphs() if graphs else None)
-    boxed = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), _Box("w", lin.weight[0]),
+    boxed = _quiet(optimize, ReadsABox().eval(), torch.zeros(2), Box("w", lin.weight[0]),
                    graphs=graphs() if graphs else None)
     for out in [_quiet(counting, torch.randn(2, 4)) for _ in range(3)] + [
-            _quiet(boxed, torch.zeros(2), _Box("w", lin.weight[0]))]:
+            _quiet(boxed, torch.zeros(2), Box("w", lin.weight[0]))]:
         assert not out.requires_grad and out.grad_fn is None
     om.original.train()
     assert _quiet(om, torch.randn(2)).requires_grad  # training mode: the original with autograd, as documented
