@@ -257,3 +257,22 @@ def test_a_deleted_closure_variable_gives_the_models_own_error():
     del s
     with pytest.raises(NameError):
         _quiet(om, x)
+
+
+class ReadsThroughItsClass(nn.Module):
+    alpha, beta = 2.0, 3.0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * type(self).alpha + self.__class__.beta
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"], ids=["type(self).alpha", "self.__class__.beta"])
+def test_a_class_setting_read_through_the_class_is_replanned(monkeypatch, name):
+    m, x = ReadsThroughItsClass().eval(), torch.randn(3, 4)
+    monkeypatch.setattr(ReadsThroughItsClass, name, getattr(ReadsThroughItsClass, name))
+    _replans(m, x, lambda: monkeypatch.setattr(ReadsThroughItsClass, name, 7.0), f"'{name}' changed",
+             lambda: m(x).detach())

@@ -159,7 +159,7 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
     """(how ``code`` reads ``training``, the names it loads from its first argument, and "name.attr" for a read one
     level further, as in ``self.config.flag``), nested functions included."""
     me = me or (code.co_varnames[0] if code.co_argcount else "")
-    found, called, previous, holder = "", [], None, None
+    found, called, previous, holder, recent = "", [], None, None, []
     for ins in dis.get_instructions(code):
         self_load = previous is not None and previous.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) \
             and previous.argval == me
@@ -167,18 +167,27 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
         if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
             if ins.argval == "training":
                 found = _worse(found, "self" if self_load else "other")
-            elif self_load:
+            elif self_load or holder == "__class__" or _type_of_me(recent, me):
+                # self.name; self.__class__.name and type(self).name read the class's value, watched the same way
                 called.append(read := ins.argval)
             elif holder is not None:
                 called.append(f"{holder}.{ins.argval}")
         elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
             found = "other"
         previous, holder = ins, read
+        recent = [*recent[-3:], ins] if ins.opname != "PRECALL" else recent
     for const in code.co_consts:
         if hasattr(const, "co_code"):
             how, more = code_reads(const, me)
             found, called = _worse(found, how), called + more
     return found, called
+
+
+def _type_of_me(recent: list, me: str) -> bool:
+    """Whether the instructions just before are ``type(me)``: LOAD_GLOBAL type, LOAD_FAST me, CALL."""
+    return len(recent) >= 3 and recent[-1].opname == "CALL" and recent[-2].argval == me and \
+        recent[-2].opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and recent[-3].argval == "type" and \
+        recent[-3].opname == "LOAD_GLOBAL"
 
 
 def is_wrapper(m: Any) -> bool:
