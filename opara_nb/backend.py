@@ -85,14 +85,12 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         return gm.forward
     try:
         from .capture import CapturedGraph
-        from .capture.hazards import graph_writes
         from .capture.sandbox import graph_put_back
         from .runtime import FusedExecutor, PlanExecutor
 
         g = CapturedGraph.from_gm(gm, example_inputs, index)
-        writes = graph_writes(gm)
         if plan_file is None:
-            with graph_put_back(gm, example_inputs):  # profiling runs it on the caller's tensors
+            with graph_put_back(g):  # profiling runs it on the caller's tensors
                 plan = _planned(g, fuse)
         else:
             plan, fused_in_file = _from_file(g, plan_file, example_inputs)
@@ -108,7 +106,7 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         _said_cpu.append(True)  # once per process: a model with graph breaks hands over several graphs
         warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
                       stacklevel=user_stacklevel())
-    return _Runner(executor, cuda, writes)
+    return _Runner(executor, cuda, g.writes)
 
 
 _said_cpu: list[bool] = []

@@ -218,3 +218,19 @@ class Stepping(nn.Module):
         y = self.lin(x) * (1.0 + self.state.step)
         self.state.step = self.state.step + 1
         return y
+
+
+class Encoder(nn.Module):
+    """A module whose model is a bound method (``encode``) calling a helper that reads a class setting."""
+
+    alpha = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def helper(self, y):
+        return y * self.alpha
+
+    def encode(self, x):
+        return self.helper(self.lin(x))

@@ -23,8 +23,8 @@ from opara_nb import models
 from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
-from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, ItemNet, Outputs, ReadsABox,
-                      ReturnsItsOwn, Stepping, ViewsOfEachOther)
+from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Encoder, ItemNet, Outputs,
+                      ReadsABox, ReturnsItsOwn, Stepping, ViewsOfEachOther)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -646,29 +646,16 @@ def test_22_output_objects_keep_what_the_call_did_not_create_and_share_what_eage
 
 
 def test_23_a_bound_method_and_a_closure_model_are_never_replayed_stale(monkeypatch):
-    class Enc(nn.Module):
-        alpha = 2.0
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def helper(self, y):
-            return y * self.alpha
-
-        def encode(self, x):
-            return self.helper(self.lin(x))
-
-    enc, x = Enc().cuda().eval(), torch.randn(4, 8, device="cuda")
+    enc, x = Encoder().cuda().eval(), torch.randn(4, 4, device="cuda")
     om = _quiet(optimize, enc.encode, x)
     for _ in range(2):
         _quiet(om, x)
-    monkeypatch.setattr(Enc, "helper", lambda self, y: y - 1)
+    monkeypatch.setattr(Encoder, "helper", lambda self, y: y - 1)
     torch.testing.assert_close(_quiet(om, x), _eager(enc.encode, x))
     enc.alpha = 5.0
-    monkeypatch.setattr(Enc, "helper", lambda self, y: y * self.alpha)
+    monkeypatch.setattr(Encoder, "helper", lambda self, y: y * self.alpha)
     torch.testing.assert_close(_quiet(om, x), _eager(enc.encode, x))
-    lin, weights = nn.Linear(8, 8).cuda().eval(), [1.0, 2.0]
+    lin, weights = nn.Linear(4, 4).cuda().eval(), [1.0, 2.0]
 
     def f(y):
         return lin(y) * weights[1]

@@ -15,6 +15,7 @@ from torch import nn
 from opara_nb.runtime import OparaNotice, optimize
 from opara_nb.runtime.guards import CallState, ModelGuard, hot_guard
 from opara_nb.testing import FakeGraphs
+from _helpers import Encoder
 
 SCALE = 2.0
 
@@ -218,20 +219,6 @@ def test_in_place_and_keyword_default_edits_of_a_function_model_are_replanned():
                  lambda: q(x))
     finally:
         _scaled_by.__kwdefaults__ = kw
-
-
-class Encoder(nn.Module):
-    alpha = 2.0
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def helper(self, y):
-        return y * self.alpha
-
-    def encode(self, x):
-        return self.helper(self.lin(x))
 
 
 def test_a_bound_method_model_sees_its_helpers_replaced_and_its_class_settings_hidden(monkeypatch):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 
-from .hazards import UNKNOWN, mutated_inputs, storage_keys
+from .hazards import UNKNOWN, graph_writes, mutated_inputs, storage_keys
 
 if TYPE_CHECKING:
     from ..schedule import DAG
@@ -135,6 +135,12 @@ class CapturedGraph:
         """Annotate ``gm``'s nodes and build its DAG."""
         annotate(gm)
         return cls(gm=gm, example_inputs=list(example_inputs), dag=build_dag(gm), index=index)
+
+    @functools.cached_property
+    def writes(self) -> bool:
+        """Whether the graph may write memory in place (``hazards.graph_writes``): an input, a buffer, running
+        statistics."""
+        return graph_writes(self.gm)
 
     def node(self, name: str) -> torch.fx.Node:
         try:

@@ -196,17 +196,18 @@ def is_wrapper(m: Any) -> bool:
     return getattr(type(m), "_opara_wrapper", False)
 
 
-def settings_read(model: nn.Module) -> list[tuple[str, dict, str, bool, str]]:
+def settings_read(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[str, dict, str, bool, str]]:
     """(qualified name, the ``__dict__`` that holds it, key, whether the reading class is the user's own, kind) of
     every plain value (number, flag, string, tuple) a ``forward`` in ``model`` reads, each value once. Kinds: "self"
     (``self.name``, held by the instance or, as ``alpha = 2.0`` in a class body, by its class or a base class: then
     the class ``__dict__``, a read-only mapping), "field" (``self.holder.field`` of a plain object, directly or
     through a property of it) and "global" (a global name of the user's own code: a constant in the notebook, say, or
     a helper function, with what that function reads in turn). torch.nn's own modules are left out: their settings
-    are fixed at construction and their training flags are tracked."""
+    are fixed at construction and their training flags are tracked. ``starts``: by module id, the method a call runs
+    instead of ``forward`` (a bound method given as the model)."""
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
-    for at, m, own in _reading_modules(model):
-        _module_settings(at, m, own, forward_reads(type(m)), found)
+    for at, m, own, start in _reading_modules(model, starts):
+        _module_settings(at, m, own, forward_reads(type(m), start), found)
     return list(found.values())
 
 
@@ -217,9 +218,11 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
         if "." not in k:
             holder = m if k in m.__dict__ else _class_holding(m, k)[1]
             value = vars(holder).get(k, MISSING) if holder is not None else MISSING
-            # an object the instance holds (``self.meta``, a tensor, a function) is watched by identity: a graph
-            # bakes in what it read of it, and an output may hold it
-            held = holder is m and value is not MISSING and not isinstance(value, nn.Module)
+            # another object the instance holds (``self.meta``, a function) is watched by identity: a graph bakes in
+            # what it read of it, and an output may hold it. (Tensor attributes are the guard's own watch; a list of
+            # tensors compared by contents would compare tensors.)
+            held = holder is m and value is not MISSING and type(value) not in CONTAINERS \
+                and not isinstance(value, (nn.Module, torch.Tensor))
             if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
             continue
@@ -242,13 +245,13 @@ def _class_holding(m: Any, k: str) -> tuple[list[type], type | None]:
     return ahead, None
 
 
-def unset_read(model: nn.Module) -> list[tuple[str, Any, str, bool]]:
+def unset_read(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[str, Any, str, bool]]:
     """(qualified name, the module or class, key, whether the reading class is the user's own) for every plain value
     a ``forward`` reads from a class (``alpha = 2.0`` in its body, or a base class's): the instance, or a class ahead
     in the MRO, gaining that name would hide the value a graph baked in. Each (object, key) once."""
     found: dict[tuple[int, str], tuple[str, Any, str, bool]] = {}
-    for at, m, own in _reading_modules(model):
-        for k in sorted(forward_reads(type(m))[1]):
+    for at, m, own, start in _reading_modules(model, starts):
+        for k in sorted(forward_reads(type(m), start)[1]):
             if "." in k or k == "training" or k in m.__dict__:
                 continue
             ahead, holder = _class_holding(m, k)
@@ -257,10 +260,11 @@ def unset_read(model: nn.Module) -> list[tuple[str, Any, str, bool]]:
     return list(found.values())
 
 
-def _reading_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """(qualified prefix, module, whether its class is the user's own) of the modules whose reads are watched:
-    torch.nn's own are left out (their settings are fixed at construction, their training flags tracked)."""
-    return [(f"{prefix}." if prefix else "", m, not from_a_library(type(m)))
+def _reading_modules(model: nn.Module, starts: dict[int, str] | None) -> list[tuple[str, nn.Module, bool, str]]:
+    """(qualified prefix, module, whether its class is the user's own, the method a call runs: ``forward`` unless
+    ``starts`` says) of the modules whose reads are watched: torch.nn's own are left out (their settings are fixed at
+    construction, their training flags tracked)."""
+    return [(f"{prefix}." if prefix else "", m, not from_a_library(type(m)), (starts or {}).get(id(m), "forward"))
             for prefix, m in model.named_modules(remove_duplicate=False)
             if not type(m).__module__.startswith("torch.nn.") and not is_wrapper(m)]
 
@@ -282,15 +286,15 @@ def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 
     return found
 
 
-def methods_read(model: nn.Module) -> list[tuple[Any, str, Any, str]]:
+def methods_read(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[Any, str, Any, str]]:
     """(the class ``__dict__`` that defines it, name, function, "Class.name") of ``forward`` and every method it
     reaches as ``self.name``, for the classes of the user's own code in ``model``: a graph bakes in what they did, so
     one replaced on its class (``Block.forward = f``) must be seen. Library classes are left out."""
     found: dict[tuple[int, str], tuple[Any, str, Any, str]] = {}
-    for cls in {type(m) for m in model.modules() if not is_wrapper(m)}:
+    for cls, start in {(type(m), (starts or {}).get(id(m), "forward")) for m in model.modules() if not is_wrapper(m)}:
         if cls.__module__.startswith("torch.") or from_a_library(cls):
             continue
-        for name in sorted(forward_reads(cls)[1]):
+        for name in sorted(forward_reads(cls, start)[1]):
             owner = next((k for k in cls.__mro__ if name in vars(k)), None)
             fn = vars(owner).get(name) if owner is not None else None
             if isinstance(fn, types.FunctionType) and owner is not nn.Module:
@@ -304,14 +308,16 @@ class CallableReads:
     ``settings`` (as ``settings_read``: values bound by name in a dict: globals, a partial's keywords); ``refs``
     (object, attribute, value, the line that says it changed): closure cells, code and defaults, by identity;
     ``contents`` (list, dict or set, a copy of its contents, the line): plain containers held in a closure or as a
-    partial's argument, by contents (they can change in place); ``opaque``: why it cannot be inspected soundly ("" when
-    it can)."""
+    partial's argument, by contents (they can change in place); ``starts``: by module id, the method a bound-method
+    model runs instead of ``forward``, read through like a forward; ``opaque``: why it cannot be inspected soundly (""
+    when it can)."""
 
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     settings: list[tuple[str, dict, str, bool, str]] = dataclasses.field(default_factory=list)
     refs: list[tuple[Any, str, Any, str]] = dataclasses.field(default_factory=list)
     contents: list[tuple[Any, Any, str]] = dataclasses.field(default_factory=list)
     tensors: list[tuple[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # (name, tensor) it holds
+    starts: dict[int, str] = dataclasses.field(default_factory=dict)
     opaque: str = ""
 
 
@@ -321,19 +327,6 @@ def callable_reads(fn: Any) -> CallableReads:
     found = CallableReads()
     _reach(fn, "model", found, set())
     return found
-
-
-def _method_refs(me: nn.Module, names: frozenset[str]) -> list[tuple[Any, str, Any, str]]:
-    """For a bound method given as the model (not ``forward``, whose reads the module guard covers): the methods it
-    calls as ``self.name``, replaced on the class, and the class settings it reads, hidden by the instance."""
-    cls, rows = type(me), []
-    for k in sorted(n for n in names if "." not in n and n != "training"):
-        value = getattr(cls, k, MISSING)
-        if isinstance(value, types.FunctionType):
-            rows.append((cls, k, value, f"method '{cls.__name__}.{k}' was replaced on its class"))
-        elif k not in me.__dict__ and plain_setting(value):
-            rows.append((me, k, value, f"{k!r} was set on the instance, hiding its class's value"))
-    return rows
 
 
 def reached_modules(reads: CallableReads) -> nn.Module | None:
@@ -363,13 +356,7 @@ def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
         if getattr(type(me), method.__name__, None) is not method:
             found.opaque = f"{method.__qualname__} is bound by hand, not a method of its module's class"
             return
-        found.refs.append((method, "__code__", method.__code__, f"'{method.__qualname__}' has new code (reloaded)"))
-        own, settings = not from_a_library(type(me)), {}
-        reads = forward_reads(type(me), method.__name__)
-        _module_settings("", me, own, reads, settings)
-        found.settings += settings.values()
-        if own:
-            found.refs += _method_refs(me, reads[1])
+        found.starts[id(me)] = method.__name__  # the module guard reads through it as through a forward
     elif isinstance(fn, types.FunctionType):
         _reach_function(fn, found, seen)
     elif not isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # C code reads no Python state

@@ -13,15 +13,17 @@ while planning: a CUDA graph replays kernels only, so a forward that changes the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .hazards import graph_writes
 from .reads import MISSING, callable_reads, contents, is_wrapper, reached_modules, same_value, settings_read
+
+if TYPE_CHECKING:
+    from .graph import CapturedGraph
 
 __all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back"]
 
@@ -55,9 +57,9 @@ def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
                     t.copy_(copy)
 
 
-def graph_put_back(gm: torch.fx.GraphModule, example_inputs: list) -> contextlib.AbstractContextManager:
-    """``inputs_put_back`` for runs of dynamo graph ``gm``: its inputs and buffers, copied if it may write any."""
-    return inputs_put_back([*example_inputs, *gm.buffers()], graph_writes(gm))
+def graph_put_back(g: "CapturedGraph") -> contextlib.AbstractContextManager:
+    """``inputs_put_back`` for runs of dynamo graph ``g``: its inputs and buffers, copied if it may write any."""
+    return inputs_put_back([*g.example_inputs, *g.gm.buffers()], g.writes)
 
 
 def _same_strides(x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +93,9 @@ class Sandbox:
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
         # tensors the forward may write that are neither: plain tensor attributes, global tensors it reads; and,
         # put back by value only, tensors in a list, tuple or dict attribute, and those a function model holds
-        held = _loose_tensors(self.model, reads)
         owned = {id(t) for t in (*params.values(), *buffers.values())}
-        loose = {name: t for name, t in [*_contained_tensors(self.model), *self._held_by_callable]
-                 if id(t) not in owned}
+        held, contained = _loose_tensors(self.model, reads, owned)
+        loose = {name: t for name, t in [*contained, *self._held_by_callable] if id(t) not in owned}
         loose.update((name, d[k]) for name, d, k in held)
         self._tensors = {**params, **buffers, **loose}
         self._versions = {k: t._version for k, t in self._tensors.items()}
@@ -166,33 +167,31 @@ def _check_not_meta(model: nn.Module) -> None:
                               "model.load_state_dict(...)")
 
 
-def _contained_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(qualified name, tensor) of the tensors held in a list, tuple or dict attribute of a module (one level)."""
-    found = []
+def _loose_tensors(model: nn.Module, reads: list, owned: set[int]) -> tuple[list[tuple[str, dict, str]],
+                                                                            list[tuple[str, torch.Tensor]]]:
+    """The tensors the forward may write in place that are neither parameters nor buffers (ids in ``owned``), each
+    once: (qualified name, the ``__dict__`` that holds it, key) of the modules' plain tensor attributes
+    (``self.seen = torch.zeros(4)``) and of the global tensors their forwards read; and (qualified name, tensor) of
+    those held one level down in a list, tuple or dict attribute."""
+    bound, contained = [], []
     for prefix, m in model.named_modules(remove_duplicate=False):
+        if is_wrapper(m):
+            continue
         for k, v in m.__dict__.items():
-            if k in _MODULE_INTERNALS or is_wrapper(m) or not isinstance(v, (list, tuple, dict)):
+            name = f"{prefix}.{k}" if prefix else k
+            if k in _MODULE_INTERNALS:
                 continue
-            items = v.items() if isinstance(v, dict) else enumerate(v)
-            found += [(f"{prefix}.{k}[{i!r}]" if prefix else f"{k}[{i!r}]", t) for i, t in items
-                      if isinstance(t, torch.Tensor)]
-    return found
-
-
-def _loose_tensors(model: nn.Module, reads: list) -> list[tuple[str, dict, str]]:
-    """(qualified name, the ``__dict__`` that holds it, key) of each tensor the forward may write in place that is
-    neither a parameter nor a buffer: the modules' plain tensor attributes (``self.seen = torch.zeros(4)``) and the
-    global tensors their forwards read; each tensor once."""
-    found = [(f"{prefix}.{k}" if prefix else k, m.__dict__, k) for prefix, m in
-             model.named_modules(remove_duplicate=False) if not is_wrapper(m)
-             for k, v in m.__dict__.items() if isinstance(v, torch.Tensor) and k not in _MODULE_INTERNALS]
-    found += [(name, d, k) for name, d, k, _, kind in reads if kind == "global" and isinstance(d.get(k), torch.Tensor)]
-    owned = {id(t) for t in (*model.parameters(), *model.buffers())}
-    unique = {}
-    for name, d, k in found:
+            if isinstance(v, torch.Tensor):
+                bound.append((name, m.__dict__, k))
+            elif isinstance(v, (list, tuple, dict)):
+                items = v.items() if isinstance(v, dict) else enumerate(v)
+                contained += [(f"{name}[{i!r}]", t) for i, t in items if isinstance(t, torch.Tensor)]
+    bound += [(name, d, k) for name, d, k, _, kind in reads if kind == "global" and isinstance(d.get(k), torch.Tensor)]
+    unique: dict[int, tuple[str, dict, str]] = {}
+    for name, d, k in bound:
         if id(d[k]) not in owned:
             unique.setdefault(id(d[k]), (name, d, k))
-    return list(unique.values())
+    return list(unique.values()), contained
 
 
 def _python_state(model: nn.Module, reads: list) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:

@@ -173,6 +173,6 @@ def profile_graphs(graphs: list["CapturedGraph"], demand: str = "occupancy") -> 
     profiles = []
     with torch.random.fork_rng(devices=devices):
         for g in graphs:
-            with graph_put_back(g.gm, g.example_inputs):
+            with graph_put_back(g):
                 profiles.append((g, profile_graph(g, demand=demand)))
     return profiles

@@ -38,7 +38,7 @@ __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release
 
 _use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
 # How many holders a tensor has below Python (a DLPack capsule: a NumPy, CuPy or JAX array made from an output)
-_impl_count = getattr(torch.Tensor, "_use_count", None)
+_HAS_IMPL_COUNT = hasattr(torch.Tensor, "_use_count")
 
 
 class OutputsHeld(RuntimeError):
@@ -146,7 +146,6 @@ class GraphedCall:
         self._owners: list[tuple[int, torch.Tensor]] = []  # (output, the model's tensor it is or views)
         self._opaque: OpaqueOutputs | None = None  # the outputs pytree does not open, copied per call
         self._warm_out: Any = None  # the last warm-up's output, until capture
-        self._existing: dict[int, Any] = {}  # by id: what the call returns that it did not create (capture only)
         self._protect = self._as_is = False
         self._uses: list[tuple[int, int, int, int, list[int], int | None]] | None = None
         self._stream: Any = None
@@ -190,9 +189,9 @@ class GraphedCall:
         try:
             # what the warm-up returned too (the same object) the call did not create: eager returns it as itself
             warm = held(self._warm_out) if self._warm_out is not None else {}
-            self._existing = {k: x for k, x in held(out).items() if k in warm}
+            existing = {k: x for k, x in held(out).items() if k in warm}
             # objects pytree does not open: a copy per call, as eager builds a new one
-            self._opaque = OpaqueOutputs(self._out, odd, self._static, self._slots, self._owned, self._existing) \
+            self._opaque = OpaqueOutputs(self._out, odd, self._static, self._slots, self._owned, existing) \
                 if odd else None
         except ValueError as exc:
             raise NotReplayable(str(exc)) from None
@@ -204,9 +203,10 @@ class GraphedCall:
         self.capture_ms = (time.perf_counter() - start) * 1e3
         self._stream, self._stream_id = self.layer.current(), self.layer.stream_id()
         self._stream_key[0] = self._stream_id() if self._stream_id is not None else None
-        self._classify_outputs()
+        self._classify_outputs(existing)
 
-    def _classify_outputs(self) -> None:
+    def _classify_outputs(self, existing: dict[int, Any]) -> None:
+        """Sort the output tensors by how each call hands them out; ``existing``: what the call did not create."""
         inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
         slots = {self._static[i].untyped_storage().data_ptr(): i for i in self._slots}
         self._guarded, self._copied, self._aliases, self._owners = [], [], [], []
@@ -214,7 +214,7 @@ class GraphedCall:
             if not isinstance(t, torch.Tensor):
                 continue
             ptr = t.untyped_storage().data_ptr()
-            owner = t if id(t) in self._existing else self._owned(t)  # the model's, or one it holds
+            owner = t if id(t) in existing else self._owned(t)  # the model's, or one it holds
             if ptr in slots:
                 self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
             elif owner is not None:
@@ -224,7 +224,6 @@ class GraphedCall:
             else:
                 self._guarded.append(i)
         self._uses = None  # counted at the first replay, when nothing of the capture is left and nothing handed out
-        self._existing = {}
         self._configure()
 
     @property
@@ -314,7 +313,7 @@ class GraphedCall:
             cdata = out.untyped_storage()._cdata
             # references: one per place in our list, plus getrefcount's own argument. A DLPack capsule holds the
             # tensor below Python (its data pointer: moving the tensor cannot help), so it counts as a held view.
-            impl = out._use_count() if _impl_count is not None else None
+            impl = out._use_count() if _HAS_IMPL_COUNT else None
             self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where, impl))
         self._make_fast()  # now with the counts
 

@@ -506,7 +506,8 @@ def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict,
     flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
     torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
     change. A callable model adds what it reads itself (``reads``: its globals, a partial's keywords)."""
-    found = settings_read(model) + (reads.settings if reads is not None else [])
+    starts, own_reads = (reads.starts, reads.settings) if reads is not None else (None, [])
+    found = settings_read(model, starts) + own_reads
     rows = {(id(d), k): (d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
                          own or kind == "field") for name, d, k, own, kind in found}
     return list(rows.values())
@@ -636,6 +637,7 @@ class ModelGuard:
     def snapshot(self) -> None:
         """Record the model as it is now (after a capture, or after ``changes()`` found nothing)."""
         self.model, self._reads = _reached(self.original)
+        self._starts = self._reads.starts if self._reads is not None else None  # a bound method's, for the reads
         self._record_structure()
         self._record_reads()
         tracked = _tracked_modules(self.model)
@@ -681,7 +683,7 @@ class ModelGuard:
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
         watched = [(d, k, v) for d, k, v, _, on in self._settings if on]
         # methods of the user's own classes that the forwards run (Block.forward = f replaces one for every instance)
-        self._methods = methods_read(self.model)
+        self._methods = methods_read(self.model, self._starts)
         # their code, and that of the global functions watched: IPython's autoreload swaps __code__ in place
         functions = {id(f): (f, q) for _, _, f, q in self._methods}
         functions.update((id(v), (v, k)) for d, k, v in watched if isinstance(v, types.FunctionType))
@@ -706,7 +708,7 @@ class ModelGuard:
         """Names a forward reads from a class, which the instance (or a class ahead in the MRO) must not gain: an
         instance set through ``nn.Module.__setattr__`` bumps a counter (``_SHADOW_WATCHED``), anything else is
         compared per call (a class's ``__dict__``, a module whose class has its own ``__setattr__``)."""
-        unset = unset_read(self.model)
+        unset = unset_read(self.model, self._starts)
         self._unset = [(q, vars(o), k, "the instance" if isinstance(o, nn.Module) else o.__name__)
                        for q, o, k, _ in unset]
         rows = []

@@ -64,9 +64,10 @@ class OpaqueOutputs:
             key = id(x)
             if key in self._inputs or key in self._top:
                 continue
-            if isinstance(x, nn.Module) or key in existing or owned(x) is x:
+            owner = None if isinstance(x, nn.Module) else owned(x)
+            if isinstance(x, nn.Module) or key in existing or owner is x:
                 self._keep[key] = x
-            elif owned(x) is not None or x.untyped_storage().data_ptr() in storages:
+            elif owner is not None or x.untyped_storage().data_ptr() in storages:
                 raise ValueError(f"the model returns a {self._name} object holding a view of an input or a "
                                  "parameter, which a copy per call would not keep")
             elif x.untyped_storage().data_ptr() in in_top:  # a view of an output: the same view of what is handed

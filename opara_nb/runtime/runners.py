@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..capture.hazards import graph_writes
 from ..capture.sandbox import graph_put_back, inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
@@ -107,7 +106,7 @@ class GraphRunner:
         if not self.backend.per_graph:
             return self.executor(name)(*args)
         if name not in self.captures:
-            self.captures[name] = GraphCapture(self.executor(name), self.backend.graphs, graph_writes(self.g.gm))
+            self.captures[name] = GraphCapture(self.executor(name), self.backend.graphs, self.g.writes)
         return self.captures[name](*args)
 
     def close(self) -> None:
@@ -178,7 +177,7 @@ class Backend:
             g = CapturedGraph.from_gm(gm, example_inputs, index)
             # dynamo may compile here on the caller's own tensors (a call whose inputs the planning copies did not
             # match): what profiling writes of them is put back
-            with graph_put_back(gm, example_inputs):
+            with graph_put_back(g):
                 gp, plans, profile_ms, plan_ms = self._plan(g)
         except Exception as exc:
             if getattr(exc, "opara_fatal", False):
