@@ -234,3 +234,20 @@ class Encoder(nn.Module):
 
     def encode(self, x):
         return self.helper(self.lin(x))
+
+
+class ReadsContainers(nn.Module):
+    """Reads nested plain containers, a tuple holding a list, a list of tensors and a large list."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cfg = {"act": {"slope": 0.1}}
+        self.pair = ([1.0, 2.0],)
+        self.rows = [[1.0], [2.0]]
+        self.scales = [torch.tensor(2.0), torch.tensor(3.0)]
+        self.table = list(range(100))
+
+    def forward(self, x):
+        y = self.lin(x) * self.cfg["act"]["slope"] + self.pair[0][1] + self.rows[1][0]
+        return y * self.scales[1] + self.table[5]

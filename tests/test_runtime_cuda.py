@@ -24,7 +24,7 @@ from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
 from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Encoder, ItemNet, Outputs,
-                      ReadsABox, ReturnsItsOwn, Stepping, ViewsOfEachOther)
+                      ReadsABox, ReadsContainers, ReturnsItsOwn, Stepping, ViewsOfEachOther)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -667,6 +667,23 @@ def test_23_a_bound_method_and_a_closure_model_are_never_replayed_stale(monkeypa
     torch.testing.assert_close(_quiet(closure, x), _eager(f, x))
     om.release()
     closure.release()
+
+
+def test_24_containers_a_forward_reads_are_never_replayed_stale():
+    """Nested plain containers, a tuple holding a list and a list of tensors, changed after capture (the graph bakes
+    in what the forward read of them)."""
+    model, x = ReadsContainers().cuda().eval(), torch.randn(2, 4, device="cuda")
+    model.scales = [t.cuda() for t in model.scales]
+    om = _quiet(optimize, model, x)
+    edits = [lambda: model.cfg["act"].__setitem__("slope", 0.5), lambda: model.pair[0].__setitem__(1, 5.0),
+             lambda: model.rows[1].__setitem__(0, 9.0),
+             lambda: model.scales.__setitem__(1, torch.tensor(4.0, device="cuda"))]
+    for edit in edits:
+        for _ in range(2):
+            _quiet(om, x)
+        edit()
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    om.release()
 
 
 # ------------------------------------------------------------------------------------------------ trust: never stale

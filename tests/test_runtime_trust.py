@@ -1217,3 +1217,22 @@ def test_a_view_in_a_wider_dtype_of_a_misaligned_input_raises_as_eager_does():
     _quiet(om, torch.randn(4))
     with pytest.raises(RuntimeError, match="divisible"):
         _quiet(om, torch.randn(5)[1:])
+
+
+def test_hooks_on_the_optimized_module_run_once_it_replays(setup):
+    """The hot path skips ``nn.Module.__call__``: a hook registered on the wrapper after replays began still runs,
+    every call, and removing it brings the plain replay back."""
+    model, x, graphs, om = setup
+    for _ in range(3):  # the hot path is set
+        _quiet(om, x)
+    assert om._hot is not None
+    expected = _expect(model, x)
+    handle = om.register_forward_hook(lambda mod, args, out: out * 2)
+    pre = om.register_forward_pre_hook(lambda mod, args: (args[0] + 1,))
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x), _expect(model, x + 1) * 2)
+    assert om._hot is None
+    handle.remove()
+    pre.remove()
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x), expected)

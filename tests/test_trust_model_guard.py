@@ -15,7 +15,7 @@ from torch import nn
 from opara_nb.runtime import OparaNotice, optimize
 from opara_nb.runtime.guards import CallState, ModelGuard, hot_guard
 from opara_nb.testing import FakeGraphs
-from _helpers import Encoder
+from _helpers import Encoder, ReadsContainers
 
 SCALE = 2.0
 
@@ -263,3 +263,47 @@ def test_a_class_setting_read_through_the_class_is_replanned(monkeypatch, name):
     monkeypatch.setattr(ReadsThroughItsClass, name, getattr(ReadsThroughItsClass, name))
     _replans(m, x, lambda: monkeypatch.setattr(ReadsThroughItsClass, name, 7.0), f"'{name}' changed",
              lambda: m(x).detach())
+
+
+# ---------------------------------------------------------------------------------------------- containers read
+
+def _expect_containers(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.cfg["act"].__setitem__("slope", 0.5), "'cfg' changed ({'act': {'slope': 0.1}} -> "),
+    (lambda m: setattr(m, "cfg", {"act": {"slope": 0.7}}), "'cfg' changed"),
+    (lambda m: m.pair[0].__setitem__(1, 5.0), "'pair' changed"),
+    (lambda m: m.rows[1].__setitem__(0, 9.0), "'rows' changed"),
+    (lambda m: m.scales.__setitem__(1, torch.tensor(5.0)), "'scales' changed"),
+    (lambda m: setattr(m, "table", list(range(1, 101))), "'table' changed ([1, 2, 3, 4, 5, 6, 7, 8, ...] now)"),
+], ids=["nested-dict-in-place", "nested-dict-replaced", "tuple-holding-a-list", "list-of-lists",
+        "list-of-tensors-item", "large-list-replaced"])
+def test_containers_a_forward_reads_are_watched_at_every_depth(edit, said):
+    """A graph bakes in what the forward read of them: a change at any depth, or a tensor swapped in a list,
+    re-plans (before, none of these was seen)."""
+    model, x = ReadsContainers().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: edit(model), said, lambda: _expect_containers(model, x))
+
+
+CFG = {"a": {"k": 2.0}}
+OFFSETS = [torch.tensor(1.0)]
+
+
+def _reads_globals(x, lin):
+    return lin(x) * CFG["a"]["k"] + OFFSETS[0]
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda: CFG["a"].__setitem__("k", 3.0), "global 'CFG' changed"),
+    (lambda: OFFSETS.__setitem__(0, torch.tensor(7.0)), "global 'OFFSETS' changed"),
+])
+def test_global_containers_a_function_model_reads_are_watched_at_every_depth(edit, said):
+    lin = nn.Linear(4, 4).eval()
+    model, x = functools.partial(_reads_globals, lin=lin), torch.randn(2, 4)
+    try:
+        _replans(model, x, edit, said, lambda: _expect_containers(model, x))
+    finally:
+        CFG["a"], OFFSETS[0] = {"k": 2.0}, torch.tensor(1.0)

@@ -280,3 +280,28 @@ def test_optimize_puts_back_tensors_in_containers_and_those_a_function_model_hol
     _quiet(optimize, functools.partial(_tally, lin=nn.Linear(4, 4).eval(), acc=acc), x,
            graphs=graphs() if graphs else None)
     assert acc.sum().item() == 0
+
+
+class CountsInANestedDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.state = {"n": {"calls": 0}, "seen": [[0]]}
+
+    def forward(self, x):
+        self.state["n"]["calls"] += 1
+        self.state["seen"][0].append(1)
+        return self.lin(x)
+
+
+def test_planning_puts_back_nested_containers_and_each_call_updates_them_as_eager():
+    """A forward that changes a dict inside a dict: optimize() leaves it as it was, the very objects the user holds,
+    and each call updates it once, as the original model does (a replay would skip the update)."""
+    model, x = CountsInANestedDict().eval(), torch.randn(2, 4)
+    inner, seen = model.state["n"], model.state["seen"][0]
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    assert model.state == {"n": {"calls": 0}, "seen": [[0]]}
+    assert model.state["n"] is inner and model.state["seen"][0] is seen
+    for _ in range(3):
+        _quiet(om, x)
+    assert model.state["n"]["calls"] == 3 and seen == [0, 1, 1, 1]

@@ -6,6 +6,7 @@ that changes them."""
 from __future__ import annotations
 
 import dataclasses
+import copy
 import dis
 import functools
 import os
@@ -18,7 +19,7 @@ from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
            "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read",
-           "CONTAINERS", "contents", "unset_read", "callable_reads"]
+           "CONTAINERS", "contents", "unset_read", "callable_reads", "by_value", "watched_container"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -27,28 +28,117 @@ MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
 # re-running its cell) and tensors (a graph reads a global tensor where it was at capture).
 _WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType, torch.Tensor)
 CONTAINERS = (list, dict, set)  # plain containers: compared by contents, since they can change in place
-_MAX_ITEMS = 64
+_NESTED = (list, dict, set, tuple, frozenset)  # what a snapshot opens
+_MAX_ITEMS = 64  # items (all levels together) a container's snapshot compares; a larger one is watched by identity
+
+
+def _kind(value: Any, budget: list[int]) -> str:
+    """"plain" (a plain value, or containers nested to any depth that hold only plain values), "objects"
+    (containers that also hold other objects: tensors, functions, the user's objects) or "large" (more than
+    ``_MAX_ITEMS`` items in all, or a container that holds itself)."""
+    if type(value) not in _NESTED:
+        return "plain" if isinstance(value, SETTINGS) else "objects"
+    budget[0] -= len(value)
+    if budget[0] < 0:
+        return "large"
+    kind = "plain"
+    for v in ([*value.keys(), *value.values()] if type(value) is dict else value):
+        k = _kind(v, budget)
+        if k == "large":
+            return k
+        if k == "objects":
+            kind = k
+    return kind
+
+
+def _mutable_inside(value: Any) -> bool:
+    """Whether a plain value can change in place: a list, dict or set, or a tuple holding one."""
+    return type(value) in CONTAINERS or type(value) in (tuple, frozenset) and any(map(_mutable_inside, value))
 
 
 def plain_setting(value: Any) -> bool:
-    """A value a graph bakes in when the forward reads it: a plain value (``SETTINGS``), or a small list, dict or set
-    of plain values (``self.skip = [1, 3]``, read in a loop or a membership test), which is compared by contents."""
-    if isinstance(value, SETTINGS):
-        return True
-    if type(value) not in CONTAINERS or len(value) > _MAX_ITEMS:
-        return False
-    items = list(value.items()) if type(value) is dict else [(v, None) for v in value]
-    return all(isinstance(k, SETTINGS) and isinstance(v, SETTINGS) for k, v in items)
+    """A value a graph bakes in when the forward reads it: a plain value (``SETTINGS``), or lists, dicts, sets and
+    tuples of plain values nested to any depth, ``_MAX_ITEMS`` items in all (``self.skip = [1, 3]``,
+    ``self.cfg = {"act": {"slope": 0.1}}``), which are compared by contents."""
+    return _kind(value, [_MAX_ITEMS]) == "plain"
+
+
+def watched_container(value: Any) -> bool:
+    """A list, dict, set or tuple holding more than plain values (tensors, functions, objects), or too large to
+    compare: ``setting_copy`` keeps what it can of it (its items by identity, or itself)."""
+    return type(value) in _NESTED and not plain_setting(value)
+
+
+class Snapshot:
+    """What a forward read of a container that holds objects: its structure, plain values by value and other
+    objects by identity (a tensor is never compared by value), or, past ``_MAX_ITEMS``, the container itself.
+    ``snapshot == now`` (reflected from ``now == snapshot``, so a guard's ``==`` on a list of rows compares it)."""
+
+    __slots__ = ("value", "items")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.items = _items(value) if _kind(value, [_MAX_ITEMS]) != "large" else None
+
+    def __eq__(self, now: Any) -> bool:
+        if self.items is None:
+            return now is self.value
+        try:
+            return type(now) is type(self.value) and _items(now) == self.items
+        except Exception:  # noqa: BLE001 - a member that cannot be compared: count it as changed
+            return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class _Same:
+    """An object other than a plain value, compared by identity in a snapshot's items."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is _Same and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def _items(value: Any) -> Any:
+    """A container's contents, nested, with every object that is not a plain value wrapped to compare by identity."""
+    kind = type(value)
+    if kind is dict:
+        return kind, [(_items(k), _items(v)) for k, v in value.items()]
+    if kind in (set, frozenset):  # unordered: plain members by value, others by identity (the snapshot holds them)
+        return kind, frozenset(v if isinstance(v, SETTINGS) else _Same(v) for v in value)
+    if kind in _NESTED:
+        return kind, [_items(v) for v in value]
+    return value if isinstance(value, SETTINGS) else _Same(value)
 
 
 def contents(value: Any) -> Any:
-    """A copy of a list's, dict's or set's contents, else None."""
+    """A copy of a list's, dict's or set's contents (one level: what the sandbox puts back), else None."""
     return type(value)(value) if type(value) in CONTAINERS else None
 
 
 def setting_copy(value: Any) -> Any:
-    """What to keep of a setting to compare it later: a container's contents (it can change in place), else itself."""
-    return value if type(value) not in CONTAINERS else contents(value)
+    """What to keep of a value a forward reads, to compare it later (``same_setting``): a plain value that can change
+    in place as a deep copy (compared by contents), a container of objects as a ``Snapshot``, else itself."""
+    if type(value) not in _NESTED:
+        return value
+    if plain_setting(value):
+        return copy.deepcopy(value) if _mutable_inside(value) else value
+    return Snapshot(value)
+
+
+def by_value(kept: Any) -> bool:
+    """Whether ``setting_copy``'s ``kept`` is compared with ``==`` (contents), not ``is``."""
+    return type(kept) is Snapshot or _mutable_inside(kept)
 
 
 def same_value(now: Any, then: Any) -> bool:
@@ -67,7 +157,9 @@ def same_value(now: Any, then: Any) -> bool:
 
 def same_setting(now: Any, kept: Any) -> bool:
     """``same_value`` against what ``setting_copy`` kept: a container by its contents."""
-    if type(kept) in CONTAINERS:
+    if type(kept) is Snapshot:
+        return kept == now
+    if by_value(kept):
         return type(now) is type(kept) and now == kept
     return same_value(now, kept)
 
@@ -221,8 +313,7 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
             # another object the instance holds (``self.meta``, a function) is watched by identity: a graph bakes in
             # what it read of it, and an output may hold it. (Tensor attributes are the guard's own watch; a list of
             # tensors compared by contents would compare tensors.)
-            held = holder is m and value is not MISSING and type(value) not in CONTAINERS \
-                and not isinstance(value, (nn.Module, torch.Tensor))
+            held = holder is m and value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor))
             if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
             continue
@@ -231,7 +322,7 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
             found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
     for namespace, g in _through_functions(globals_read) if own else ():
         value = namespace.get(g, MISSING)
-        if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value):
+        if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value) or watched_container(value):
             found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
 
 
@@ -391,7 +482,7 @@ def _reach_dict(names: dict, keys: list[str], kind: str, found: CallableReads, s
         if value is MISSING:  # a builtin
             continue
         if isinstance(value, _WATCHED_GLOBALS + (nn.Module, functools.partial, types.MethodType)) \
-                or plain_setting(value):
+                or plain_setting(value) or watched_container(value):
             found.settings.append((k if kind == "global" else f"{kind} {k}", names, k, True, "global"))
         _reach_value(value, k, found, seen)
 
@@ -399,8 +490,9 @@ def _reach_dict(names: dict, keys: list[str], kind: str, found: CallableReads, s
 def _reach_value(value: Any, name: str, found: CallableReads, seen: set[int]) -> None:
     """Follow a value a callable holds: modules and callables are reached; a module held any other way (in a list,
     a dict, an object's attribute) would be read unguarded, so the callable is opaque."""
-    if type(value) in CONTAINERS and plain_setting(value):
-        found.contents.append((value, contents(value), f"{name!r} was changed in place"))
+    kept = setting_copy(value)
+    if by_value(kept):  # a list, dict or set (or a tuple holding one) can change in place
+        found.contents.append((value, kept, f"{name!r} was changed in place"))
     if isinstance(value, torch.Tensor):
         found.tensors.append((name, value))
     if isinstance(value, (nn.Module, functools.partial, types.FunctionType, types.MethodType)):

@@ -13,6 +13,7 @@ while planning: a CUDA graph replays kernels only, so a forward that changes the
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import MISSING, callable_reads, contents, is_wrapper, reached_modules, same_value, settings_read
+from .reads import CONTAINERS, MISSING, callable_reads, is_wrapper, reached_modules, same_value, settings_read
 
 if TYPE_CHECKING:
     from .graph import CapturedGraph
@@ -195,21 +196,21 @@ def _loose_tensors(model: nn.Module, reads: list, owned: set[int]) -> tuple[list
 
 
 def _python_state(model: nn.Module, reads: list) -> list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]:
-    """Per module: (name, its ``__dict__``, {attribute: (value, a copy of its contents if a list, dict or set)}, True);
+    """Per module: (name, its ``__dict__``, {attribute: (value, its contents if a container: ``_contents``)}, True);
     per settings object a forward reads (``self.config.flag``) and for the user's globals it reads: (its name, its
     ``__dict__``, the fields read, False: names it gains are not counted)."""
     state = []
     for name, m in model.named_modules(remove_duplicate=False):
         if is_wrapper(m):  # an OparaModule inside: its bookkeeping is its own (its original is a submodule)
             continue
-        plain = {k: (v, contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
+        plain = {k: (v, _contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
     for qualified, attrs, key, _, kind in reads:
         if kind != "self":  # modules' own attributes are all in ``state`` already
             entry = holders.setdefault(id(attrs), (qualified.rsplit(".", 1)[0] if kind == "field" else "global",
                                                    attrs, {}, False))
-            entry[2][key] = (attrs[key], contents(attrs[key]))
+            entry[2][key] = (attrs[key], _contents(attrs[key]))
     return state + list(holders.values())
 
 
@@ -235,8 +236,8 @@ def _differs(now: Any, value: Any, contents: Any) -> bool:
 
 
 def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]) -> list[str]:
-    """Put plain attributes back as they were (the same objects, with the same contents); the names of those that
-    had changed."""
+    """Put plain attributes back as they were (the same objects, with the same contents, nested containers too);
+    the names of those that had changed."""
     saved = {id(attrs): plain for _, attrs, plain, _ in state}
     changes = _python_changes(state)
     for _, attrs, k in changes:
@@ -245,18 +246,57 @@ def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], boo
             continue
         value, contents = saved[id(attrs)][k]
         attrs[k] = value
-        if contents is not None:
-            value.clear()
-            value.update(contents) if isinstance(value, (dict, set)) else value.extend(contents)
+        _put_back(value, contents)
     return [qualified for qualified, _, _ in changes]
 
 
-def _same_contents(now: Any, then: Any) -> bool:
-    if isinstance(then, dict):
-        return now.keys() == then.keys() and all(now[k] is then[k] for k in then)
-    if isinstance(then, list):
-        return len(now) == len(then) and all(a is b for a, b in zip(now, then))
-    return now == then
+_MAX_SAVED = 4096  # items of nested containers an attribute's record keeps (deeper ones: compared as objects)
+
+
+def _contents(value: Any, budget: list[int] | None = None) -> Any:
+    """A list's, dict's or set's items, with a record of each item that is a container too (``self.state =
+    {"n": {"calls": 0}}``), to tell and undo changes in place at any depth; None for anything else."""
+    if type(value) not in CONTAINERS:
+        return None
+    budget = budget if budget is not None else [_MAX_SAVED]
+    budget[0] -= len(value)
+    if type(value) is set:
+        return set(value), None
+    items = list(value.items()) if type(value) is dict else list(value)
+    if budget[0] < 0:
+        return items, None
+    return items, [_contents(v, budget) for v in _values(value)]
+
+
+def _values(container: Any) -> list:
+    return list(container.values()) if type(container) is dict else list(container)
+
+
+def _same_contents(now: Any, record: Any) -> bool:
+    """Whether ``now`` holds the same objects ``record`` saved (keys by value), at every depth it saved."""
+    items, inner = record
+    if type(now) is set:
+        return now == items
+    if type(now) is dict:
+        if list(now) != [k for k, _ in items]:
+            return False
+        saved = [v for _, v in items]
+    else:
+        saved = items
+    values = _values(now)
+    return len(values) == len(saved) and all(map(operator.is_, values, saved)) and \
+        all(r is None or _same_contents(v, r) for v, r in zip(saved, inner or ()))
+
+
+def _put_back(value: Any, record: Any) -> None:
+    """Give ``value`` (a container, kept as the same object) the items ``record`` saved, at every depth."""
+    if record is None:
+        return
+    items, inner = record
+    value.clear()
+    value.extend(items) if type(value) is list else value.update(items)
+    for v, r in zip([v for _, v in items] if type(value) is dict else items, inner or ()):
+        _put_back(v, r)
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ import enum
 import functools
 import operator
 import re
+import reprlib
 import types
 import weakref
 from collections.abc import Hashable
@@ -41,7 +42,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import (CONTAINERS, MISSING, CallableReads, callable_reads, methods_read, reached_modules,
+from ..capture.reads import (MISSING, CallableReads, Snapshot, by_value, callable_reads, methods_read, reached_modules,
                              reads_training, same_setting, setting_copy, settings_read, unset_read)
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
@@ -596,8 +597,6 @@ def _flag_watch(modules: list[nn.Module]) -> _Watch:
     return _Watch("training flags", operator.getitem, [(m.__dict__, "training", m.training) for m in modules])
 
 
-def _by_value(value: Any) -> bool:
-    return type(value) in CONTAINERS
 
 
 def _hook_dicts(m: nn.Module) -> tuple:
@@ -691,13 +690,13 @@ class ModelGuard:
         # what a callable model holds by identity (closure cells, code, defaults)
         self._refs = self._reads.refs if self._reads is not None else []
         self._contents = self._reads.contents if self._reads is not None else []
-        plain, by_value = [w for w in watched if not _by_value(w[2])], [w for w in watched if _by_value(w[2])]
+        plain, compared = [w for w in watched if not by_value(w[2])], [w for w in watched if by_value(w[2])]
         self._watches = [
             _Watch("attributes", dict.get, self._tensor_attrs + _in_dicts(plain) + [own_forward]),
             _Watch("class attributes", _proxy_get, _in_dicts(plain, classes=True)),
             # lists, dicts and sets of plain values: by contents (they can change in place), against a copy
-            _Watch("contents", dict.get, _in_dicts(by_value), same="=="),
-            _Watch("contents", _proxy_get, _in_dicts(by_value, classes=True), same="=="),
+            _Watch("contents", dict.get, _in_dicts(compared), same="=="),
+            _Watch("contents", _proxy_get, _in_dicts(compared, classes=True), same="=="),
             _Watch("code", getattr, [(f, "__code__", c) for f, _, c in self._reloadable]),
             _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods]),
             _Watch("references", getattr, [(o, a, v) for o, a, v, _ in self._refs]),
@@ -796,7 +795,19 @@ def _setting_change(name: str, then: Any, now: Any) -> str:
         return f"{name} now holds another {type(now).__name__}"
     if isinstance(then, torch.Tensor):
         return f"{name} now holds another tensor"
-    return f"{name} changed ({then!r} -> {now!r})"
+    if type(then) is Snapshot:  # a container of objects: what it held then is not kept, only compared
+        return f"{name} changed ({_short(now)} now)"
+    return f"{name} changed ({_short(then)} -> {_short(now)})"
+
+
+_REPR = reprlib.Repr()  # (Python 3.11's takes no arguments)
+_REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxtuple = 8
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _short(value: Any) -> str:
+    """A value's repr for a one-line notice, long containers shortened."""
+    return _REPR.repr(value)
 
 
 def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:

@@ -177,10 +177,9 @@ class OparaModule(nn.Module):
         # Global module hooks are the model's business: eager has no wrapper for them to run on (the model's own
         # modules run them, inside the graph as dynamo traced them).
         # The hot path is inline (a Python frame costs ~0.1 us): the same signature as the last call, and its one
-        # generated check of inputs, global state and model holds.
+        # generated check of inputs, global state and model holds. It is only set while this wrapper has no hooks
+        # (``_use``), and every new hook handle fails its check (``RemovableHandle.next_id``).
         try:
-            if self._forward_hooks or self._forward_pre_hooks:
-                return super().__call__(*args, **kwargs)
             lock = self._lock
             lock.acquire()  # explicit, not `with`: __exit__'s three arguments cost 0.2 us per call
             try:
@@ -197,6 +196,8 @@ class OparaModule(nn.Module):
                             return graphed.fast(leaves)
                         except (OutputsHeld, NotReplayable) as exc:
                             return self._run_uncaptured(entry, args, kwargs, exc)
+                if self._forward_hooks or self._forward_pre_hooks:
+                    return super().__call__(*args, **kwargs)
                 return self._dispatch(args, kwargs)
             finally:
                 lock.release()
@@ -220,7 +221,7 @@ class OparaModule(nn.Module):
         the slow path found the entry (another thread-local dispatch state: ``call_guard``)."""
         self._last = entry
         self._hot = None
-        if entry is None or entry.graphed is None:
+        if entry is None or entry.graphed is None or self._forward_hooks or self._forward_pre_hooks:
             return
         kwargs = kwargs or {}
         version = self._guard.version if self._guard is not None else 0
