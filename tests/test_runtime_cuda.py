@@ -686,6 +686,32 @@ def test_24_containers_a_forward_reads_are_never_replayed_stale():
     om.release()
 
 
+class ReadsLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, lengths):  # lengths on the CPU, read on the host (as pack_padded_sequence wants them)
+        steps = int(lengths.max())
+        return self.lin(x[:, :steps]).mean(1)
+
+
+def test_25_a_cpu_tensor_read_on_the_host_is_keyed_by_its_values():
+    """A CUDA graph runs the host read once, at capture: other lengths must capture again (or run the original),
+    never replay the first lengths' graph; a CPU tensor too large to key runs the original."""
+    model, x = ReadsLengths().cuda().eval(), torch.randn(2, 6, 4, device="cuda")
+    om = _quiet(optimize, model, x, torch.tensor([6, 3]))
+    for lengths in ([6, 3], [2, 1], [6, 3], [4, 4], [2, 1]):
+        for _ in range(2):
+            lengths_t = torch.tensor(lengths)
+            torch.testing.assert_close(_quiet(om, x, lengths_t), _eager(model, x, lengths_t))
+    big = torch.full((300,), 3)
+    with pytest.warns(OparaNotice, match="CPU tensor input of 300 elements"):
+        out = om(x, big)
+    torch.testing.assert_close(out, _eager(model, x, big))
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

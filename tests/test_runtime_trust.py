@@ -1236,3 +1236,73 @@ def test_hooks_on_the_optimized_module_run_once_it_replays(setup):
     pre.remove()
     for _ in range(3):
         torch.testing.assert_close(_quiet(om, x), expected)
+
+
+class _AppendCache:
+    """Like transformers' DynamicCache: an object pytree does not open, which the forward appends to."""
+
+    def __init__(self):
+        self.keys = []
+
+    def update(self, k):
+        self.keys.append(k)
+        return torch.cat(self.keys, 0)
+
+
+class UsesACache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, cache):
+        return cache.update(self.lin(x)).sum(0)
+
+
+@pytest.mark.parametrize("graphs", [None, FakeGraphs()], ids=["cpu", "replay"])
+def test_an_input_object_the_forward_updates_is_left_alone_by_planning_and_updated_once_per_call(graphs):
+    """optimize() plans on a deep copy of such an object, and each call updates the caller's object once, as eager
+    (before, planning appended to the caller's cache, and on the CPU every new signature did it twice)."""
+    torch.manual_seed(0)
+    model, x = UsesACache().eval(), torch.randn(1, 4)
+    given = _AppendCache()
+    om = _quiet(optimize, model, x, given, graphs=graphs, strategy="opara")
+    assert given.keys == []
+    mine, theirs = _AppendCache(), _AppendCache()
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x, mine), _expect(model, x, theirs))
+    assert len(mine.keys) == len(theirs.keys) == 3
+
+
+class FillsWhatItIsGiven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, feats, acc):
+        y = self.lin(x)
+        feats["hidden"] = y
+        acc.append(y.sum())
+        return y * 2
+
+
+def test_a_forward_that_fills_the_dict_and_list_it_is_given_runs_the_original_on_the_replay_path():
+    """A replay runs kernels only: the caller's containers would stay empty. The capture's warm-up sees the forward
+    change them, and such calls run the original model, with a notice."""
+    torch.manual_seed(0)
+    model, x = FillsWhatItIsGiven().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, {}, [], graphs=FakeGraphs(), strategy="opara")
+    for _ in range(2):
+        feats, acc, eager_feats, eager_acc = {}, [], {}, []
+        torch.testing.assert_close(_quiet(om, x, feats, acc), _expect(model, x, eager_feats, eager_acc))
+        torch.testing.assert_close(feats, eager_feats)
+        assert len(acc) == len(eager_acc) == 1
+    assert any("changes the lists or dicts it is given" in n for n in om.notices), om.notices
+
+
+def test_a_numpy_input_raises_as_the_original_does_on_every_path():
+    """dynamo would turn the array into a tensor and return a result where the model raises."""
+    np = pytest.importorskip("numpy")
+    model = nn.Linear(4, 4).eval()
+    om = _quiet(optimize, model, torch.randn(2, 4))
+    with pytest.raises(TypeError, match="must be Tensor"):
+        _quiet(om, np.ones((2, 4), dtype=np.float32))

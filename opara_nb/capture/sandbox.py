@@ -13,6 +13,8 @@ while planning: a CUDA graph replays kernels only, so a forward that changes the
 from __future__ import annotations
 
 import contextlib
+import copy
+import enum
 import operator
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -26,18 +28,45 @@ from .reads import CONTAINERS, MISSING, callable_reads, is_wrapper, reached_modu
 if TYPE_CHECKING:
     from .graph import CapturedGraph
 
-__all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back"]
+__all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back", "input_layout",
+           "inputs_changed"]
 
 PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not copied
 
 
 def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Copies of every tensor in ``(args, kwargs)`` (same device, dtype, strides: dynamo compiles for the strides it
-    sees, and a copy with others would leave the real call to compile again); other leaves as they are."""
-    def copy(x: Any) -> Any:
-        return _same_strides(x.detach()) if isinstance(x, torch.Tensor) else x
+    sees, and a copy with others would leave the real call to compile again), in new containers; an object pytree
+    does not open (a KV cache the forward appends to) deep-copied, since planning runs the forward many times; plain
+    values as they are."""
+    def clone(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return _same_strides(x.detach())
+        if x is None or isinstance(x, _IMMUTABLE + (nn.Module,)):
+            return x
+        try:
+            return copy.deepcopy(x)
+        except Exception:  # noqa: BLE001 - cannot be copied: such calls run the original model on the caller's own
+            return x
 
-    return pytree.tree_map(copy, (tuple(args), dict(kwargs)))
+    return pytree.tree_map(clone, (tuple(args), dict(kwargs)))
+
+
+_IMMUTABLE = (int, float, bool, complex, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
+              type, enum.Enum)
+
+
+def input_layout(args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
+    """What ``inputs_changed`` compares: the inputs' structure and the objects at its leaves."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return spec, leaves
+
+
+def inputs_changed(args: tuple, kwargs: dict, layout: tuple[Any, list[Any]]) -> bool:
+    """Whether a run changed the containers it was given (``feats["hidden"] = y``, ``acc.append(t)``): another
+    structure, or other objects in it. A CUDA graph's replay would not do that again."""
+    spec, leaves = input_layout(args, kwargs)
+    return spec != layout[0] or len(leaves) != len(layout[1]) or any(map(operator.is_not, leaves, layout[1]))
 
 
 @contextlib.contextmanager
@@ -53,9 +82,9 @@ def inputs_put_back(tensors: list[Any], writes: bool = True) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for t, version, copy in saved:
-                if t._version != version or not same_values(t, copy):
-                    t.copy_(copy)
+            for t, version, kept in saved:
+                if t._version != version or not same_values(t, kept):
+                    t.copy_(kept)
 
 
 def graph_put_back(g: "CapturedGraph") -> contextlib.AbstractContextManager:

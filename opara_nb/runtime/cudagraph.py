@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..capture.sandbox import same_values
+from ..capture.sandbox import input_layout, inputs_changed, same_values
 from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
 from .objects import OpaqueOutputs, copy_tensors, held, view_in
 from .streams import stream_pool
@@ -146,6 +146,7 @@ class GraphedCall:
         self._owners: list[tuple[int, torch.Tensor]] = []  # (output, the model's tensor it is or views)
         self._opaque: OpaqueOutputs | None = None  # the outputs pytree does not open, copied per call
         self._warm_out: Any = None  # the last warm-up's output, until capture
+        self.changes_inputs = False  # the warm-up changed the lists or dicts it was given (see warm_up)
         self._protect = self._as_is = False
         self._uses: list[tuple[int, int, int, int, list[int], int | None]] | None = None
         self._stream: Any = None
@@ -165,13 +166,18 @@ class GraphedCall:
 
     def warm_up(self) -> None:
         """Runs the call on the static buffers; notes the inputs it wrote by value, not only by version (BatchNorm's
-        kernel updates running statistics given as graph inputs without a version bump)."""
+        kernel updates running statistics given as graph inputs without a version bump), and whether it changed the
+        containers it was given (``changes_inputs``: a replay would not)."""
         before = [(i, self._static[i].clone()) for i in self._slots]
         last: list[Any] = []
 
         def run() -> Any:  # its last output tells what a call creates from what it returns as is (see capture)
-            last[:] = [self._call_static()]
+            args, kwargs = pytree.tree_unflatten(self._static, self._in_spec)
+            layout = input_layout(args, kwargs)
+            last[:] = [self.fn(*args, **kwargs)]
+            self.changes_inputs = self.changes_inputs or inputs_changed(args, kwargs, layout)
 
+        self.changes_inputs = False
         self.layer.warm_up(run, self.warmup)
         self._written = [i for i, copy in before if not same_values(self._static[i], copy)]
         self._warm_out = last[0] if last else None

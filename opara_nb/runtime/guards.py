@@ -199,7 +199,8 @@ class _GuardCode:
         self.checks += [f"{self.leaves[i]} is {self.leaves[j]}" for i, j in same]
         self.checks.append(f"check({', '.join(self.leaves[i] for i in unique)})")
         self.names["check"] = check
-        self.checks += [f"{self.leaves[i]}.item() == {self.const(value)}" for i, value in scalars]
+        self.checks += [f"{self.leaves[i]}.{'item' if leaves[i].dim() == 0 else 'tolist'}() == {self.const(value)}"
+                        for i, value in scalars]
         found = "args" if self.leaves == [f"args[{i}]" for i in range(len(self.leaves))] else \
             f"[{', '.join(self.leaves)}]"
         source = (f"def guard(args, kwargs):\n    if {' and '.join(self.checks)}:\n        return {found}\n"
@@ -230,7 +231,26 @@ def _tensor_checks(leaves: list[Any]) -> tuple[list[int], list[tuple[int, int]],
                 same.append((i, j))
     unique = list(first.values())
     scalars = [(i, x.item()) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and _cpu_scalar(x)]
+    scalars += [(i, leaves[i].tolist()) for i in host_inputs(leaves)]
     return unique, same, scalars, _tensor_check([leaves[i] for i in unique])
+
+
+HOST_VALUES_MAX = 256  # elements: a larger CPU tensor given with device tensors makes the call run the original
+
+
+def host_inputs(leaves: list[Any]) -> list[int]:
+    """Positions of the CPU tensors (not 0-dim: ``_cpu_scalar``) among the inputs of a call whose other tensors are
+    on a device: a forward reads them on the host (``lengths`` for ``pack_padded_sequence``, ``int(n.max())``), which
+    a CUDA graph does once, at capture. Such a call is keyed and checked by their values."""
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if all(t.get_device() < 0 for t in tensors) or all(t.get_device() >= 0 for t in tensors):
+        return []
+    return [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.get_device() < 0 and x.dim() > 0]
+
+
+def host_key(leaves: list[Any], positions: list[int]) -> tuple:
+    """The values of the host inputs at ``positions`` (see ``host_inputs``), for the call's key."""
+    return tuple(tuple(leaves[i].reshape(-1).tolist()) + tuple(leaves[i].shape) for i in positions)
 
 
 def _pytree_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
@@ -248,7 +268,8 @@ def _pytree_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
             return None
         if any(found[i] is not found[j] for i, j in same) or not check(*[found[i] for i in unique]):
             return None
-        return found if all(found[i].item() == v for i, v in scalars) else None
+        return found if all((found[i].item() if found[i].dim() == 0 else found[i].tolist()) == v
+                            for i, v in scalars) else None
 
     return guard
 

@@ -33,7 +33,8 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import CallState, ModelGuard, call_key, hot_guard, plain_leaf, reads_cudnn
+from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, plain_leaf,
+                     reads_cudnn)
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -248,14 +249,23 @@ class OparaModule(nn.Module):
         if self._guard.opaque:  # a callable whose reads cannot all be watched: a replay could be stale
             return self._fallback(f"the model cannot be guarded ({self._guard.opaque}): running the original model; "
                                   "pass a module, a function or a functools.partial of one", args, kwargs)
-        full_key = (key, CallState.key())
-        if not self._graphs.usable(leaves):
-            return self._run_eager_plan(args, kwargs, leaves, record, full_key)
         odd = next((x for x in leaves if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
         if odd is not None:  # keyed by its hash or repr, its tensors never copied in: a replay could be another's
             return self._fallback(f"an argument of type {type(odd).__name__} is neither a tensor nor a plain value "
                                   "(number, string, flag, dtype, enum): a graph would keep what it held when captured, "
                                   "so such calls run the original model", args, kwargs)
+        full_key = (key, CallState.key())
+        if not self._graphs.usable(leaves):
+            return self._run_eager_plan(args, kwargs, leaves, record, full_key)
+        host = host_inputs(leaves)
+        if host:  # CPU tensors beside device ones: read on the host, which a graph does once, at capture
+            big = next((leaves[i] for i in host if leaves[i].numel() > HOST_VALUES_MAX), None)
+            if big is not None:
+                return self._fallback(f"a CPU tensor input of {big.numel()} elements beside tensors on the GPU: a "
+                                      "CUDA graph would keep the values it read of it when captured, so such calls "
+                                      f"run the original model (up to {HOST_VALUES_MAX} elements, graphs are kept per "
+                                      "value)", args, kwargs)
+            full_key = (full_key, host_key(leaves, host))
         entry = self._cache.get(full_key)
         if entry is None:
             entry = self._capture(full_key, args, kwargs, record)
@@ -486,7 +496,7 @@ class OparaModule(nn.Module):
                 raise ModelError(own) from None
             return Entry("eager", f"the compiled model failed to run ({one_line(exc)}); running the original model")
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
-        unreplayable = _python_side_effects(box, runners)
+        unreplayable = _python_side_effects(box, runners, graphed.changes_inputs)
         if unreplayable is not None:  # found after the first run: capturing would be wasted
             self._changed_itself(unreplayable.reason)
             graphed.release()
@@ -505,7 +515,7 @@ class OparaModule(nn.Module):
         """The plan file keeps the plain CUDA graph of the model: capture it directly (no dynamo, no plan)."""
         plain = GraphedCall(self.original, args, kwargs, self.clone_outputs, graphs=self._graphs, owned=self._owned)
         error = _attempt(plain.warm_up)
-        unreplayable = _python_side_effects(box, []) if error is None else None
+        unreplayable = _python_side_effects(box, [], plain.changes_inputs) if error is None else None
         if unreplayable is not None:
             self._changed_itself(unreplayable.reason)
             plain.release()
@@ -876,8 +886,13 @@ MAX_REPLANS = 8
 PLAIN_GRAPH_MARGIN = 0.02
 
 
-def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner]) -> Entry | None:
-    """An eager entry, with the reason, when the forward run so far changed Python attributes of the model."""
+def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner], inputs: bool = False) -> Entry | None:
+    """An eager entry, with the reason, when the forward run so far changed Python attributes of the model, or
+    (``inputs``) the lists and dicts it was given."""
+    if inputs:
+        return Entry("eager", "the forward changes the lists or dicts it is given (adds, removes or replaces items), "
+                              "which a CUDA graph replay would skip: such calls run the original model",
+                     runners=runners)
     changed = box.python_changes() if box is not None else []
     if not changed:
         return None
