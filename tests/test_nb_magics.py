@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("IPython")
 
+import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
@@ -111,6 +112,17 @@ def test_kwargs_are_passed(ip):
     run(ip, "%%opara model --inputs x --kwargs mask=mask\n"
             "from opara_nb import models\nmodel, (x,), kw = models.get('tiny_transformer')\nmask = kw['mask']")
     assert isinstance(ip.user_ns["model"], OparaModule)
+
+
+def test_a_keyword_input_is_not_also_taken_as_a_positional_one(ip):
+    """Without --inputs, the inputs are the tensors the cell assigned, but those --kwargs names (before: mask went
+    in twice, and the model's "multiple values" error was blamed on the model)."""
+    run(ip, "%%opara model --kwargs mask=mask -q\n"
+            "from opara_nb import models\nmodel, (x,), kw = models.get('tiny_transformer')\nmask = kw['mask']")
+    om = ip.user_ns["model"]
+    assert isinstance(om, OparaModule)
+    torch.testing.assert_close(om(ip.user_ns["x"], mask=ip.user_ns["mask"]),
+                               om.original(ip.user_ns["x"], mask=ip.user_ns["mask"]))
 
 
 def _namespace(ip):

@@ -1306,3 +1306,54 @@ def test_a_numpy_input_raises_as_the_original_does_on_every_path():
     om = _quiet(optimize, model, torch.randn(2, 4))
     with pytest.raises(TypeError, match="must be Tensor"):
         _quiet(om, np.ones((2, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)]),
+                                  lambda: torch.randn(3, 4).to_sparse_csr()], ids=["nested", "sparse-csr"])
+@pytest.mark.parametrize("graphs", [None, FakeGraphs()], ids=["cpu", "replay"])
+def test_a_nested_or_sparse_input_runs_the_original_with_a_notice(make, graphs):
+    """No strides to key a graph by: such calls run the original model (before: an internal error from the key)."""
+    def double(t):
+        return t * 2
+
+    x = make()
+    om = _quiet(optimize, double, x, graphs=graphs, strategy="opara")
+    out = _quiet(om, x)
+    assert any("tensor, which opara_nb does not capture" in n for n in om.notices), om.notices
+    assert torch.equal(out.to_dense() if not out.is_nested else torch.cat(out.unbind()),
+                       (x * 2).to_dense() if not x.is_nested else torch.cat((x * 2).unbind()))
+
+
+class HasAHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.fc = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).relu())
+
+
+def test_the_optimized_module_stands_in_for_the_model_its_name_was_rebound_to():
+    """After ``%%opara`` the model's name holds the OparaModule: reading a layer reads the model's, setting one sets
+    the model's (the next call re-plans with it: before, it was registered on the wrapper and ignored), and the
+    state dict has the model's keys, loadable both ways."""
+    torch.manual_seed(0)
+    model, x = HasAHead().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    _quiet(om, x)
+    assert om.fc is model.fc
+    new = nn.Linear(4, 4).eval()
+    om.fc = new
+    assert model.fc is new and "fc" not in om._modules
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+    fresh = HasAHead()
+    fresh.load_state_dict(om.state_dict())
+    torch.testing.assert_close(_expect(fresh.eval(), x), _expect(model, x))
+    other = HasAHead()
+    om.load_state_dict(other.state_dict())  # the model's keys load into the wrapper too
+    torch.testing.assert_close(_quiet(om, x), _expect(other.eval(), x))
+    parent = nn.Sequential(om)  # inside another model: the keys are those of the model without opara_nb
+    assert set(parent.state_dict()) == set(nn.Sequential(model).state_dict())
+    parent.load_state_dict(nn.Sequential(HasAHead()).state_dict())
+    with pytest.raises(AttributeError):
+        om.no_such_layer

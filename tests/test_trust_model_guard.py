@@ -307,3 +307,129 @@ def test_global_containers_a_function_model_reads_are_watched_at_every_depth(edi
         _replans(model, x, edit, said, lambda: _expect_containers(model, x))
     finally:
         CFG["a"], OFFSETS[0] = {"k": 2.0}, torch.tensor(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- reads beyond self.name
+
+class ScaledBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.alpha, self._scale = 1.0, 1.0
+
+    def forward(self, x):
+        return self.lin(x) * self.alpha
+
+
+class ViaSuper(ScaledBase):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class ViaBaseCall(ScaledBase):
+    def forward(self, x):
+        return ScaledBase.forward(self, x) + 1
+
+
+def scaled_by_helper(mod, x):
+    return mod.lin(x) * mod.alpha
+
+
+class ViaHelper(ScaledBase):
+    def forward(self, x):
+        return scaled_by_helper(self, x)
+
+
+class ViaProperty(ScaledBase):
+    @property
+    def scale(self):
+        return self._scale * 2
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+GAIN = 1.0
+
+
+class ViaHook(ScaledBase):
+    def __init__(self):
+        super().__init__()
+        self.register_forward_hook(lambda mod, args, out: out * GAIN)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Steer:
+    def __init__(self):
+        self.scale = 1.0
+
+    def __call__(self, mod, args, out):
+        return out * self.scale
+
+
+class ViaHookObject(ScaledBase):
+    def __init__(self):
+        super().__init__()
+        self.steer = Steer()
+        self.register_forward_hook(self.steer)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Options:
+    def __init__(self):
+        self.use_bias, self.use_gate = True, False
+
+
+class ReadsOptionsByName(ScaledBase):
+    def __init__(self):
+        super().__init__()
+        self.opts = Options()
+
+    def forward(self, x):
+        y = self.lin(x) if self.opts.use_bias else x
+        return y * 2 if getattr(self.opts, "use_" + "gate") else y
+
+
+def _set_gain():
+    global GAIN
+    GAIN = 5.0
+
+
+@pytest.mark.parametrize("cls, edit, said", [
+    (ViaSuper, lambda m: setattr(m, "alpha", 5.0), "'alpha' changed"),
+    (ViaBaseCall, lambda m: setattr(m, "alpha", 5.0), "'alpha' changed"),
+    (ViaHelper, lambda m: setattr(m, "alpha", 5.0), "'alpha' changed"),
+    (ViaProperty, lambda m: setattr(m, "_scale", 5.0), "'_scale' changed"),
+    (ViaHook, lambda m: _set_gain(), "global 'GAIN' changed"),
+    (ViaHookObject, lambda m: setattr(m.steer, "scale", 5.0), "hook Steer.scale' changed"),
+    (ReadsOptionsByName, lambda m: setattr(m.opts, "use_gate", True), "'opts.use_gate' changed"),
+], ids=["super-forward", "base-forward-called", "helper-given-self", "property", "hook-reads-a-global",
+        "hook-object-setting", "field-read-by-name"])
+def test_settings_reached_other_than_as_self_name_in_forward_are_watched(monkeypatch, cls, edit, said):
+    """A graph bakes in what the base class's forward, a helper given the module, a property, a forward hook or a
+    getattr by name read: changing it re-plans (before, none of these was seen, even by refresh())."""
+    monkeypatch.setitem(globals(), "GAIN", 1.0)
+    model, x = cls().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: edit(model), said, lambda: _expect_containers(model, x))
+
+
+def test_functional_call_through_the_optimized_module_uses_the_parameters_given():
+    """functional_call swaps parameters by writing ``_parameters`` directly (no registration hook): the swap is
+    counted, so the call re-plans, and the next plain call goes back to the model's own parameters."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    _quiet(om, x)
+    _quiet(om, x)
+    new = {k: torch.randn_like(v) for k, v in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        got = torch.func.functional_call(om, {"original." + k: v for k, v in new.items()}, (x,))
+    assert any("model changed" in str(w.message) for w in told), [str(w.message) for w in told]
+    with torch.no_grad():
+        torch.testing.assert_close(got, torch.func.functional_call(model, new, (x,)))
+        torch.testing.assert_close(_quiet(om, x), model(x))

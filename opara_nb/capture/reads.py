@@ -19,7 +19,8 @@ from torch import nn
 
 __all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
            "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read",
-           "CONTAINERS", "contents", "unset_read", "callable_reads", "by_value", "watched_container"]
+           "CONTAINERS", "contents", "unset_read", "callable_reads", "by_value", "watched_container",
+           "settings_objects"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
@@ -182,16 +183,28 @@ def forward_reads(cls: type, start: str = "forward") -> tuple[str, frozenset[str
         if name in seen:
             continue
         seen.add(name)
-        func = getattr(cls, name, None)
-        if getattr(func, "__qualname__", "").startswith("Module."):
-            continue
-        for code, namespace in _codes(getattr(func, "__func__", func)):
-            how, called = code_reads(code)
-            found = _worse(found, how)
-            todo += called
-            if isinstance(namespace, dict):
-                globals_read.update(((id(namespace), g), (namespace, g)) for g in _global_loads(code))
+        for func in _definitions(cls, name):
+            for code, namespace in _codes(func):
+                how, called = code_reads(code)
+                found = _worse(found, how)
+                todo += called
+                if isinstance(namespace, dict):
+                    globals_read.update(((id(namespace), g), (namespace, g)) for g in _global_loads(code))
     return found, frozenset(seen), tuple(globals_read.values())
+
+
+def _definitions(cls: type, name: str) -> list[Any]:
+    """Every function ``name`` is defined as along ``cls``'s MRO, nn.Module's aside: a method may run its base
+    class's (``super().forward(x)``, ``Base.forward(self, x)``); a property gives its getter."""
+    found = []
+    for klass in cls.__mro__:
+        func = vars(klass).get(name)
+        if func is None or klass is nn.Module or klass is object:
+            continue
+        func = func.fget if isinstance(func, property) else getattr(func, "__func__", func)
+        if callable(func):
+            found.append(func)
+    return found
 
 
 def _codes(func: Any) -> list[tuple[Any, Any]]:
@@ -300,12 +313,17 @@ def settings_read(model: nn.Module, starts: dict[int, str] | None = None) -> lis
     found: dict[tuple[int, str], tuple[str, dict, str, bool, str]] = {}
     for at, m, own, start in _reading_modules(model, starts):
         _module_settings(at, m, own, forward_reads(type(m), start), found)
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        if (m._forward_hooks or m._forward_pre_hooks) and not is_wrapper(m):
+            _hook_settings(f"{prefix}." if prefix else "", m, found)
     return list(found.values())
 
 
 def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict) -> None:
     """``settings_read``'s rows for what one module's method (``forward_reads``) reads, added to ``found``."""
     _, names, globals_read = reads
+    if own:  # a helper of the user's given the module (``helper(self, x)``) reads it as well
+        names = names | _helper_reads(globals_read)
     for k in sorted(names):
         if "." not in k:
             holder = m if k in m.__dict__ else _class_holding(m, k)[1]
@@ -324,6 +342,60 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
         value = namespace.get(g, MISSING)
         if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value) or watched_container(value):
             found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
+
+
+def settings_objects(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[str, Any]]:
+    """(qualified name, object) of the settings objects read by a ``forward`` that also reads by name (calls
+    ``getattr``: ``getattr(self.config, f"output_{k}")``, as Hugging Face's output decorators do), each once:
+    ``settings_read`` cannot list which of their fields such code reads."""
+    found: dict[int, tuple[str, Any]] = {}
+    for at, m, _, start in _reading_modules(model, starts):
+        _, names, globals_read = forward_reads(type(m), start)
+        if not any(g == "getattr" for _, g in globals_read):
+            continue
+        for k in names:
+            holder = m.__dict__.get(k.split(".", 1)[0]) if "." in k else None
+            if holder is not None and isinstance(getattr(holder, "__dict__", None), dict) \
+                    and not isinstance(holder, (nn.Module, torch.Tensor, type, types.FunctionType)):
+                found.setdefault(id(holder), (f"{at}{k.split('.', 1)[0]}", holder))
+    return list(found.values())
+
+
+def _helper_reads(globals_read: tuple[tuple[dict, str], ...]) -> frozenset[str]:
+    """The names the user's global functions a method calls read from any of their arguments (one may be the module:
+    ``helper(self, x)`` reading ``mod.alpha``); names the module does not hold are ignored later."""
+    names: set[str] = set()
+    for namespace, g in _through_functions(globals_read):
+        value = namespace.get(g)
+        if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
+            code = value.__code__
+            for param in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+                names.update(code_reads(code, param)[1])
+    return frozenset(names)
+
+
+def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
+    """``settings_read``'s rows for the forward hooks on ``m``: a hook function's globals (``out * GAIN``), and the
+    plain attributes a hook object or a hook method reads from its own instance (``self.scale``)."""
+    for hook in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
+        func = getattr(hook, "__func__", None) if isinstance(hook, types.MethodType) else \
+            hook if isinstance(hook, types.FunctionType) else getattr(type(hook), "__call__", None)
+        holder = hook.__self__ if isinstance(hook, types.MethodType) else \
+            None if isinstance(hook, types.FunctionType) else hook
+        code = getattr(func, "__code__", None)
+        if code is None or _installed(code.co_filename or ""):
+            continue
+        for namespace, g in _through_functions(tuple((func.__globals__, g) for g in sorted(_global_loads(code)))):
+            value = namespace.get(g, MISSING)
+            if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value) or watched_container(value):
+                found.setdefault((id(namespace), g), (g, namespace, g, True, "global"))
+        fields = getattr(holder, "__dict__", None) if holder is not None else None
+        if isinstance(fields, dict) and code.co_argcount:
+            for k in code_reads(code)[1]:
+                value = fields.get(k, MISSING)
+                if "." not in k and value is not MISSING and (plain_setting(value) or watched_container(value)):
+                    found.setdefault((id(fields), k), (f"{at}hook {type(holder).__name__}.{k}", fields, k, True,
+                                                       "field"))
 
 
 def _class_holding(m: Any, k: str) -> tuple[list[type], type | None]:

@@ -169,7 +169,7 @@ class OparaMagics(Magics, Configurable):
                 self._run_cell_body(cell)
             changed = changed_names(ns, before, cell)
             var = find_model(ns, opts.model, changed)
-            names = find_inputs(ns, opts.inputs, changed, var)
+            names = find_inputs(ns, opts.inputs, changed, var, opts.kwargs.values())
             inputs = [ns[n] for n in names]
             previous = before.get(var)
         kwargs = self._resolve_kwargs(opts.kwargs)

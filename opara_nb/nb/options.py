@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 __all__ = ["CellOptions", "assigned_names", "changed_names", "split_names", "parse_kwargs", "find_model",
            "find_inputs", "usage_error", "CELL_USAGE"]
@@ -131,9 +131,10 @@ def find_model(ns: Mapping[str, Any], name: str | None, changed: list[str], usag
     return modules[0]
 
 
-def find_inputs(ns: Mapping[str, Any], names: list[str], changed: list[str], model: str) -> list[str]:
+def find_inputs(ns: Mapping[str, Any], names: list[str], changed: list[str], model: str,
+                keywords: Iterable[str] = ()) -> list[str]:
     """The names of the example inputs: ``names`` when given (each must exist), else the tensors the cell assigned
-    (in assignment order)."""
+    (in assignment order) but those passed as keyword inputs (``keywords``: ``--kwargs mask=mask``)."""
     import torch
 
     if names:
@@ -141,7 +142,7 @@ def find_inputs(ns: Mapping[str, Any], names: list[str], changed: list[str], mod
         if unknown:
             raise usage_error(f"no variable named {unknown[0]!r}: --inputs takes the names of existing variables")
         return list(names)
-    tensors = [n for n in changed if n != model and isinstance(ns[n], torch.Tensor)]
+    tensors = [n for n in changed if n != model and n not in set(keywords) and isinstance(ns[n], torch.Tensor)]
     if not tensors:
         raise usage_error("no input tensors found: the cell assigned none; name the example inputs: "
                           f"%%opara {model} --inputs x[,y]")

@@ -27,6 +27,7 @@ docs/user_guide.md).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import operator
@@ -35,7 +36,7 @@ import reprlib
 import types
 import weakref
 from collections.abc import Hashable
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,7 +44,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from ..capture.reads import (MISSING, CallableReads, Snapshot, by_value, callable_reads, methods_read, reached_modules,
-                             reads_training, same_setting, setting_copy, settings_read, unset_read)
+                             reads_training, same_setting, setting_copy, settings_objects, settings_read, unset_read,
+                             plain_setting, watched_container)
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
            "install_watch"]
@@ -64,9 +66,17 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
+    if t.layout is not torch.strided or t.is_nested:  # sparse, nested: such calls run the original (no strides)
+        return (t.layout, t.is_nested, t.dtype, t.get_device(), t.requires_grad)
     if _cpu_scalar(t):  # a CUDA kernel took a CPU scalar's value as an argument at capture
         return (t.shape, t.dtype, -1, (), t.requires_grad, t.item())
     return (t.shape, t.dtype, t.get_device(), t.stride(), t.requires_grad)
+
+
+def unusual_tensor(t: Any) -> bool:
+    """A sparse, nested or otherwise non-strided tensor: no strides to key a graph by, and CUDA graphs' static
+    buffers cannot hold one."""
+    return isinstance(t, torch.Tensor) and (t.layout is not torch.strided or t.is_nested)
 
 
 def _cpu_scalar(t: torch.Tensor) -> bool:
@@ -430,6 +440,32 @@ _FLAG_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the modules w
 _SHADOW_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _COUNTED = {"training", "__class__"}  # the names whose assignment on a module may count (one set lookup per set)
 _hooks_installed = False
+# Settings objects whose fields a forward reads (a Hugging Face config): setting any field bumps _EPOCH, through a
+# counting __setattr__ on their class (``_count_field_sets``). By id: a config defining __eq__ is not hashable.
+_SETTINGS_OBJECTS: set[int] = set()
+_COUNTING_CLASSES: "weakref.WeakSet[type]" = weakref.WeakSet()
+
+
+def _count_field_sets(obj: Any) -> bool:
+    """Make setting a field of ``obj`` bump the registration counter, so the per-call check sees a field read by name
+    (``getattr(self.config, f"output_{k}")``) at no cost per call; False if its class cannot take a wrapper (a
+    built-in type)."""
+    cls = type(obj)
+    if cls not in _COUNTING_CLASSES:
+        original = cls.__setattr__
+
+        def __setattr__(self: Any, name: str, value: Any) -> None:
+            original(self, name, value)
+            if id(self) in _SETTINGS_OBJECTS:
+                _EPOCH[0] += 1
+
+        try:
+            cls.__setattr__ = __setattr__  # type: ignore[method-assign]
+        except TypeError:
+            return False
+        _COUNTING_CLASSES.add(cls)
+    _SETTINGS_OBJECTS.add(id(obj))
+    return True
 
 
 def registration_epoch() -> int:
@@ -518,7 +554,32 @@ def install_watch() -> None:
         nn.Module.__setattr__ = _counted_setattr(nn.Module.__setattr__)  # type: ignore[method-assign]
     if not getattr(RemovableHandle.remove, "_opara_counted", False):
         RemovableHandle.remove = _counted_remove(RemovableHandle.remove)  # type: ignore[method-assign]
+    _count_reparametrize()
     _hooks_installed = True
+
+
+def _count_reparametrize() -> None:
+    """``torch.func.functional_call`` swaps a module's parameters by writing ``_parameters`` directly, so no
+    registration hook runs: its context manager bumps the counter on entry and on exit."""
+    from torch.nn.utils import stateless
+
+    swap = getattr(stateless, "_reparametrize_module", None)
+    if swap is None or getattr(swap, "_opara_counted", False):
+        return
+
+    @functools.wraps(swap)
+    @contextlib.contextmanager
+    def _reparametrize_module(*args: Any, **kwargs: Any) -> Iterator[None]:
+        _EPOCH[0] += 1
+        try:
+            with swap(*args, **kwargs) as value:
+                _EPOCH[0] += 1
+                yield value
+        finally:
+            _EPOCH[0] += 1
+
+    _reparametrize_module._opara_counted = True  # type: ignore[attr-defined]
+    stateless._reparametrize_module = _reparametrize_module
 
 
 def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict, str, Any, str, bool]]:
@@ -532,6 +593,13 @@ def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict,
     found = settings_read(model, starts) + own_reads
     rows = {(id(d), k): (d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
                          own or kind == "field") for name, d, k, own, kind in found}
+    # every field of a settings object, compared when its counter moved (a field set) or on refresh()
+    for name, obj in settings_objects(model, starts):
+        if _count_field_sets(obj):
+            fields = vars(obj)
+            rows.update(((id(fields), k), (fields, k, setting_copy(v), f"attribute '{name}.{k}'", False))
+                        for k, v in list(fields.items()) if (id(fields), k) not in rows
+                        and (plain_setting(v) or watched_container(v)))
     return list(rows.values())
 
 

@@ -34,7 +34,7 @@ from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
 from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, plain_leaf,
-                     reads_cudnn)
+                     reads_cudnn, unusual_tensor)
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -136,6 +136,9 @@ class OparaModule(nn.Module):
             if strategy not in STRATEGIES:
                 raise OparaUsageError(f"unknown strategy {strategy!r}: use 'auto' or one of {', '.join(STRATEGIES)}")
         self.original = model
+        if isinstance(model, nn.Module):  # a state dict as the model's own (no "original." prefix), either way
+            self.register_state_dict_post_hook(_without_prefix)
+            self.register_load_state_dict_pre_hook(_with_prefix)
         self.strategy, self.order = strategy, order
         self.clone_outputs = clone_outputs
         self.max_graphs, self.max_memory_mb = max_graphs, max_memory_mb
@@ -169,6 +172,26 @@ class OparaModule(nn.Module):
                          "optimizes the module inside (its ._orig_mod), which is left as it was")
 
     _opara_wrapper = True  # see capture.reads.is_wrapper
+
+    # ------------------------------------------------------- standing in for the model (%%opara rebinds its name)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_modules", {}).get("original")
+            if original is None or name.startswith("_"):
+                raise
+            return getattr(original, name)  # model.fc, model.config: the model's own
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting an attribute the model has (``model.fc = nn.Linear(...)`` on the rebound name) sets it on the
+        model, where the guard sees it and the next call re-plans; this module's own attributes stay its own."""
+        original = self.__dict__.get("_modules", {}).get("original")
+        if original is not None and not name.startswith("_") and name not in self.__dict__ \
+                and not hasattr(type(self), name) and hasattr(original, name):
+            setattr(original, name, value)
+            return
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -249,6 +272,11 @@ class OparaModule(nn.Module):
         if self._guard.opaque:  # a callable whose reads cannot all be watched: a replay could be stale
             return self._fallback(f"the model cannot be guarded ({self._guard.opaque}): running the original model; "
                                   "pass a module, a function or a functools.partial of one", args, kwargs)
+        unusual = next((x for x in leaves if unusual_tensor(x)), None)
+        if unusual is not None:
+            kind = "nested" if unusual.is_nested else str(unusual.layout).replace("torch.", "")
+            return self._fallback(f"an input is a {kind} tensor, which opara_nb does not capture: such calls run the "
+                                  "original model", args, kwargs)
         odd = next((x for x in leaves if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
         if odd is not None:  # keyed by its hash or repr, its tensors never copied in: a replay could be another's
             return self._fallback(f"an argument of type {type(odd).__name__} is neither a tensor nor a plain value "
@@ -829,6 +857,20 @@ class OparaModule(nn.Module):
         mode = last.mode if last is not None else "not called yet"
         kept = f", kept={last.kept!r}" if last is not None and last.kept else ""
         return f"strategy={self.strategy!r}{kept}, mode={mode!r}, graphs_cached={len(self._cache)}"
+
+
+def _without_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """``om.state_dict()`` has the model's keys (``fc.weight``), so a fresh model loads it."""
+    inner = f"{prefix}original."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _with_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """``om.load_state_dict`` takes the model's keys (and, as before, keys with the ``original.`` prefix)."""
+    inner = f"{prefix}original."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _compiled_module(model: Any) -> nn.Module | None:
