@@ -4,6 +4,10 @@
   executor asked for: ("record", event, stream), ("wait", stream, event), ("enter", stream), ("exit", stream).
 - ``FakeGraphs``: the graph layer for ``OparaModule(..., graphs=FakeGraphs())``: "capturing" runs the call once and
   "replaying" runs it again into the captured outputs, so the whole capture/replay path runs on a CPU.
+  ``FakeGraphs(kernels=True)`` replays as a CUDA graph does: the capture records every tensor operation the call ran
+  (its arguments and results, the very tensor objects), and a replay runs those operations again, writing each
+  result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a replay that
+  should not have happened (the model changed, a value read on the host) gives the stale result a GPU would.
 """
 from __future__ import annotations
 
@@ -97,12 +101,69 @@ class _FakeGraph:
         self.fn = None
 
 
+class _Kernels(_FakeGraph):
+    """A replay of recorded tensor operations (see ``FakeGraphs(kernels=True)``)."""
+
+    def __init__(self, fn: Callable[[], Any], out: Any, ops: list[tuple]) -> None:
+        super().__init__(fn, out)
+        self.ops = ops
+
+    def replay(self) -> None:
+        import torch
+        import torch.utils._pytree as pytree
+
+        self.replays += 1
+        with torch.no_grad():
+            for func, args, kwargs, result in self.ops:
+                again = func(*args, **kwargs)
+                for dst, src in zip(pytree.tree_leaves(result), pytree.tree_leaves(again)):
+                    if isinstance(dst, torch.Tensor) and dst is not src:
+                        dst.copy_(src)
+
+    def reset(self) -> None:
+        super().reset()
+        self.ops = []
+
+
+def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
+    """``fn()`` and every tensor operation it ran: (op, args, kwargs, result), each result recorded as an alias of
+    its memory (what a CUDA graph writes: a held output moved elsewhere later must not move the replay's writes),
+    and later operations reading it through that alias."""
+    import torch
+    import torch.utils._pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[tuple] = []
+    aliases: dict[int, Any] = {}
+
+    def pinned(x: Any) -> Any:
+        return aliases.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+    def alias(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            aliases[id(x)] = aliases.get(id(x)) or x.detach()
+            return aliases[id(x)]
+        return x
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            result = func(*args, **(kwargs or {}))
+            ops.append((func, pytree.tree_map(pinned, args), pytree.tree_map(pinned, kwargs or {}),
+                        pytree.tree_map(alias, result)))
+            return result
+
+    with Record():
+        out = fn()
+    return out, ops
+
+
 class FakeGraphs:
     """``runtime.cudagraph.CudaGraphs`` on a CPU. ``fail`` (a callable) makes ``capture`` raise while it returns True,
-    like an operation a CUDA graph cannot capture; ``captures`` counts captures."""
+    like an operation a CUDA graph cannot capture; ``captures`` counts captures. ``kernels``: replay the recorded
+    tensor operations only, as a CUDA graph does (see the module's docstring)."""
 
-    def __init__(self, fail: Callable[[], bool] = lambda: False) -> None:
-        self.fail, self.captures = fail, 0
+    def __init__(self, fail: Callable[[], bool] = lambda: False, kernels: bool = False) -> None:
+        self.fail, self.captures, self.kernels = fail, 0, kernels
         self.main = FakeStream("main")
         self._current = self.main
 
@@ -122,6 +183,9 @@ class FakeGraphs:
         if self.fail():
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
+        if self.kernels:
+            out, ops = _record_ops(fn)
+            return _Kernels(fn, out, ops), None, out, 0.0
         out = fn()
         return _FakeGraph(fn, out), None, out, 0.0
 

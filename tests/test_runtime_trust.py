@@ -40,8 +40,8 @@ def _expect(model, *args, **kwargs):
 
 def _replanned(model, x, edit, said):
     """Optimize ``model`` and call it, then ``edit()``: the next call re-plans, with a notice that contains ``said``,
-    and returns what the model returns now."""
-    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    and returns what the model returns now (the graphs replay their recorded operations only, as on a GPU)."""
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     _quiet(om, x)
     edit()
     with pytest.warns(OparaNotice, match="model changed") as told:
@@ -1339,7 +1339,7 @@ def test_the_optimized_module_stands_in_for_the_model_its_name_was_rebound_to():
     state dict has the model's keys, loadable both ways."""
     torch.manual_seed(0)
     model, x = HasAHead().eval(), torch.randn(2, 4)
-    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     _quiet(om, x)
     assert om.fc is model.fc
     new = nn.Linear(4, 4).eval()

@@ -34,8 +34,9 @@ def _notices(om, *args):
 
 
 def _replans(model, x, edit, said, expect):
-    """Optimize ``model``, call it, ``edit()``: the next call re-plans saying ``said`` and returns ``expect()``."""
-    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    """Optimize ``model``, call it, ``edit()``: the next call re-plans saying ``said`` and returns ``expect()`` (the
+    graphs replay their recorded operations only, as on a GPU: a missed change would return the stale result)."""
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     _quiet(om, x)
     _quiet(om, x)
     edit()
@@ -422,7 +423,7 @@ def test_functional_call_through_the_optimized_module_uses_the_parameters_given(
     counted, so the call re-plans, and the next plain call goes back to the model's own parameters."""
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval(), torch.randn(2, 4)
-    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs())
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     _quiet(om, x)
     _quiet(om, x)
     new = {k: torch.randn_like(v) for k, v in model.named_parameters()}
@@ -433,3 +434,21 @@ def test_functional_call_through_the_optimized_module_uses_the_parameters_given(
     with torch.no_grad():
         torch.testing.assert_close(got, torch.func.functional_call(model, new, (x,)))
         torch.testing.assert_close(_quiet(om, x), model(x))
+
+
+def test_kernel_replays_return_what_a_gpu_would_for_a_change_no_guard_sees(monkeypatch):
+    """The test double these tests replay with (``FakeGraphs(kernels=True)``) is faithful: a change only
+    ``om.refresh()`` sees (a value written into the instance ``__dict__`` directly, as documented) gives the stale
+    result a CUDA graph would, and the refresh gives the right one. (The plain ``FakeGraphs`` reruns the model's
+    Python under dynamo's guards, so it would return the right result here and prove nothing.)"""
+    monkeypatch.setattr(Base, "alpha", 2.0)
+    model, x = Base().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    stale = _quiet(om, x)
+    model.__dict__["alpha"] = 9.0
+    with torch.no_grad():
+        now = model(x)
+    torch.testing.assert_close(_quiet(om, x), stale)
+    assert not torch.allclose(stale, now)
+    _quiet(om.refresh)
+    torch.testing.assert_close(_quiet(om, x), now)
