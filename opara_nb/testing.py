@@ -7,11 +7,13 @@
   ``FakeGraphs(kernels=True)`` replays as a CUDA graph does: the capture records every tensor operation the call ran
   (its arguments and results, the very tensor objects), and a replay runs those operations again, writing each
   result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a replay that
-  should not have happened (the model changed, a value read on the host) gives the stale result a GPU would.
+  should not have happened (the model changed) gives the stale result a GPU would; a tensor's value read on the host
+  (``.item()``, ``if mask.all()``) fails the capture, as it does on a GPU (every tensor stands for a device one).
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -133,20 +135,30 @@ def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
     import torch.utils._pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
     ops: list[tuple] = []
-    aliases: dict[int, Any] = {}
+    aliases: dict[int, tuple[Any, Any]] = {}  # id -> (weak reference, alias): an id is reused once its tensor dies
 
     def pinned(x: Any) -> Any:
-        return aliases.get(id(x), x) if isinstance(x, torch.Tensor) else x
+        if not isinstance(x, torch.Tensor):
+            return x
+        ref, kept = aliases.get(id(x), (None, None))
+        return kept if ref is not None and ref() is x else x
 
     def alias(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            aliases[id(x)] = aliases.get(id(x)) or x.detach()
-            return aliases[id(x)]
+            ref, kept = aliases.get(id(x), (None, None))
+            if ref is None or ref() is not x:
+                kept = x.detach()
+                aliases[id(x)] = (weakref.ref(x), kept)
+            return kept
         return x
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            if func in host_reads:  # a tensor's value read on the host: a sync a CUDA graph capture refuses
+                raise RuntimeError("operation not permitted when stream is capturing (a tensor value read on the "
+                                   "host)")
             result = func(*args, **(kwargs or {}))
             ops.append((func, pytree.tree_map(pinned, args), pytree.tree_map(pinned, kwargs or {}),
                         pytree.tree_map(alias, result)))

@@ -712,6 +712,37 @@ def test_25_a_cpu_tensor_read_on_the_host_is_keyed_by_its_values():
     om.release()
 
 
+GAIN = 1.0
+
+
+class ReadsAChildAndAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.fc(x) * (1 - self.drop.p) * GAIN
+
+
+def test_26_the_ninth_sweeps_changes_are_never_replayed_stale(monkeypatch):
+    """A child's setting the parent reads, a global rebound to another kind of value, a parameter set to None, a
+    layer inserted into a Sequential: each call after the change returns what eager returns."""
+    model, x = ReadsAChildAndAGlobal().cuda().eval(), torch.randn(2, 4, device="cuda")
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).cuda().eval()
+    om, om_seq = _quiet(optimize, model, x), _quiet(optimize, seq, x)
+    edits = [(om, model, lambda: setattr(model.drop, "p", 0.5)),
+             (om, model, lambda: monkeypatch.setitem(globals(), "GAIN", torch.tensor(3.0, device="cuda"))),
+             (om, model, lambda: setattr(model.fc, "bias", None)),
+             (om_seq, seq, lambda: seq.insert(1, nn.Tanh()))]
+    for wrapped, original, edit in edits:
+        for _ in range(2):
+            _quiet(wrapped, x)
+        edit()
+        torch.testing.assert_close(_quiet(wrapped, x), _eager(original, x))
+    om.release()
+    om_seq.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

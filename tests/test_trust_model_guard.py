@@ -4,6 +4,7 @@ base class, or later hidden by the instance), and the modules and values a model
 notice (which only the slow path gives, after the hot path's check refused the call) is what these assert on."""
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 import warnings
@@ -452,3 +453,113 @@ def test_kernel_replays_return_what_a_gpu_would_for_a_change_no_guard_sees(monke
     assert not torch.allclose(stale, now)
     _quiet(om.refresh)
     torch.testing.assert_close(_quiet(om, x), now)
+
+
+# ---------------------------------------------------------------------------------------------- the ninth sweep
+
+class Act(enum.Enum):
+    RELU = 1
+    TANH = 2
+
+
+MODE = Act.RELU
+ACTIVATION = functools.partial(nn.functional.leaky_relu, negative_slope=0.1)
+NORM = nn.Tanh
+
+
+class ReadsGlobalsOfEveryKind(nn.Module):
+    """Globals that are neither plain values nor plain functions: an enum member, a partial, a class."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = ACTIVATION(self.fc(x))
+        return NORM()(y) if MODE is Act.RELU else y * 3
+
+
+@pytest.mark.parametrize("name, value", [("MODE", Act.TANH),
+                                         ("ACTIVATION", functools.partial(nn.functional.leaky_relu,
+                                                                          negative_slope=0.5)),
+                                         ("NORM", nn.ReLU)], ids=["enum", "partial", "class"])
+def test_a_global_of_any_kind_rebound_is_replanned(monkeypatch, name, value):
+    """Re-running the cell that defines it rebinds the name: watched by identity (only Python modules are not)."""
+    model, x = ReadsGlobalsOfEveryKind().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: monkeypatch.setitem(globals(), name, value), f"global '{name}'",
+             lambda: _expect_containers(model, x))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = 2
+
+
+class ReadsChildSettings(nn.Module):
+    """A parent reading its children's settings: a head count, a dropout's p, a class-level enum."""
+
+    act = Act.RELU
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.attn, self.drop = nn.Linear(4, 4), Attention(), nn.Dropout(0.0)
+
+    def forward(self, x):
+        y = self.fc(x).reshape(x.shape[0], self.attn.heads, -1).flatten(1) * (1 - self.drop.p)
+        return y.relu() if self.act is Act.RELU else y.tanh()
+
+
+@torch.no_grad()
+def _helper_scaled(x):
+    return x * SCALE
+
+
+class CallsADecoratedHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = _helper_scaled(self.fc(x))
+        return y + (1.0 if getattr(self, "use_offset", False) else 0.0)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: setattr(m.attn, "heads", 4), "'attn.heads' changed"),
+    (lambda m: setattr(m.drop, "p", 0.5), "'drop.p' changed"),
+], ids=["child-setting", "torch-child-setting"])
+def test_a_childs_setting_the_parent_reads_is_watched(edit, said):
+    model, x = ReadsChildSettings().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: edit(model), said, lambda: _expect_containers(model, x))
+
+
+def test_a_class_level_enum_is_watched(monkeypatch):
+    model, x = ReadsChildSettings().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: monkeypatch.setattr(ReadsChildSettings, "act", Act.TANH), "'act' changed",
+             lambda: _expect_containers(model, x))
+
+
+def test_getattr_with_a_literal_name_reads_the_attribute_even_while_absent():
+    model, x = CallsADecoratedHelper().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: setattr(model, "use_offset", True), "'use_offset' changed",
+             lambda: _expect_containers(model, x))
+
+
+def test_globals_of_a_helper_called_through_a_decorator_are_watched(monkeypatch):
+    model, x = CallsADecoratedHelper().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: monkeypatch.setitem(globals(), "SCALE", 7.0), "global 'SCALE' changed",
+             lambda: _expect_containers(model, x))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(m[0], "bias", None),
+    lambda m: (delattr(m[0], "weight"), setattr(m[0], "weight", torch.randn(4, 4))),
+    lambda m: m.insert(1, nn.Tanh()),
+    lambda m: m.__delitem__(1),
+], ids=["parameter-set-to-none", "parameter-deleted-and-rebound", "sequential-insert", "sequential-delete"])
+def test_module_edits_no_registration_hook_sees_are_counted(edit):
+    """Setting a parameter to None, deleting one, and a container's insert or delete write the module's dicts
+    without a registration hook: counted, so the next call re-plans."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: edit(model), "model changed", lambda: _expect_containers(model, x))

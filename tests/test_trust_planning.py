@@ -305,3 +305,32 @@ def test_planning_puts_back_nested_containers_and_each_call_updates_them_as_eage
     for _ in range(3):
         _quiet(om, x)
     assert model.state["n"]["calls"] == 3 and seen == [0, 1, 1, 1]
+
+
+class CountsOnItsClass(nn.Module):
+    calls = 0
+    seen: list = []
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        type(self).calls += 1
+        CountsOnItsClass.seen.append(tuple(x.shape))
+        return self.lin(x)
+
+
+def test_planning_puts_back_state_on_the_models_class_and_calls_update_it_as_eager(monkeypatch):
+    """``type(self).calls += 1`` and a class-level list: optimize() leaves them as they were, and each call
+    updates them once (the original runs: a replay would skip it)."""
+    monkeypatch.setattr(CountsOnItsClass, "calls", 0)
+    monkeypatch.setattr(CountsOnItsClass, "seen", [])
+    model, x = CountsOnItsClass().eval(), torch.randn(2, 4)
+    seen = CountsOnItsClass.seen
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert CountsOnItsClass.calls == 0 and CountsOnItsClass.seen == [] and CountsOnItsClass.seen is seen
+    for _ in range(2):
+        _quiet(om, x)
+    assert CountsOnItsClass.calls == 2 and len(seen) == 2
+    assert any("CountsOnItsClass" in n for n in om.notices), om.notices

@@ -28,6 +28,20 @@ MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
 # Globals of the user's code watched besides plain values, by identity: functions (a notebook helper redefined by
 # re-running its cell) and tensors (a graph reads a global tensor where it was at capture).
 _WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType, torch.Tensor)
+
+
+def watched_global(value: Any) -> bool:
+    """A global name a graph may bake in what it read of: anything bound to it but a Python module (``torch``,
+    ``F``, ``math``: library code): a plain value, a function (or a partial, an ``lru_cache``'d one), a class, an
+    enum member, a module instance, a settings object; compared by identity (containers by contents)."""
+    return value is not MISSING and not isinstance(value, types.ModuleType)
+
+
+def _other_value(value: Any) -> bool:
+    """A value read from a class or a settings object that a graph may bake in, besides plain ones: an enum member,
+    a container of functions, an object; not a method, property or other descriptor of the class."""
+    return value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor)) and not callable(value) \
+        and not hasattr(type(value), "__get__")
 CONTAINERS = (list, dict, set)  # plain containers: compared by contents, since they can change in place
 _NESTED = (list, dict, set, tuple, frozenset)  # what a snapshot opens
 _MAX_ITEMS = 64  # items (all levels together) a container's snapshot compares; a larger one is watched by identity
@@ -236,7 +250,7 @@ def reads_training(cls: type) -> str:
 def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     """(``holder.__dict__``, key) of the plain values behind ``holder.field``: the field itself, or the fields a
     property of that name reads from its object. Empty for modules, tensors and anything without a ``__dict__``."""
-    if holder is None or isinstance(holder, (nn.Module, torch.Tensor, type)):
+    if holder is None or isinstance(holder, (torch.Tensor, type)):
         return []
     fields = getattr(holder, "__dict__", None)
     if not isinstance(fields, dict):
@@ -245,7 +259,7 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     prop = getattr(type(holder), field, None)
     if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
         keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING))]
+    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or _other_value(fields.get(k, MISSING))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,6 +291,12 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
                 called.append(read := ins.argval)
             elif holder is not None:
                 called.append(f"{holder}.{ins.argval}")
+        elif ins.opname == "LOAD_CONST" and isinstance(ins.argval, str) and ins.argval.isidentifier() \
+                and self_load and recent and recent[-2:-1] and recent[-2].opname == "LOAD_GLOBAL" \
+                and recent[-2].argval in ("getattr", "hasattr"):
+            called.append(ins.argval)  # getattr(self, "flag", False): a read of self.flag
+            if ins.argval == "training":
+                found = "other"
         elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
             found = "other"
         previous, holder = ins, read
@@ -331,17 +351,25 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
             # another object the instance holds (``self.meta``, a function) is watched by identity: a graph bakes in
             # what it read of it, and an output may hold it. (Tensor attributes are the guard's own watch; a list of
             # tensors compared by contents would compare tensors.)
-            held = holder is m and value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor))
+            held = holder is m and value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor)) \
+                or holder is not m and _other_value(value)  # a class's enum member or registry of functions
             if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
+            elif holder is None and own and not _registered(m, k):  # getattr(self, "flag", False): absent for now
+                found.setdefault((id(vars(m)), k), (at + k, vars(m), k, own, "self"))
             continue
         name, field = k.split(".", 1)
-        for d, key in holder_fields(m.__dict__.get(name), field):
+        holder = m.__dict__.get(name, m._modules.get(name))  # a settings object, or a child module (self.attn.heads)
+        for d, key in holder_fields(holder, field):
             found.setdefault((id(d), key), (f"{at}{name}.{key}", d, key, own, "field"))
     for namespace, g in _through_functions(globals_read) if own else ():
-        value = namespace.get(g, MISSING)
-        if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value) or watched_container(value):
+        if watched_global(namespace.get(g, MISSING)):
             found.setdefault((id(namespace), g), (g, namespace, g, own, "global"))
+
+
+def _registered(m: nn.Module, k: str) -> bool:
+    """A submodule, parameter or buffer of ``m`` (watched by the guard's own tree walk)."""
+    return k in m._modules or k in m._parameters or k in m._buffers
 
 
 def settings_objects(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[str, Any]]:
@@ -366,9 +394,8 @@ def _helper_reads(globals_read: tuple[tuple[dict, str], ...]) -> frozenset[str]:
     ``helper(self, x)`` reading ``mod.alpha``); names the module does not hold are ignored later."""
     names: set[str] = set()
     for namespace, g in _through_functions(globals_read):
-        value = namespace.get(g)
-        if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
-            code = value.__code__
+        for func in _functions_in(namespace.get(g)):
+            code = func.__code__
             for param in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
                 names.update(code_reads(code, param)[1])
     return frozenset(names)
@@ -378,6 +405,8 @@ def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
     """``settings_read``'s rows for the forward hooks on ``m``: a hook function's globals (``out * GAIN``), and the
     plain attributes a hook object or a hook method reads from its own instance (``self.scale``)."""
     for hook in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
+        while isinstance(hook, functools.partial):  # functools.partial(hook, bias=1.0): the function it calls
+            hook = hook.func
         func = getattr(hook, "__func__", None) if isinstance(hook, types.MethodType) else \
             hook if isinstance(hook, types.FunctionType) else getattr(type(hook), "__call__", None)
         holder = hook.__self__ if isinstance(hook, types.MethodType) else \
@@ -386,8 +415,7 @@ def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
         if code is None or _installed(code.co_filename or ""):
             continue
         for namespace, g in _through_functions(tuple((func.__globals__, g) for g in sorted(_global_loads(code)))):
-            value = namespace.get(g, MISSING)
-            if isinstance(value, _WATCHED_GLOBALS) or plain_setting(value) or watched_container(value):
+            if watched_global(namespace.get(g, MISSING)):
                 found.setdefault((id(namespace), g), (g, namespace, g, True, "global"))
         fields = getattr(holder, "__dict__", None) if holder is not None else None
         if isinstance(fields, dict) and code.co_argcount:
@@ -443,9 +471,24 @@ def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 
             continue
         seen.add((id(namespace), name))
         found.append((namespace, name))
-        value = namespace.get(name)
+        for func in _functions_in(namespace.get(name)):
+            todo += [(func.__globals__, g) for g in sorted(_global_loads(func.__code__))]
+    return found
+
+
+def _functions_in(value: Any) -> list[types.FunctionType]:
+    """The user's Python functions behind ``value``: itself, what its decorators wrap (``__wrapped__``: a
+    ``@torch.no_grad()`` helper, ``functools.wraps``), a partial's function."""
+    found = []
+    for _ in range(8):
+        if isinstance(value, functools.partial):
+            value = value.func
+            continue
         if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
-            todo += [(value.__globals__, g) for g in sorted(_global_loads(value.__code__))]
+            found.append(value)
+        value = getattr(value, "__wrapped__", None)
+        if value is None:
+            break
     return found
 
 
@@ -553,8 +596,7 @@ def _reach_dict(names: dict, keys: list[str], kind: str, found: CallableReads, s
         value = names.get(k, MISSING)
         if value is MISSING:  # a builtin
             continue
-        if isinstance(value, _WATCHED_GLOBALS + (nn.Module, functools.partial, types.MethodType)) \
-                or plain_setting(value) or watched_container(value):
+        if watched_global(value):
             found.settings.append((k if kind == "global" else f"{kind} {k}", names, k, True, "global"))
         _reach_value(value, k, found, seen)
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import functools
 import operator
+import types
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -23,7 +25,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import CONTAINERS, MISSING, callable_reads, is_wrapper, reached_modules, same_value, settings_read
+from .reads import (CONTAINERS, MISSING, callable_reads, from_a_library, is_wrapper, reached_modules, same_value,
+                    settings_read)
 
 if TYPE_CHECKING:
     from .graph import CapturedGraph
@@ -234,6 +237,11 @@ def _python_state(model: nn.Module, reads: list) -> list[tuple[str, dict, dict[s
             continue
         plain = {k: (v, _contents(v)) for k, v in m.__dict__.items() if _plain(k, v)}
         state.append((name, m.__dict__, plain, True))
+    classes = {id(c): c for m in model.modules() for c in type(m).__mro__ if _users_class(c)}
+    for cls in classes.values():  # type(self).calls += 1, Registry.seen.append(...): state on the user's classes
+        attrs = _ClassAttrs(cls)
+        state.append((cls.__qualname__, attrs, {k: (v, _contents(v)) for k, v in attrs.items()
+                                                if _class_state(k, v)}, True))
     holders: dict[int, tuple[str, dict, dict[str, tuple[Any, Any]], bool]] = {}
     for qualified, attrs, key, _, kind in reads:
         if kind != "self":  # modules' own attributes are all in ``state`` already
@@ -247,12 +255,47 @@ def _plain(key: str, value: Any) -> bool:
     return key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module))
 
 
+def _class_state(key: str, value: Any) -> bool:
+    """A class attribute that is state (a counter, a registry), not a member the class body defines."""
+    return _plain(key, value) and not (key.startswith("__") and key.endswith("__")) \
+        and not isinstance(value, _CLASS_MEMBERS)
+
+
+# what a class body defines besides its state: methods, properties, nested classes
+_CLASS_MEMBERS = (types.FunctionType, property, staticmethod, classmethod, type, types.MemberDescriptorType,
+                  types.GetSetDescriptorType, functools.cached_property)
+
+
+def _users_class(cls: type) -> bool:
+    return cls is not object and not cls.__module__.startswith(("torch.", "builtins")) and not from_a_library(cls)
+
+
+class _ClassAttrs:
+    """A class's ``__dict__`` as ``_python_state`` reads and writes it (a mappingproxy cannot be assigned to)."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def items(self) -> Any:
+        return list(vars(self.cls).items())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return vars(self.cls).get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self.cls, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        delattr(self.cls, key)
+
+
 def _python_changes(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]) -> list[tuple[str, dict, str]]:
     """(qualified name, ``__dict__``, attribute) of each plain attribute that differs from ``state``: added (to a
     module), set to another value, or a list, dict or set changed in place."""
     changed = []
     for name, attrs, saved, whole in state:
-        keys = [k for k, v in attrs.items() if k not in saved and _plain(k, v)] if whole else []
+        new = _class_state if isinstance(attrs, _ClassAttrs) else _plain
+        keys = [k for k, v in attrs.items() if k not in saved and new(k, v)] if whole else []
         keys += [k for k, (value, contents) in saved.items() if _differs(attrs.get(k, MISSING), value, contents)]
         changed += [(f"{name}.{k}" if name else k, attrs, k) for k in keys]
     return changed

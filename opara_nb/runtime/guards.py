@@ -507,7 +507,9 @@ def _counted_setattr(setattr_: Any) -> Any:
     @functools.wraps(setattr_)
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
         setattr_(self, name, value)
-        if name in _COUNTED:
+        if value is None and name in self.__dict__.get("_parameters", ()):  # lin.bias = None: no registration hook
+            _EPOCH[0] += 1
+        elif name in _COUNTED:
             if name == "training":
                 if self in _FLAG_WATCHED:  # after the set: a snapshot between sees the new flag
                     _FLAGS[0] += 1
@@ -517,6 +519,25 @@ def _counted_setattr(setattr_: Any) -> Any:
 
     __setattr__._opara_counted = True  # type: ignore[attr-defined]
     return __setattr__
+
+
+def _counted_call(method: Any) -> Any:
+    """``method`` (a module's ``__delattr__``, a container's ``insert`` or ``__delitem__``), bumping the counter
+    after it: these write a module's ``_parameters``, ``_buffers`` or ``_modules`` without a registration hook."""
+    @functools.wraps(method)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _EPOCH[0] += 1
+
+    counted._opara_counted = True  # type: ignore[attr-defined]
+    return counted
+
+
+_UNHOOKED = [(nn.Module, "__delattr__"), (nn.ModuleList, "insert"), (nn.ModuleList, "__delitem__"),
+             (nn.ModuleList, "pop"), (nn.Sequential, "insert"), (nn.Sequential, "__delitem__"), (nn.Sequential, "pop"),
+             (nn.ModuleDict, "__delitem__"), (nn.ModuleDict, "pop"), (nn.ModuleDict, "clear")]
 
 
 def _counted_remove(remove: Any) -> Any:
@@ -554,6 +575,10 @@ def install_watch() -> None:
         nn.Module.__setattr__ = _counted_setattr(nn.Module.__setattr__)  # type: ignore[method-assign]
     if not getattr(RemovableHandle.remove, "_opara_counted", False):
         RemovableHandle.remove = _counted_remove(RemovableHandle.remove)  # type: ignore[method-assign]
+    for cls, name in _UNHOOKED:
+        method = vars(cls).get(name)
+        if method is not None and not getattr(method, "_opara_counted", False):
+            setattr(cls, name, _counted_call(method))
     _count_reparametrize()
     _hooks_installed = True
 
@@ -591,8 +616,9 @@ def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict,
     change. A callable model adds what it reads itself (``reads``: its globals, a partial's keywords)."""
     starts, own_reads = (reads.starts, reads.settings) if reads is not None else (None, [])
     found = settings_read(model, starts) + own_reads
-    rows = {(id(d), k): (d, k, setting_copy(d[k]), f"global '{name}'" if kind == "global" else f"attribute '{name}'",
-                         own or kind == "field") for name, d, k, own, kind in found}
+    # (a name read but absent, getattr(self, "flag", False), is kept as None: setting it is a change)
+    rows = {(id(d), k): (d, k, setting_copy(d.get(k)), f"global '{name}'" if kind == "global" else
+                         f"attribute '{name}'", own or kind == "field") for name, d, k, own, kind in found}
     # every field of a settings object, compared when its counter moved (a field set) or on refresh()
     for name, obj in settings_objects(model, starts):
         if _count_field_sets(obj):
@@ -851,7 +877,7 @@ class ModelGuard:
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [_setting_change(name, v, d.get(k, "<deleted>"))
-                  for d, k, v, name, _ in self._settings if not same_setting(d.get(k, MISSING), v)]
+                  for d, k, v, name, _ in self._settings if not same_setting(d.get(k), v)]
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
