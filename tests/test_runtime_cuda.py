@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import random
 import threading
 import traceback
 import tracemalloc
@@ -741,6 +742,34 @@ def test_26_the_ninth_sweeps_changes_are_never_replayed_stale(monkeypatch):
         torch.testing.assert_close(_quiet(wrapped, x), _eager(original, x))
     om.release()
     om_seq.release()
+
+
+class DrawsAndCallsBack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x) * (0.5 + random.random())
+        return y, (lambda: y.softmax(-1))
+
+
+def test_27_a_python_random_draw_and_a_callback_output_are_never_replayed_stale():
+    """A number drawn from Python's random (a graph would bake it in) and a callback over the call's tensor (the
+    captured one would keep the first call's): each call matches eager with the same seed, and planning leaves
+    Python's random state as it was."""
+    model, x = DrawsAndCallsBack().cuda().eval(), torch.randn(2, 4, device="cuda")
+    state = random.getstate()
+    om = _quiet(optimize, model, x)
+    assert random.getstate() == state
+    for seed in range(3):
+        random.seed(seed)
+        y, post = _quiet(om, x)
+        random.seed(seed)
+        want, want_post = _eager(model, x)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(post(), want_post())
+    om.release()
 
 
 # ------------------------------------------------------------------------------------------------ trust: never stale

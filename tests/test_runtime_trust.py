@@ -422,7 +422,7 @@ def test_python_state_the_forward_changes_is_left_alone_by_optimize_and_kept_by_
         assert out.shape == (n, 4)
     assert model.calls == 2 and model.seen == [2, 3]  # each call did what the original model does
     if graphs is not None:  # a replay runs kernels only: such a forward must not be replayed
-        assert om.report.mode == "eager" and "Python attributes of the model (calls, seen)" in om.report.reason
+        assert om.report.mode == "eager" and "Python state (calls, seen)" in om.report.reason
 
 
 @pytest.mark.parametrize("graphs", [FakeGraphs, None], ids=["replayed", "eager-plan (no CUDA)"])
@@ -1357,3 +1357,28 @@ def test_the_optimized_module_stands_in_for_the_model_its_name_was_rebound_to():
     parent.load_state_dict(nn.Sequential(HasAHead()).state_dict())
     with pytest.raises(AttributeError):
         om.no_such_layer
+
+
+class ReturnsACallback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, (lambda: y.softmax(-1))
+
+
+def test_an_output_function_closing_over_the_calls_tensors_is_never_handed_out_stale():
+    """A lazy callback over the call's ``y``: the one built at capture would keep the first call's ``y``. It cannot
+    be copied per call, so each call builds its own (piecewise or the original model)."""
+    model, x = ReturnsACallback().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    first = _quiet(om, x)[1]
+    for _ in range(2):
+        x = torch.randn(2, 4)
+        y, post = _quiet(om, x)
+        want_y, want_post = _expect(model, x)
+        torch.testing.assert_close(y, want_y)
+        torch.testing.assert_close(post(), want_post())
+        assert post is not first

@@ -563,3 +563,19 @@ def test_module_edits_no_registration_hook_sees_are_counted(edit):
     without a registration hook: counted, so the next call re-plans."""
     model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval(), torch.randn(2, 4)
     _replans(model, x, lambda: edit(model), "model changed", lambda: _expect_containers(model, x))
+
+
+class ScaledByDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, scale=2.0):
+        return self.lin(x) * scale
+
+
+def test_defaults_of_a_forward_replaced_in_place_are_replanned(monkeypatch):
+    """``Block.forward.__defaults__ = (5.0,)``: the graph baked in the old default."""
+    model, x = ScaledByDefault().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: monkeypatch.setattr(ScaledByDefault.forward, "__defaults__", (5.0,)),
+             "the defaults of 'ScaledByDefault.forward' were replaced", lambda: _expect_containers(model, x))

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import random
 import warnings
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+    np = None
 
 import pytest
 import torch
@@ -334,3 +340,45 @@ def test_planning_puts_back_state_on_the_models_class_and_calls_update_it_as_eag
         _quiet(om, x)
     assert CountsOnItsClass.calls == 2 and len(seen) == 2
     assert any("CountsOnItsClass" in n for n in om.notices), om.notices
+
+
+class DrawsOnTheHost(nn.Module):
+    """Random numbers a replay would bake in or not advance: Python's, NumPy's, a generator it holds, a reseed."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how = nn.Linear(4, 4), how
+        self.gen = torch.Generator().manual_seed(1)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.how == "python":
+            return y * (0.5 + random.random())
+        if self.how == "numpy":
+            return y * float(np.random.rand())
+        if self.how == "generator":
+            return y + torch.randn(y.shape, generator=self.gen)
+        torch.manual_seed(0)
+        return y + torch.randn_like(y)
+
+
+
+@pytest.mark.parametrize("how", ["python", "numpy", "generator", "reseed"])
+def test_a_forward_that_draws_from_another_random_state_runs_the_original_and_planning_leaves_it(how):
+    """A replay would keep the number drawn at capture (Python's, NumPy's) or not advance the generator or the
+    reseed: such calls run the original; optimize() leaves every random state as it was."""
+    if np is None:
+        pytest.skip("numpy is not installed")
+    model, x = DrawsOnTheHost(how).eval(), torch.randn(2, 4)
+    states = random.getstate(), np.random.get_state()[1].copy(), model.gen.get_state(), torch.get_rng_state()
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(model.gen.get_state(), states[2]) and torch.equal(torch.get_rng_state(), states[3])
+    for _ in range(2):
+        seed = torch.get_rng_state(), random.getstate(), np.random.get_state(), model.gen.get_state()
+        got = _quiet(om, x)
+        torch.set_rng_state(seed[0]), random.setstate(seed[1]), np.random.set_state(seed[2])
+        model.gen.set_state(seed[3])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x))
+    assert om.report.mode == "eager", om.report.reason

@@ -17,8 +17,10 @@ import copy
 import enum
 import functools
 import operator
+import random
+import sys
 import types
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -137,6 +139,10 @@ class Sandbox:
             self._saved = {k: t.detach().clone() for k, t in copied.items()}
         self._python = _python_state(self.model, reads)
         self._rng = torch.random.get_rng_state()  # a forward that draws random numbers advances it on every run
+        # other random states: Python's, NumPy's, generators the modules hold; a draw from one (or torch reseeded)
+        # is state a replay would not change, as the forward's own Python changes are
+        self._host_rngs = [(name, get, put, get()) for name, get, put in _host_rngs(self.model)]
+        self._seeds = _count_seeding()
         # which tensor each module holds under each name: dynamo's replay of ``self.n += 1`` between graphs may
         # rebind the name to another tensor (a graph's output), which later runs then update
         self._bindings = [(f"{prefix}.{k}" if prefix else k, d, k, t) for prefix, m in
@@ -150,6 +156,9 @@ class Sandbox:
         if self.model is None:
             return
         torch.random.set_rng_state(self._rng)
+        for _, _, put, state in self._host_rngs:
+            put(state)
+        self._seeds.close()
         rebound = [name for name, d, k, t in self._bindings if d.get(k) is not t]
         for _, d, k, t in self._bindings:
             d[k] = t
@@ -170,8 +179,14 @@ class Sandbox:
                                   "changing the model")
 
     def python_changes(self) -> list[str]:
-        """The plain Python attributes changed so far (inside the block; nothing is put back yet)."""
-        return [name for name, _, _ in _python_changes(self._python)] if self.model is not None else []
+        """The plain Python attributes changed so far (inside the block; nothing is put back yet), and the random
+        states the forward drew from or seeded (Python's ``random``, NumPy's, a generator a module holds,
+        ``torch.manual_seed``): a replay would not change them."""
+        if self.model is None:
+            return []
+        rngs = [name for name, get, _, state in self._host_rngs if not _same_state(get(), state)]
+        return [name for name, _, _ in _python_changes(self._python)] + rngs + \
+            (["torch.manual_seed"] if self._seeds.calls else [])
 
     def note(self) -> str | None:
         """One line for the report when planning had to restore state, else None."""
@@ -180,6 +195,54 @@ class Sandbox:
         names = ", ".join(self.restored[:3]) + (" ..." if len(self.restored) > 3 else "")
         return (f"the forward updates model state ({names}): restored after planning; each call updates it as "
                 "the original model would")
+
+
+def _host_rngs(model: nn.Module) -> list[tuple[str, Callable[[], Any], Callable[[Any], Any]]]:
+    """(name, get state, set state) of the random states besides torch's default one a forward may draw from."""
+    found = [("Python's random state", random.getstate, random.setstate)]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        found.append(("NumPy's random state", numpy.random.get_state, numpy.random.set_state))
+    for prefix, m in model.named_modules():
+        found += [(f"{prefix}.{k}" if prefix else k, g.get_state, g.set_state) for k, g in vars(m).items()
+                  if isinstance(g, torch.Generator)]
+    return found
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, tuple) and len(a) == len(b):
+        return all(_same_state(x, y) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy":
+        return bool((a == b).all())
+    return a == b
+
+
+class _count_seeding:
+    """Counts ``torch.manual_seed`` calls (and ``torch.random``'s, ``torch.cuda``'s) until ``close()``: a forward
+    that reseeds torch draws the same numbers on every eager call, which a replay would not."""
+
+    _NAMES = [(torch, "manual_seed"), (torch.random, "manual_seed"), (torch.cuda, "manual_seed"),
+              (torch.cuda, "manual_seed_all")]
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name in self._NAMES]
+        for owner, name, seed in self._saved:
+            setattr(owner, name, self._counting(seed))
+
+    def _counting(self, seed: Callable) -> Callable:
+        @functools.wraps(seed)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return seed(*args, **kwargs)
+
+        return counted
+
+    def close(self) -> None:
+        for owner, name, seed in self._saved:
+            setattr(owner, name, seed)
 
 
 # What nn.Module.__init__ puts in every module's __dict__ (parameters, buffers, submodules, hooks, flags):

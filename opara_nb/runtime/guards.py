@@ -802,6 +802,9 @@ class ModelGuard:
         functions = {id(f): (f, q) for _, _, f, q in self._methods}
         functions.update((id(v), (v, k)) for d, k, v in watched if isinstance(v, types.FunctionType))
         self._reloadable = [(f, name, f.__code__) for f, name in functions.values()]
+        # and their defaults, replaced in place (Block.forward.__defaults__ = (5.0,)): those that have any
+        self._defaults = [(f, attr, getattr(f, attr), name) for f, name in functions.values()
+                          for attr in ("__defaults__", "__kwdefaults__") if getattr(f, attr) is not None]
         # what a callable model holds by identity (closure cells, code, defaults)
         self._refs = self._reads.refs if self._reads is not None else []
         self._contents = self._reads.contents if self._reads is not None else []
@@ -813,6 +816,7 @@ class ModelGuard:
             _Watch("contents", dict.get, _in_dicts(compared), same="=="),
             _Watch("contents", _proxy_get, _in_dicts(compared, classes=True), same="=="),
             _Watch("code", getattr, [(f, "__code__", c) for f, _, c in self._reloadable]),
+            _Watch("defaults", getattr, [(f, attr, v) for f, attr, v, _ in self._defaults]),
             _Watch("methods", _proxy_get, [(d, k, f) for d, k, f, _ in self._methods]),
             _Watch("references", getattr, [(o, a, v) for o, a, v, _ in self._refs]),
             _Watch("contents", _itself, [(v, None, kept) for v, kept, _ in self._contents], same="=="),
@@ -881,6 +885,8 @@ class ModelGuard:
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
+        lines += [f"the defaults of '{name}' were replaced" for f, attr, v, name in self._defaults
+                  if getattr(f, attr) is not v]
         lines += [f"{q!r} was set on {where}, hiding its class's value" for q, d, k, where in self._unset if k in d]
         lines += [line for o, a, v, line in self._refs if _read(o, a) is not v]
         lines += [line for v, kept, line in self._contents if v != kept]

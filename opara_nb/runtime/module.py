@@ -434,7 +434,7 @@ class OparaModule(nn.Module):
             self._compiled_fn()(*copies, **kw)
             changed = box.python_changes()
         if changed:  # the eager plan runs it right, but each call's own change would make it plan again
-            self._changed_itself(f"the forward changes Python attributes of the model ({_first(changed)}) on every "
+            self._changed_itself(f"the forward changes Python state ({_first(changed)}) on every "
                                  "call: running the original model (om.refresh() plans again)")
         self._keep_note(box)
 
@@ -938,7 +938,7 @@ def _python_side_effects(box: Sandbox | None, runners: list[GraphRunner], inputs
     changed = box.python_changes() if box is not None else []
     if not changed:
         return None
-    return Entry("eager", f"the forward changes Python attributes of the model ({_first(changed)}), which a CUDA graph "
+    return Entry("eager", f"the forward changes Python state ({_first(changed)}), which a CUDA graph "
                           "replay would skip: running the original model", runners=runners)
 
 

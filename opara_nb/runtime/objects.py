@@ -58,6 +58,7 @@ class OpaqueOutputs:
         self._views: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # views of a tensor handed out
         storages = {static[i].untyped_storage().data_ptr() for i in slots}
         self._keep: dict[int, Any] = {}  # themselves in every copy
+        self._owned = owned
         self._existing = existing
         tensors: dict[int, torch.Tensor] = {}  # the graph's memory: copied per call
         for x in (x for j in positions for x in reachable(outs[j])):
@@ -102,6 +103,9 @@ class OpaqueOutputs:
             if key in self._keep:
                 return lambda call: x
             return lambda call: call.copies[key]
+        if isinstance(x, types.FunctionType) and self._closes_over_call(x):
+            raise ValueError(f"the model returns a function ({x.__qualname__}) that holds tensors the call made, "
+                             "which a replay would hand out again from the first call")
         if key in self._keep or key in self._existing or isinstance(x, _ATOMIC):
             return lambda call: x
         if key in path:
@@ -116,6 +120,13 @@ class OpaqueOutputs:
             return made
 
         return shared
+
+    def _closes_over_call(self, fn: types.FunctionType) -> bool:
+        """Whether ``fn``'s closure or defaults reach a tensor other than the model's own (``lambda: y.softmax()``
+        over the call's ``y``)."""
+        values = [*(c.cell_contents for c in fn.__closure__ or () if _bound(c)), *(fn.__defaults__ or ()),
+                  *(fn.__kwdefaults__ or {}).values()]
+        return any(self._owned(t) is not t for v in values for t in reachable(v) if isinstance(t, torch.Tensor))
 
     def _container(self, x: Any, path: set[int]) -> _Make | None:
         kind = type(x)
@@ -207,6 +218,14 @@ def held(obj: Any) -> dict[int, Any]:
                 seen[id(child)] = child
                 todo.append(child)
     return seen
+
+
+def _bound(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not bound yet
+        return False
+    return True
 
 
 def _python_class(kind: type) -> bool:
