@@ -6,7 +6,6 @@ that changes them."""
 from __future__ import annotations
 
 import dataclasses
-import copy
 import dis
 import functools
 import os
@@ -17,167 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SETTINGS", "MISSING", "same_value", "forward_reads", "reads_training", "code_reads", "settings_read",
-           "holder_fields", "from_a_library", "plain_setting", "setting_copy", "same_setting", "methods_read",
-           "CONTAINERS", "contents", "unset_read", "callable_reads", "by_value", "watched_container",
-           "settings_objects"]
+from .values import (MISSING, other_value, plain_setting, setting_copy, by_value, watched_container,
+                     watched_global)
 
-# Plain values a graph bakes in as constants when the forward reads them.
-SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
-MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
-# Globals of the user's code watched besides plain values, by identity: functions (a notebook helper redefined by
-# re-running its cell) and tensors (a graph reads a global tensor where it was at capture).
-_WATCHED_GLOBALS = SETTINGS + (types.FunctionType, types.BuiltinFunctionType, torch.Tensor)
-
-
-def watched_global(value: Any) -> bool:
-    """A global name a graph may bake in what it read of: anything bound to it but a Python module (``torch``,
-    ``F``, ``math``: library code): a plain value, a function (or a partial, an ``lru_cache``'d one), a class, an
-    enum member, a module instance, a settings object; compared by identity (containers by contents)."""
-    return value is not MISSING and not isinstance(value, types.ModuleType)
-
-
-def _other_value(value: Any) -> bool:
-    """A value read from a class or a settings object that a graph may bake in, besides plain ones: an enum member,
-    a container of functions, an object; not a method, property or other descriptor of the class."""
-    return value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor)) and not callable(value) \
-        and not hasattr(type(value), "__get__")
-CONTAINERS = (list, dict, set)  # plain containers: compared by contents, since they can change in place
-_NESTED = (list, dict, set, tuple, frozenset)  # what a snapshot opens
-_MAX_ITEMS = 64  # items (all levels together) a container's snapshot compares; a larger one is watched by identity
-
-
-def _kind(value: Any, budget: list[int]) -> str:
-    """"plain" (a plain value, or containers nested to any depth that hold only plain values), "objects"
-    (containers that also hold other objects: tensors, functions, the user's objects) or "large" (more than
-    ``_MAX_ITEMS`` items in all, or a container that holds itself)."""
-    if type(value) not in _NESTED:
-        return "plain" if isinstance(value, SETTINGS) else "objects"
-    budget[0] -= len(value)
-    if budget[0] < 0:
-        return "large"
-    kind = "plain"
-    for v in ([*value.keys(), *value.values()] if type(value) is dict else value):
-        k = _kind(v, budget)
-        if k == "large":
-            return k
-        if k == "objects":
-            kind = k
-    return kind
-
-
-def _mutable_inside(value: Any) -> bool:
-    """Whether a plain value can change in place: a list, dict or set, or a tuple holding one."""
-    return type(value) in CONTAINERS or type(value) in (tuple, frozenset) and any(map(_mutable_inside, value))
-
-
-def plain_setting(value: Any) -> bool:
-    """A value a graph bakes in when the forward reads it: a plain value (``SETTINGS``), or lists, dicts, sets and
-    tuples of plain values nested to any depth, ``_MAX_ITEMS`` items in all (``self.skip = [1, 3]``,
-    ``self.cfg = {"act": {"slope": 0.1}}``), which are compared by contents."""
-    return _kind(value, [_MAX_ITEMS]) == "plain"
-
-
-def watched_container(value: Any) -> bool:
-    """A list, dict, set or tuple holding more than plain values (tensors, functions, objects), or too large to
-    compare: ``setting_copy`` keeps what it can of it (its items by identity, or itself)."""
-    return type(value) in _NESTED and not plain_setting(value)
-
-
-class Snapshot:
-    """What a forward read of a container that holds objects: its structure, plain values by value and other
-    objects by identity (a tensor is never compared by value), or, past ``_MAX_ITEMS``, the container itself.
-    ``snapshot == now`` (reflected from ``now == snapshot``, so a guard's ``==`` on a list of rows compares it)."""
-
-    __slots__ = ("value", "items")
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        self.items = _items(value) if _kind(value, [_MAX_ITEMS]) != "large" else None
-
-    def __eq__(self, now: Any) -> bool:
-        if self.items is None:
-            return now is self.value
-        try:
-            return type(now) is type(self.value) and _items(now) == self.items
-        except Exception:  # noqa: BLE001 - a member that cannot be compared: count it as changed
-            return False
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class _Same:
-    """An object other than a plain value, compared by identity in a snapshot's items."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __eq__(self, other: Any) -> bool:
-        return type(other) is _Same and other.obj is self.obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-
-def _items(value: Any) -> Any:
-    """A container's contents, nested, with every object that is not a plain value wrapped to compare by identity."""
-    kind = type(value)
-    if kind is dict:
-        return kind, [(_items(k), _items(v)) for k, v in value.items()]
-    if kind in (set, frozenset):  # unordered: plain members by value, others by identity (the snapshot holds them)
-        return kind, frozenset(v if isinstance(v, SETTINGS) else _Same(v) for v in value)
-    if kind in _NESTED:
-        return kind, [_items(v) for v in value]
-    return value if isinstance(value, SETTINGS) else _Same(value)
-
-
-def contents(value: Any) -> Any:
-    """A copy of a list's, dict's or set's contents (one level: what the sandbox puts back), else None."""
-    return type(value)(value) if type(value) in CONTAINERS else None
-
-
-def setting_copy(value: Any) -> Any:
-    """What to keep of a value a forward reads, to compare it later (``same_setting``): a plain value that can change
-    in place as a deep copy (compared by contents), a container of objects as a ``Snapshot``, else itself."""
-    if type(value) not in _NESTED:
-        return value
-    if plain_setting(value):
-        return copy.deepcopy(value) if _mutable_inside(value) else value
-    return Snapshot(value)
-
-
-def by_value(kept: Any) -> bool:
-    """Whether ``setting_copy``'s ``kept`` is compared with ``==`` (contents), not ``is``."""
-    return type(kept) is Snapshot or _mutable_inside(kept)
-
-
-def same_value(now: Any, then: Any) -> bool:
-    """Whether a plain value read again is still what it was: the same object, or an equal one of the same type (a
-    forward or a user setting ``self.scale = 0.5`` again). A list, dict or set replaced by another is a change; any
-    other object (not a plain value) is a change unless it is the same object."""
-    if now is then:
-        return True
-    if type(now) is not type(then) or type(then) in CONTAINERS or not isinstance(then, SETTINGS):
-        return False  # an object of another kind is only ever itself
-    try:
-        return bool(now == then)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def same_setting(now: Any, kept: Any) -> bool:
-    """``same_value`` against what ``setting_copy`` kept: a container by its contents."""
-    if type(kept) is Snapshot:
-        return kept == now
-    if by_value(kept):
-        return type(now) is type(kept) and now == kept
-    return same_value(now, kept)
-
+__all__ = ["forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields", "from_a_library",
+           "methods_read", "unset_read", "callable_reads", "settings_objects"]
 
 _RANK = ("", "self", "other")
 
@@ -259,7 +102,7 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     prop = getattr(type(holder), field, None)
     if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
         keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or _other_value(fields.get(k, MISSING))]
+    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or other_value(fields.get(k, MISSING))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -352,7 +195,7 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
             # what it read of it, and an output may hold it. (Tensor attributes are the guard's own watch; a list of
             # tensors compared by contents would compare tensors.)
             held = holder is m and value is not MISSING and not isinstance(value, (nn.Module, torch.Tensor)) \
-                or holder is not m and _other_value(value)  # a class's enum member or registry of functions
+                or holder is not m and other_value(value)  # a class's enum member or registry of functions
             if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
             elif holder is None and own and not _registered(m, k):  # getattr(self, "flag", False): absent for now

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import (CONTAINERS, MISSING, callable_reads, from_a_library, is_wrapper, reached_modules, same_value,
-                    settings_read)
+from .reads import callable_reads, from_a_library, is_wrapper, reached_modules, settings_read
+from .values import CONTAINERS, MISSING, same_value
 
 if TYPE_CHECKING:
     from .graph import CapturedGraph

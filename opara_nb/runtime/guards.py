@@ -43,9 +43,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import (MISSING, CallableReads, Snapshot, by_value, callable_reads, methods_read, reached_modules,
-                             reads_training, same_setting, setting_copy, settings_objects, settings_read, unset_read,
-                             plain_setting, watched_container)
+from ..capture.reads import (CallableReads, callable_reads, methods_read, reached_modules, reads_training,
+                             settings_objects, settings_read, unset_read)
+from ..capture.values import (MISSING, Snapshot, by_value, plain_setting, same_setting, setting_copy,
+                              watched_container)
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
            "install_watch"]
