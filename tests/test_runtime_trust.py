@@ -1382,3 +1382,23 @@ def test_an_output_function_closing_over_the_calls_tensors_is_never_handed_out_s
         torch.testing.assert_close(y, want_y)
         torch.testing.assert_close(post(), want_post())
         assert post is not first
+
+
+class NamesLikeTheWrapper(nn.Module):
+    """Attributes named like the OparaModule's own (``strategy``, ``order``, ``notices``, ``max_graphs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.strategy, self.order, self.notices, self.max_graphs = "mine", 3, ["kept"], 99
+
+    def forward(self, x):
+        return self.lin(x) * self.order
+
+
+def test_the_wrapper_never_writes_its_own_settings_into_a_model_with_the_same_names():
+    model, x = NamesLikeTheWrapper().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert (model.strategy, model.order, model.notices, model.max_graphs) == ("mine", 3, ["kept"], 99)
+    assert om.strategy == "opara" and om.max_graphs == 4
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))

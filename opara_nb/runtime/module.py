@@ -167,6 +167,7 @@ class OparaModule(nn.Module):
         self._self_changing: str | None = None
         self._seen_self_change = False
         self.notices: list[str] = []
+        self._standing_in = True  # from here, setting an attribute the model has sets it on the model
         if compiled_by_user is not None:
             self._notify("opara_nb: the model was compiled with torch.compile; opara_nb compiles it itself, so it "
                          "optimizes the module inside (its ._orig_mod), which is left as it was")
@@ -187,8 +188,8 @@ class OparaModule(nn.Module):
         """Setting an attribute the model has (``model.fc = nn.Linear(...)`` on the rebound name) sets it on the
         model, where the guard sees it and the next call re-plans; this module's own attributes stay its own."""
         original = self.__dict__.get("_modules", {}).get("original")
-        if original is not None and not name.startswith("_") and name not in self.__dict__ \
-                and not hasattr(type(self), name) and hasattr(original, name):
+        if original is not None and self.__dict__.get("_standing_in") and not name.startswith("_") \
+                and name not in self.__dict__ and not hasattr(type(self), name) and hasattr(original, name):
             setattr(original, name, value)
             return
         super().__setattr__(name, value)
