@@ -184,9 +184,10 @@ def settings_read(model: nn.Module, starts: dict[int, str] | None = None) -> lis
 
 def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict) -> None:
     """``settings_read``'s rows for what one module's method (``forward_reads``) reads, added to ``found``."""
-    _, names, globals_read = reads
-    if own:  # a helper of the user's given the module (``helper(self, x)``) reads it as well
-        names = names | _helper_reads(globals_read)
+    _, own_names, globals_read = reads
+    # a helper of the user's given the module (``helper(self, x)``) reads it as well (what it reads of its other
+    # arguments, ``x.shape``, is no attribute of the module's, and is not watched while absent)
+    names = own_names | _helper_reads(globals_read) if own else own_names
     for k in sorted(names):
         if "." not in k:
             holder = m if k in m.__dict__ else _class_holding(m, k)[1]
@@ -198,7 +199,7 @@ def _module_settings(at: str, m: nn.Module, own: bool, reads: tuple, found: dict
                 or holder is not m and other_value(value)  # a class's enum member or registry of functions
             if k != "training" and (plain_setting(value) or held):
                 found.setdefault((id(holder), k), (at + k, vars(holder), k, own, "self"))
-            elif holder is None and own and not _registered(m, k):  # getattr(self, "flag", False): absent for now
+            elif holder is None and own and k in own_names and not _registered(m, k):  # getattr(self, "f", False)
                 found.setdefault((id(vars(m)), k), (at + k, vars(m), k, own, "self"))
             continue
         name, field = k.split(".", 1)
