@@ -579,3 +579,32 @@ def test_defaults_of_a_forward_replaced_in_place_are_replanned(monkeypatch):
     model, x = ScaledByDefault().eval(), torch.randn(2, 4)
     _replans(model, x, lambda: monkeypatch.setattr(ScaledByDefault.forward, "__defaults__", (5.0,)),
              "the defaults of 'ScaledByDefault.forward' were replaced", lambda: _expect_containers(model, x))
+
+
+class OverridesWithoutSuper(ViaSuper):
+    """Overrides ``forward`` and never runs its bases': what they read is no reason to re-plan."""
+
+    def forward(self, x):
+        return self.lin(x) * 3
+
+
+def test_a_base_classs_reads_are_not_watched_for_an_override_that_never_runs_it():
+    model, x = OverridesWithoutSuper().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    _quiet(om, x)
+    model.alpha = 7.0  # read by ScaledBase.forward only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OparaNotice)
+        torch.testing.assert_close(om(x), _expect_containers(model, x))
+
+
+def test_a_snapshot_of_a_flat_container_compares_members_by_identity_and_plain_values_by_value():
+    from opara_nb.capture.values import Snapshot
+
+    registry = {"relu": torch.relu, "scale": 2.0, "tanh": torch.tanh}
+    kept = Snapshot(registry)
+    assert kept == dict(registry)  # the same members
+    assert kept == {**registry, "scale": float("2.0")}  # an equal plain value, another object
+    assert not kept == {**registry, "relu": torch.sigmoid}  # a member replaced
+    assert not kept == {"tanh": torch.tanh, "relu": torch.relu, "scale": 2.0}  # the same items in another order
+    assert not kept == [*registry.values()]

@@ -61,7 +61,16 @@ def _definitions(cls: type, name: str) -> list[Any]:
         func = func.fget if isinstance(func, property) else getattr(func, "__func__", func)
         if callable(func):
             found.append(func)
+            if not _reaches_base(func, cls):  # an override that never runs its base's: the base's reads are not its
+                break
     return found
+
+
+def _reaches_base(func: Any, cls: type) -> bool:
+    """Whether ``func`` may run a base class's method: it calls ``super()`` or names a class of ``cls``'s MRO."""
+    bases = {k.__name__ for k in cls.__mro__[1:]}
+    codes = _codes(func)
+    return not codes or any("super" in code.co_names or bases & set(code.co_names) for code, _ in codes)
 
 
 def _codes(func: Any) -> list[tuple[Any, Any]]:

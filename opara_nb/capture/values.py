@@ -4,6 +4,7 @@ value read again is still the same. Used by the model guard and by the planning 
 from __future__ import annotations
 
 import copy
+import operator
 import types
 from typing import Any
 
@@ -79,15 +80,26 @@ class Snapshot:
     objects by identity (a tensor is never compared by value), or, past ``_MAX_ITEMS``, the container itself.
     ``snapshot == now`` (reflected from ``now == snapshot``, so a guard's ``==`` on a list of rows compares it)."""
 
-    __slots__ = ("value", "items")
+    __slots__ = ("value", "items", "flat")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         self.items = _items(value) if _kind(value, [_MAX_ITEMS]) != "large" else None
+        # a list, tuple or dict of no containers (a registry of functions, a list of tensors): the same members
+        # (and keys) by identity is the same, one C-level pass per call; anything else takes the full comparison
+        kind = type(value)
+        members = list(value.values()) if kind is dict else list(value) if kind in (list, tuple) else None
+        self.flat = None if self.items is None or members is None or any(type(v) in _NESTED for v in members) \
+            else (tuple(value) if kind is dict else None, tuple(members))
 
     def __eq__(self, now: Any) -> bool:
         if self.items is None:
             return now is self.value
+        if self.flat is not None and type(now) is type(self.value) and len(now) == len(self.flat[1]):
+            keys, members = self.flat
+            if all(map(operator.is_, now.values() if keys is not None else now, members)) and \
+                    (keys is None or all(map(operator.is_, now, keys))):
+                return True
         try:
             return type(now) is type(self.value) and _items(now) == self.items
         except Exception:  # noqa: BLE001 - a member that cannot be compared: count it as changed
