@@ -608,3 +608,29 @@ def test_a_snapshot_of_a_flat_container_compares_members_by_identity_and_plain_v
     assert not kept == {**registry, "relu": torch.sigmoid}  # a member replaced
     assert not kept == {"tanh": torch.tanh, "relu": torch.relu, "scale": 2.0}  # the same items in another order
     assert not kept == [*registry.values()]
+
+
+def test_a_package_installed_outside_site_packages_is_library_code(tmp_path, monkeypatch):
+    """``pip install --target DIR`` (or a wheel unpacked on PYTHONPATH): its classes are a library's, whose settings
+    are fixed at construction (watched on refresh), not the user's (watched per call, at a cost per call)."""
+    from opara_nb.capture import reads
+
+    (tmp_path / "fakelib_opara").mkdir()
+    (tmp_path / "fakelib_opara" / "__init__.py").write_text("import torch\nclass Net(torch.nn.Module):\n    pass\n")
+    info = tmp_path / "fakelib_opara-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakelib-opara\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("fakelib_opara\n")
+    (info / "RECORD").write_text("fakelib_opara/__init__.py,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reads._distribution_roots.cache_clear()
+    reads._library_module.cache_clear()
+    try:
+        import fakelib_opara
+
+        assert reads.from_a_library(fakelib_opara.Net)
+        assert not reads.from_a_library(ScaledBase)  # this file: the user's own code
+    finally:
+        sys.modules.pop("fakelib_opara", None)
+        reads._distribution_roots.cache_clear()
+        reads._library_module.cache_clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import dis
 import functools
+import importlib.metadata
 import os
 import sys
 import types
@@ -114,11 +115,39 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or other_value(fields.get(k, MISSING))]
 
 
-@functools.lru_cache(maxsize=None)
 def from_a_library(cls: type) -> bool:
-    """Whether ``cls`` comes from an installed package (site-packages), not from the user's notebook or project."""
-    module = sys.modules.get(cls.__module__)
-    return _installed(getattr(module, "__file__", None) or "")
+    """Whether ``cls`` comes from an installed package, not from the user's notebook or project."""
+    return _library_module(cls.__module__)
+
+
+def _library_function(func: Any) -> bool:
+    return _library_module(getattr(func, "__module__", None) or "") or \
+        _installed(getattr(getattr(func, "__code__", None), "co_filename", "") or "")
+
+
+@functools.lru_cache(maxsize=None)
+def _library_module(name: str) -> bool:
+    """A module of an installed package: under site-packages, or in the folder a distribution was installed to
+    (``pip install --target DIR``, a wheel unpacked on ``PYTHONPATH``). An editable install of a project, or the
+    user's own files, stay the user's code."""
+    path = os.path.abspath(getattr(sys.modules.get(name), "__file__", None) or "")
+    if _installed(path):
+        return True
+    return any(path.startswith(root) for root in _distribution_roots().get(name.split(".")[0], ()))
+
+
+@functools.lru_cache(maxsize=1)
+def _distribution_roots() -> dict[str, list[str]]:
+    """Top-level package -> the folders its distributions were installed to (each ending in a separator)."""
+    roots: dict[str, list[str]] = {}
+    try:
+        for top, names in importlib.metadata.packages_distributions().items():
+            for name in names:
+                where = importlib.metadata.distribution(name).locate_file("")
+                roots.setdefault(top, []).append(os.path.join(os.path.abspath(str(where)), ""))
+    except Exception:  # noqa: BLE001 - broken metadata: fall back to the site-packages rule alone
+        return {}
+    return roots
 
 
 def _installed(path: str) -> bool:
@@ -126,7 +155,8 @@ def _installed(path: str) -> bool:
     return any(part in path for part in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"))
 
 
-def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=8192)  # a snapshot reads the same code again after every change (no dis each time)
+def code_reads(code: Any, me: str = "") -> tuple[str, tuple[str, ...]]:
     """(how ``code`` reads ``training``, the names it loads from its first argument, and "name.attr" for a read one
     level further, as in ``self.config.flag``), nested functions included."""
     me = me or (code.co_varnames[0] if code.co_argcount else "")
@@ -156,8 +186,8 @@ def code_reads(code: Any, me: str = "") -> tuple[str, list[str]]:
     for const in code.co_consts:
         if hasattr(const, "co_code"):
             how, more = code_reads(const, me)
-            found, called = _worse(found, how), called + more
-    return found, called
+            found, called = _worse(found, how), called + list(more)
+    return found, tuple(called)
 
 
 def _type_of_me(recent: list, me: str) -> bool:
@@ -265,7 +295,7 @@ def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
         holder = hook.__self__ if isinstance(hook, types.MethodType) else \
             None if isinstance(hook, types.FunctionType) else hook
         code = getattr(func, "__code__", None)
-        if code is None or _installed(code.co_filename or ""):
+        if code is None or _library_function(func):
             continue
         for namespace, g in _through_functions(tuple((func.__globals__, g) for g in sorted(_global_loads(code)))):
             if watched_global(namespace.get(g, MISSING)):
@@ -337,7 +367,7 @@ def _functions_in(value: Any) -> list[types.FunctionType]:
         if isinstance(value, functools.partial):
             value = value.func
             continue
-        if isinstance(value, types.FunctionType) and not _installed(value.__code__.co_filename or ""):
+        if isinstance(value, types.FunctionType) and not _library_function(value):
             found.append(value)
         value = getattr(value, "__wrapped__", None)
         if value is None:
@@ -424,7 +454,7 @@ def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
 
 def _reach_function(fn: types.FunctionType, found: CallableReads, seen: set[int]) -> None:
     """A function's code, defaults, closure cells and globals (of the user's own code only, as for a forward)."""
-    if _installed(fn.__code__.co_filename or ""):
+    if _library_function(fn):
         return
     found.refs += [(fn, "__code__", fn.__code__, f"'{fn.__qualname__}' has new code (reloaded)"),
                    (fn, "__defaults__", fn.__defaults__, f"the defaults of '{fn.__qualname__}' were replaced"),
