@@ -111,15 +111,12 @@ class _Kernels(_FakeGraph):
         self.ops = ops
 
     def replay(self) -> None:
-        import torch
-        import torch.utils._pytree as pytree
-
         self.replays += 1
-        with torch.no_grad():
+        with self._torch.no_grad():
             for func, args, kwargs, result in self.ops:
                 again = func(*args, **kwargs)
-                for dst, src in zip(pytree.tree_leaves(result), pytree.tree_leaves(again)):
-                    if isinstance(dst, torch.Tensor) and dst is not src:
+                for dst, src in zip(self._pytree.tree_leaves(result), self._pytree.tree_leaves(again)):
+                    if isinstance(dst, self._torch.Tensor) and dst is not src:
                         dst.copy_(src)
 
     def reset(self) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .values import (MISSING, other_value, plain_setting, setting_copy, by_value, watched_container,
-                     watched_global)
+from .values import MISSING, by_value, other_value, plain_setting, setting_copy, watched_global, watched_value
 
 __all__ = ["forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields", "from_a_library",
            "methods_read", "unset_read", "callable_reads", "settings_objects"]
@@ -304,7 +303,7 @@ def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
         if isinstance(fields, dict) and code.co_argcount:
             for k in code_reads(code)[1]:
                 value = fields.get(k, MISSING)
-                if "." not in k and value is not MISSING and (plain_setting(value) or watched_container(value)):
+                if "." not in k and value is not MISSING and watched_value(value):
                     found.setdefault((id(fields), k), (f"{at}hook {type(holder).__name__}.{k}", fields, k, True,
                                                        "field"))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import functools
 import operator
 import random
@@ -28,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
 from .reads import callable_reads, from_a_library, is_wrapper, reached_modules, settings_read
-from .values import CONTAINERS, MISSING, same_value
+from .values import CONTAINERS, MISSING, plain_leaf, same_value
 
 if TYPE_CHECKING:
     from .graph import CapturedGraph
@@ -47,7 +46,7 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def clone(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return _same_strides(x.detach())
-        if x is None or isinstance(x, _IMMUTABLE + (nn.Module,)):
+        if plain_leaf(x) or isinstance(x, (type, nn.Module)):
             return x
         try:
             return copy.deepcopy(x)
@@ -55,10 +54,6 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return x
 
     return pytree.tree_map(clone, (tuple(args), dict(kwargs)))
-
-
-_IMMUTABLE = (int, float, bool, complex, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
-              type, enum.Enum)
 
 
 def input_layout(args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:

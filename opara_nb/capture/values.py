@@ -4,6 +4,7 @@ value read again is still the same. Used by the model guard and by the planning 
 from __future__ import annotations
 
 import copy
+import enum
 import operator
 import types
 from typing import Any
@@ -11,12 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SETTINGS", "MISSING", "CONTAINERS", "Snapshot", "watched_global", "other_value", "plain_setting",
-           "watched_container", "contents", "setting_copy", "by_value", "same_value", "same_setting"]
+__all__ = ["SETTINGS", "MISSING", "CONTAINERS", "Snapshot", "plain_leaf", "watched_global", "other_value",
+           "plain_setting", "watched_container", "watched_value", "setting_copy", "by_value", "same_value",
+           "same_setting"]
 
 # Plain values a graph bakes in as constants when the forward reads them.
 SETTINGS = (int, float, bool, str, type(None), tuple, torch.dtype, torch.device)
 MISSING = object()  # what ``d.get(key, MISSING)`` gives for a name that is gone
+_PLAIN_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                 torch.memory_format, torch.Size, enum.Enum)
+
+
+def plain_leaf(x: Any) -> bool:
+    """An immutable value: compared by equality as an input, safe to hand back as the same object as an output, and
+    to plan with as it is."""
+    return isinstance(x, _PLAIN_LEAVES)
 
 
 def watched_global(value: Any) -> bool:
@@ -73,6 +83,11 @@ def watched_container(value: Any) -> bool:
     """A list, dict, set or tuple holding more than plain values (tensors, functions, objects), or too large to
     compare: ``setting_copy`` keeps what it can of it (its items by identity, or itself)."""
     return type(value) in _NESTED and not plain_setting(value)
+
+
+def watched_value(value: Any) -> bool:
+    """A value a graph may bake in that ``setting_copy`` keeps: a plain setting, or a container of other objects."""
+    return plain_setting(value) or watched_container(value)
 
 
 class Snapshot:
@@ -136,11 +151,6 @@ def _items(value: Any) -> Any:
     if kind in _NESTED:
         return kind, [_items(v) for v in value]
     return value if isinstance(value, SETTINGS) else _Same(value)
-
-
-def contents(value: Any) -> Any:
-    """A copy of a list's, dict's or set's contents (one level: what the sandbox puts back), else None."""
-    return type(value)(value) if type(value) in CONTAINERS else None
 
 
 def setting_copy(value: Any) -> Any:

@@ -29,7 +29,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..capture.sandbox import input_layout, inputs_changed, same_values
-from .guards import _ptrs_equal, install_watch, plain_leaf, registration_epoch
+from ..capture.values import plain_leaf
+from .guards import _ptrs_equal, install_watch, registration_epoch
 from .objects import OpaqueOutputs, copy_tensors, held, view_in
 from .streams import stream_pool
 

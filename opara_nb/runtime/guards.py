@@ -28,7 +28,6 @@ docs/user_guide.md).
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import operator
 import re
@@ -45,8 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..capture.reads import (CallableReads, callable_reads, methods_read, reached_modules, reads_training,
                              settings_objects, settings_read, unset_read)
-from ..capture.values import (MISSING, Snapshot, by_value, plain_setting, same_setting, setting_copy,
-                              watched_container)
+from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
            "install_watch"]
@@ -67,7 +65,7 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    if t.layout is not torch.strided or t.is_nested:  # sparse, nested: such calls run the original (no strides)
+    if unusual_tensor(t):  # sparse, nested: such calls run the original (no strides)
         return (t.layout, t.is_nested, t.dtype, t.get_device(), t.requires_grad)
     if _cpu_scalar(t):  # a CUDA kernel took a CPU scalar's value as an argument at capture
         return (t.shape, t.dtype, -1, (), t.requires_grad, t.item())
@@ -241,9 +239,14 @@ def _tensor_checks(leaves: list[Any]) -> tuple[list[int], list[tuple[int, int]],
             if j != i:
                 same.append((i, j))
     unique = list(first.values())
-    scalars = [(i, x.item()) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and _cpu_scalar(x)]
-    scalars += [(i, leaves[i].tolist()) for i in host_inputs(leaves)]
+    held = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and _cpu_scalar(x)] + host_inputs(leaves)
+    scalars = [(i, _host_value(leaves[i])) for i in held]
     return unique, same, scalars, _tensor_check([leaves[i] for i in unique])
+
+
+def _host_value(t: torch.Tensor) -> Any:
+    """A CPU tensor's values as a call is checked by them: a number (0-dim), else nested lists."""
+    return t.item() if t.dim() == 0 else t.tolist()
 
 
 HOST_VALUES_MAX = 256  # elements: a larger CPU tensor given with device tensors makes the call run the original
@@ -279,8 +282,7 @@ def _pytree_guard(args: tuple, kwargs: dict) -> Callable[[tuple, dict], Any]:
             return None
         if any(found[i] is not found[j] for i, j in same) or not check(*[found[i] for i in unique]):
             return None
-        return found if all((found[i].item() if found[i].dim() == 0 else found[i].tolist()) == v
-                            for i, v in scalars) else None
+        return found if all(_host_value(found[i]) == v for i, v in scalars) else None
 
     return guard
 
@@ -306,16 +308,9 @@ class _Other(Exception):
 
 
 _SCALARS = (int, float, bool, str, torch.dtype, torch.device)
-_PLAIN_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
-                 torch.memory_format, torch.Size, enum.Enum)
 
 
 _NONE_IS_LEAF = pytree.tree_leaves(None) == [None]  # as pytree does it, so leaf positions agree with its flatten
-
-
-def plain_leaf(x: Any) -> bool:
-    """An immutable value: compared by equality as an input, safe to hand back as the same object as an output."""
-    return isinstance(x, _PLAIN_LEAVES)
 
 
 def _walk(obj: Any, leaves: list[Any]) -> Hashable:
@@ -626,7 +621,7 @@ def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict,
             fields = vars(obj)
             rows.update(((id(fields), k), (fields, k, setting_copy(v), f"attribute '{name}.{k}'", False))
                         for k, v in list(fields.items()) if (id(fields), k) not in rows
-                        and (plain_setting(v) or watched_container(v)))
+                        and watched_value(v))
     return list(rows.values())
 
 
@@ -711,8 +706,6 @@ def _in_dicts(rows: list[tuple], classes: bool = False) -> list[tuple]:
 
 def _flag_watch(modules: list[nn.Module]) -> _Watch:
     return _Watch("training flags", operator.getitem, [(m.__dict__, "training", m.training) for m in modules])
-
-
 
 
 def _hook_dicts(m: nn.Module) -> tuple:

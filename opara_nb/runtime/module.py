@@ -26,6 +26,7 @@ from torch import nn
 
 from ..capture.dynamo import crowds_user_compile
 from ..capture.sandbox import Sandbox, clone_inputs, model_error
+from ..capture.values import plain_leaf
 from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
 from ..pipeline import CANDIDATES, PlanSpec
 from ..schedule.physical import DEFAULT_MAX_STREAMS
@@ -33,8 +34,8 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, plain_leaf,
-                     reads_cudnn, unusual_tensor)
+from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, reads_cudnn,
+                     unusual_tensor)
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
