@@ -123,3 +123,34 @@ def test_outputs_share_objects_and_tensors_as_in_eager():
     handed = [torch.ones(2), None, None]  # the tensor handed out at position 0 this call
     made.fresh([], handed)
     assert handed[1] is handed[2] and handed[1].keys is handed[0]
+
+
+def test_copies_are_made_by_one_launch_and_keep_each_tensors_layout_and_memory():
+    """A decoder's cache holds two tensors per layer: a clone each was a kernel launch each, per call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from opara_nb.runtime.objects import copy_tensors
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    base = torch.randn(4, 6)
+    tensors = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.randn(3, 5).t(),
+               torch.arange(6, dtype=torch.int64), torch.randn(5), base, base[1:3]]
+    with Ops() as ops:
+        copies = copy_tensors(tensors)
+    # the four tensors alone: one foreach copy; the two sharing memory: one copy of that memory
+    assert [n for n in ops.names if "copy" in n or "clone" in n] == ["_foreach_copy_.default", "copy_.default"]
+    for t in tensors:
+        c = copies[id(t)]
+        assert torch.equal(c, t) and c.dtype == t.dtype and c.stride() == t.clone().stride()
+        assert c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+    singles = [copies[id(t)].untyped_storage().data_ptr() for t in tensors[:4]]
+    assert len(set(singles)) == 4  # each its own memory, as eager's are
+    assert copies[id(tensors[5])].untyped_storage().data_ptr() == copies[id(base)].untyped_storage().data_ptr()
