@@ -772,6 +772,59 @@ def test_27_a_python_random_draw_and_a_callback_output_are_never_replayed_stale(
     om.release()
 
 
+class Recurrent(nn.Module):
+    """Keeps its last output by rebinding (``self.prev = ...``), and its hook collects features in a closure."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("prev", torch.zeros(1, 4))
+
+    def forward(self, x):
+        out = self.fc(x) + self.prev
+        self.prev = out.detach()
+        return out
+
+
+def _collecting_hook(features, gain):
+    def hook(module, inputs, output):
+        features.append(output.detach())
+        return output * gain[0]
+
+    return hook
+
+
+def test_28_recurrent_state_a_hook_closure_and_what_a_closure_holds_are_never_replayed_stale():
+    """The eleventh sweep: state rebound each call, a hook collecting into (and scaled by) what it closes over."""
+    model, x = Recurrent().cuda().eval(), torch.randn(1, 4, device="cuda")
+    reference = copy.deepcopy(model)
+    om = _quiet(optimize, model, x)
+    assert not model.prev.any()
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x), _eager(reference, x))
+    torch.testing.assert_close(model.prev, reference.prev)
+    om.release()
+    features, gain = [], [2.0]
+    scaled = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).cuda().eval()
+    scaled[0].register_forward_hook(_collecting_hook(features, gain))
+    om = _quiet(optimize, scaled, x)
+    assert features == []
+    _quiet(om, x)
+    assert len(features) == 1
+    gain[0] = 5.0
+    torch.testing.assert_close(_quiet(om, x), _eager(scaled, x))
+    om.release()
+    plain_gain = [2.0]
+    plain = nn.Sequential(nn.Linear(4, 4)).cuda().eval()
+    plain[0].register_forward_hook(lambda m, i, o: o * plain_gain[0])
+    om = _quiet(optimize, plain, x)
+    _quiet(om, x)
+    assert om.report.mode == "cuda-graph", om.report.reason
+    plain_gain[0] = 7.0
+    torch.testing.assert_close(_quiet(om, x), _eager(plain, x))
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

@@ -634,3 +634,124 @@ def test_a_package_installed_outside_site_packages_is_library_code(tmp_path, mon
         sys.modules.pop("fakelib_opara", None)
         reads._distribution_roots.cache_clear()
         reads._library_module.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- closures and partials
+
+def _factory_model():
+    cfg = {"s": 2.0}
+
+    class Built(nn.Module):  # a class made in a factory: its forward closes over cfg
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x) * cfg["s"]
+
+    return Built().eval(), lambda: cfg.__setitem__("s", 5.0)
+
+
+def _make_act(slope):
+    box = [slope]
+
+    def act(t):
+        return torch.nn.functional.leaky_relu(t, box[0])
+
+    act.box = box
+    return act
+
+
+ACT = _make_act(0.1)
+
+
+class UsesAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return ACT(self.a(x) - 0.5)
+
+
+def _helper_closure_model():
+    return UsesAct().eval(), lambda: ACT.box.__setitem__(0, 0.9)
+
+
+def _hook_closure_model():
+    model, gain = UsesAct().eval(), [2.0]
+    model.a.register_forward_hook(lambda m, i, o: o * gain[0])
+    return model, lambda: gain.__setitem__(0, 5.0)
+
+
+def _scaled(gains, module, inputs, output):
+    return output * gains[0]
+
+
+def _partial_hook_model():
+    model, gains = UsesAct().eval(), [2.0]
+    model.a.register_forward_hook(functools.partial(_scaled, gains))
+    return model, lambda: gains.__setitem__(0, 3.0)
+
+
+def _times(t, cfg):
+    return t * cfg["s"]
+
+
+class HoldsAPartial(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.act = functools.partial(_times, cfg={"s": 2.0})
+
+    def forward(self, x):
+        return self.act(self.a(x))
+
+
+def _partial_attribute_model():
+    model = HoldsAPartial().eval()
+    return model, lambda: model.act.keywords["cfg"].__setitem__("s", 5.0)
+
+
+def _nonlocal_hook_model():
+    model, k = UsesAct().eval(), 2.0
+
+    def hook(m, i, o):
+        return o * k
+
+    def set_k():
+        nonlocal k
+        k = 7.0
+
+    model.a.register_forward_hook(hook)
+    return model, set_k
+
+
+@pytest.mark.parametrize("make", [_factory_model, _helper_closure_model, _hook_closure_model, _partial_hook_model,
+                                  _partial_attribute_model, _nonlocal_hook_model],
+                         ids=["factory class", "helper closure", "hook closure", "partial hook", "partial attribute",
+                              "nonlocal"])
+def test_values_reached_through_closures_and_partials_are_watched_for_module_models(make):
+    """A callable model's closures were watched; a module model's hooks, methods and helpers were not."""
+    model, edit = make()
+    x = torch.randn(2, 4)
+    _replans(model, x, edit, "", lambda: model(x))
+
+
+class Tables:
+    def __init__(self):
+        self.scale, self.pos = 2.0, torch.ones(4)
+
+
+class ReadsTables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.tables = nn.Linear(4, 4), Tables()
+
+    def forward(self, x):
+        return self.fc(x) * self.tables.scale + self.tables.pos
+
+
+def test_a_tensor_field_of_a_settings_object_is_watched_by_identity():
+    model, x = ReadsTables().eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: setattr(model.tables, "pos", torch.full((4,), 10.0)), "pos", lambda: model(x))

@@ -382,3 +382,117 @@ def test_a_forward_that_draws_from_another_random_state_runs_the_original_and_pl
         with torch.no_grad():
             torch.testing.assert_close(got, model(x))
     assert om.report.mode == "eager", om.report.reason
+
+
+# ---------------------------------------------------------------------------------------------- state a call rebinds
+
+class KeepsItsLastOutput(nn.Module):
+    """Recurrent state by rebinding: ``self.prev = out.detach()`` (a plain tensor attribute or a buffer)."""
+
+    def __init__(self, buffer):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.zero_(), self.fc.bias.fill_(1.0)
+        if buffer:
+            self.register_buffer("prev", torch.zeros(1, 2))
+        else:
+            self.prev = torch.zeros(1, 2)
+
+    def forward(self, x):
+        out = self.fc(x) + self.prev
+        self.prev = out.detach()
+        return out
+
+
+class RecomputesItsMask(nn.Module):
+    """Rebinds an attribute each call to the same values (a mask made from buffers, as pruning's hook does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.register_buffer("keep", torch.tensor([1.0, 0.0]))
+        self.mask = self.keep * 2
+
+    def forward(self, x):
+        self.mask = self.keep * 2
+        return self.fc(x) * self.mask
+
+
+@pytest.mark.parametrize("buffer", [False, True])
+def test_a_forward_that_rebinds_its_state_to_new_values_runs_the_original_and_planning_puts_it_back(buffer):
+    """A replay would hand out the capture's state forever (1, 1, 1, ... where eager counts 1, 2, 3)."""
+    model, x = KeepsItsLastOutput(buffer).eval(), torch.ones(1, 2)
+    start = model.prev
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert model.prev is start and not start.any()
+    got = [_quiet(om, x)[0, 0].item() for _ in range(3)]
+    assert got == [1.0, 2.0, 3.0] and model.prev[0, 0].item() == 3.0
+    assert om.report.mode == "eager" and "prev" in om.report.reason
+
+
+def test_a_forward_that_rebinds_an_attribute_to_equal_values_is_still_replayed():
+    model, x = RecomputesItsMask().eval(), torch.randn(3, 2)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert om.report.mode != "eager", om.report.reason
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(om, x), model(x))
+
+
+def _counting_hook():
+    calls, features = [0], []
+
+    def hook(module, inputs, output):
+        calls[0] += 1
+        features.append(output.detach())
+
+    return hook, calls, features
+
+
+def _rebinding_hook():
+    seen = 0
+
+    def hook(module, inputs, output):
+        nonlocal seen
+        seen += 1
+
+    return hook, lambda: seen
+
+
+def test_a_hook_that_counts_in_its_closure_is_left_as_it_was_and_every_call_runs_it():
+    """The everyday feature-collecting hook: optimize() ran it ~100 times into the user's list, and replays skipped
+    it (the same hook writing a global dict was already seen)."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4)
+    hook, calls, features = _counting_hook()
+    model[0].register_forward_hook(hook)
+    counter, seen = _rebinding_hook()
+    model[1].register_forward_hook(counter)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert calls == [0] and features == [] and seen() == 0
+    for _ in range(3):
+        _quiet(om, x)
+    assert calls == [3] and len(features) == 3 and seen() == 3
+    assert om.report.mode == "eager" and "closure" in om.report.reason
+
+
+class StoresAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        global LAST_OUTPUT
+        y = self.fc(x)
+        LAST_OUTPUT = y
+        return y
+
+
+def test_a_forward_that_only_stores_a_global_leaves_it_unset_by_planning_and_sets_it_each_call():
+    model, x = StoresAGlobal().eval(), torch.randn(1, 2)
+    globals().pop("LAST_OUTPUT", None)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert "LAST_OUTPUT" not in globals()
+    for _ in range(2):
+        y = _quiet(om, torch.randn(1, 2))
+        assert LAST_OUTPUT is y  # noqa: F821 - set by the forward
+    globals().pop("LAST_OUTPUT", None)

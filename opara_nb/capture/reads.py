@@ -20,7 +20,8 @@ from torch import nn
 from .values import MISSING, by_value, other_value, plain_setting, setting_copy, watched_global, watched_value
 
 __all__ = ["forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields", "from_a_library",
-           "methods_read", "unset_read", "callable_reads", "settings_objects"]
+           "methods_read", "unset_read", "callable_reads", "settings_objects", "functions_run", "closure_reads",
+           "globals_stored", "library_function"]
 
 _RANK = ("", "self", "other")
 
@@ -111,7 +112,9 @@ def holder_fields(holder: Any, field: str) -> list[tuple[dict, str]]:
     prop = getattr(type(holder), field, None)
     if isinstance(prop, property) and hasattr(prop.fget, "__code__"):
         keys += [k for k in code_reads(prop.fget.__code__)[1] if "." not in k]
-    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or other_value(fields.get(k, MISSING))]
+    # a tensor field (``self.tables.pos``) by identity: a graph read the tensor it held at capture
+    return [(fields, k) for k in keys if plain_setting(fields.get(k, MISSING)) or other_value(fields.get(k, MISSING))
+            or isinstance(fields.get(k), torch.Tensor)]
 
 
 def from_a_library(cls: type) -> bool:
@@ -119,7 +122,7 @@ def from_a_library(cls: type) -> bool:
     return _library_module(cls.__module__)
 
 
-def _library_function(func: Any) -> bool:
+def library_function(func: Any) -> bool:
     return _library_module(getattr(func, "__module__", None) or "") or \
         _installed(getattr(getattr(func, "__code__", None), "co_filename", "") or "")
 
@@ -294,7 +297,7 @@ def _hook_settings(at: str, m: nn.Module, found: dict) -> None:
         holder = hook.__self__ if isinstance(hook, types.MethodType) else \
             None if isinstance(hook, types.FunctionType) else hook
         code = getattr(func, "__code__", None)
-        if code is None or _library_function(func):
+        if code is None or library_function(func):
             continue
         for namespace, g in _through_functions(tuple((func.__globals__, g) for g in sorted(_global_loads(code)))):
             if watched_global(namespace.get(g, MISSING)):
@@ -366,7 +369,7 @@ def _functions_in(value: Any) -> list[types.FunctionType]:
         if isinstance(value, functools.partial):
             value = value.func
             continue
-        if isinstance(value, types.FunctionType) and not _library_function(value):
+        if isinstance(value, types.FunctionType) and not library_function(value):
             found.append(value)
         value = getattr(value, "__wrapped__", None)
         if value is None:
@@ -388,6 +391,67 @@ def methods_read(model: nn.Module, starts: dict[int, str] | None = None) -> list
             if isinstance(fn, types.FunctionType) and owner is not nn.Module:
                 found.setdefault((id(owner), name), (vars(owner), name, fn, f"{owner.__name__}.{name}"))
     return list(found.values())
+
+
+def functions_run(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[str, Any]]:
+    """(name, callable) of what the modules of ``model`` run besides torch's code: their hooks, the methods of the
+    user's classes a forward reaches, the global helpers those call, and the functions or partials the modules hold
+    (``self.act = partial(f, k=2)``). Their closure cells, defaults and partial arguments are state a graph bakes in,
+    or that a call changes (a hook counting calls in its closure, collecting features into a list it closes over)."""
+    found: dict[int, tuple[str, Any]] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        if is_wrapper(m):
+            continue
+        at = f"{prefix}." if prefix else ""
+        for k, hook in [*m._forward_pre_hooks.items(), *m._forward_hooks.items()]:
+            found.setdefault(id(hook), (f"{at}hook {k}", hook))
+        if type(m).__module__.startswith("torch.") or from_a_library(type(m)):
+            continue
+        for k, v in m.__dict__.items():
+            if isinstance(v, (functools.partial, types.FunctionType)):
+                found.setdefault(id(v), (at + k, v))
+    for _, _, func, qualified in methods_read(model, starts):
+        found.setdefault(id(func), (qualified, func))
+    for _, m, own, start in _reading_modules(model, starts):
+        for namespace, g in _through_functions(forward_reads(type(m), start)[2]) if own else ():
+            for func in _functions_in(namespace.get(g)):
+                found.setdefault(id(func), (g, func))
+    return list(found.values())
+
+
+def closure_reads(model: nn.Module, starts: dict[int, str] | None = None) -> CallableReads:
+    """What the functions a module tree runs (``functions_run``) hold, read as a callable model's are
+    (``callable_reads``): closure cells, defaults and partial keywords by identity, containers by contents. The
+    modules they reach are the tree's own, and a hook object's fields are the hooks' watch (``_hook_settings``)."""
+    found = CallableReads()
+    seen: set[int] = {id(m) for m in model.modules()}
+    for name, fn in functions_run(model, starts):
+        _reach(fn, name, found, seen)
+        found.opaque = ""  # a bound method or object among them: what it reads of itself is watched elsewhere
+    found.modules.clear()
+    # cells only: the code and defaults of methods and helpers are the guard's own watch
+    found.refs = [r for r in found.refs if r[1] == "cell_contents"]
+    return found
+
+
+def globals_stored(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[dict, str]]:
+    """(module globals, name) of every global a function the model runs assigns or deletes (``global LAST; LAST =
+    y``): state a replay would not set."""
+    found: dict[tuple[int, str], tuple[dict, str]] = {}
+    for _, fn in functions_run(model, starts):
+        for func in _functions_in(fn):
+            for code, namespace in _codes(func):
+                if isinstance(namespace, dict):
+                    found.update(((id(namespace), g), (namespace, g)) for g in _global_stores(code))
+    return list(found.values())
+
+
+def _global_stores(code: Any) -> set[str]:
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _global_stores(const)
+    return names
 
 
 @dataclasses.dataclass
@@ -453,7 +517,7 @@ def _reach(fn: Any, name: str, found: CallableReads, seen: set[int]) -> None:
 
 def _reach_function(fn: types.FunctionType, found: CallableReads, seen: set[int]) -> None:
     """A function's code, defaults, closure cells and globals (of the user's own code only, as for a forward)."""
-    if _library_function(fn):
+    if library_function(fn):
         return
     found.refs += [(fn, "__code__", fn.__code__, f"'{fn.__qualname__}' has new code (reloaded)"),
                    (fn, "__defaults__", fn.__defaults__, f"the defaults of '{fn.__qualname__}' were replaced"),
@@ -463,6 +527,8 @@ def _reach_function(fn: types.FunctionType, found: CallableReads, seen: set[int]
         _reach_value(value, f"{fn.__name__}_default{i}", found, seen)
     _reach_dict(fn.__kwdefaults__ or {}, list(fn.__kwdefaults__ or ()), "default", found, seen)
     for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        if var == "__class__":  # super()'s cell: set when the class is made, never rebound
+            continue
         try:
             value = cell.cell_contents
         except ValueError:  # not bound yet

@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import callable_reads, from_a_library, is_wrapper, reached_modules, settings_read
+from .reads import (callable_reads, from_a_library, functions_run, globals_stored, is_wrapper, library_function,
+                    reached_modules, settings_read)
 from .values import CONTAINERS, MISSING, plain_leaf, same_value
 
 if TYPE_CHECKING:
@@ -108,14 +109,16 @@ class Sandbox:
 
     def __init__(self, model: Any) -> None:
         if isinstance(model, nn.Module):
-            self.model, self._held_by_callable = model, []
+            self.model, self._held_by_callable, self._callable = model, [], []
         else:  # a function model: the modules and tensors it reaches (closure, a partial's arguments, globals)
             reads = callable_reads(model)
             self.model, self._held_by_callable = reached_modules(reads), reads.tensors
+            self._callable = [("the model", model)]
         self.restored: list[str] = []
 
     def __enter__(self) -> "Sandbox":
         if self.model is None:
+            self._python = _closure_state(self._callable)
             return self
         _check_not_meta(self.model)
         reads = settings_read(self.model)
@@ -132,7 +135,8 @@ class Sandbox:
         copied = {**(params if _fits(params) else {}), **buffers, **(loose if _fits(loose) else {})}
         with torch.no_grad():
             self._saved = {k: t.detach().clone() for k, t in copied.items()}
-        self._python = _python_state(self.model, reads)
+        self._python = _python_state(self.model, reads) + _closure_state(functions_run(self.model) + self._callable) \
+            + _stored_globals(self.model)
         self._rng = torch.random.get_rng_state()  # a forward that draws random numbers advances it on every run
         # other random states: Python's, NumPy's, generators the modules hold; a draw from one (or torch reseeded)
         # is state a replay would not change, as the forward's own Python changes are
@@ -149,6 +153,7 @@ class Sandbox:
 
     def __exit__(self, *exc: Any) -> None:
         if self.model is None:
+            self.restored = _restore_python(self._python)
             return
         torch.random.set_rng_state(self._rng)
         for _, _, put, state in self._host_rngs:
@@ -177,11 +182,14 @@ class Sandbox:
         """The plain Python attributes changed so far (inside the block; nothing is put back yet), and the random
         states the forward drew from or seeded (Python's ``random``, NumPy's, a generator a module holds,
         ``torch.manual_seed``): a replay would not change them."""
+        changed = [name for name, _, _ in _python_changes(self._python)]
         if self.model is None:
-            return []
+            return changed
         rngs = [name for name, get, _, state in self._host_rngs if not _same_state(get(), state)]
-        return [name for name, _, _ in _python_changes(self._python)] + rngs + \
-            (["torch.manual_seed"] if self._seeds.calls else [])
+        # a tensor attribute rebound to other values (``self.prev = out.detach()``: recurrent state); rebound to
+        # equal ones (a mask recomputed from the same buffers), what the replay leaves is what eager would set
+        rebound = [name for name, d, k, t in self._bindings if _rebound(d.get(k, MISSING), t)]
+        return changed + rebound + rngs + (["torch.manual_seed"] if self._seeds.calls else [])
 
     def note(self) -> str | None:
         """One line for the report when planning had to restore state, else None."""
@@ -309,6 +317,71 @@ def _python_state(model: nn.Module, reads: list) -> list[tuple[str, dict, dict[s
     return state + list(holders.values())
 
 
+def _closure_state(functions: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, tuple[Any, Any]], bool]]:
+    """``_python_state``'s rows for the functions a model runs (``reads.functions_run``): their closure cells (a hook
+    counting calls, ``nonlocal n; n += 1``, or collecting features into a list it closes over), and a partial's
+    keywords and the containers among its arguments."""
+    state: list[tuple[str, Any, dict[str, tuple[Any, Any]], bool]] = []
+    for name, fn in functions:
+        while isinstance(fn, functools.partial):
+            state.append((f"{name} keywords", fn.keywords, {k: (v, _contents(v)) for k, v in fn.keywords.items()},
+                          False))
+            args = {i: (v, _contents(v)) for i, v in enumerate(fn.args) if _contents(v) is not None}
+            state.append((f"{name} arguments", dict(enumerate(fn.args)), args, False))
+            fn = fn.func
+        for _ in range(8):  # the function, then what its decorators wrap
+            if isinstance(fn, types.FunctionType) and fn.__closure__ and not library_function(fn):
+                cells = _Cells({k: c for k, c in zip(fn.__code__.co_freevars, fn.__closure__) if k != "__class__"})
+                state.append((f"{name} closure", cells, {k: (v, _contents(v)) for k, v in cells.items()}, False))
+            fn = getattr(fn, "__wrapped__", None)
+            if fn is None:
+                break
+    return state
+
+
+def _stored_globals(model: nn.Module) -> list[tuple[str, Any, dict[str, tuple[Any, Any]], bool]]:
+    """``_python_state``'s rows for the globals the model's functions assign (``global LAST; LAST = y``), absent
+    ones as MISSING (created by a call: removed again)."""
+    rows: dict[int, tuple[str, Any, dict[str, tuple[Any, Any]], bool]] = {}
+    for namespace, g in globals_stored(model):
+        value = namespace.get(g, MISSING)
+        rows.setdefault(id(namespace), ("global", namespace, {}, False))[2][g] = (value, _contents(value))
+    return list(rows.values())
+
+
+class _Cells:
+    """A function's closure cells by variable name, read and set like a ``__dict__`` (``_python_state``'s rows)."""
+
+    def __init__(self, cells: dict[str, Any]) -> None:
+        self.cells = cells
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, v) for k in self.cells if (v := self.get(k, MISSING)) is not MISSING]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self.cells[key].cell_contents
+        except (KeyError, ValueError):  # not bound (yet, or any more)
+            return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.cells[key].cell_contents = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.cells[key].cell_contents
+
+
+def _rebound(now: Any, then: torch.Tensor) -> bool:
+    """Whether a tensor binding now holds something else, with other values."""
+    if now is then:
+        return False
+    if not isinstance(now, torch.Tensor) or now.shape != then.shape or now.dtype != then.dtype \
+            or now.device != then.device:
+        return True
+    with torch.no_grad():
+        return not same_values(now, then)
+
+
 def _plain(key: str, value: Any) -> bool:
     return key not in _MODULE_INTERNALS and not isinstance(value, (torch.Tensor, nn.Module))
 
@@ -375,6 +448,10 @@ def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], boo
             del attrs[k]  # added by the forward
             continue
         value, contents = saved[id(attrs)][k]
+        if value is MISSING:  # a global the forward created
+            if attrs.get(k, MISSING) is not MISSING:
+                del attrs[k]
+            continue
         attrs[k] = value
         _put_back(value, contents)
     return [qualified for qualified, _, _ in changes]

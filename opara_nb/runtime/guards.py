@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from ..capture.reads import (CallableReads, callable_reads, methods_read, reached_modules, reads_training,
-                             settings_objects, settings_read, unset_read)
+from ..capture.reads import (CallableReads, callable_reads, closure_reads, methods_read, reached_modules,
+                             reads_training, settings_objects, settings_read, unset_read)
 from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
@@ -603,15 +603,17 @@ def _count_reparametrize() -> None:
     stateless._reparametrize_module = _reparametrize_module
 
 
-def _settings(model: nn.Module, reads: CallableReads | None) -> list[tuple[dict, str, Any, str, bool]]:
+def _settings(model: nn.Module, reads: CallableReads | None, more: list | None = None
+              ) -> list[tuple[dict, str, Any, str, bool]]:
     """(``__dict__``, name, value, qualified name, watched) of the plain values a graph bakes in as constants (see
     ``capture.reads.settings_read``). ``watched``: checked on every call, for classes of the user's own code and for
     fields of a settings object (a Hugging Face config: its few distinct fields are shared by every layer, and users
     flip them, ``config.output_hidden_states = True``); a library's own ``self.name`` settings (transformers, timm,
     torchvision: dozens per layer, set once) only by ``changes()``, that is on ``om.refresh()`` or after another
-    change. A callable model adds what it reads itself (``reads``: its globals, a partial's keywords)."""
+    change. A callable model adds what it reads itself (``reads``: its globals, a partial's keywords), and ``more``
+    what the functions its modules run read (``closure_reads``)."""
     starts, own_reads = (reads.starts, reads.settings) if reads is not None else (None, [])
-    found = settings_read(model, starts) + own_reads
+    found = settings_read(model, starts) + own_reads + (more or [])
     # (a name read but absent, getattr(self, "flag", False), is kept as None: setting it is a change)
     rows = {(id(d), k): (d, k, setting_copy(d.get(k)), f"global '{name}'" if kind == "global" else
                          f"attribute '{name}'", own or kind == "field") for name, d, k, own, kind in found}
@@ -786,7 +788,10 @@ class ModelGuard:
 
     def _record_reads(self) -> None:
         """What the forwards read (``capture.reads``), as the watches the hot path compares."""
-        self._settings = _settings(self.model, self._reads)
+        # closures of the hooks, methods and helpers the modules run (a factory's class, a hook's closure), and the
+        # partials they hold: read like a callable model's
+        closures = closure_reads(self.model, self._starts)
+        self._settings = _settings(self.model, self._reads, closures.settings)
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
         watched = [(d, k, v) for d, k, v, _, on in self._settings if on]
@@ -800,8 +805,8 @@ class ModelGuard:
         self._defaults = [(f, attr, getattr(f, attr), name) for f, name in functions.values()
                           for attr in ("__defaults__", "__kwdefaults__") if getattr(f, attr) is not None]
         # what a callable model holds by identity (closure cells, code, defaults)
-        self._refs = self._reads.refs if self._reads is not None else []
-        self._contents = self._reads.contents if self._reads is not None else []
+        self._refs = (self._reads.refs if self._reads is not None else []) + closures.refs
+        self._contents = (self._reads.contents if self._reads is not None else []) + closures.contents
         plain, compared = [w for w in watched if not by_value(w[2])], [w for w in watched if by_value(w[2])]
         self._watches = [
             _Watch("attributes", dict.get, self._tensor_attrs + _in_dicts(plain) + [own_forward]),
