@@ -43,6 +43,13 @@ def skip_reason(gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
         return "the graph has no operators"
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         return "the graph takes non-tensor inputs (symbolic sizes): run it as dynamo gave it"
+    from .runtime.guards import unusual_tensor
+
+    # dynamo hands a tensor subclass over as it is (only AOTAutograd desugars one), sparse and nested tensors too
+    odd = next((x for x in example_inputs if unusual_tensor(x)), None)
+    if odd is not None:
+        return f"the graph takes a {type(odd).__name__} input (a tensor subclass or a non-strided tensor): run it " \
+               "as dynamo gave it"
     return None
 
 

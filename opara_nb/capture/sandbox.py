@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .graph import CapturedGraph
 
 __all__ = ["Sandbox", "clone_inputs", "model_error", "inputs_put_back", "graph_put_back", "input_layout",
-           "inputs_changed"]
+           "inputs_changed", "check_initialized"]
 
 PARAM_COPY_LIMIT = 1 << 30  # bytes: above this, parameters are watched but not copied
 
@@ -45,8 +46,10 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     does not open (a KV cache the forward appends to) deep-copied, since planning runs the forward many times; plain
     values as they are."""
     def clone(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
+        if type(x) is torch.Tensor or type(x) is nn.Parameter:
             return _same_strides(x.detach())
+        if isinstance(x, torch.Tensor):
+            return _subclass_copy(x)
         if plain_leaf(x) or isinstance(x, (type, nn.Module)):
             return x
         try:
@@ -55,6 +58,22 @@ def clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return x
 
     return pytree.tree_map(clone, (tuple(args), dict(kwargs)))
+
+
+def _subclass_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor subclass that keeps its type and the attributes it carries (the model may read them).
+    Its data is plain memory unless it overrides ``__torch_dispatch__`` (a wrapper subclass): then its own deepcopy.
+    One that cannot be copied is passed as it is: such calls run the original model on the caller's own."""
+    try:
+        if type(x).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+            return copy.deepcopy(x)
+        with torch._C.DisableTorchFunctionSubclass():  # a plain copy, not one its __torch_function__ makes
+            data = _same_strides(x.detach())
+        copied = data.as_subclass(type(x))
+        copied.__dict__.update(copy.deepcopy(x.__dict__))
+        return copied
+    except Exception:  # noqa: BLE001 - the subclass's own copy failed
+        return x
 
 
 def input_layout(args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
@@ -121,6 +140,7 @@ class Sandbox:
             self._python = _closure_state(self._callable)
             return self
         _check_not_meta(self.model)
+        check_initialized(self.model)
         reads = settings_read(self.model)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
@@ -264,6 +284,17 @@ def _check_not_meta(model: nn.Module) -> None:
         raise OparaUsageError(f"the model's tensors are on the meta device ({meta}), so there are no values to run: "
                               "load real weights first, e.g. model.to_empty(device='cuda') then "
                               "model.load_state_dict(...)")
+
+
+def check_initialized(model: nn.Module) -> None:
+    """Lazy modules not run yet (``nn.LazyLinear``) have no weights to plan with; initialising them is the user's
+    call (it changes the model), so say how."""
+    for name, m in model.named_modules():
+        tensors = (*m._parameters.values(), *m._buffers.values())
+        if any(is_lazy(t) for t in tensors if t is not None):
+            where = f"{name} ({type(m).__name__})" if name else type(m).__name__
+            raise OparaUsageError(f"the model has lazy modules that are not initialized yet ({where}): run it once "
+                                  "on an example input (model(x)) before optimizing")
 
 
 def _loose_tensors(model: nn.Module, reads: list, owned: set[int]) -> tuple[list[tuple[str, dict, str]],

@@ -44,6 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..capture.reads import (CallableReads, callable_reads, closure_reads, methods_read, reached_modules,
                              reads_training, settings_objects, settings_read, unset_read)
+from ..capture.sandbox import check_initialized
 from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
@@ -65,17 +66,35 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    if unusual_tensor(t):  # sparse, nested: such calls run the original (no strides)
-        return (t.layout, t.is_nested, t.dtype, t.get_device(), t.requires_grad)
+    if unusual_tensor(t):  # sparse, nested, a subclass: such calls run the original (no strides, or not our type)
+        return (type(t), t.layout, t.is_nested, t.dtype, t.get_device(), t.requires_grad)
     if _cpu_scalar(t):  # a CUDA kernel took a CPU scalar's value as an argument at capture
         return (t.shape, t.dtype, -1, (), t.requires_grad, t.item())
     return (t.shape, t.dtype, t.get_device(), t.stride(), t.requires_grad)
 
 
+# Input types a graph stands in for: a Parameter passed as an input is a plain tensor to the model.
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 def unusual_tensor(t: Any) -> bool:
-    """A sparse, nested or otherwise non-strided tensor: no strides to key a graph by, and CUDA graphs' static
-    buffers cannot hold one."""
-    return isinstance(t, torch.Tensor) and (t.layout is not torch.strided or t.is_nested)
+    """A sparse, nested or otherwise non-strided tensor (no strides to key a graph by, and CUDA graphs' static
+    buffers cannot hold one), or a tensor subclass: its ``__torch_function__`` and the attributes it carries shape the
+    result, and neither is in the key nor survives a copy into a graph's plain buffers."""
+    if type(t) is torch.Tensor:
+        return t.layout is not torch.strided or t.is_nested
+    return isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS or t.layout is not torch.strided
+                                            or t.is_nested)
+
+
+def unusual_reason(t: torch.Tensor) -> str:
+    """Why a call with the ``unusual_tensor`` input ``t`` runs the original model, in words."""
+    if t.is_nested or t.layout is not torch.strided:
+        kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        return f"an input is a {kind} tensor, which opara_nb does not capture: such calls run the original model"
+    return (f"an input is a {type(t).__name__}, a tensor subclass: a graph would drop its type and the attributes it "
+            "carries, so such calls run the original model (pass a plain torch.Tensor to replay, if the model needs "
+            "only its values)")
 
 
 def _cpu_scalar(t: torch.Tensor) -> bool:
@@ -747,6 +766,7 @@ class ModelGuard:
     def snapshot(self) -> None:
         """Record the model as it is now (after a capture, or after ``changes()`` found nothing)."""
         self.model, self._reads = _reached(self.original)
+        check_initialized(self.model)  # a lazy module added since: its weights do not exist yet
         self._starts = self._reads.starts if self._reads is not None else None  # a bound method's, for the reads
         self._record_structure()
         self._record_reads()

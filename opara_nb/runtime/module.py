@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..capture.dynamo import crowds_user_compile
-from ..capture.sandbox import Sandbox, clone_inputs, model_error
+from ..capture.sandbox import Sandbox, check_initialized, clone_inputs, model_error
 from ..capture.values import plain_leaf
 from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
 from ..pipeline import CANDIDATES, PlanSpec
@@ -35,7 +35,7 @@ from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
 from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, reads_cudnn,
-                     unusual_tensor)
+                     unusual_reason, unusual_tensor)
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -129,6 +129,8 @@ class OparaModule(nn.Module):
         compiled_by_user = _compiled_module(model)
         if compiled_by_user is not None:  # opara_nb compiles through dynamo itself: two compiles of one call fight
             model = compiled_by_user
+        if isinstance(model, nn.Module):  # here, at the user's line; a function model's modules at its first call
+            check_initialized(model)
         _check_options(max_graphs=max_graphs, max_streams=max_streams, max_memory_mb=max_memory_mb, fuse=fuse,
                        clone_outputs=clone_outputs, candidates=candidates, plan=plan)
         if strategy != "auto":
@@ -189,11 +191,22 @@ class OparaModule(nn.Module):
         """Setting an attribute the model has (``model.fc = nn.Linear(...)`` on the rebound name) sets it on the
         model, where the guard sees it and the next call re-plans; this module's own attributes stay its own."""
         original = self.__dict__.get("_modules", {}).get("original")
+        if name == "original" and original is not None:  # its graphs, guard and plans are the old model's
+            if value is not original:
+                raise OparaUsageError("an OparaModule's original model cannot be replaced: optimize the new model "
+                                      "instead (opara_nb.optimize(new_model, *inputs))")
+            return
         if original is not None and self.__dict__.get("_standing_in") and not name.startswith("_") \
                 and name not in self.__dict__ and not hasattr(type(self), name) and hasattr(original, name):
             setattr(original, name, value)
             return
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "original":
+            raise OparaUsageError("an OparaModule's original model cannot be removed: drop the OparaModule itself "
+                                  "(del om), or optimize another model (opara_nb.optimize(new_model, *inputs))")
+        super().__delattr__(name)
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -276,9 +289,7 @@ class OparaModule(nn.Module):
                                   "pass a module, a function or a functools.partial of one", args, kwargs)
         unusual = next((x for x in leaves if unusual_tensor(x)), None)
         if unusual is not None:
-            kind = "nested" if unusual.is_nested else str(unusual.layout).replace("torch.", "")
-            return self._fallback(f"an input is a {kind} tensor, which opara_nb does not capture: such calls run the "
-                                  "original model", args, kwargs)
+            return self._fallback(unusual_reason(unusual), args, kwargs)
         odd = next((x for x in leaves if not isinstance(x, torch.Tensor) and not plain_leaf(x)), None)
         if odd is not None:  # keyed by its hash or repr, its tensors never copied in: a replay could be another's
             return self._fallback(f"an argument of type {type(odd).__name__} is neither a tensor nor a plain value "
