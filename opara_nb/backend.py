@@ -57,12 +57,15 @@ class _Runner:
     """A planned graph: captured into its own CUDA graph on CUDA (``runners.GraphCapture``), run eagerly on CPU
     (saying once that nothing is accelerated)."""
 
-    def __init__(self, executor: Callable, cuda: bool, writes: bool = False) -> None:
+    def __init__(self, executor: Callable, cuda: bool, writes: bool = False, sdpa: bool = False) -> None:
         from .runtime.runners import GraphCapture
 
         self.capture = GraphCapture(executor, writes=writes) if cuda else None
         self.executor = executor
         self._warned = False
+        # A graph running attention: the SDPA backend flags its capture ran under (dynamo does not guard them). A
+        # call under others runs the plan uncaptured, which picks the kernel as eager does.
+        self._sdpa: Any = sdpa
         # One call at a time: the executor keeps a call's values on itself, the capture its static buffers.
         self._lock = threading.RLock()
 
@@ -73,6 +76,14 @@ class _Runner:
     def _call(self, args: tuple) -> Any:
         if self.capture is None:
             return self.executor(*args)
+        if self._sdpa is not False:
+            from .runtime.guards import _sdpa_state
+
+            now = _sdpa_state()
+            if self._sdpa is True:  # the first call captures, under the flags of now
+                self._sdpa = now
+            elif now != self._sdpa:
+                return self.executor(*args)
         out = self.capture(*args)
         if self.capture.failed is not None and not self._warned:
             self._warned = True
@@ -113,7 +124,9 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
         _said_cpu.append(True)  # once per process: a model with graph breaks hands over several graphs
         warnings.warn("opara backend: the graph's inputs are on the CPU: the plan runs eagerly, not accelerated",
                       stacklevel=user_stacklevel())
-    return _Runner(executor, cuda, g.writes)
+    from .runtime.guards import reads_sdpa
+
+    return _Runner(executor, cuda, g.writes, sdpa=cuda and reads_sdpa([gm]))
 
 
 _said_cpu: list[bool] = []

@@ -8,7 +8,9 @@ checks it itself, cheaply:
 - ``call_key``: the cache key of a call (structure, per-tensor shape/dtype/device/stride, values of other leaves and
   of 0-dim CPU tensors, whose value a kernel takes as an argument at capture).
 - ``CallState``: the global state, one C++ check (dynamo's ``GlobalStateGuard``) plus cuDNN's flags, those only for
-  a graph that runs an operator cuDNN may run (``reads_cudnn``).
+  a graph that runs an operator cuDNN may run (``reads_cudnn``), the SDPA backend flags likewise (``reads_sdpa``),
+  and the torch-function mode stack (``set_default_device``'s mode by its device). A call under a dispatch mode or
+  another function mode runs the original model (``mode_reason``): a replay runs no mode's Python.
 - ``ModelGuard``: on the hot path three integer compares. A global counter that module, parameter and buffer
   registration hooks bump, and so do ``param.data = t`` (it keeps the object but moves its memory) and
   ``Module._apply`` (``.to()``, ``.half()``); the global hook-handle counter (any new hook); a counter bumped by
@@ -47,8 +49,8 @@ from ..capture.reads import (CallableReads, callable_reads, closure_reads, metho
 from ..capture.sandbox import check_initialized
 from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
-__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "ModelGuard", "registration_epoch",
-           "install_watch"]
+__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "reads_sdpa", "mode_reason", "ModelGuard",
+           "registration_epoch", "install_watch"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -126,7 +128,12 @@ def _tensor_check(tensors: list[torch.Tensor]) -> Callable[..., bool]:
         except Exception:  # noqa: BLE001 - a torch whose TensorGuards differs: the Python check below is exact too
             pass
     keys = [(type(t), *_tensor_key(t)) for t in tensors]
-    return lambda *ts: [(type(t), *_tensor_key(t)) for t in ts] == keys
+    # as TensorGuards compares the thread's dispatch keys, which a dispatch mode changes (CallState.add_checks)
+    return lambda *ts: not _in_dispatch_mode() and [(type(t), *_tensor_key(t)) for t in ts] == keys
+
+
+def _in_dispatch_mode() -> bool:
+    return bool(_dispatch_len() if _dispatch_len is not None else _dispatch_modes())
 
 
 def call_guard(args: tuple, kwargs: dict, before: Callable[["_GuardCode"], None] | None = None
@@ -173,8 +180,12 @@ def hot_guard(args: tuple, kwargs: dict, state: "CallState",
     as ``model`` last saw it, then ``call_guard``'s input checks; the call's input leaves, or None. With the checks
     inline, all three cost less than the state and model checks did alone (H200, run 6, tiny model: 1.55 against
     2.07 us). Made again when the model guard takes a new snapshot (``ModelGuard.version``)."""
+    # A call with tensor inputs has them checked in C++ with the thread's dispatch keys, which any dispatch mode
+    # changes: that check refuses a call under one, so the state need not count the mode stack again.
+    tensors = any(isinstance(x, torch.Tensor) for x in call_key(args, kwargs)[1])
+
     def before(code: _GuardCode) -> None:
-        state.add_checks(code)
+        state.add_checks(code, dispatch=not tensors)
         if model is not None:
             model.add_checks(code)
 
@@ -379,6 +390,12 @@ _KNOWN_NAMESPACES = ("aten", "prims")
 def reads_cudnn(graphs: list[torch.fx.GraphModule]) -> bool:
     """Whether any of ``graphs`` (one model's dynamo graphs) runs an operator whose result cuDNN's flags change. A
     custom op (``torch.ops.<namespace>``) may call cuDNN inside: it counts as one."""
+    return _reads(graphs, _CUDNN_OPS)
+
+
+def _reads(graphs: list[torch.fx.GraphModule], ops: re.Pattern) -> bool:
+    """Whether any of ``graphs`` runs an operator (a module, function or method) whose name ``ops`` matches, or a
+    custom op (``torch.ops.<namespace>``: anything may run inside)."""
     for gm in graphs:
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -391,19 +408,93 @@ def reads_cudnn(graphs: list[torch.fx.GraphModule]) -> bool:
                 name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
             else:
                 continue
-            if _CUDNN_OPS.search(name):
+            if ops.search(name):
                 return True
     return False
+
+
+# Scaled dot product attention's backend flags (``torch.nn.attention.sdpa_kernel``, ``enable_flash_sdp``, ...): which
+# kernel the op runs, baked into a capture. Those this torch has (fa3 and the priority order are newer than others).
+_SDPA_FLAGS = tuple(getattr(torch._C, f"_get_{name}") for name in
+                    ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
+                     "overrideable_sdp_enabled", "fa3_sdp_enabled", "math_sdp_allow_fp16_bf16_reduction")
+                    if hasattr(torch._C, f"_get_{name}"))
+_sdpa_order = getattr(torch._C, "_get_sdp_priority_order", None)
+
+
+def _sdpa_state() -> tuple:
+    return (*(flag() for flag in _SDPA_FLAGS), tuple(_sdpa_order()) if _sdpa_order is not None else None)
+
+
+# Operators whose kernel the SDPA flags choose: the op itself, and the fused attention paths that call it inside.
+_SDPA_OPS = re.compile(r"scaled_dot_product|sdp|attention|transformer_encoder_layer", re.IGNORECASE)
+
+
+def reads_sdpa(graphs: list[torch.fx.GraphModule]) -> bool:
+    """Whether any of ``graphs`` runs an operator whose kernel the SDPA backend flags choose (a custom op may run
+    attention inside: it counts as one)."""
+    return _reads(graphs, _SDPA_OPS)
+
+
+# The mode stacks (torch.overrides, torch.utils._python_dispatch). A replay runs kernels only: no mode's Python runs.
+_function_len = getattr(torch._C, "_len_torch_function_stack", None)
+_function_at = getattr(torch._C, "_get_function_stack_at", None)
+_dispatch_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+try:
+    from torch.utils._device import DeviceContext as _DeviceContext  # torch.set_default_device, `with device:`
+except ImportError:  # pragma: no cover - present in every supported torch
+    _DeviceContext = None
+
+
+def _function_modes() -> list[Any]:
+    if _function_len is not None and _function_at is not None:
+        return [_function_at(i) for i in range(_function_len())]
+    from torch.overrides import _get_current_function_mode_stack  # pragma: no cover - older or forked torch
+
+    return list(_get_current_function_mode_stack())  # pragma: no cover
+
+
+def _dispatch_modes() -> list[Any]:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return list(_get_current_dispatch_mode_stack())
+
+
+def _modes_key() -> tuple:
+    """The torch-function modes active now, as a call's state: each ``DeviceContext`` (``set_default_device``) by its
+    device, innermost last; any other mode by identity (``mode_reason`` keeps such calls from replaying)."""
+    return tuple(("device", m.device) if type(m) is _DeviceContext else ("mode", id(m))
+                 for m in _function_modes())
+
+
+def mode_reason() -> str | None:
+    """Why a call may not replay under the modes active now (None: it may): a ``TorchDispatchMode`` never sees a
+    replay's operators (a CUDA graph dispatches nothing), and a ``TorchFunctionMode`` other than the default device's
+    would not run its Python on a replay."""
+    if _in_dispatch_mode():
+        names = ", ".join(type(m).__name__ for m in _dispatch_modes()) or "a mode"
+        return (f"a TorchDispatchMode is active ({names}): a CUDA graph replay dispatches no operator, so the mode "
+                "would not see them; such calls run the original model")
+    other = [m for m in _function_modes() if type(m) is not _DeviceContext]
+    if other:
+        names = ", ".join(type(m).__name__ for m in other)
+        return (f"a TorchFunctionMode is active ({names}): a CUDA graph replay runs kernels only, not the mode's "
+                "Python; such calls run the original model")
+    return None
 
 
 class CallState:
     """The global state a graph was captured under, ignoring grad mode (calls run without autograd anyway).
 
     ``check()`` is one C++ call plus cuDNN's flags (``cudnn=False``: not those, for a graph none of whose operators
-    cuDNN runs: ``reads_cudnn``); ``key()`` is a hashable form for the cache (slow path only, flags included).
+    cuDNN runs: ``reads_cudnn``), the SDPA backend flags likewise (``sdpa``: ``reads_sdpa``) and the torch-function
+    mode stack (normally empty: one length compared; ``set_default_device``'s mode by its device). A dispatch mode
+    fails the inputs' C++ check (it adds the Python dispatch key to the thread's state), or is compared here where
+    there is no such check; calls under one, or under another function mode, never capture (``mode_reason``).
+    ``key()`` is a hashable form for the cache (slow path only, all flags included).
     """
 
-    def __init__(self, cudnn: bool = True) -> None:
+    def __init__(self, cudnn: bool = True, sdpa: bool = True) -> None:
         grad = torch.is_grad_enabled()
         with torch.enable_grad():
             self._on = _GlobalStateGuard() if _GlobalStateGuard is not None else None
@@ -411,24 +502,49 @@ class CallState:
             self._off = _GlobalStateGuard() if _GlobalStateGuard is not None else None
         torch.set_grad_enabled(grad)
         self._cudnn = _cudnn_state() if cudnn else None
+        self._sdpa = _sdpa_state() if sdpa else None
+        self._modes = _modes_key()
+
+    def _modes_hold(self) -> bool:
+        return _modes_key() == self._modes and mode_reason() is None
 
     def check(self) -> bool:
         guard = self._on if _grad_enabled() else self._off
-        return (guard is None or guard.check()) and (self._cudnn is None or _cudnn_state() == self._cudnn)
+        return (guard is None or guard.check()) and (self._cudnn is None or _cudnn_state() == self._cudnn) and \
+            (self._sdpa is None or _sdpa_state() == self._sdpa) and self._modes_hold()
 
-    def add_checks(self, code: "_GuardCode") -> None:
-        """``check()``'s conditions, inline in ``code`` (``hot_guard``)."""
+    def add_checks(self, code: "_GuardCode", dispatch: bool = True) -> None:
+        """``check()``'s conditions, inline in ``code`` (``hot_guard``); ``dispatch=False`` leaves the dispatch mode
+        stack to the inputs' C++ check (dynamo's ``TensorGuards`` compares the thread's dispatch keys)."""
         if self._on is not None:
             on, off = code.const(self._on.check), code.const(self._off.check)
             code.checks.append(f"({on}() if {code.const(_grad_enabled)}() else {off}())")
         for getter, value in zip((_cudnn_tf32, _cudnn_deterministic, _cudnn_enabled), self._cudnn or ()):
             code.checks.append(f"{code.const(getter)}() is {code.value(value)}")
+        if self._sdpa is not None:
+            for getter, value in zip(_SDPA_FLAGS, self._sdpa):
+                code.checks.append(f"{code.const(getter)}() is {code.value(value)}")
+            if _sdpa_order is not None:
+                code.checks.append(f"{code.const(_sdpa_order)}() == {code.const(list(self._sdpa[-1]))}")
+        if _function_len is None or (dispatch and _dispatch_len is None):  # pragma: no cover - a torch without them
+            code.checks.append(f"{code.const(self._modes_hold)}()")
+            return
+        if self._modes:  # set_default_device was on at capture: its device compared (a new one is another mode)
+            code.checks.append(f"{code.const(_modes_key)}() == {code.const(self._modes)}")
+        else:
+            code.checks.append(f"{code.const(_function_len)}() == 0")
+        if dispatch:
+            code.checks.append(f"{code.const(_dispatch_len)}() == 0")
 
     def reason(self) -> str:
         guard = self._on if torch.is_grad_enabled() else self._off
         why = guard.reason().strip() if guard is not None and not guard.check() else ""
         if self._cudnn is not None and _cudnn_state() != self._cudnn:
             why = f"{why} cudnn flags".strip()
+        if self._sdpa is not None and _sdpa_state() != self._sdpa:
+            why = f"{why} sdpa backend flags".strip()
+        if not self._modes_hold():
+            why = f"{why} torch function or dispatch modes".strip()
         return why or "global state"
 
     @staticmethod
@@ -436,7 +552,7 @@ class CallState:
         """A hashable description of the current global state (grad mode excluded)."""
         with torch.no_grad():
             state = _GlobalStateGuard().__getstate__() if _GlobalStateGuard is not None else _python_state()
-        return state, _cudnn_state()
+        return state, _cudnn_state(), _sdpa_state(), _modes_key()
 
 
 def _python_state() -> tuple:  # pragma: no cover - only without dynamo's GlobalStateGuard

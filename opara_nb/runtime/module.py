@@ -34,8 +34,8 @@ from .. import progress
 from . import timing
 from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
 from .fused import fusion_available
-from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, reads_cudnn,
-                     unusual_reason, unusual_tensor)
+from .guards import (HOST_VALUES_MAX, CallState, ModelGuard, call_key, host_inputs, host_key, hot_guard, mode_reason,
+                     reads_cudnn, reads_sdpa, unusual_reason, unusual_tensor)
 from .report import PLAIN_GRAPH, RunReport
 from .runners import Backend, GraphRunner
 
@@ -276,6 +276,9 @@ class OparaModule(nn.Module):
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
             return self._fallback("an input requires grad: OparaModule is for inference, so this call ran the "
                                   "original model (autograd works as usual)", args, kwargs, grad=True)
+        modes = mode_reason()  # the user's TorchDispatchMode or TorchFunctionMode around the call
+        if modes is not None:
+            return self._fallback(modes, args, kwargs)
         record = self._record(key, args, kwargs)
         if self._self_changing:
             return self._fallback(self._self_changing, args, kwargs)
@@ -483,8 +486,10 @@ class OparaModule(nn.Module):
             self._guard.snapshot()
         # one dynamo graph without cuDNN's operators: its replay does not depend on cuDNN's flags (graph breaks: the
         # Python between graphs runs in the capture too, unseen)
-        cudnn = len(entry.runners) != 1 or reads_cudnn([entry.runners[0].g.gm])
-        entry.key, entry.state = key, CallState(cudnn)
+        one = len(entry.runners) == 1
+        cudnn = not one or reads_cudnn([entry.runners[0].g.gm])
+        sdpa = not one or reads_sdpa([entry.runners[0].g.gm])  # likewise the SDPA backend flags
+        entry.key, entry.state = key, CallState(cudnn, sdpa)
         self._cache[key] = entry
         while len(self._cache) > self.max_graphs:
             self._evict()
