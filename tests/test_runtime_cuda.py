@@ -825,6 +825,79 @@ def test_28_recurrent_state_a_hook_closure_and_what_a_closure_holds_are_never_re
     om.release()
 
 
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(64, 192)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, -1, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass whose result depends on an attribute it carries."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        scale = next((a.scale for a in args if isinstance(a, Tagged) and hasattr(a, "scale")), 1.0)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out * scale if func is torch.nn.functional.linear else out
+
+
+class Counts(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Logs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_29_modes_sdpa_flags_and_subclass_inputs_run_as_eager():
+    """A torch-function or dispatch mode sees the call's operators; SDPA restricted to the math kernel runs it; a
+    subclass input keeps its behaviour: such calls are never a replay of a graph captured without them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x = SelfAttention().cuda().eval(), torch.randn(1, 8, 64, device="cuda")
+    om = _quiet(optimize, model, x)
+    _quiet(om, x)
+    counts, logs = Counts(), Logs()
+    with counts:
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    with logs:
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    assert counts.calls > 0 and logs.ops
+    with sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    assert om.report.mode == "cuda-graph", om.report.reason
+    om.release()
+    lin, y = nn.Linear(64, 64).cuda().eval(), torch.randn(2, 64, device="cuda")
+    tagged = y.as_subclass(Tagged)
+    tagged.scale = 3.0
+    relu = nn.Sequential(lin, nn.ReLU()).eval()
+    om = _quiet(optimize, relu, y)
+    _quiet(om, y)
+    with torch.no_grad():
+        want = relu(tagged)
+    assert not torch.allclose(want, _eager(relu, y))  # the subclass changes the result
+    torch.testing.assert_close(_quiet(om, tagged), want)
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():
