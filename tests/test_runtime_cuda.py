@@ -898,6 +898,43 @@ def test_29_modes_sdpa_flags_and_subclass_inputs_run_as_eager():
     om.release()
 
 
+class KV:
+    """An output object pytree does not open, as a decoder's cache."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x.relu(), KV(self.k(x), self.v(x))
+
+
+def test_30_an_output_objects_tensors_are_the_graphs_until_the_caller_holds_one():
+    model, x = Decoder().cuda().eval(), torch.randn(4, 16, device="cuda")
+    om = _quiet(optimize, model, x, strategy="opara")
+    _quiet(om, x)
+    ptr = _quiet(om, x)[1].keys.data_ptr()
+    assert _quiet(om, x)[1].keys.data_ptr() == ptr  # dropped: handed out again, no copy
+    kept = []
+    for _ in range(3):
+        y = torch.randn(4, 16, device="cuda")
+        kept.append((_quiet(om, y)[1], _eager(model, y)[1]))
+    for got, want in kept:
+        torch.testing.assert_close(got.keys, want.keys), torch.testing.assert_close(got.values, want.values)
+    view = _quiet(om, x)[1].values[:2]
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        om(x)
+    assert om.clone_outputs is True and any("earlier output object" in str(t.message) for t in told), told
+    torch.testing.assert_close(view, _eager(model, x)[1].values[:2])
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

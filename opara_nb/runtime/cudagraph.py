@@ -248,6 +248,8 @@ class GraphedCall:
         # handed out before the switch, or a view of it, may still be held, and a replay would write it.
         self._protect = self._clone_outputs is not False and bool(self._guarded)
         self._as_is = not (self._clone_outputs or self._copied or self._aliases or self._owners or self._opaque)
+        if self._opaque is not None:  # its tensors handed out as they are, like the plain outputs, unless copying
+            self._opaque.share = self._clone_outputs is not True and self._opaque.shareable
         self._make_fast()
 
     def _make_fast(self) -> None:
@@ -272,6 +274,9 @@ class GraphedCall:
                 lines += [f"if UC({cdata}) > {uses}{below}:",
                           "    raise HELD('a view of an earlier output (or an array made from it) is still alive')",
                           f"if RC(O[{i}]) > {refs}:", f"    ME._rescue(W{n})"]
+        if self._opaque is not None and self._opaque.share and self._clone_outputs is None:
+            names["HELD"] = OutputsHeld
+            lines.append("ME._opaque.protect(ME._move, HELD)")
         if self._stream_id is not None:
             names["SID"] = self._stream_id
             lines += ["if SID() != K[0]:", "    ME._follow_stream()"]
@@ -371,12 +376,16 @@ class GraphedCall:
     def _rescue(self, where: list[int]) -> None:
         """The caller holds the output in places ``where``: give that tensor memory of its own (a copy), and keep
         the graph's memory for us, in every place."""
-        held = self._out[where[0]]
+        fresh = self._move(self._out[where[0]])
+        for i in where:
+            self._out[i] = fresh
+
+    def _move(self, held: torch.Tensor) -> torch.Tensor:
+        """Give ``held`` (a tensor the caller holds) a copy of its memory; a new tensor on the graph's memory."""
         with self.layer.use(self._stream):  # on the stream the caller last used it on
             fresh = held.detach()
             held.set_(held.clone())
-        for i in where:
-            self._out[i] = fresh
+        return fresh
 
     def _follow_stream(self) -> None:
         """Another stream (another thread) calls now: make it wait for everything the last one queued."""

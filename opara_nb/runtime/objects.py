@@ -6,6 +6,11 @@ out a copy per call instead: the graph's tensors copied (tensors that share memo
 while what the call did not create stays itself, as in eager: the caller's inputs, the model's parameters, buffers
 and modules, and any object that was the same in two runs of the call (the model's own, a global).
 
+With ``share`` on (the default output protection, ``clone_outputs=None``), the copies hold the graph's tensors
+themselves, as the plain outputs are handed out: ``protect()``, before each replay, gives a tensor the caller still
+holds memory of its own (a held view raises ``OutputsHeld``). A decoder's KV cache then costs no copy per call (its
+``_foreach_copy_`` was 15 us of GPU time per call for a 2-layer GPT-2 on the H200).
+
 The copy is planned once, at capture: plain objects (a ``__dict__``, no copy hooks of their own), lists, tuples and
 dicts are rebuilt by code made for this object, and anything else goes to ``copy.deepcopy`` with the tensors already
 copied. ``copy.deepcopy`` of a Hugging Face ``DynamicCache`` costs about 200 us (CPU), the planned copy a tenth.
@@ -15,6 +20,8 @@ from __future__ import annotations
 import collections
 import copy
 import enum
+import operator
+import sys
 import types
 from typing import Any, Callable
 
@@ -77,6 +84,11 @@ class OpaqueOutputs:
             else:
                 tensors[key] = x
         self._tensors = list(tensors.values())
+        self._keys = list(tensors)  # the makers' names for the tensors, whichever object holds their memory now
+        storages = [t.untyped_storage()._cdata for t in self._tensors]
+        self.shareable = len(set(storages)) == len(storages)  # views of one memory are copied together, always
+        self.share = False
+        self._cdatas, self._base = storages, None
         self._makers = [(j, self._maker(outs[j], set())) for j in positions]
         try:
             self.fresh(static, list(outs))  # once now: what cannot be copied is found at capture, not at a call
@@ -85,7 +97,11 @@ class OpaqueOutputs:
                              f"({type(exc).__name__}: {exc})") from None
 
     def fresh(self, leaves: list[Any], handed: list[Any]) -> None:
-        copies = copy_tensors(self._tensors)
+        if self.share:
+            copies = dict(zip(self._keys, self._tensors))
+        else:
+            made = copy_tensors(self._tensors)
+            copies = {k: made[id(t)] for k, t in zip(self._keys, self._tensors)}
         for key, j in self._top.items():
             copies[key] = handed[j]
         for key, view, base, j in self._views:
@@ -93,6 +109,28 @@ class OpaqueOutputs:
         call = _Call(copies, leaves)
         for j, make in self._makers:
             handed[j] = make(call)
+
+    def protect(self, move: Callable[[torch.Tensor], torch.Tensor], held: type[Exception]) -> None:
+        """Before a replay, with ``share`` on: a tensor handed out that the caller still holds gets memory of its own
+        (``move(t)`` gives ``t`` a copy and returns a new tensor on the graph's memory); a held view of one raises
+        ``held``. The counts with nothing held are taken at the first replay, before anything is handed out."""
+        now = self._counts()
+        if self._base is None or now == self._base:
+            self._base = now
+            return
+        refs, uses, impls = now
+        if any(map(operator.gt, uses, self._base[1])) or any(map(operator.gt, impls, self._base[2])):
+            raise held("a view of a tensor in an earlier output object is still alive")
+        moved = [i for i, (n, base) in enumerate(zip(refs, self._base[0])) if n > base]
+        for i in moved:
+            self._tensors[i] = move(self._tensors[i])
+        # fewer than counted: what else held them went away (the capture's own objects), and that is the new base
+        self._base = self._counts() if moved else now
+
+    def _counts(self) -> tuple[list[int], list[int], list[int]]:
+        """References to each tensor, tensors using its memory (views), and holders below Python (DLPack)."""
+        impl = list(map(torch.Tensor._use_count, self._tensors)) if hasattr(torch.Tensor, "_use_count") else []
+        return list(map(sys.getrefcount, self._tensors)), list(map(_storage_uses, self._cdatas)), impl
 
     def _maker(self, x: Any, path: set[int]) -> _Make:
         key = id(x)
@@ -164,6 +202,9 @@ class OpaqueOutputs:
             return copy.deepcopy(x, memo)
 
         return build
+
+
+_storage_uses = torch._C._storage_Use_Count  # tensors using a storage (views included)
 
 
 def copy_tensors(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
