@@ -83,7 +83,7 @@ MODELS: dict[str, Callable[[], tuple]] = {
     "gpt2 (2 layers)": _hf("GPT2Config", "GPT2Model", n_layer=2),
     # decoders return their KV cache (an object pytree does not open): copied per call, 2 tensors per layer
     "gpt2 (12 layers)": _hf("GPT2Config", "GPT2Model"),
-    "llama (4 layers, 512 wide)": _hf("LlamaConfig", "LlamaModel", hidden_size=512, intermediate_size=1376,
+    "llama (4 layers 512 wide)": _hf("LlamaConfig", "LlamaModel", hidden_size=512, intermediate_size=1376,
                                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
     "bundled deepfm": _bundled("deepfm"),
     "bundled tiny_transformer": _bundled("tiny_transformer"),
