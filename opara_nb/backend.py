@@ -63,9 +63,12 @@ class _Runner:
         self.capture = GraphCapture(executor, writes=writes) if cuda else None
         self.executor = executor
         self._warned = False
-        # A graph running attention: the SDPA backend flags its capture ran under (dynamo does not guard them). A
-        # call under others runs the plan uncaptured, which picks the kernel as eager does.
-        self._sdpa: Any = sdpa
+        # A graph running attention (``sdpa``): the SDPA backend flags its capture ran under, from its first call
+        # (dynamo does not guard them). A call under others runs the plan uncaptured, which picks the kernel as eager.
+        self._reads_sdpa, self._sdpa_flags = sdpa, None
+        from .runtime.guards import sdpa_state
+
+        self._sdpa_state = sdpa_state
         # One call at a time: the executor keeps a call's values on itself, the capture its static buffers.
         self._lock = threading.RLock()
 
@@ -76,13 +79,11 @@ class _Runner:
     def _call(self, args: tuple) -> Any:
         if self.capture is None:
             return self.executor(*args)
-        if self._sdpa is not False:
-            from .runtime.guards import _sdpa_state
-
-            now = _sdpa_state()
-            if self._sdpa is True:  # the first call captures, under the flags of now
-                self._sdpa = now
-            elif now != self._sdpa:
+        if self._reads_sdpa:
+            now = self._sdpa_state()
+            if self._sdpa_flags is None:  # the first call captures, under the flags of now
+                self._sdpa_flags = now
+            elif now != self._sdpa_flags:
                 return self.executor(*args)
         out = self.capture(*args)
         if self.capture.failed is not None and not self._warned:

@@ -501,3 +501,15 @@ def test_options_of_the_wrong_kind_are_refused_at_once(options, said):
     """Each would otherwise fail later, inside planning, and show up only as a fallback to the original model."""
     with pytest.raises(OparaUsageError, match=re.escape(said)):
         OparaModule(torch.nn.Linear(4, 4).eval(), **options)
+
+
+def test_clone_outputs_set_on_the_module_reaches_the_graphs_it_captured():
+    """It set the wrapper's attribute only: graphs captured before kept handing out their own buffers."""
+    model, x = nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    _quiet(om, x)
+    om.clone_outputs = True
+    first, second = _quiet(om, x), _quiet(om, x)
+    assert first.data_ptr() != second.data_ptr() and om._last.graphed.clone_outputs is True
+    with pytest.raises(OparaUsageError, match="clone_outputs"):
+        om.clone_outputs = "yes"

@@ -146,3 +146,17 @@ def test_a_held_view_of_a_tensor_in_an_output_object_stops_the_replay():
         graphed.fast([x])
     del view
     torch.testing.assert_close(graphed.fast([x])[1].a, x * 2)
+
+
+def test_an_output_object_handed_out_before_a_switch_to_copies_stays_protected():
+    """A held view switched the module to copies, which dropped the protection of the objects handed out before
+    (the review of a4d5d01): the next replay wrote over the object the caller kept."""
+    graphed = _graphed(_pair, torch.randn(4))
+    for _ in range(2):
+        graphed.fast([torch.randn(4)])
+    x = torch.randn(4)
+    kept = graphed.fast([x])[1]
+    graphed.clone_outputs = True
+    for _ in range(2):
+        graphed.fast([torch.randn(4)])
+    torch.testing.assert_close(kept.a, x * 2), torch.testing.assert_close(kept.b, x + 1)

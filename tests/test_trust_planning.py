@@ -496,3 +496,32 @@ def test_a_forward_that_only_stores_a_global_leaves_it_unset_by_planning_and_set
         y = _quiet(om, torch.randn(1, 2))
         assert LAST_OUTPUT is y  # noqa: F821 - set by the forward
     globals().pop("LAST_OUTPUT", None)
+
+
+HISTORY: list = []
+
+
+class StoresAndAppends(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        global LAST_SEEN
+        LAST_SEEN = 1
+        HISTORY.append(1)
+        return self.fc(x)
+
+
+def test_planning_puts_back_a_global_read_and_one_assigned_in_one_module():
+    """Two rows of the sandbox held one globals dict (read: HISTORY; assigned: LAST_SEEN): restoring by dict
+    deleted HISTORY from the user's namespace (the review of a4d5d01)."""
+    model, x = StoresAndAppends().eval(), torch.randn(1, 2)
+    globals().pop("LAST_SEEN", None)
+    history = HISTORY
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert globals()["HISTORY"] is history and history == [] and "LAST_SEEN" not in globals()
+    _quiet(om, x)
+    assert history == [1] and LAST_SEEN == 1  # noqa: F821 - set by the forward
+    globals().pop("LAST_SEEN", None)
+    history.clear()

@@ -21,7 +21,7 @@ from .values import MISSING, by_value, other_value, plain_setting, setting_copy,
 
 __all__ = ["forward_reads", "reads_training", "code_reads", "settings_read", "holder_fields", "from_a_library",
            "methods_read", "unset_read", "callable_reads", "settings_objects", "functions_run", "closure_reads",
-           "globals_stored", "library_function"]
+           "globals_stored", "library_function", "functions_in"]
 
 _RANK = ("", "self", "other")
 
@@ -279,7 +279,7 @@ def _helper_reads(globals_read: tuple[tuple[dict, str], ...]) -> frozenset[str]:
     ``helper(self, x)`` reading ``mod.alpha``); names the module does not hold are ignored later."""
     names: set[str] = set()
     for namespace, g in _through_functions(globals_read):
-        for func in _functions_in(namespace.get(g)):
+        for func in functions_in(namespace.get(g)):
             code = func.__code__
             for param in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
                 names.update(code_reads(code, param)[1])
@@ -356,12 +356,12 @@ def _through_functions(globals_read: tuple[tuple[dict, str], ...], limit: int = 
             continue
         seen.add((id(namespace), name))
         found.append((namespace, name))
-        for func in _functions_in(namespace.get(name)):
+        for func in functions_in(namespace.get(name)):
             todo += [(func.__globals__, g) for g in sorted(_global_loads(func.__code__))]
     return found
 
 
-def _functions_in(value: Any) -> list[types.FunctionType]:
+def functions_in(value: Any) -> list[types.FunctionType]:
     """The user's Python functions behind ``value``: itself, what its decorators wrap (``__wrapped__``: a
     ``@torch.no_grad()`` helper, ``functools.wraps``), a partial's function."""
     found = []
@@ -414,7 +414,7 @@ def functions_run(model: nn.Module, starts: dict[int, str] | None = None) -> lis
         found.setdefault(id(func), (qualified, func))
     for _, m, own, start in _reading_modules(model, starts):
         for namespace, g in _through_functions(forward_reads(type(m), start)[2]) if own else ():
-            for func in _functions_in(namespace.get(g)):
+            for func in functions_in(namespace.get(g)):
                 found.setdefault(id(func), (g, func))
     return list(found.values())
 
@@ -439,7 +439,7 @@ def globals_stored(model: nn.Module, starts: dict[int, str] | None = None) -> li
     y``): state a replay would not set."""
     found: dict[tuple[int, str], tuple[dict, str]] = {}
     for _, fn in functions_run(model, starts):
-        for func in _functions_in(fn):
+        for func in functions_in(fn):
             for code, namespace in _codes(func):
                 if isinstance(namespace, dict):
                     found.update(((id(namespace), g), (namespace, g)) for g in _global_stores(code))

@@ -27,7 +27,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ..errors import OparaUsageError
-from .reads import (callable_reads, from_a_library, functions_run, globals_stored, is_wrapper, library_function,
+from .reads import (callable_reads, from_a_library, functions_in, functions_run, globals_stored, is_wrapper,
                     reached_modules, settings_read)
 from .values import CONTAINERS, MISSING, plain_leaf, same_value
 
@@ -360,13 +360,10 @@ def _closure_state(functions: list[tuple[str, Any]]) -> list[tuple[str, Any, dic
             args = {i: (v, _contents(v)) for i, v in enumerate(fn.args) if _contents(v) is not None}
             state.append((f"{name} arguments", dict(enumerate(fn.args)), args, False))
             fn = fn.func
-        for _ in range(8):  # the function, then what its decorators wrap
-            if isinstance(fn, types.FunctionType) and fn.__closure__ and not library_function(fn):
-                cells = _Cells({k: c for k, c in zip(fn.__code__.co_freevars, fn.__closure__) if k != "__class__"})
+        for func in functions_in(fn):  # the function, then what its decorators wrap (the user's only)
+            if func.__closure__:
+                cells = _Cells({k: c for k, c in zip(func.__code__.co_freevars, func.__closure__) if k != "__class__"})
                 state.append((f"{name} closure", cells, {k: (v, _contents(v)) for k, v in cells.items()}, False))
-            fn = getattr(fn, "__wrapped__", None)
-            if fn is None:
-                break
     return state
 
 
@@ -397,9 +394,6 @@ class _Cells:
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.cells[key].cell_contents = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.cells[key].cell_contents
 
 
 def _rebound(now: Any, then: torch.Tensor) -> bool:
@@ -471,21 +465,20 @@ def _differs(now: Any, value: Any, contents: Any) -> bool:
 
 def _restore_python(state: list[tuple[str, dict, dict[str, tuple[Any, Any]], bool]]) -> list[str]:
     """Put plain attributes back as they were (the same objects, with the same contents, nested containers too);
-    the names of those that had changed."""
-    saved = {id(attrs): plain for _, attrs, plain, _ in state}
-    changes = _python_changes(state)
-    for _, attrs, k in changes:
-        if k not in saved[id(attrs)]:
-            del attrs[k]  # added by the forward
-            continue
-        value, contents = saved[id(attrs)][k]
-        if value is MISSING:  # a global the forward created
-            if attrs.get(k, MISSING) is not MISSING:
+    the names of those that had changed. Row by row: two rows may hold one dict (a module's globals, read and
+    assigned), each with what it saved."""
+    names = []
+    for row in state:
+        saved = row[2]
+        for qualified, attrs, k in _python_changes([row]):
+            names.append(qualified)
+            value, contents = saved.get(k, (MISSING, None))
+            if value is MISSING:  # added by the forward (an attribute, a global it created)
                 del attrs[k]
-            continue
-        attrs[k] = value
-        _put_back(value, contents)
-    return [qualified for qualified, _, _ in changes]
+                continue
+            attrs[k] = value
+            _put_back(value, contents)
+    return names
 
 
 _MAX_SAVED = 4096  # items of nested containers an attribute's record keeps (deeper ones: compared as objects)

@@ -274,7 +274,8 @@ class GraphedCall:
                 lines += [f"if UC({cdata}) > {uses}{below}:",
                           "    raise HELD('a view of an earlier output (or an array made from it) is still alive')",
                           f"if RC(O[{i}]) > {refs}:", f"    ME._rescue(W{n})"]
-        if self._opaque is not None and self._opaque.share and self._clone_outputs is None:
+        # protected unless clone_outputs=False, also after a switch to copies: an object handed out before may be held
+        if self._opaque is not None and self._opaque.shareable and self._clone_outputs is not False:
             names["HELD"] = OutputsHeld
             lines.append("ME._opaque.protect(ME._move, HELD)")
         if self._stream_id is not None:

@@ -49,8 +49,8 @@ from ..capture.reads import (CallableReads, callable_reads, closure_reads, metho
 from ..capture.sandbox import check_initialized
 from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
-__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "reads_sdpa", "mode_reason", "ModelGuard",
-           "registration_epoch", "install_watch"]
+__all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "reads_sdpa", "sdpa_state", "mode_reason",
+           "ModelGuard", "registration_epoch", "install_watch"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -422,7 +422,7 @@ _SDPA_FLAGS = tuple(getattr(torch._C, f"_get_{name}") for name in
 _sdpa_order = getattr(torch._C, "_get_sdp_priority_order", None)
 
 
-def _sdpa_state() -> tuple:
+def sdpa_state() -> tuple:
     return (*(flag() for flag in _SDPA_FLAGS), tuple(_sdpa_order()) if _sdpa_order is not None else None)
 
 
@@ -502,7 +502,7 @@ class CallState:
             self._off = _GlobalStateGuard() if _GlobalStateGuard is not None else None
         torch.set_grad_enabled(grad)
         self._cudnn = _cudnn_state() if cudnn else None
-        self._sdpa = _sdpa_state() if sdpa else None
+        self._sdpa = sdpa_state() if sdpa else None
         self._modes = _modes_key()
 
     def _modes_hold(self) -> bool:
@@ -511,7 +511,7 @@ class CallState:
     def check(self) -> bool:
         guard = self._on if _grad_enabled() else self._off
         return (guard is None or guard.check()) and (self._cudnn is None or _cudnn_state() == self._cudnn) and \
-            (self._sdpa is None or _sdpa_state() == self._sdpa) and self._modes_hold()
+            (self._sdpa is None or sdpa_state() == self._sdpa) and self._modes_hold()
 
     def add_checks(self, code: "_GuardCode", dispatch: bool = True) -> None:
         """``check()``'s conditions, inline in ``code`` (``hot_guard``); ``dispatch=False`` leaves the dispatch mode
@@ -541,7 +541,7 @@ class CallState:
         why = guard.reason().strip() if guard is not None and not guard.check() else ""
         if self._cudnn is not None and _cudnn_state() != self._cudnn:
             why = f"{why} cudnn flags".strip()
-        if self._sdpa is not None and _sdpa_state() != self._sdpa:
+        if self._sdpa is not None and sdpa_state() != self._sdpa:
             why = f"{why} sdpa backend flags".strip()
         if not self._modes_hold():
             why = f"{why} torch function or dispatch modes".strip()
@@ -552,7 +552,7 @@ class CallState:
         """A hashable description of the current global state (grad mode excluded)."""
         with torch.no_grad():
             state = _GlobalStateGuard().__getstate__() if _GlobalStateGuard is not None else _python_state()
-        return state, _cudnn_state(), _sdpa_state(), _modes_key()
+        return state, _cudnn_state(), sdpa_state(), _modes_key()
 
 
 def _python_state() -> tuple:  # pragma: no cover - only without dynamo's GlobalStateGuard

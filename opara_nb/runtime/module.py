@@ -208,6 +208,21 @@ class OparaModule(nn.Module):
                                   "(del om), or optimize another model (opara_nb.optimize(new_model, *inputs))")
         super().__delattr__(name)
 
+    @property
+    def clone_outputs(self) -> bool | None:
+        """None: outputs are the graph's, a held one copied before the next replay; True: copied on every call; False:
+        the graph's buffers as they are. Set at any time: the graphs captured already follow."""
+        return self.__dict__.get("_clone_outputs")
+
+    @clone_outputs.setter
+    def clone_outputs(self, value: bool | None) -> None:
+        _check_options(max_graphs=1, max_streams=1, max_memory_mb=None, fuse=False, clone_outputs=value,
+                       candidates=None, plan=None)
+        self.__dict__["_clone_outputs"] = value
+        for entry in self.__dict__.get("_cache", {}).values():
+            if entry.graphed is not None:
+                entry.graphed.clone_outputs = value
+
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _tracing():  # inside a model dynamo compiles (another OparaModule, torch.compile): trace the original
@@ -352,9 +367,6 @@ class OparaModule(nn.Module):
             self._notify(f"opara_nb: {why}; this call ran without the CUDA graph, and results are copied from now on "
                          "(pass clone_outputs=True to start that way)")
             self.clone_outputs = True
-            for e in self._cache.values():
-                if e.graphed is not None:
-                    e.graphed.clone_outputs = True
         else:
             self._notify(f"opara_nb: {why}; such calls run the original model")
         with torch.no_grad():

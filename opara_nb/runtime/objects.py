@@ -6,9 +6,10 @@ out a copy per call instead: the graph's tensors copied (tensors that share memo
 while what the call did not create stays itself, as in eager: the caller's inputs, the model's parameters, buffers
 and modules, and any object that was the same in two runs of the call (the model's own, a global).
 
-With ``share`` on (the default output protection, ``clone_outputs=None``), the copies hold the graph's tensors
-themselves, as the plain outputs are handed out: ``protect()``, before each replay, gives a tensor the caller still
-holds memory of its own (a held view raises ``OutputsHeld``). A decoder's KV cache then costs no copy per call (its
+With ``share`` on (``clone_outputs`` None or False), the objects handed out hold the graph's tensors themselves, as
+the plain outputs are: ``protect()``, before each replay (unless ``clone_outputs=False``, and also after a switch to
+copies, for objects handed out before it), gives a tensor the caller still holds memory of its own (a held view raises
+``OutputsHeld``). Tensors that share one memory are copied per call, always (``shareable``). A decoder's KV cache then costs no copy per call (its
 ``_foreach_copy_`` was 15 us of GPU time per call for a 2-layer GPT-2 on the H200).
 
 The copy is planned once, at capture: plain objects (a ``__dict__``, no copy hooks of their own), lists, tuples and
@@ -124,7 +125,7 @@ class OpaqueOutputs:
         moved = [i for i, (n, base) in enumerate(zip(refs, self._base[0])) if n > base]
         for i in moved:
             self._tensors[i] = move(self._tensors[i])
-        # fewer than counted: what else held them went away (the capture's own objects), and that is the new base
+        # counted again after a move (the moved tensor's place holds a new one); fewer than counted needs no move
         self._base = self._counts() if moved else now
 
     def _counts(self) -> tuple[list[int], list[int], list[int]]:
