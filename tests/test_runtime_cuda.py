@@ -935,6 +935,47 @@ def test_30_an_output_objects_tensors_are_the_graphs_until_the_caller_holds_one(
     om.release()
 
 
+class SharedBlocks(nn.Module):
+    """Identical blocks with a graph break inside: dynamo runs one graph for both, their weights as its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lins = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = self._block(lin, x)
+        return x
+
+    @staticmethod
+    def _block(lin, x):
+        y = torch.relu(lin(x))
+        torch._dynamo.graph_break()
+        return lin(y) + 1
+
+
+def test_31_graphs_shared_by_identical_blocks_replay_each_blocks_weights(monkeypatch):
+    """The twelfth sweep: a per-graph capture (piecewise, the opara backend) read the first block's weights for all."""
+    from opara_nb.runtime import timing
+
+    torch.manual_seed(0)
+    model, x = SharedBlocks().cuda().eval(), torch.randn(4, 16, device="cuda")
+    compiled = torch.compile(model, backend="opara")
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(compiled, x), _eager(model, x))
+    real = timing.sync_latency_ms
+    monkeypatch.setattr(timing, "sync_latency_ms", lambda calls, sync, rounds=5, per_round=20: (
+        {"piecewise": 1.0, "eager": 2.0} if set(calls) == {"piecewise", "eager"} else real(calls, sync, rounds,
+                                                                                            per_round)))
+    host_read = ItemNet().cuda().eval()  # a whole call that cannot be captured, around the shared blocks
+    net = nn.Sequential(host_read, nn.Linear(4, 16), model).cuda().eval()
+    y = torch.randn(3, 4, device="cuda")
+    om = _quiet(optimize, net, y, strategy="opara")
+    for _ in range(2):
+        torch.testing.assert_close(_quiet(om, y), _eager(net, y))
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():

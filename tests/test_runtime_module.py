@@ -513,3 +513,56 @@ def test_clone_outputs_set_on_the_module_reaches_the_graphs_it_captured():
     assert first.data_ptr() != second.data_ptr() and om._last.graphed.clone_outputs is True
     with pytest.raises(OparaUsageError, match="clone_outputs"):
         om.clone_outputs = "yes"
+
+
+class SharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.lin(x))
+        torch._dynamo.graph_break()  # each block its own frames: dynamo runs one graph for both blocks
+        return self.lin(y) + 1
+
+
+class TwoSharedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([SharedBlock(), SharedBlock()])
+
+    def forward(self, x):
+        if bool((x > -100).all()):  # a host read: the whole call cannot be one CUDA graph
+            x = x * 2
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_piecewise_replays_each_layer_with_its_own_weights(fake_cuda):
+    """Dynamo runs one graph for identical blocks (their parameters are its inputs); it was captured once, with the
+    first block's weights read in place, and every block replayed those (the twelfth sweep)."""
+    from opara_nb.testing import FakeGraphs
+
+    torch.manual_seed(0)
+    model, x = TwoSharedBlocks().eval(), torch.randn(4, 8)
+    fake_cuda["times"] = {"piecewise": 2.0, "eager": 10.0}
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert om.report.mode == "piecewise", om.report.reason
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(_quiet(om, x), model(x))
+    assert max(len(c.by_params) for r in om._backend.runners for c in r.captures.values()) == 2
+
+
+def test_a_graph_capture_keeps_one_capture_per_set_of_parameters():
+    from opara_nb.runtime.runners import GraphCapture
+    from opara_nb.testing import FakeGraphs
+
+    capture = GraphCapture(lambda w, x: x @ w, FakeGraphs(kernels=True), writes=False)
+    weights = [nn.Parameter(torch.randn(4, 4), requires_grad=False) for _ in range(3)]
+    for _ in range(2):
+        for w in weights:
+            x = torch.randn(2, 4)
+            torch.testing.assert_close(capture(w, x), x @ w)
+    assert len(capture.by_params) == 3

@@ -32,17 +32,21 @@ def is_parameter(x: torch.Tensor) -> bool:
 
 class GraphCapture:
     """One planned graph in its own CUDA graph, captured on the first call (parameters stay in place), replayed
-    afterwards; outputs are copies (the Python between graphs may keep them). A graph that cannot be captured, or
-    whose parameters moved, runs uncaptured with ``failed`` saying why."""
+    afterwards; outputs are copies (the Python between graphs may keep them). A graph that cannot be captured runs
+    uncaptured with ``failed`` saying why.
+
+    Dynamo runs one graph for every instance of a block (identical layers: the parameters are the graph's inputs), so
+    a capture is kept per set of parameter addresses: each layer replays its own, which reads its own weights."""
 
     def __init__(self, executor: Callable, graphs: CudaGraphs | None = None, writes: bool = True) -> None:
         self.executor = executor
         self.graphs = graphs
         self.writes = writes  # whether the graph may write its inputs: the warm-up's writes are put back
-        self.graphed: GraphedCall | None = None
+        self.by_params: dict[tuple[int, ...], GraphedCall] = {}
+        self._params: list[int] | None = None  # positions of the parameters and buffers among the inputs
         self.failed: str | None = None
 
-    def _capture(self, args: tuple) -> str | None:
+    def _capture(self, args: tuple) -> GraphedCall | str:
         graphed = GraphedCall(self.executor, args, {}, clone_outputs=True, warmup=1, in_place=is_parameter,
                               graphs=self.graphs)
         try:
@@ -52,8 +56,7 @@ class GraphCapture:
         except Exception as exc:  # noqa: BLE001 - e.g. .item() inside the graph: run it uncaptured
             error = one_line(exc)
         else:
-            self.graphed = graphed
-            return None
+            return graphed
         graphed.release()  # after the except block, so its traceback no longer pins the failed capture's memory
         release_cuda_memory()
         return error
@@ -61,24 +64,33 @@ class GraphCapture:
     def __call__(self, *args: Any) -> Any:
         if len(args) == 1 and isinstance(args[0], list):
             args = tuple(args[0])  # dynamo's boxed calling convention
-        if self.graphed is None and self.failed is None:
-            self.failed = self._capture(args)
         if self.failed is not None:
             return self.executor(*args)
+        if self._params is None:
+            self._params = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) and is_parameter(x)]
+        key = tuple(args[i].data_ptr() for i in self._params)
+        graphed = self.by_params.get(key)
+        if graphed is None:
+            if len(self.by_params) >= MAX_PARAMETER_SETS:  # a graph run for that many layers: the rest uncaptured
+                return self.executor(*args)
+            made = self._capture(args)
+            if isinstance(made, str):
+                self.failed = made
+                return self.executor(*args)
+            graphed = self.by_params[key] = made
         try:
-            return self.graphed.fast(list(args))
-        except ValueError as exc:  # a parameter moved (param.data = ...): capture again
-            self.release()
-            self.failed = self._capture(args)
-            if self.failed is None:
-                return self.graphed.fast(list(args))
-            self.failed = f"{one_line(exc)}; {self.failed}"
-            return self.executor(*args)
+            return graphed.fast(list(args))
+        except ValueError:  # a parameter moved (param.data = ...) and another took its address: capture again
+            self.by_params.pop(key).release()
+            return self(*args)
 
     def release(self) -> None:
-        if self.graphed is not None:
-            self.graphed.release()
-            self.graphed = None
+        for graphed in self.by_params.values():
+            graphed.release()
+        self.by_params = {}
+
+
+MAX_PARAMETER_SETS = 256  # captures of one graph, one per layer that runs it
 
 
 @dataclass
