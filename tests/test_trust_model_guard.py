@@ -755,3 +755,22 @@ class ReadsTables(nn.Module):
 def test_a_tensor_field_of_a_settings_object_is_watched_by_identity():
     model, x = ReadsTables().eval(), torch.randn(2, 4)
     _replans(model, x, lambda: setattr(model.tables, "pos", torch.full((4,), 10.0)), "pos", lambda: model(x))
+
+
+class ScalesInCall(nn.Module):
+    """Overrides ``__call__`` (around nn.Module's) and reads a setting there."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.k = nn.Linear(4, 4), 2.0
+
+    def __call__(self, x):
+        return super().__call__(x) * self.k
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_setting_read_in_an_overridden_call_is_watched():
+    model, x = nn.Sequential(ScalesInCall(), nn.ReLU()).eval(), torch.randn(2, 4)
+    _replans(model, x, lambda: setattr(model[0], "k", 5.0), "k", lambda: model(x))

@@ -525,3 +525,27 @@ def test_planning_puts_back_a_global_read_and_one_assigned_in_one_module():
     assert history == [1] and LAST_SEEN == 1  # noqa: F821 - set by the forward
     globals().pop("LAST_SEEN", None)
     history.clear()
+
+
+class Stats:
+    def __init__(self):
+        self.calls = 0
+
+
+class CountsOnAHeldObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.stats = nn.Linear(2, 2), Stats()
+
+    def forward(self, x):
+        self.stats.calls += 1  # read through a copy of the holder in the bytecode (COPY), then written
+        return self.fc(x)
+
+
+def test_an_augmented_assignment_on_a_held_objects_field_is_put_back_and_run_each_call():
+    model, x = CountsOnAHeldObject().eval(), torch.randn(1, 2)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert model.stats.calls == 0
+    for _ in range(2):
+        _quiet(om, x)
+    assert model.stats.calls == 2

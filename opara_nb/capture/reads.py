@@ -35,7 +35,8 @@ def forward_reads(cls: type, start: str = "forward") -> tuple[str, frozenset[str
     """What ``cls.forward`` (or the method ``start``, and the methods it calls as ``self.name``, transitively) reads:
     how it reads a ``training`` flag (see ``reads_training``), every ``self.name`` it loads, and the (module globals,
     name) of every global name it loads."""
-    found, seen, todo, globals_read = "", set(), [start], {}
+    # a class's own ``__call__`` (around nn.Module's) runs first and may read settings too
+    found, seen, todo, globals_read = "", set(), [start, "__call__"], {}
     while todo:
         name = todo.pop()
         if name in seen:
@@ -183,6 +184,8 @@ def code_reads(code: Any, me: str = "") -> tuple[str, tuple[str, ...]]:
                 found = "other"
         elif ins.argval == "training":  # getattr(x, "training") and the like: assume the worst
             found = "other"
+        elif ins.opname in ("COPY", "DUP_TOP"):  # ``self.stats.calls += 1`` reads through a copy of the holder
+            continue
         previous, holder = ins, read
         recent = [*recent[-3:], ins] if ins.opname != "PRECALL" else recent
     for const in code.co_consts:
