@@ -67,19 +67,20 @@ def test_per_graph_capture_keeps_parameters_in_place_recaptures_when_they_move_a
     x = torch.randn(3)
     with torch.no_grad():
         torch.testing.assert_close(runner(weight, x), weight * x)
-        static = runner.graphed.static_inputs
+        (graphed,) = runner.by_params.values()
+        static = graphed.static_inputs
         assert static[0] is weight and static[1] is not x
         x2 = torch.randn(3)
         torch.testing.assert_close(runner(weight, x2), weight * x2)
         assert graphs.captures == 1
         weight.data = torch.randn(3)  # the captured graph read the old memory
         torch.testing.assert_close(runner(weight, x2), weight * x2)
-        assert graphs.captures == 2
+        assert graphs.captures == 2 and len(runner.by_params) == 1  # the capture of the old memory released
 
         state["fail"] = True
         failing = GraphCapture(fn, graphs)
         torch.testing.assert_close(failing(weight, x), weight * x)
-        assert failing.graphed is None and "not permitted" in failing.failed
+        assert not failing.by_params and "not permitted" in failing.failed
 
 
 def test_a_model_with_graph_breaks_hears_not_accelerated_once(monkeypatch):

@@ -71,6 +71,7 @@ class GraphCapture:
         key = tuple(args[i].data_ptr() for i in self._params)
         graphed = self.by_params.get(key)
         if graphed is None:
+            self._drop_moved()
             if len(self.by_params) >= MAX_PARAMETER_SETS:  # a graph run for that many layers: the rest uncaptured
                 return self.executor(*args)
             made = self._capture(args)
@@ -83,6 +84,12 @@ class GraphCapture:
         except ValueError:  # a parameter moved (param.data = ...) and another took its address: capture again
             self.by_params.pop(key).release()
             return self(*args)
+
+    def _drop_moved(self) -> None:
+        """Release the captures whose parameters moved since (``param.data = t``): they read memory no longer theirs."""
+        for key in [k for k, g in self.by_params.items()
+                    if tuple(g.static_inputs[i].data_ptr() for i in self._params) != k]:
+            self.by_params.pop(key).release()
 
     def release(self) -> None:
         for graphed in self.by_params.values():
