@@ -422,3 +422,25 @@ def test_segments_with_non_tensor_inputs_compile_on_the_real_inputs():
         assert context is not None and context.fake_mode.shape_env is not None
         assert inputs[0] is not x and inputs[0].shape == x.shape and inputs[0].stride() == x.stride()
     assert TracingContext.try_get() is None
+
+
+class RoundsToHalf(nn.Module):
+    """Fake quantization: an explicit ``.half().float()`` round trip, which inductor drops unless told not to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(x).half().float() + self.b(x).half().float()
+
+
+def test_a_fused_segment_keeps_an_explicit_precision_round_trip():
+    torch.manual_seed(0)
+    model, x = RoundsToHalf().eval(), torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = opara_nb.optimize(model, x, fuse=True, strategy="opara")
+        out = om(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))  # 2.6e-4 apart before: the rounding was elided

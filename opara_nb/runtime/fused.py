@@ -58,9 +58,13 @@ Compiler = Callable[[torch.fx.GraphModule, list, dict], Callable]
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict) -> Callable:
     """``torch._inductor.compile`` (stable from torch 2.0 to 2.14): a callable with ``gm``'s calling convention."""
     import torch._inductor
+    import torch._inductor.config
 
+    options = dict(options)
+    if hasattr(torch._inductor.config, "emulate_precision_casts"):  # an explicit x.half().float() rounds, as in eager
+        options.setdefault("emulate_precision_casts", True)
     with torch.no_grad(), _cacheable(example_inputs) as inputs:
-        return torch._inductor.compile(gm, inputs, options=dict(options))
+        return torch._inductor.compile(gm, inputs, options=options)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
