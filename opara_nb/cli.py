@@ -291,7 +291,7 @@ def _cmd_profile(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _cmd_tune(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .errors import OparaUsageError
+    from .errors import OparaUsageError, one_line
     from .runtime import optimize
     from .tune import build_model, parse_inputs
 
@@ -304,6 +304,9 @@ def _cmd_tune(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         om = optimize(model, *args, strategy=ns.strategy, fuse=ns.fuse, **kwargs)
     except OparaUsageError as exc:
         parser.error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the factory's or the model's own error: one line, not our frames
+        parser.error(f"tune stopped: {one_line(exc)} (check that {ns.factory}() builds the "
+                     f"model and that it runs on --inputs {ns.inputs!r})")
     print(om.report)
     path = om.save_plan(ns.out)
     print(f"wrote {path}: load it with opara_nb.optimize(model, *inputs, plan={str(path)!r})")

@@ -263,3 +263,12 @@ def test_the_magics_leave_the_model_inputs_and_random_numbers_as_they_were(ip, l
     assert torch.equal(torch.random.get_rng_state(), rng)
     if line.startswith("%opara "):
         assert res.max_abs_diff == 0
+
+
+def test_store_under_the_models_or_an_inputs_name_is_refused(ip):
+    """``--store model`` put the result over the optimized model the magic had just bound to that name."""
+    run(ip, BUILD)
+    model = ip.user_ns["model"]
+    with pytest.raises(UsageError, match="would overwrite the model or an input"):
+        ip.run_cell("%opara model x --store model")
+    assert ip.user_ns["model"] is model

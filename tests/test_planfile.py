@@ -448,6 +448,7 @@ def test_tune_bad_factory_or_inputs_exit_2_saying_what_to_write(tmp_path, capsys
         (["--factory", "no_such_module_xyz:build", "--inputs", "randn(1)"], "cannot import"),
         (["--factory", f"{Path(__file__).resolve()}:Nope", "--inputs", "randn(1)"], "has no 'Nope'"),
         (["--factory", FACTORY, "--inputs", "open('x')"], "unknown tensor maker 'open'"),
+        (["--factory", FACTORY, "--inputs", "randn(4, 5)"], "tune stopped: RuntimeError"),  # the model rejects them
     ]:
         with pytest.raises(SystemExit) as info:
             main(["tune", *argv, "-o", str(tmp_path / "p.json")])

@@ -186,6 +186,9 @@ class OparaMagics(Magics, Configurable):
         args = parse_argstring(self.opara, line)
         if args.inputs and args.input_list:
             raise usage_error("name the inputs once: either after the model (%opara model x) or with --inputs x")
+        if args.store_as and args.store_as in (args.model, *args.inputs, *split_names(args.input_list)):
+            raise usage_error(f"--store {args.store_as} would overwrite the model or an input: store the result under "
+                              f"another name (--store {args.store_as}_result)")
         return CellOptions(model=args.model, inputs=list(args.inputs) or split_names(args.input_list),
                            kwargs=parse_kwargs(args.kwargs),
                            strategy=_choice("--strategy", args.strategy or self.strategy, STRATEGY_CHOICES, usage=True),
