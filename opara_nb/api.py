@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ModelError, user_traceback
+from .errors import ModelError, OparaUsageError, user_traceback
 
 if TYPE_CHECKING:
     from .bench import BenchResult
@@ -56,6 +56,8 @@ def profile(model: Callable, *args: Any, cache: bool = True, **kwargs: Any) -> "
     passed to the model)."""
     from .profiling import profile_model
 
+    if not isinstance(cache, bool):
+        raise OparaUsageError(f"cache is True or False, got {cache!r}")
     try:
         return profile_model(model, *args, cache=cache, **kwargs)
     except ModelError as exc:

@@ -277,3 +277,12 @@ def test_cache_key_changes_with_the_profile_format(monkeypatch):
     before = cache.cache_key("code", inputs, "cpu", "occupancy")
     monkeypatch.setattr(cache, "PROFILE_FORMAT", cache.PROFILE_FORMAT + 1)
     assert cache.cache_key("code", inputs, "cpu", "occupancy") != before
+
+
+def test_profile_refuses_a_cache_option_that_is_not_a_flag():
+    """``cache="no"`` was taken as true and served the cached profile."""
+    import opara_nb
+    from opara_nb.errors import OparaUsageError
+
+    with pytest.raises(OparaUsageError, match="cache is True or False"):
+        opara_nb.profile(torch.nn.Linear(2, 2).eval(), torch.randn(1, 2), cache="no")

@@ -436,7 +436,8 @@ def _reprofiling(on: bool) -> Any:
 def _choice(what: str, value: str, choices: tuple[str, ...], usage: bool = False) -> str:
     if value in choices:
         return value
-    message = f"{what} must be one of {', '.join(choices)}; got {value!r}"
+    named = ", ".join(repr(c) if not c else c for c in choices)  # '' (each strategy's own order) shows as ''
+    message = f"{what} must be one of {named}; got {value!r}"
     if usage:
         raise usage_error(message)
     from traitlets import TraitError

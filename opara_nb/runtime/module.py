@@ -446,7 +446,8 @@ class OparaModule(nn.Module):
             self._check_user_compile()
         note = f" (auto keeps {kept!r}: there is nothing to measure without CUDA)" \
             if self.strategy == "auto" and record is None else ""
-        fused = ", its segments compiled by TorchInductor" if PlanSpec.parse(kept).fuse else ""
+        fused = ", with the segments TorchInductor compiled fused (the notes say how many)" \
+            if PlanSpec.parse(kept).fuse else ""
         reason = f"{where}: the plan runs eagerly in its launch order{fused}, not accelerated{note}"
         runners = self._backend.runners[runners_before:] or list(self._backend.runners)
         self._use(Entry("eager-plan", reason, kept, runners=runners, source=record))
