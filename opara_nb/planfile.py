@@ -222,6 +222,10 @@ class SignatureRecord:
             raise ValueError(f"plan {record.kept!r} is missing for some graph")
         if data.get("spec") != record.spec:
             raise ValueError(f"its spec {data.get('spec')} does not match the kept plan {record.kept!r}")
+        if not isinstance(record.inputs, (list, dict)):
+            raise ValueError(f"its inputs are {type(record.inputs).__name__}, not a description of the call")
+        if not all(isinstance(v, dict) for v in record.candidates.values()):
+            raise ValueError("its candidates are not measurements (name: {sync_ms, ...})")
         return record
 
 

@@ -335,6 +335,8 @@ def test_edited_plans_are_refused_when_read(saved, tmp_path, edit, words):
     (lambda d: d["signatures"][0]["graphs"][0].pop("nodes"), ["missing field", "nodes"]),
     (lambda d: d.update(signatures=[]), ["holds no plan"]),
     (lambda d: d["model"].update(tensors="abc"), ["model section"]),
+    (lambda d: d["signatures"][0].update(inputs=None), ["inputs are NoneType"]),  # a raw AttributeError before
+    (lambda d: d["signatures"][0].update(candidates={"opara": "fast"}), ["candidates"]),  # broke om.report later
 ])
 def test_edited_records_are_refused_when_read(saved, tmp_path, edit, words):
     path, text = saved

@@ -566,3 +566,16 @@ def test_a_graph_capture_keeps_one_capture_per_set_of_parameters():
             x = torch.randn(2, 4)
             torch.testing.assert_close(capture(w, x), x @ w)
     assert len(capture.by_params) == 3
+
+
+def test_an_attribute_error_inside_a_property_of_the_module_is_its_own():
+    """It came out as the model's ("'Sequential' object has no attribute 'report'"), from the stand-in lookup: an
+    edited plan file's error in ``om.report`` was hidden so."""
+    class Broken(OparaModule):
+        @property
+        def report(self):
+            raise AttributeError("the report's own error")
+
+    om = Broken(nn.Sequential(nn.Linear(4, 4)).eval(), graphs=FakeGraphs())
+    with pytest.raises(AttributeError, match="the report's own error"):
+        om.report

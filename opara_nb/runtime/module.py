@@ -179,6 +179,9 @@ class OparaModule(nn.Module):
 
     # ------------------------------------------------------- standing in for the model (%%opara rebinds its name)
     def __getattr__(self, name: str) -> Any:
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):  # our own property raised AttributeError inside: show that, not the model's
+            return prop.fget(self)
         try:
             return super().__getattr__(name)
         except AttributeError:
