@@ -2,15 +2,16 @@
 
 Eager returns a new such object on every call, holding new tensors. A replay has only the one object built when
 the call was captured, holding the graph's own output memory. ``OpaqueOutputs`` keeps that object private and hands
-out a copy per call instead: the graph's tensors copied (tensors that share memory still share it in the copies),
-while what the call did not create stays itself, as in eager: the caller's inputs, the model's parameters, buffers
-and modules, and any object that was the same in two runs of the call (the model's own, a global).
+out a new one per call instead, while what the call did not create stays itself, as in eager: the caller's inputs,
+the model's parameters, buffers and modules, and any object that was the same in two runs of the call (the model's
+own, a global).
 
 With ``share`` on (``clone_outputs`` None or False), the objects handed out hold the graph's tensors themselves, as
 the plain outputs are: ``protect()``, before each replay (unless ``clone_outputs=False``, and also after a switch to
 copies, for objects handed out before it), gives a tensor the caller still holds memory of its own (a held view raises
-``OutputsHeld``). Tensors that share one memory are copied per call, always (``shareable``). A decoder's KV cache then costs no copy per call (its
-``_foreach_copy_`` was 15 us of GPU time per call for a 2-layer GPT-2 on the H200).
+``OutputsHeld``). Otherwise, and always for tensors that share one memory (``shareable``), the tensors are copied per
+call (one memory still shared in the copies). A decoder's KV cache so costs no copy per call: its ``_foreach_copy_``
+was 15 us of GPU time per call for a 2-layer GPT-2 on the H200.
 
 The copy is planned once, at capture: plain objects (a ``__dict__``, no copy hooks of their own), lists, tuples and
 dicts are rebuilt by code made for this object, and anything else goes to ``copy.deepcopy`` with the tensors already
