@@ -101,6 +101,10 @@ def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,
     plan_file, fuse = _read_options(options)
     reason = skip_reason(gm, example_inputs)
     if reason is not None:
+        if plan_file is not None:  # the user asked for the file's plans: say why this graph has none
+            warnings.warn(f"opara backend: graph {index} runs without the plan file's plan ({reason}); the file holds "
+                          "plans for the input shapes it was tuned on: compile with dynamic=False to keep to them",
+                          stacklevel=user_stacklevel())
         return gm.forward
     try:
         from .capture import CapturedGraph

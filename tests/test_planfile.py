@@ -413,6 +413,21 @@ def test_torch_compile_backend_refuses_a_file_that_does_not_fit(saved):
         _quiet(torch.compile(model, backend="opara", options={"plam": "x"}), torch.randn(4, 8))
 
 
+def test_torch_compile_backend_says_when_a_new_shape_runs_without_the_files_plan(saved):
+    """Dynamo compiles a second shape with symbolic sizes, which no plan of the file fits: it ran unplanned, unsaid."""
+    path, _ = saved
+    model, x = _branchy()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="opara", options={"plan": str(path)})
+    with torch.no_grad():
+        _quiet(compiled, x)
+        z = torch.randn(3, 8)
+        with pytest.warns(UserWarning, match="without the plan file's plan .*dynamic=False"):
+            y = compiled(z)
+        torch.testing.assert_close(y, model(z))
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------------- tune (CLI)
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = f"{Path(__file__).resolve()}:Branchy"
