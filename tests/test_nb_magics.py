@@ -272,3 +272,11 @@ def test_store_under_the_models_or_an_inputs_name_is_refused(ip):
     with pytest.raises(UsageError, match="would overwrite the model or an input"):
         ip.run_cell("%opara model x --store model")
     assert ip.user_ns["model"] is model
+
+
+def test_a_cell_with_a_syntax_error_shows_it_as_ipython_does_and_one_line(ip, capsys):
+    """It showed a full traceback through opara_nb's own frames."""
+    with pytest.raises(UsageError, match="syntax error .*nothing was optimized"):
+        ip.run_cell("%%opara model --inputs x\nmodel = torch.nn.Linear(2, 2).eval(\n")
+    shown = capsys.readouterr()
+    assert "SyntaxError" in shown.out + shown.err and "magics.py" not in shown.out + shown.err

@@ -218,7 +218,13 @@ class OparaMagics(Magics, Configurable):
         shell = self.shell
         source = "\n" + shell.transform_cell(cell)
         filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
-        exec(compile(source, filename, "exec"), shell.user_global_ns, shell.user_ns)  # noqa: S102 - the user's cell
+        try:
+            code = compile(source, filename, "exec")
+        except SyntaxError:  # shown as IPython shows a plain cell's, without our frames
+            shell.showsyntaxerror(filename)
+            raise usage_error("the cell has a syntax error (shown above): fix it and run it again; nothing was "
+                              "optimized") from None
+        exec(code, shell.user_global_ns, shell.user_ns)  # noqa: S102 - the user's cell
 
     @contextlib.contextmanager
     def _short_errors(self, verbose: bool, magic_line: str, hint: Callable[[BaseException], str]) -> Iterator[None]:
