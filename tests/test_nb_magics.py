@@ -280,3 +280,14 @@ def test_a_cell_with_a_syntax_error_shows_it_as_ipython_does_and_one_line(ip, ca
         ip.run_cell("%%opara model --inputs x\nmodel = torch.nn.Linear(2, 2).eval(\n")
     shown = capsys.readouterr()
     assert "SyntaxError" in shown.out + shown.err and "magics.py" not in shown.out + shown.err
+
+
+def test_a_refused_config_value_does_not_break_reloading_the_extension(ip):
+    """%config logged the error but kept the value, and %reload_ext then failed with a long TraitError."""
+    ip.config.OparaMagics.strategy = "bogus"
+    ip.config.OparaMagics.bench_iters = -5
+    with pytest.warns(UserWarning, match="OparaMagics.strategy = 'bogus' was refused"):
+        ip.run_line_magic("reload_ext", "opara_nb")
+    magics = ip.magics_manager.registry["OparaMagics"]
+    assert magics.strategy == "auto" and magics.bench_iters == 200
+    assert "opara" in ip.magics_manager.magics["line"]

@@ -102,6 +102,7 @@ class OparaMagics(Magics, Configurable):
                  ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        _drop_refused_config(shell)
         super().__init__(shell=shell, **kwargs)
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
@@ -113,6 +114,14 @@ class OparaMagics(Magics, Configurable):
     @validate("order")
     def _check_order(self, proposal: Any) -> str:
         return _choice("order", proposal["value"], ORDER_CHOICES)
+
+    @validate("max_nodes", "bench_iters")
+    def _check_count(self, proposal: Any) -> int:
+        if proposal["value"] < 1:
+            from traitlets import TraitError
+
+            raise TraitError(f"{proposal['trait'].name} is a whole number of at least 1; got {proposal['value']!r}")
+        return proposal["value"]
 
     # ----- %opara / %%opara ---------------------------------------------------------------------------------------
     @magic_arguments()
@@ -437,6 +446,24 @@ def _reprofiling(on: bool) -> Any:
     from ..profiling import refreshing
 
     return refreshing()
+
+
+def _drop_refused_config(shell: Any) -> None:
+    """A value ``%config`` refused (logged as an error) still sits in the shell's config, where loading the magics
+    again (``%reload_ext opara_nb``) would fail on it: drop it, saying so, and the default applies."""
+    section = getattr(shell, "config", {}).get("OparaMagics") if shell is not None else None
+    if not section:
+        return
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and v >= 1
+
+    valid = {"strategy": lambda v: v in STRATEGY_CHOICES, "order": lambda v: v in ORDER_CHOICES,
+             "max_nodes": count, "bench_iters": count}
+    for name, ok in valid.items():
+        if name in section and not ok(section[name]):
+            warnings.warn(f"opara_nb: %config OparaMagics.{name} = {section[name]!r} was refused; using the default",
+                          stacklevel=2)
+            del section[name]
 
 
 def _choice(what: str, value: str, choices: tuple[str, ...], usage: bool = False) -> str:
