@@ -579,3 +579,8 @@ def test_an_attribute_error_inside_a_property_of_the_module_is_its_own():
     om = Broken(nn.Sequential(nn.Linear(4, 4)).eval(), graphs=FakeGraphs())
     with pytest.raises(AttributeError, match="the report's own error"):
         om.report
+
+
+def test_graphs_that_are_no_stand_in_for_cuda_graphs_are_refused_in_one_line():
+    with pytest.raises(OparaUsageError, match="graphs is for tests"):
+        OparaModule(nn.Linear(2, 2).eval(), graphs="x")

@@ -152,6 +152,9 @@ class OparaModule(nn.Module):
         self._records: dict[Hashable, Any] = {}  # call key -> the plan file's record for it
         self._specs = _candidate_specs(strategy, order, fuse, candidates) if self._planfile is None else \
             _file_specs(self._planfile)
+        if graphs is not None and not all(callable(getattr(graphs, m, None)) for m in ("usable", "capture", "warm_up")):
+            raise OparaUsageError(f"graphs is for tests: a stand-in for CUDA graphs such as "
+                                  f"opara_nb.testing.FakeGraphs(), got {graphs!r}; leave it out to use CUDA")
         self._graphs = graphs or CudaGraphs()
         presets = None if self._planfile is None else self._planfile.plans_for
         self._backend = Backend(self._specs, max_streams, graphs=graphs, presets=presets)
