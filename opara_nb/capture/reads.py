@@ -437,11 +437,11 @@ def closure_reads(model: nn.Module, starts: dict[int, str] | None = None) -> Cal
     return found
 
 
-def globals_stored(model: nn.Module, starts: dict[int, str] | None = None) -> list[tuple[dict, str]]:
-    """(module globals, name) of every global a function the model runs assigns or deletes (``global LAST; LAST =
-    y``): state a replay would not set."""
+def globals_stored(functions: list[tuple[str, Any]]) -> list[tuple[dict, str]]:
+    """(module globals, name) of every global one of ``functions`` (``functions_run``'s) assigns or deletes (``global
+    LAST; LAST = y``): state a replay would not set."""
     found: dict[tuple[int, str], tuple[dict, str]] = {}
-    for _, fn in functions_run(model, starts):
+    for _, fn in functions:
         for func in functions_in(fn):
             for code, namespace in _codes(func):
                 if isinstance(namespace, dict):

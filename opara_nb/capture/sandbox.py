@@ -155,8 +155,8 @@ class Sandbox:
         copied = {**(params if _fits(params) else {}), **buffers, **(loose if _fits(loose) else {})}
         with torch.no_grad():
             self._saved = {k: t.detach().clone() for k, t in copied.items()}
-        self._python = _python_state(self.model, reads) + _closure_state(functions_run(self.model) + self._callable) \
-            + _stored_globals(self.model)
+        run = functions_run(self.model)
+        self._python = _python_state(self.model, reads) + _closure_state(run + self._callable) + _stored_globals(run)
         self._rng = torch.random.get_rng_state()  # a forward that draws random numbers advances it on every run
         # other random states: Python's, NumPy's, generators the modules hold; a draw from one (or torch reseeded)
         # is state a replay would not change, as the forward's own Python changes are
@@ -367,11 +367,11 @@ def _closure_state(functions: list[tuple[str, Any]]) -> list[tuple[str, Any, dic
     return state
 
 
-def _stored_globals(model: nn.Module) -> list[tuple[str, Any, dict[str, tuple[Any, Any]], bool]]:
-    """``_python_state``'s rows for the globals the model's functions assign (``global LAST; LAST = y``), absent
-    ones as MISSING (created by a call: removed again)."""
+def _stored_globals(functions: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, tuple[Any, Any]], bool]]:
+    """``_python_state``'s rows for the globals ``functions`` assign (``global LAST; LAST = y``), absent ones as
+    MISSING (created by a call: removed again)."""
     rows: dict[int, tuple[str, Any, dict[str, tuple[Any, Any]], bool]] = {}
-    for namespace, g in globals_stored(model):
+    for namespace, g in globals_stored(functions):
         value = namespace.get(g, MISSING)
         rows.setdefault(id(namespace), ("global", namespace, {}, False))[2][g] = (value, _contents(value))
     return list(rows.values())

@@ -31,15 +31,10 @@ from torch.utils import _pytree as pytree
 from ..capture.sandbox import input_layout, inputs_changed, same_values
 from ..capture.values import plain_leaf
 from .guards import _ptrs_equal, install_watch, registration_epoch
-from .objects import OpaqueOutputs, copy_tensors, held, view_in
+from .objects import HAS_IMPL_COUNT, OpaqueOutputs, copy_tensors, held, storage_uses, view_in
 from .streams import stream_pool
 
 __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release_cuda_memory"]
-
-
-_use_count = torch._C._storage_Use_Count  # how many tensors share a storage (views included)
-# How many holders a tensor has below Python (a DLPack capsule: a NumPy, CuPy or JAX array made from an output)
-_HAS_IMPL_COUNT = hasattr(torch.Tensor, "_use_count")
 
 
 class OutputsHeld(RuntimeError):
@@ -267,7 +262,7 @@ class GraphedCall:
         if self._protect and self._uses is None:  # first, while held outputs still belong to the last stream
             lines.append("ME._count_uses()")
         elif self._protect:
-            names.update(UC=_use_count, RC=sys.getrefcount, HELD=OutputsHeld)
+            names.update(UC=storage_uses, RC=sys.getrefcount, HELD=OutputsHeld)
             for n, (i, cdata, uses, refs, where, impl) in enumerate(self._uses):
                 names[f"W{n}"] = where
                 below = f" or O[{i}]._use_count() > {impl}" if impl is not None else ""
@@ -326,8 +321,8 @@ class GraphedCall:
             cdata = out.untyped_storage()._cdata
             # references: one per place in our list, plus getrefcount's own argument. A DLPack capsule holds the
             # tensor below Python (its data pointer: moving the tensor cannot help), so it counts as a held view.
-            impl = out._use_count() if _HAS_IMPL_COUNT else None
-            self._uses.append((where[0], cdata, _use_count(cdata), len(where) + 1, where, impl))
+            impl = out._use_count() if HAS_IMPL_COUNT else None
+            self._uses.append((where[0], cdata, storage_uses(cdata), len(where) + 1, where, impl))
         self._make_fast()  # now with the counts
 
     # ------------------------------------------------------------------ replay

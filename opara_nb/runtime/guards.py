@@ -120,7 +120,11 @@ except ImportError:  # pragma: no cover - present in every supported torch; kept
 
 
 def _tensor_check(tensors: list[torch.Tensor]) -> Callable[..., bool]:
-    """A function telling whether tensors given as arguments have the metadata of ``tensors`` (values aside)."""
+    """A function telling whether tensors given as arguments have the metadata of ``tensors`` (values aside). Like
+    dynamo's check, which compares the thread's dispatch keys, it refuses a call under a dispatch mode: with no
+    tensors to compare, by the mode stack."""
+    if not tensors:
+        return lambda: not _in_dispatch_mode()
     if _TensorGuards is not None:
         try:
             return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
@@ -128,7 +132,6 @@ def _tensor_check(tensors: list[torch.Tensor]) -> Callable[..., bool]:
         except Exception:  # noqa: BLE001 - a torch whose TensorGuards differs: the Python check below is exact too
             pass
     keys = [(type(t), *_tensor_key(t)) for t in tensors]
-    # as TensorGuards compares the thread's dispatch keys, which a dispatch mode changes (CallState.add_checks)
     return lambda *ts: not _in_dispatch_mode() and [(type(t), *_tensor_key(t)) for t in ts] == keys
 
 
@@ -180,12 +183,8 @@ def hot_guard(args: tuple, kwargs: dict, state: "CallState",
     as ``model`` last saw it, then ``call_guard``'s input checks; the call's input leaves, or None. With the checks
     inline, all three cost less than the state and model checks did alone (H200, run 6, tiny model: 1.55 against
     2.07 us). Made again when the model guard takes a new snapshot (``ModelGuard.version``)."""
-    # A call with tensor inputs has them checked in C++ with the thread's dispatch keys, which any dispatch mode
-    # changes: that check refuses a call under one, so the state need not count the mode stack again.
-    tensors = any(isinstance(x, torch.Tensor) for x in call_key(args, kwargs)[1])
-
     def before(code: _GuardCode) -> None:
-        state.add_checks(code, dispatch=not tensors)
+        state.add_checks(code)
         if model is not None:
             model.add_checks(code)
 
@@ -489,8 +488,8 @@ class CallState:
     ``check()`` is one C++ call plus cuDNN's flags (``cudnn=False``: not those, for a graph none of whose operators
     cuDNN runs: ``reads_cudnn``), the SDPA backend flags likewise (``sdpa``: ``reads_sdpa``) and the torch-function
     mode stack (normally empty: one length compared; ``set_default_device``'s mode by its device). A dispatch mode
-    fails the inputs' C++ check (it adds the Python dispatch key to the thread's state), or is compared here where
-    there is no such check; calls under one, or under another function mode, never capture (``mode_reason``).
+    fails the inputs' check (``_tensor_check``); calls under one, or under another function mode, never capture
+    (``mode_reason``).
     ``key()`` is a hashable form for the cache (slow path only, all flags included).
     """
 
@@ -513,9 +512,9 @@ class CallState:
         return (guard is None or guard.check()) and (self._cudnn is None or _cudnn_state() == self._cudnn) and \
             (self._sdpa is None or sdpa_state() == self._sdpa) and self._modes_hold()
 
-    def add_checks(self, code: "_GuardCode", dispatch: bool = True) -> None:
-        """``check()``'s conditions, inline in ``code`` (``hot_guard``); ``dispatch=False`` leaves the dispatch mode
-        stack to the inputs' C++ check (dynamo's ``TensorGuards`` compares the thread's dispatch keys)."""
+    def add_checks(self, code: "_GuardCode") -> None:
+        """``check()``'s conditions, inline in ``code`` (``hot_guard``), but the dispatch mode stack: the inputs'
+        check refuses a call under a dispatch mode (``_tensor_check``)."""
         if self._on is not None:
             on, off = code.const(self._on.check), code.const(self._off.check)
             code.checks.append(f"({on}() if {code.const(_grad_enabled)}() else {off}())")
@@ -526,15 +525,12 @@ class CallState:
                 code.checks.append(f"{code.const(getter)}() is {code.value(value)}")
             if _sdpa_order is not None:
                 code.checks.append(f"{code.const(_sdpa_order)}() == {code.const(list(self._sdpa[-1]))}")
-        if _function_len is None or (dispatch and _dispatch_len is None):  # pragma: no cover - a torch without them
+        if _function_len is None:  # pragma: no cover - a torch without it
             code.checks.append(f"{code.const(self._modes_hold)}()")
-            return
-        if self._modes:  # set_default_device was on at capture: its device compared (a new one is another mode)
+        elif self._modes:  # set_default_device was on at capture: its device compared (a new one is another mode)
             code.checks.append(f"{code.const(_modes_key)}() == {code.const(self._modes)}")
         else:
             code.checks.append(f"{code.const(_function_len)}() == 0")
-        if dispatch:
-            code.checks.append(f"{code.const(_dispatch_len)}() == 0")
 
     def reason(self) -> str:
         guard = self._on if torch.is_grad_enabled() else self._off

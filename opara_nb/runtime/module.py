@@ -132,7 +132,7 @@ class OparaModule(nn.Module):
         if isinstance(model, nn.Module):  # here, at the user's line; a function model's modules at its first call
             check_initialized(model)
         _check_options(max_graphs=max_graphs, max_streams=max_streams, max_memory_mb=max_memory_mb, fuse=fuse,
-                       clone_outputs=clone_outputs, candidates=candidates, plan=plan)
+                       candidates=candidates, plan=plan)
         if strategy != "auto":
             from ..schedule import STRATEGIES
 
@@ -222,8 +222,8 @@ class OparaModule(nn.Module):
 
     @clone_outputs.setter
     def clone_outputs(self, value: bool | None) -> None:
-        _check_options(max_graphs=1, max_streams=1, max_memory_mb=None, fuse=False, clone_outputs=value,
-                       candidates=None, plan=None)
+        if value is not None and not isinstance(value, bool):
+            raise OparaUsageError(f"clone_outputs is None, True or False, got {value!r}")
         self.__dict__["_clone_outputs"] = value
         for entry in self.__dict__.get("_cache", {}).values():
             if entry.graphed is not None:
@@ -983,9 +983,10 @@ def _first(names: list[str]) -> str:
     return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
-def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: Any, clone_outputs: Any,
-                   candidates: Any, plan: Any) -> None:
-    """``OparaUsageError`` naming the first option of the wrong kind (a wrong one would fail later, as a fallback)."""
+def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: Any, candidates: Any,
+                   plan: Any) -> None:
+    """``OparaUsageError`` naming the first option of the wrong kind (a wrong one would fail later, as a fallback);
+    ``clone_outputs`` is checked where it is set (the property)."""
     from ..planfile import is_plan_path
 
     def count(x: Any) -> bool:
@@ -998,8 +999,6 @@ def _check_options(max_graphs: Any, max_streams: Any, max_memory_mb: Any, fuse: 
             max_memory_mb, bool) and 0 < max_memory_mb < float("inf")),
          f"max_memory_mb is a number of MiB above 0 (or None), got {max_memory_mb!r}"),
         (not isinstance(fuse, bool), f"fuse is True or False, got {fuse!r}"),
-        (clone_outputs is not None and not isinstance(clone_outputs, bool),
-         f"clone_outputs is None, True or False, got {clone_outputs!r}"),
         (candidates is not None and (not isinstance(candidates, (list, tuple)) or not candidates
                                      or not all(isinstance(c, str) for c in candidates)),
          f"candidates is a list of plan names, e.g. ('opara', 'nimble'), got {candidates!r}"),

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["OpaqueOutputs", "copy_tensors", "held", "reachable", "view_in"]
+__all__ = ["OpaqueOutputs", "copy_tensors", "held", "reachable", "view_in", "storage_uses", "HAS_IMPL_COUNT"]
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or type())
 _MAX_OBJECTS = 10_000  # an output that reaches further than this is not copied per call: the call is not replayed
@@ -131,8 +131,8 @@ class OpaqueOutputs:
 
     def _counts(self) -> tuple[list[int], list[int], list[int]]:
         """References to each tensor, tensors using its memory (views), and holders below Python (DLPack)."""
-        impl = list(map(torch.Tensor._use_count, self._tensors)) if hasattr(torch.Tensor, "_use_count") else []
-        return list(map(sys.getrefcount, self._tensors)), list(map(_storage_uses, self._cdatas)), impl
+        impl = list(map(torch.Tensor._use_count, self._tensors)) if HAS_IMPL_COUNT else []
+        return list(map(sys.getrefcount, self._tensors)), list(map(storage_uses, self._cdatas)), impl
 
     def _maker(self, x: Any, path: set[int]) -> _Make:
         key = id(x)
@@ -206,7 +206,9 @@ class OpaqueOutputs:
         return build
 
 
-_storage_uses = torch._C._storage_Use_Count  # tensors using a storage (views included)
+storage_uses = torch._C._storage_Use_Count  # how many tensors use a storage (views included)
+# How many holders a tensor has below Python (a DLPack capsule: a NumPy, CuPy or JAX array made from an output)
+HAS_IMPL_COUNT = hasattr(torch.Tensor, "_use_count")
 
 
 def copy_tensors(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
