@@ -301,7 +301,7 @@ def _cmd_tune(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         model = build_model(ns.factory, device, seed=ns.seed)
         args, kwargs = parse_inputs(ns.inputs, device, seed=ns.seed)
-        om = optimize(model, *args, strategy=ns.strategy, fuse=ns.fuse, **kwargs)
+        om = optimize(model, *args, strategy=ns.strategy, fuse=ns.fuse, model_kwargs=kwargs)
     except OparaUsageError as exc:
         parser.error(str(exc))
     except Exception as exc:  # noqa: BLE001 - the factory's or the model's own error: one line, not our frames

@@ -193,12 +193,15 @@ class ModelPlan:
 
 
 def plan_model(model: Callable, *args: Any, strategy: str = "opara", order: str = "", demand: str = "occupancy",
-               **kwargs: Any) -> ModelPlan:
+               model_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> ModelPlan:
     """Capture ``model`` on the example inputs and plan every graph; nothing runs on streams (works on CPU). The
-    model, the inputs and the RNG are left as they were (``profile_graphs``)."""
+    model, the inputs and the RNG are left as they were (``profile_graphs``). ``kwargs`` and ``model_kwargs`` are
+    the model's keyword inputs (the latter for names like ``strategy``)."""
     from .capture import capture_graphs
+    from .capture.dynamo import model_keywords
     from .profiling.model import profile_graphs
 
+    kwargs = model_keywords(model_kwargs, kwargs)
     spec = spec_for(strategy, order)
     profiled = profile_graphs(capture_graphs(model, args, kwargs), demand=demand)
     return ModelPlan([(g, gp, plan_with_profile(g, gp, spec)) for g, gp in profiled], spec)

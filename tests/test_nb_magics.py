@@ -114,6 +114,19 @@ def test_kwargs_are_passed(ip):
     assert isinstance(ip.user_ns["model"], OparaModule)
 
 
+def test_a_keyword_input_named_like_an_option_reaches_the_model(ip):
+    """``--kwargs order=o``: before, the keyword went to optimize as its launch order and was refused."""
+    run(ip, "%%opara model --inputs x --kwargs order=o -q\n"
+            "import torch\nclass M(torch.nn.Module):\n"
+            "    def __init__(self):\n        super().__init__(); self.lin = torch.nn.Linear(4, 4)\n"
+            "    def forward(self, x, order=1):\n        return self.lin(x) * order\n"
+            "model, x, o = M().eval(), torch.randn(2, 4), 3")
+    om, x = ip.user_ns["model"], ip.user_ns["x"]
+    assert isinstance(om, OparaModule)
+    with torch.no_grad():
+        torch.testing.assert_close(om(x, order=3), om.original(x, order=3))
+
+
 def test_a_keyword_input_is_not_also_taken_as_a_positional_one(ip):
     """Without --inputs, the inputs are the tensors the cell assigned, but those --kwargs names (before: mask went
     in twice, and the model's "multiple values" error was blamed on the model)."""

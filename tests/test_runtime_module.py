@@ -584,3 +584,35 @@ def test_an_attribute_error_inside_a_property_of_the_module_is_its_own():
 def test_graphs_that_are_no_stand_in_for_cuda_graphs_are_refused_in_one_line():
     with pytest.raises(OparaUsageError, match="graphs is for tests"):
         OparaModule(nn.Linear(2, 2).eval(), graphs="x")
+
+
+class _Keyworded(nn.Module):
+    """A model whose keyword inputs share their names with optimize's options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, order=1, strategy="plain", cache=False):
+        y = self.lin(x) * order
+        return y.relu() if strategy == "relu" else y + float(cache)
+
+
+def test_model_keywords_named_like_options_go_in_model_kwargs():
+    torch.manual_seed(0)
+    model, x = _Keyworded().eval(), torch.randn(2, 4)
+    given = {"order": 3, "strategy": "relu"}
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True), model_kwargs=given)
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(om, x, **given), model(x, **given))
+    assert given == {"order": 3, "strategy": "relu"}  # the user's dict is not changed
+    mp = opara_nb.plan(model, x, strategy="nimble", model_kwargs={"strategy": "relu", "order": 2})
+    assert mp.graphs and mp.graphs[0][2].strategy == "nimble"
+    prof = opara_nb.profile(model, x, model_kwargs={"cache": True}, cache=False)
+    assert prof is not None
+    with pytest.raises(OparaUsageError, match="'cache' given twice"):
+        optimize(model, x, model_kwargs={"cache": True}, cache=False, graphs=FakeGraphs())
+    with pytest.raises(OparaUsageError, match="'cache' given twice"):
+        opara_nb.plan(model, x, model_kwargs={"cache": True}, cache=False)
+    with pytest.raises(OparaUsageError, match="dict of the model's keyword inputs"):
+        optimize(model, x, model_kwargs=[("order", 2)], graphs=FakeGraphs())

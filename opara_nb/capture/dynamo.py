@@ -18,7 +18,8 @@ from ..errors import ModelError, OparaUsageError
 from .graph import CapturedGraph
 from .sandbox import Sandbox, clone_inputs, model_error
 
-__all__ = ["compile_with_backend", "capture_graphs", "check_inputs", "quiet_tracing_logs", "crowds_user_compile"]
+__all__ = ["compile_with_backend", "capture_graphs", "check_inputs", "quiet_tracing_logs", "crowds_user_compile",
+           "model_keywords"]
 
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
@@ -133,6 +134,18 @@ def check_inputs(model: Any, args: tuple, kwargs: dict) -> None:
         raise OparaUsageError(
             "no tensor among the example inputs; pass the tensors the model takes, e.g. "
             "opara_nb.optimize(model, torch.randn(1, 3, 224, 224)) or input_ids=... as a keyword")
+
+
+def model_keywords(given: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's keyword inputs: ``model_kwargs`` and the other keywords, a name in both refused."""
+    if given is None:
+        return kwargs
+    if not isinstance(given, dict) or not all(isinstance(k, str) for k in given):
+        raise OparaUsageError(f"model_kwargs is a dict of the model's keyword inputs by name, got {given!r}")
+    both = sorted(set(given) & set(kwargs))
+    if both:
+        raise OparaUsageError(f"model keyword {both[0]!r} given twice: in model_kwargs and as a keyword")
+    return {**kwargs, **given}
 
 
 def capture_graphs(model: Callable, args: tuple | list = (), kwargs: dict | None = None) -> list[CapturedGraph]:

@@ -285,7 +285,7 @@ class OparaMagics(Magics, Configurable):
                 _ignore_opara_notices()
             bar.step("capture, profile, plan")
             with _reprofiling(opts.reprofile):
-                om = _call_core(opara_nb.optimize, model, *inputs, **options, **kwargs)
+                om = _call_core(opara_nb.optimize, model, *inputs, **options, model_kwargs=kwargs)
             bar.step("check against the original")
             diff = None
             if self.check:  # each on its own copies of the inputs, the model's state and RNG put back after

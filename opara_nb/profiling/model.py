@@ -148,17 +148,20 @@ class ModelProfile:
         return path
 
 
-def profile_model(model: Callable, *args: Any, cache: bool = True, **kwargs: Any) -> ModelProfile:
+def profile_model(model: Callable, *args: Any, cache: bool = True, model_kwargs: dict[str, Any] | None = None,
+                  **kwargs: Any) -> ModelProfile:
     """Capture ``model(*args, **kwargs)`` and profile every graph; see ``ModelProfile``.
 
     Profiles are cached per user (``profiling.cache``); ``cache=False`` measures again and replaces the cached
-    profile (``cache`` is opara_nb's, never passed to the model).
+    profile (``cache`` is opara_nb's, never passed to the model: a model keyword so named goes in ``model_kwargs``).
 
     >>> prof = profile_model(model, x)   # doctest: +SKIP
     >>> print(prof); prof.table(top=10)
     """
     from ..capture import capture_graphs
+    from ..capture.dynamo import model_keywords
 
+    kwargs = model_keywords(model_kwargs, kwargs)
     with contextlib.nullcontext() if cache else refreshing():
         return ModelProfile(profile_graphs(capture_graphs(model, args, kwargs)))
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
-from ..capture.dynamo import crowds_user_compile
+from ..capture.dynamo import crowds_user_compile, model_keywords
 from ..capture.sandbox import Sandbox, check_initialized, clone_inputs, model_error
 from ..capture.values import plain_leaf
 from ..errors import ModelError, OparaUsageError, fatal_cause, one_line, user_stacklevel, user_traceback
@@ -1065,16 +1065,19 @@ def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", or
              clone_outputs: bool | None = None, fuse: bool = False, max_memory_mb: float | None = None,
              candidates: tuple[str, ...] | None = None, max_graphs: int = 4,
              max_streams: int = DEFAULT_MAX_STREAMS, plan: str | os.PathLike | Any | None = None,
-             graphs: CudaGraphs | None = None, **kwargs: Any) -> OparaModule:
+             graphs: CudaGraphs | None = None, model_kwargs: dict[str, Any] | None = None,
+             **kwargs: Any) -> OparaModule:
     """Wrap ``model`` in an OparaModule and run it once on copies of the example inputs (capture, plan, CUDA graph).
 
-    The model and the inputs are left as they were. ``kwargs`` are the model's keyword inputs. An OparaModule given
+    The model and the inputs are left as they were. ``kwargs`` are the model's keyword inputs; ``model_kwargs`` too,
+    for a keyword that shares its name with an option here (``model_kwargs={"order": 2}``). An OparaModule given
     as ``model`` is unwrapped (its original is optimized again). ``plan``: a plan file from ``om.save_plan`` to use
     instead of profiling and timing candidates (see ``OparaModule``).
 
     >>> om = optimize(model.eval().cuda(), x)       # doctest: +SKIP
     >>> torch.testing.assert_close(om(x), model(x))
     """
+    kwargs = model_keywords(model_kwargs, kwargs)
     if isinstance(model, OparaModule):
         warnings.warn("opara_nb: the model is already an OparaModule: optimizing its original model again",
                       OparaNotice, stacklevel=user_stacklevel())
