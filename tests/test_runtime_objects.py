@@ -77,7 +77,7 @@ def test_inputs_parameters_and_modules_stay_themselves():
     lin, x = nn.Linear(2, 2), torch.randn(2)
     obj = Layer(torch.randn(2), private={"w": lin.weight, "module": lin, "x": x})
     caller = torch.randn(2)
-    copy = _opaque(obj, static=[x], owned=lambda t: t if t is lin.weight else None).fresh([caller])
+    copy = _opaque(obj, static=[x], owned=lambda t: t if t is lin.weight else None, existing=[lin]).fresh([caller])
     assert copy.private["w"] is lin.weight and copy.private["module"] is lin and copy.private["x"] is caller
 
 
@@ -154,3 +154,79 @@ def test_copies_are_made_by_one_launch_and_keep_each_tensors_layout_and_memory()
     singles = [copies[id(t)].untyped_storage().data_ptr() for t in tensors[:4]]
     assert len(set(singles)) == 4  # each its own memory, as eager's are
     assert copies[id(tensors[5])].untyped_storage().data_ptr() == copies[id(base)].untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- objects a copy cannot rebuild (fifteenth sweep)
+class _Holder(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.register_buffer("t", t)
+
+
+class _Same:
+    def __init__(self, t):
+        self.t = t
+
+    def __deepcopy__(self, memo):  # "immutable, no need to copy"
+        return self
+
+
+class _Shallow(_Same):
+    def __deepcopy__(self, memo):  # "tensors are shared, not copied"
+        made = _Shallow.__new__(_Shallow)
+        made.__dict__.update(self.__dict__)
+        return made
+
+
+class _NoCache:
+    def __init__(self, t, cache):
+        self.t, self.cache = t, cache
+
+    def __getstate__(self):  # "do not pickle the cache"
+        return {"t": self.t}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, cache=None)
+
+
+_RESULTS = {  # how the forward wraps y, and how to get the tensor back from it
+    "a module made per call": (lambda y: _Holder(y), lambda o: o.t),
+    "an nn.ParameterList": (lambda y: nn.ParameterList([nn.Parameter(y, requires_grad=False)]), lambda o: o[0]),
+    "a tensor's bound method": (lambda y: y.clone, lambda o: o()),
+    "a weak reference": (lambda y: (y, __import__("weakref").ref(y)), lambda o: o[1]()),
+    "a class made per call": (lambda y: type("H", (), {"t": y}), lambda o: o.t),
+    "a __deepcopy__ returning itself": (_Same, lambda o: o.t),
+    "a shallow __deepcopy__": (_Shallow, lambda o: o.t),
+    "a __getstate__ dropping a tensor": (lambda y: _NoCache(y, y * 2), lambda o: o.cache),
+}
+
+
+class _Wraps(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.lin, self.wrap = nn.Linear(4, 4), wrap
+
+    def forward(self, x):
+        return self.wrap(self.lin(x) * 1.0)
+
+
+@pytest.mark.parametrize("kind", list(_RESULTS))
+def test_an_output_object_a_copy_cannot_rebuild_runs_the_original(kind):
+    """Each of these handed out the first call's tensors (or a field reset by the class's pickle methods) on every
+    replay, so a result still held changed with the next call: such calls now run the original model."""
+    import warnings
+
+    from opara_nb import optimize
+    from opara_nb.testing import FakeGraphs
+
+    wrap, get = _RESULTS[kind]
+    torch.manual_seed(0)
+    model, xs = _Wraps(wrap).eval(), [torch.randn(3, 4) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = optimize(model, xs[0], strategy="opara", graphs=FakeGraphs(kernels=True))
+        got = [om(x) for x in xs]
+    with torch.no_grad():
+        want = [get(model(x)).clone() for x in xs]
+    for g, w in zip(got, want):
+        assert get(g) is not None and torch.equal(get(g), w)

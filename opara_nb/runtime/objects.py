@@ -25,6 +25,7 @@ import enum
 import operator
 import sys
 import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -75,6 +76,9 @@ class OpaqueOutputs:
             if key in self._inputs or key in self._top:
                 continue
             owner = None if isinstance(x, nn.Module) else owned(x)
+            if isinstance(x, nn.Module) and key not in existing:  # its buffers would be the graph's, every call
+                raise ValueError(f"the model returns a {type(x).__name__} module it makes on each call, which a "
+                                 "replay cannot make anew")
             if isinstance(x, nn.Module) or key in existing or owner is x:
                 self._keep[key] = x
             elif owner is not None or x.untyped_storage().data_ptr() in storages:
@@ -92,11 +96,26 @@ class OpaqueOutputs:
         self.share = False
         self._cdatas, self._base = storages, None
         self._makers = [(j, self._maker(outs[j], set())) for j in positions]
+        handed = list(outs)
         try:
-            self.fresh(static, list(outs))  # once now: what cannot be copied is found at capture, not at a call
+            self.fresh(static, handed)  # once now: what cannot be copied is found at capture, not at a call
         except Exception as exc:  # noqa: BLE001 - any reason not to copy it is a reason not to replay it
             raise ValueError(f"the model returns a {self._name} object that cannot be copied per call "
                              f"({type(exc).__name__}: {exc})") from None
+        for j in positions:
+            self._check_copy(outs[j], handed[j])
+
+    def _check_copy(self, out: Any, made: Any) -> None:
+        """Whether ``made``, this call's copy of ``out``, is what the call built anew: it shares nothing the call
+        made with ``out`` (a ``__deepcopy__`` returning the object itself, or copying it shallowly, would), and
+        holds as many tensors (a ``__getstate__`` dropping a cached tensor would hold fewer)."""
+        before, after = held(out), held(made)
+        kept = {**self._existing, **self._keep, **self._inputs, **self._top}
+        shared = [x for k, x in after.items() if k in before and k not in kept and not isinstance(x, _ATOMIC)]
+        count = [sum(isinstance(x, torch.Tensor) for x in d.values()) for d in (before, after)]
+        if shared or count[0] != count[1]:
+            raise ValueError(f"the model returns a {self._name} object whose copy (by its class's own copy or "
+                             "pickle methods) is not what the call built")
 
     def fresh(self, leaves: list[Any], handed: list[Any]) -> None:
         if self.share:
@@ -146,7 +165,12 @@ class OpaqueOutputs:
         if isinstance(x, types.FunctionType) and self._closes_over_call(x):
             raise ValueError(f"the model returns a function ({x.__qualname__}) that holds tensors the call made, "
                              "which a replay would hand out again from the first call")
-        if key in self._keep or key in self._existing or isinstance(x, _ATOMIC):
+        if key in self._keep or key in self._existing:
+            return lambda call: x
+        if _made_by_call(x):
+            raise ValueError(f"the model returns a {type(x).__name__} it makes on each call ({x!r:.60}), which a "
+                             "replay would hand out again from the first call")
+        if isinstance(x, _ATOMIC):
             return lambda call: x
         if key in path:
             raise ValueError(f"the model returns a {self._name} object that refers to itself")
@@ -288,6 +312,17 @@ def _bound(cell: Any) -> bool:
     except ValueError:  # a closure variable not bound yet
         return False
     return True
+
+
+def _made_by_call(x: Any) -> bool:
+    """Whether ``x``, not the same object in two runs of the call, can hold what the call made where a copy cannot
+    reach: a class made by the call (``type("H", (), {"t": y})``), a weak reference, a method of an object (a
+    tensor's ``y.clone``), or another object with no attributes of its own (a ``property`` over ``y``)."""
+    if isinstance(x, (type, weakref.ref)):
+        return True
+    if isinstance(x, types.BuiltinFunctionType):  # a C function is itself; a C method is bound to its object
+        return not isinstance(x.__self__, (types.ModuleType, type(None), type))
+    return isinstance(x, (property, staticmethod, classmethod, types.MethodWrapperType))
 
 
 def _python_class(kind: type) -> bool:
