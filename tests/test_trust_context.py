@@ -113,6 +113,32 @@ def test_a_call_under_a_dispatch_mode_runs_the_original():
     assert om._hot is not None
 
 
+def test_forward_mode_ad_and_torch_func_transforms_run_the_original():
+    """The fifteenth sweep: a dual input's tangent was dropped, and vmap and jvp crashed inside the replay."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model, x, graphs = Lin().eval(), torch.randn(2, 8), FakeGraphs(kernels=True)
+    om = _optimized(model, x, graphs)
+    _quiet(om, x)  # the hot path is set: its check must refuse these too
+    assert om._hot is not None
+    with fwAD.dual_level(), torch.no_grad():
+        tangent = torch.ones_like(x)
+        with pytest.warns(OparaNotice, match="forward-mode AD"):
+            got = fwAD.unpack_dual(om(fwAD.make_dual(x, tangent)))
+        want = fwAD.unpack_dual(model(fwAD.make_dual(x, tangent)))
+    assert got.tangent is not None and torch.equal(got.tangent, want.tangent)
+    xs = torch.randn(5, 2, 8)
+    with pytest.warns(OparaNotice, match="torch.func transform"):
+        batched = torch.func.vmap(om)(xs)
+    assert torch.equal(batched, _expect(torch.func.vmap(model), xs))
+    primal, jvp = _quiet(torch.func.jvp, om, (x,), (tangent,))
+    primal_e, jvp_e = torch.func.jvp(model, (x,), (tangent,))
+    assert torch.equal(primal, primal_e) and torch.equal(jvp, jvp_e)
+    captures = graphs.captures
+    assert torch.equal(_quiet(om, x), _expect(model, x)) and graphs.captures == captures  # and replays after
+
+
 def test_the_hot_check_refuses_a_dispatch_mode_without_dynamos_tensor_check(monkeypatch):
     """Where the inputs are checked in Python (no ``TensorGuards``), the dispatch mode stack is compared there."""
     monkeypatch.setattr(guards, "_TensorGuards", None)

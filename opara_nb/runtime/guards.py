@@ -445,6 +445,25 @@ except ImportError:  # pragma: no cover - present in every supported torch
     _DeviceContext = None
 
 
+_transform_level = torch._C._functorch.maybe_current_level  # not None inside vmap, grad, jvp (torch.func)
+try:
+    from torch.autograd import forward_ad as _fwad  # its _current_level is >= 0 inside fwAD.dual_level()
+except ImportError:  # pragma: no cover - present in every supported torch
+    _fwad = None
+
+
+def _transform_reason() -> str | None:
+    """Why a call may not replay under the autograd transforms active now: a replay computes values only, no
+    tangents (forward AD) and no batching rule (``vmap``)."""
+    if _transform_level() is not None:
+        return ("a torch.func transform (vmap, grad, jvp, ...) is active: a CUDA graph replay runs fixed kernels on "
+                "fixed buffers; such calls run the original model")
+    if _fwad is not None and _fwad._current_level >= 0:
+        return ("forward-mode AD is on (forward_ad.dual_level): a CUDA graph replay computes no tangents; such calls "
+                "run the original model")
+    return None
+
+
 def _function_modes() -> list[Any]:
     if _function_len is not None and _function_at is not None:
         return [_function_at(i) for i in range(_function_len())]
@@ -470,6 +489,9 @@ def mode_reason() -> str | None:
     """Why a call may not replay under the modes active now (None: it may): a ``TorchDispatchMode`` never sees a
     replay's operators (a CUDA graph dispatches nothing), and a ``TorchFunctionMode`` other than the default device's
     would not run its Python on a replay."""
+    transform = _transform_reason()
+    if transform is not None:
+        return transform
     if _in_dispatch_mode():
         names = ", ".join(type(m).__name__ for m in _dispatch_modes()) or "a mode"
         return (f"a TorchDispatchMode is active ({names}): a CUDA graph replay dispatches no operator, so the mode "
@@ -525,6 +547,9 @@ class CallState:
                 code.checks.append(f"{code.const(getter)}() is {code.value(value)}")
             if _sdpa_order is not None:
                 code.checks.append(f"{code.const(_sdpa_order)}() == {code.const(list(self._sdpa[-1]))}")
+        code.checks.append(f"{code.const(_transform_level)}() is None")  # vmap, jvp: inputs look as captured
+        if _fwad is not None:
+            code.checks.append(f"{code.const(_fwad)}._current_level < 0")  # dual tensors look like plain ones
         if _function_len is None:  # pragma: no cover - a torch without it
             code.checks.append(f"{code.const(self._modes_hold)}()")
         elif self._modes:  # set_default_device was on at capture: its device compared (a new one is another mode)
