@@ -206,6 +206,24 @@ def test_the_model_guard_sees_what_a_replay_depends_on(edit, words):
     assert any(words in c for c in changes), changes
 
 
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        fn(*args)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: _no_grad(m.conv.weight.as_strided_, (4, 3, 3, 3), (27, 9, 1, 3)), "'conv.weight' has a new layout"),
+    (lambda m: _no_grad(m.bn.running_mean.set_, torch.zeros(4)), "'bn.running_mean' now lives in other memory"),
+    (lambda m: m.scale.set_(torch.full((1,), 3.0)), "tensor attribute 'scale' now lives in other memory"),
+])
+def test_a_tensor_changed_in_place_in_layout_or_memory_is_seen_by_a_full_check(edit, words):
+    """The same tensor object with other strides or memory (``.t_()``, ``.as_strided_()``, ``.set_()``): no hook
+    sees it, so the per-call check does not (docs/trust.md), but ``changes()`` (``om.refresh()``, and every full
+    check after a counted change) does. Before, only its address, dtype, shape and device were compared."""
+    _, changes = _changes(edit)
+    assert any(words in c for c in changes), changes
+
+
 class _Wide(_Net):
     """More tracked training flags and watched attributes than the hot check compares one by one."""
 

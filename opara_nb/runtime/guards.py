@@ -938,10 +938,10 @@ class ModelGuard:
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
         self._tensor_names = [n for n, _ in named]
         self._tensors = [t for _, t in named]
-        self._ptrs = [t.data_ptr() for t in self._tensors]
-        self._meta = [(t.dtype, t.shape, t.device) for t in self._tensors]
+        self._layouts = list(map(_layout, self._tensors))
         self._tensor_attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                               if isinstance(v, torch.Tensor)]
+        self._attr_layouts = [_layout(v) for _, _, v in self._tensor_attrs]
 
     def _record_reads(self) -> None:
         """What the forwards read (``capture.reads``), as the watches the hot path compares."""
@@ -1034,6 +1034,8 @@ class ModelGuard:
             lines.append("global module hooks were added or removed")
         lines += self._tensor_changes(model)
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
+        lines += [f"tensor attribute '{k}' {_layout_change(v, then)}" for (d, k, v), then in
+                  zip(self._tensor_attrs, self._attr_layouts) if d.get(k) is v and _layout(v) != then]
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [_setting_change(name, v, d.get(k, "<deleted>"))
@@ -1054,14 +1056,14 @@ class ModelGuard:
         lines = []
         if [n for n, _ in named] != self._tensor_names:
             lines.append("parameters or buffers were added or removed")
-        for name, old, ptr, meta in zip(self._tensor_names, self._tensors, self._ptrs, self._meta):
+        for name, old, then in zip(self._tensor_names, self._tensors, self._layouts):
             t = current.get(name)
             if t is None:
                 continue
             if t is not old:
                 lines.append(f"'{name}' was replaced by another tensor")
-            elif t.data_ptr() != ptr or (t.dtype, t.shape, t.device) != meta:
-                lines.append(f"'{name}' now lives in other memory ({_describe_meta(t, meta)})")
+            elif _layout(t) != then:
+                lines.append(f"'{name}' {_layout_change(t, then)}")
         return lines
 
 
@@ -1094,8 +1096,17 @@ def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:
     return lines[:10]
 
 
-def _describe_meta(t: torch.Tensor, meta: tuple) -> str:
-    dtype, shape, device = meta
-    if (t.dtype, t.shape, t.device) == meta:
-        return "e.g. param.data = ..."
-    return f"was {dtype} {tuple(shape)} on {device}, now {t.dtype} {tuple(t.shape)} on {t.device}"
+def _layout(t: torch.Tensor) -> tuple:
+    """What a captured kernel baked in of a tensor it reads: its memory, dtype, shape, strides and offset."""
+    return t.data_ptr(), t.dtype, t.shape, t.device, t.stride(), t.storage_offset()
+
+
+def _layout_change(t: torch.Tensor, then: tuple) -> str:
+    """How ``t`` changed in place since ``then`` (its ``_layout``)."""
+    ptr, dtype, shape, device, stride, offset = then
+    if (t.dtype, t.shape, t.device) != (dtype, shape, device):
+        return f"now lives in other memory (was {dtype} {tuple(shape)} on {device}, now {t.dtype} {tuple(t.shape)} " \
+               f"on {t.device})"
+    if t.data_ptr() != ptr:
+        return "now lives in other memory (e.g. param.data = ... or .set_())"
+    return f"has a new layout in place (strides {tuple(stride)} -> {t.stride()}, e.g. .t_() or .as_strided_())"
