@@ -278,13 +278,25 @@ def test_the_magics_leave_the_model_inputs_and_random_numbers_as_they_were(ip, l
         assert res.max_abs_diff == 0
 
 
-def test_store_under_the_models_or_an_inputs_name_is_refused(ip):
-    """``--store model`` put the result over the optimized model the magic had just bound to that name."""
-    run(ip, BUILD)
-    model = ip.user_ns["model"]
-    with pytest.raises(UsageError, match="would overwrite the model or an input"):
-        ip.run_cell("%opara model x --store model")
-    assert ip.user_ns["model"] is model
+@pytest.mark.parametrize("line, words", [
+    ("%opara model x --store model", "would overwrite the model or an input"),
+    ("%opara_profile model x --store x", "would overwrite the model or an input"),
+    ("%opara_profile model x --store model", "would overwrite the model or an input"),
+    ("%opara_bench model x --iters 1 --store x", "would overwrite the model or an input"),
+    ("%opara model x --store torch", "would hide the module torch"),
+    ("%opara_profile model x --store print", "would hide the builtin print"),
+    ("%opara model x --store for", "takes a variable name"),
+])
+def test_store_under_the_models_or_an_inputs_name_is_refused(ip, line, words):
+    """``--store model`` put the result over the optimized model the magic had just bound to that name; the
+    fifteenth sweep: ``%opara_profile`` and ``%opara_bench`` did it to the model or an input, and ``--store torch``
+    hid the module the notebook imported."""
+    run(ip, "import torch\n" + BUILD)
+    before = dict(ip.user_ns)
+    with pytest.raises(UsageError, match=words):
+        ip.run_cell(line)
+    assert all(ip.user_ns.get(k) is v for k, v in before.items() if not k.startswith("_"))
+    assert "print" not in ip.user_ns
 
 
 def test_a_cell_with_a_syntax_error_shows_it_as_ipython_does_and_one_line(ip, capsys):

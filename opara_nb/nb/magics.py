@@ -6,7 +6,10 @@ Errors raised by the model or the cell are shown short (``tracebacks``); ``-v`` 
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
+import keyword
+import types
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -195,9 +198,8 @@ class OparaMagics(Magics, Configurable):
         args = parse_argstring(self.opara, line)
         if args.inputs and args.input_list:
             raise usage_error("name the inputs once: either after the model (%opara model x) or with --inputs x")
-        if args.store_as and args.store_as in (args.model, *args.inputs, *split_names(args.input_list)):
-            raise usage_error(f"--store {args.store_as} would overwrite the model or an input: store the result under "
-                              f"another name (--store {args.store_as}_result)")
+        store_as = _store_name(args.store_as, [args.model, *args.inputs, *split_names(args.input_list)],
+                               self.shell.user_ns)
         return CellOptions(model=args.model, inputs=list(args.inputs) or split_names(args.input_list),
                            kwargs=parse_kwargs(args.kwargs),
                            strategy=_choice("--strategy", args.strategy or self.strategy, STRATEGY_CHOICES, usage=True),
@@ -207,7 +209,7 @@ class OparaMagics(Magics, Configurable):
                            max_streams=_positive("--max-streams", args.max_streams),
                            graph=self.graph and not args.no_graph, bench=args.bench, dashboard=args.dashboard,
                            quiet=self.quiet or args.quiet, verbose=self.verbose or args.verbose,
-                           return_result=args.return_result, store_as=_store_name(args.store_as))
+                           return_result=args.return_result, store_as=store_as)
 
     def _line_model_and_inputs(self, opts: CellOptions) -> tuple[str, list[Any], list[str], Any]:
         """Line form: the model variable and inputs must exist already."""
@@ -437,7 +439,8 @@ class _Flags:
         self.quiet = magics.quiet or bool(getattr(args, "quiet", False))
         self.verbose = magics.verbose or bool(getattr(args, "verbose", False))
         self.return_result = bool(getattr(args, "return_result", False))
-        self.store_as = _store_name(getattr(args, "store_as", None))
+        taken = [getattr(args, "model", None), *getattr(args, "inputs", ())]
+        self.store_as = _store_name(getattr(args, "store_as", None), taken, magics.shell.user_ns)
 
 
 def _reprofiling(on: bool) -> Any:
@@ -484,7 +487,19 @@ def _positive(flag: str, value: float | None) -> float | None:
     return value
 
 
-def _store_name(name: str | None) -> str | None:
-    if name is not None and not name.isidentifier():
+def _store_name(name: str | None, taken: list[str | None], ns: dict[str, Any]) -> str | None:
+    """``--store NAME``, refused where the result would replace the model or an input, or hide a module or a
+    builtin the notebook uses (``--store torch``, ``--store print``)."""
+    if name is None:
+        return None
+    if not name.isidentifier() or keyword.iskeyword(name):
         raise usage_error(f"--store takes a variable name, got {name!r}")
+    if name in taken:
+        raise usage_error(f"--store {name} would overwrite the model or an input: store the result under another "
+                          f"name (--store {name}_result)")
+    hidden = "module" if isinstance(ns.get(name), types.ModuleType) else \
+        "builtin" if name not in ns and hasattr(builtins, name) else None
+    if hidden:
+        raise usage_error(f"--store {name} would hide the {hidden} {name}: store the result under another name "
+                          f"(--store {name}_result)")
     return name
