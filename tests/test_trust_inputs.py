@@ -174,3 +174,34 @@ def test_replacing_or_deleting_the_original_says_to_optimize_the_new_model():
         torch.testing.assert_close(_quiet(other, x), _eager(old, x))
     om.load_state_dict(new.state_dict())
     torch.testing.assert_close(_quiet(om, x), _eager(new, x))
+
+
+# ------------------------------------------------------------------------------------ inputs resized in place
+class _Trims(nn.Module):
+    def __init__(self, how) -> None:
+        super().__init__()
+        self.lin, self.how = nn.Linear(4, 4), how
+
+    def forward(self, x):
+        if self.how == "resize":
+            x.resize_(2, 4)  # trims a preallocated buffer in place
+        elif self.how == "set":
+            x.set_(x[:2].clone())
+        else:
+            x.t_()
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["resize", "set", "t"])
+def test_a_model_that_resizes_its_input_in_place_runs_the_original(how):
+    """The fifteenth sweep: optimize() crashed in the replay's copy-back, a shape error from opara_nb's own code."""
+    torch.manual_seed(0)
+    model = _Trims(how).eval()
+    x = torch.randn(4, 4) if how == "t" else torch.randn(3, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert x.shape == ((4, 4) if how == "t" else (3, 4))  # optimize worked on copies
+    for _ in range(2):
+        mine, theirs = x.clone(), x.clone()
+        got, want = _quiet(om, mine), _eager(model, theirs)
+        assert torch.equal(got, want)
+        assert mine.shape == theirs.shape and mine.stride() == theirs.stride() and torch.equal(mine, theirs)

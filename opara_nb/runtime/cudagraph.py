@@ -42,6 +42,10 @@ class OutputsHeld(RuntimeError):
     overwrite what the caller holds."""
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.storage_offset()
+
+
 class NotReplayable(RuntimeError):
     """This call's inputs share memory, and the graph writes one of them in place: a replay, which reads them from
     separate buffers, would differ from eager (where the write shows through the other)."""
@@ -165,6 +169,7 @@ class GraphedCall:
         kernel updates running statistics given as graph inputs without a version bump), and whether it changed the
         containers it was given (``changes_inputs``: a replay would not)."""
         before = [(i, self._static[i].clone()) for i in self._slots]
+        layouts = [_layout(self._static[i]) for i in self._slots]
         last: list[Any] = []
 
         def run() -> Any:  # its last output tells what a call creates from what it returns as is (see capture)
@@ -175,6 +180,9 @@ class GraphedCall:
 
         self.changes_inputs = False
         self.layer.warm_up(run, self.warmup)
+        if [_layout(self._static[i]) for i in self._slots] != layouts:
+            raise NotReplayable("the model resizes or re-strides an input in place (x.resize_, x.set_, x.t_()): a "
+                                "replay copies each call's input into a buffer of the captured shape")
         self._written = [i for i, copy in before if not same_values(self._static[i], copy)]
         self._warm_out = last[0] if last else None
 
