@@ -616,3 +616,25 @@ def test_model_keywords_named_like_options_go_in_model_kwargs():
         opara_nb.plan(model, x, model_kwargs={"cache": True}, cache=False)
     with pytest.raises(OparaUsageError, match="dict of the model's keyword inputs"):
         optimize(model, x, model_kwargs=[("order", 2)], graphs=FakeGraphs())
+
+
+class _TakesAny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, fused=False, **kwargs):  # as Hugging Face models take **kwargs
+        return self.lin(x) * (2 if fused else 1)
+
+
+def test_a_misspelled_option_is_refused_not_passed_to_the_model():
+    """The fifteenth sweep: ``stratgy="opara"`` went to the model, which ignored it in its ``**kwargs``."""
+    model, x = _TakesAny().eval(), torch.randn(2, 4)
+    with pytest.raises(OparaUsageError, match=r"unknown option 'stratgy': did you mean strategy=\?"):
+        optimize(model, x, stratgy="opara", graphs=FakeGraphs())
+    with pytest.raises(OparaUsageError, match="did you mean max_streams="):
+        optimize(model, x, max_stream=2, graphs=FakeGraphs())
+    om = _quiet(optimize, model, x, fused=True, strategy="opara", graphs=FakeGraphs(kernels=True))  # forward's own
+    with torch.no_grad():
+        torch.testing.assert_close(_quiet(om, x, fused=True), model(x, fused=True))
+    _quiet(optimize, model, x, model_kwargs={"stratgy": 1}, graphs=FakeGraphs())  # said so: the model's

@@ -14,6 +14,8 @@ run the plan eagerly (no CUDA), re-plan (the model changed), look the entry up o
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import os
 import threading
 import warnings
@@ -1050,6 +1052,31 @@ def _attempt(*steps: Callable[[], Any]) -> str | None:
     return None
 
 
+_OPTIONS = ("strategy", "order", "clone_outputs", "fuse", "max_memory_mb", "candidates", "max_graphs", "max_streams",
+            "plan", "graphs", "model_kwargs")
+
+
+def _check_misspelled(model: Any, kwargs: dict[str, Any]) -> None:
+    """A keyword like an option's name (``stratgy=``) that the model's ``forward`` does not name is a typo: it would
+    go to the model, which raises, or ignores it in its ``**kwargs`` (as Hugging Face models do)."""
+    for name in kwargs:
+        close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.8)
+        if close and not _names_parameter(model, name):
+            raise OparaUsageError(f"unknown option {name!r}: did you mean {close[0]}=? (a keyword input of the model "
+                                  f"named so goes in model_kwargs={{{name!r}: ...}})")
+
+
+def _names_parameter(model: Any, name: str) -> bool:
+    """Whether ``model``'s call names a parameter ``name`` (True when its signature cannot be read)."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    param = params.get(name)
+    return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+
+
 def _leaves(args: tuple, kwargs: dict) -> list[Any]:
     from torch.utils import _pytree as pytree
 
@@ -1077,6 +1104,7 @@ def optimize(model: nn.Module | Callable, *args: Any, strategy: str = "auto", or
     >>> om = optimize(model.eval().cuda(), x)       # doctest: +SKIP
     >>> torch.testing.assert_close(om(x), model(x))
     """
+    _check_misspelled(model, kwargs)
     kwargs = model_keywords(model_kwargs, kwargs)
     if isinstance(model, OparaModule):
         warnings.warn("opara_nb: the model is already an OparaModule: optimizing its original model again",
