@@ -3,6 +3,7 @@ errors are the model's own. The graph layer is faked (``FakeGraphs``), so these 
 notices); ``test_runtime_cuda.py`` checks the values on a GPU."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import threading
@@ -291,6 +292,29 @@ def test_a_model_that_raises_shows_its_own_error_once_and_short(graphs):
     assert any(f.name == "forward" and f.filename == __file__ for f in frames)  # the model's own line
     ours = [f for f in frames if "/opara_nb/" in f.filename]
     assert len(ours) <= 1 and "_dynamo" not in text  # at most the public function that raised it
+
+
+@pytest.mark.parametrize("why", ["training mode", "an input that requires grad", "a dispatch mode"])
+def test_a_call_that_runs_the_original_shows_its_error_short_too(why):
+    """The fifteenth sweep: a call that ran the original model (training mode, an input requiring grad, a mode)
+    raised the model's error through five of opara_nb's frames."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model = Broken().eval()
+    om = _quiet(optimize, model, torch.randn(2, 4), strategy="opara", graphs=FakeGraphs(kernels=True))
+    x = torch.randn(2, 5, requires_grad=why == "an input that requires grad")
+    if why == "training mode":
+        model.train()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info, \
+            (Passing() if why == "a dispatch mode" else contextlib.nullcontext()):
+        _quiet(om, x)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert any(f.name == "forward" and f.filename == __file__ for f in frames)
+    assert len([f for f in frames if "/opara_nb/" in f.filename]) <= 1, frames
 
 
 def test_a_repeated_call_takes_the_hot_path(setup, monkeypatch):

@@ -378,7 +378,7 @@ class OparaModule(nn.Module):
         else:
             self._notify(f"opara_nb: {why}; such calls run the original model")
         with torch.no_grad():
-            return self.original(*args, **kwargs)
+            return self._original(args, kwargs)
 
     def _fallback(self, reason: str, args: tuple, kwargs: dict, grad: bool = False) -> Any:
         """Run the original model, saying why. Without autograd (what every replay returns) unless ``grad``: in
@@ -386,7 +386,14 @@ class OparaModule(nn.Module):
         self._use(Entry("eager", reason))
         self._notify(f"opara_nb: {reason}")
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self._original(args, kwargs)
+
+    def _original(self, args: tuple, kwargs: dict) -> Any:
+        """The original model's call; its error reaches the user from their own line (``__call__``)."""
+        try:
             return self.original(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, whatever it is
+            raise ModelError(exc) from None
 
     def _compiled_fn(self) -> Callable:
         if self._compiled is None:
