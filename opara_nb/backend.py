@@ -156,6 +156,7 @@ def _graph_index(caller: Any) -> int:
 
 def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:
     """(plan file path or None, fuse) from ``torch.compile(..., options=...)``."""
+    _check_options_type(options)
     unknown = sorted(set(options or {}) - set(_OPTIONS))
     if unknown:
         raise OparaUsageError(f"unknown option(s) {', '.join(unknown)} for the opara backend: it takes "
@@ -171,6 +172,20 @@ def _read_options(options: Mapping[str, Any] | None) -> tuple[str | None, bool]:
         raise OparaUsageError(f"the opara backend's option 'plan' is the path of a plan file (from om.save_plan), "
                               f"got {plan!r}")
     return (None if plan is None else os.fspath(plan)), fuse
+
+
+def _check_options_type(options: Any) -> None:
+    # A str or a list of pairs iterates too: checked first, else a key would be a letter or a tuple.
+    if options is None:
+        return
+    if isinstance(options, Mapping):
+        bad = [k for k in options if not isinstance(k, str)]
+        got = f"the key {bad[0]!r}" if bad else ""
+    else:
+        got = f"a {type(options).__name__}"
+    if got:
+        raise OparaUsageError(f"the opara backend's options is a dict of option names (str) to values, e.g. "
+                              f"options={{'fuse': True}}; known names: {', '.join(map(repr, _OPTIONS))}; got {got}")
 
 
 def _planned(g: Any, fuse: bool) -> Any:

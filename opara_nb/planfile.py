@@ -226,7 +226,14 @@ class SignatureRecord:
             raise ValueError(f"its inputs are {type(record.inputs).__name__}, not a description of the call")
         if not all(isinstance(v, dict) for v in record.candidates.values()):
             raise ValueError("its candidates are not measurements (name: {sync_ms, ...})")
+        measured = [record.eager_ms, *(m for v in record.candidates.values() for m in v.values())]
+        if not all(m is None or _is_number(m) for m in measured):  # om.report formats them as numbers
+            raise ValueError("its eager_ms and candidates' measurements must be numbers (ms, MiB) or null")
         return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reason(exc: BaseException) -> str:
@@ -418,6 +425,9 @@ def read(path: str | os.PathLike) -> PlanFile:
     except OSError as exc:
         raise PlanFileError(f"cannot read plan file {where} ({exc.strerror or exc}): write one with "
                             "om.save_plan(path) or python -m opara_nb tune") from None
+    except UnicodeDecodeError:  # a binary or otherwise encoded file: plan files are UTF-8 JSON text
+        raise PlanFileError(f"{where} is not a plan file (not JSON text: it is not UTF-8); give the path of a file "
+                            "from om.save_plan(path) or python -m opara_nb tune") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -425,7 +435,7 @@ def read(path: str | os.PathLike) -> PlanFile:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PlanFileError(f"{where} is not an opara_nb plan file (no \"format\": \"{FORMAT}\")")
     version = data.get("version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise PlanFileError(f"{where} has no valid format version ({version!r}); {_RETUNE}")
     if version > FORMAT_VERSION:
         raise PlanFileError(f"{where} was written by a newer opara_nb (plan format {version}; this one reads up to "

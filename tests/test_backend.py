@@ -122,3 +122,17 @@ def test_bad_backend_options_say_what_to_pass(options, said):
         torch.compile(torch.nn.Linear(4, 4).eval(), backend="opara", options=options)(torch.randn(2, 4))
     inner = getattr(caught.value, "inner_exception", caught.value)
     assert isinstance(inner, OparaUsageError) and said in str(inner), repr(caught.value)
+
+
+@pytest.mark.parametrize("options", [[("fuse", True)], {1: 2}, "fuse"])
+def test_backend_options_that_are_not_a_dict_of_names_say_so(options):
+    """A list of pairs or int keys raised str.join's TypeError; a str was read as its letters ("e, f, s, u")."""
+    from opara_nb.errors import OparaUsageError
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as caught:
+        torch.compile(torch.nn.Linear(4, 4).eval(), backend="opara", options=options)(torch.randn(2, 4))
+    inner = getattr(caught.value, "inner_exception", caught.value)
+    assert isinstance(inner, OparaUsageError), repr(caught.value)
+    said = str(inner)
+    assert "\n" not in said and "dict of option names (str) to values" in said and "'plan', 'fuse'" in said, said

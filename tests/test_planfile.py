@@ -22,6 +22,7 @@ from opara_nb.errors import OparaUsageError
 from opara_nb.pipeline import FEW_STREAMS
 from opara_nb.planfile import FORMAT_VERSION, PlanFileError
 from opara_nb.runtime import OparaNotice, optimize
+from opara_nb.testing import FakeGraphs
 from _helpers import ItemNet
 
 
@@ -302,6 +303,14 @@ def test_other_files_are_not_plan_files(tmp_path, text, words):
     _one_line_error(lambda: planfile.read(tmp_path / "missing.json"), "cannot read plan file", "save_plan")
 
 
+def test_a_file_that_is_not_utf8_text_is_not_a_plan_file(tmp_path):
+    path = tmp_path / "bin.plan.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")  # a raw UnicodeDecodeError before
+    model, x = _branchy()
+    _one_line_error(lambda: optimize(model, x, plan=path, graphs=FakeGraphs(kernels=True)), "not a plan file",
+                    "not UTF-8", "save_plan")
+
+
 def _plan_of(data):
     return data["signatures"][0]["graphs"][0]["plan"]
 
@@ -326,6 +335,40 @@ def test_edited_plans_are_refused_when_read(saved, tmp_path, edit, words):
     bad = _edited(tmp_path, text, lambda d: edit(_plan_of(d)))
     model, x = _branchy()
     _one_line_error(lambda: optimize(model, x, plan=bad), "damaged or was edited", *words)
+
+
+def _on_stream_1(plan, value):
+    plan["streams"].update({n: value for n, s in plan["streams"].items() if s == 1})
+
+
+@pytest.mark.parametrize("edit, words", [
+    # 10**9 built that many streams' worth of ids before (the process was OOM-killed): the ids stay 0..1
+    (lambda p: p.update(num_streams=10**9), ["num_streams is 1000000000", "1 + the largest stream id (2)"]),
+    (lambda p: p.update(num_streams=3), ["num_streams is 3", "1 + the largest stream id (2)"]),
+    (lambda p: p.update(num_streams=-2), ["num_streams must be a whole number >= 0, got -2"]),
+    (lambda p: p.update(num_streams=2.0), ["num_streams must be a whole number >= 0, got 2.0"]),
+    (lambda p: p.update(num_streams=True), ["num_streams must be a whole number >= 0, got True"]),
+    (lambda p: p.update(num_streams="2"), ["num_streams must be a whole number >= 0, got '2'"]),
+    (lambda p: _on_stream_1(p, 1.0), ["stream id of", "must be a whole number >= 0, got 1.0"]),
+    (lambda p: _on_stream_1(p, True), ["stream id of", "must be a whole number >= 0, got True"]),
+])
+def test_edited_stream_counts_are_refused_naming_the_field(saved, tmp_path, edit, words):
+    path, text = saved
+    assert sorted(set(_plan_of(json.loads(text))["streams"].values())) == [0, 1], "the fixture's plan has 2 streams"
+    bad = _edited(tmp_path, text, lambda d: edit(_plan_of(d)))
+    model, x = _branchy()
+    _one_line_error(lambda: optimize(model, x, plan=bad, graphs=FakeGraphs(kernels=True)), "damaged or was edited",
+                    *words)
+
+
+def test_numbers_of_another_type_in_the_record_are_refused(saved, tmp_path):
+    path, text = saved
+    _one_line_error(lambda: planfile.read(_edited(tmp_path, text, lambda d: d.update(version=True))),
+                    "no valid format version (True)")
+    for edit in (lambda d: d["signatures"][0].update(eager_ms="1.5"),
+                 lambda d: d["signatures"][0]["candidates"].update(opara={"sync_ms": True})):
+        _one_line_error(lambda: planfile.read(_edited(tmp_path, text, edit)), "damaged or was edited",
+                        "measurements must be numbers")
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -66,9 +66,10 @@ class Plan:
         except (TypeError, ValueError):
             raise ValueError(f"not a plan: syncs must be [producer, consumer] pairs, got {data['syncs']!r}") from None
         try:
-            return cls(streams={str(k): int(s) for k, s in data["streams"].items()},
-                       order=[str(n) for n in data["order"]], syncs=syncs, num_streams=int(data["num_streams"]),
-                       strategy=str(data["strategy"]), order_kind=str(data["order_kind"]))
+            streams = {str(k): _whole(s, f"the stream id of {k!r}") for k, s in data["streams"].items()}
+            return cls(streams=streams, order=[str(n) for n in data["order"]], syncs=syncs,
+                       num_streams=_whole(data["num_streams"], "num_streams"), strategy=str(data["strategy"]),
+                       order_kind=str(data["order_kind"]))
         except (AttributeError, TypeError, ValueError) as exc:
             raise ValueError(f"not a plan: malformed field ({exc})") from None
 
@@ -88,8 +89,7 @@ class Plan:
         if missing:
             raise ValueError(f"plan leaves out node {missing[0]!r} ({len(missing)} node(s) in all)")
         self.happens_before()
-        if set(self.streams.values()) != set(range(self.num_streams)):
-            raise ValueError(f"stream ids {sorted(set(self.streams.values()))} are not 0..{self.num_streams - 1}")
+        self._check_stream_ids()
         index = {n: i for i, n in enumerate(dag.nodes)}
         stream = [self.streams[n] for n in dag.nodes]
         for u, v in self.syncs:
@@ -101,6 +101,17 @@ class Plan:
             u, v = missing_edges[0]
             raise ValueError(f"plan does not order edge ({dag.nodes[u]!r}, {dag.nodes[v]!r}) "
                              f"({len(missing_edges)} edge(s) in all)")
+
+    def _check_stream_ids(self) -> None:
+        # Every logical stream holds a node, so num_streams is 1 + the largest stream id (hence at most the node
+        # count). No cap at the physical limit: map_physical_streams folds extra logical streams onto max_streams.
+        # Checked on the ids, never on range(num_streams): an edited num_streams of 10**9 would build it.
+        ids = set(self.streams.values())
+        if ids != set(range(len(ids))):
+            raise ValueError(f"stream ids {sorted(ids)} are not 0..{len(ids) - 1}")
+        if self.num_streams != len(ids):
+            raise ValueError(f"num_streams is {self.num_streams}, but the stream ids are 0..{len(ids) - 1}: "
+                             f"num_streams must be 1 + the largest stream id ({len(ids)})")
 
     def happens_before(self) -> DAG:
         """Stream order plus syncs as a DAG over the launch order. Its validation names what makes the plan
@@ -116,6 +127,13 @@ class Plan:
             return DAG(self.order, edges + list(self.syncs))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"the plan's launch order and syncs cannot run: {exc}") from None
+
+
+def _whole(value: Any, what: str) -> int:
+    """``value`` if it is a whole number of at least 0 (JSON int; not a bool, float or string), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def make_plan(dag: DAG, strategy: str = "opara", demand: Mapping[str, float] | None = None,
