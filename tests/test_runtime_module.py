@@ -638,3 +638,20 @@ def test_a_misspelled_option_is_refused_not_passed_to_the_model():
     with torch.no_grad():
         torch.testing.assert_close(_quiet(om, x, fused=True), model(x, fused=True))
     _quiet(optimize, model, x, model_kwargs={"stratgy": 1}, graphs=FakeGraphs())  # said so: the model's
+
+
+def test_a_container_model_is_indexed_and_iterated_as_itself_and_keys_are_the_models():
+    """The fifteenth sweep: ``om[0]`` and ``len(om)`` on an optimized nn.Sequential raised TypeError, and
+    ``load_state_dict(strict=False)`` named missing keys with an ``original.`` prefix."""
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    om = _quiet(optimize, seq, torch.randn(2, 4), graphs=FakeGraphs())
+    assert om[0] is seq[0] and len(om) == 2 and list(om) == list(seq) and om[-1:][0] is seq[1] and om
+    state = seq.state_dict()
+    state.pop("0.bias")
+    assert om.load_state_dict(state, strict=False).missing_keys == ["0.bias"]
+    lin = _quiet(optimize, nn.Linear(4, 4).eval(), torch.randn(2, 4), graphs=FakeGraphs())
+    assert lin  # a model without len() is true, as a module is
+    with pytest.raises(TypeError, match="no len"):
+        len(lin)
+    with pytest.raises(TypeError, match="not subscriptable"):
+        lin[0]

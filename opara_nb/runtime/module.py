@@ -144,6 +144,7 @@ class OparaModule(nn.Module):
         if isinstance(model, nn.Module):  # a state dict as the model's own (no "original." prefix), either way
             self.register_state_dict_post_hook(_without_prefix)
             self.register_load_state_dict_pre_hook(_with_prefix)
+            self.register_load_state_dict_post_hook(_keys_without_prefix)
         self.strategy, self.order = strategy, order
         self.clone_outputs = clone_outputs
         self.max_graphs, self.max_memory_mb = max_graphs, max_memory_mb
@@ -209,6 +210,20 @@ class OparaModule(nn.Module):
             setattr(original, name, value)
             return
         super().__setattr__(name, value)
+
+    # A container model (nn.Sequential, nn.ModuleList) is indexed, measured and iterated as itself: model[0].
+    def __getitem__(self, index: Any) -> Any:
+        return self.original[index]
+
+    def __len__(self) -> int:
+        return len(self.original)
+
+    def __iter__(self) -> Any:
+        return iter(self.original)
+
+    def __bool__(self) -> bool:  # with __len__ defined, truth would ask it: a model with no len() is still true
+        original = self.__dict__.get("_modules", {}).get("original")
+        return original is None or bool(original)
 
     def __delattr__(self, name: str) -> None:
         if name == "original":
@@ -917,6 +932,12 @@ def _with_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> N
     inner = f"{prefix}original."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _keys_without_prefix(module: nn.Module, keys: Any) -> None:
+    """``om.load_state_dict(..., strict=False)`` reports missing and unexpected keys as the model's own."""
+    for found in (keys.missing_keys, keys.unexpected_keys):
+        found[:] = [k[len("original."):] if k.startswith("original.") else k for k in found]
 
 
 def _compiled_module(model: Any) -> nn.Module | None:
