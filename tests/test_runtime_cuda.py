@@ -976,6 +976,91 @@ def test_31_graphs_shared_by_identical_blocks_replay_each_blocks_weights(monkeyp
     om.release()
 
 
+class _Held(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.register_buffer("t", t)
+
+
+class _SameCopy:
+    def __init__(self, t):
+        self.t = t
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Wraps(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.lin, self.wrap = nn.Linear(16, 16), wrap
+
+    def forward(self, x):
+        return self.wrap(self.lin(x).relu())
+
+
+class _Trims(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x.resize_(2, 16)
+        return self.lin(x)
+
+
+class _Square(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize("wrap, get", [(_Held, lambda o: o.t), (lambda y: y.clone, lambda o: o()),
+                                       (_SameCopy, lambda o: o.t)], ids=["module", "bound method", "deepcopy self"])
+def test_32_output_objects_a_copy_cannot_rebuild_run_the_original(wrap, get):
+    """The fifteenth sweep: a held result reached through a module made per call, a tensor's bound method or a
+    class whose __deepcopy__ returns itself was overwritten by the next replay."""
+    torch.manual_seed(0)
+    model, xs = _Wraps(wrap).cuda().eval(), [torch.randn(4, 16, device="cuda") for _ in range(3)]
+    om = _quiet(optimize, model, xs[0])
+    got = [_quiet(om, x) for x in xs]
+    for g, x in zip(got, xs):
+        torch.testing.assert_close(get(g), get(_eager(model, x)), atol=CNN_TOL, rtol=0)
+    om.release()
+
+
+def test_32_forward_ad_vmap_an_input_resized_in_place_and_a_weight_transposed_in_place():
+    """The fifteenth sweep on a GPU: a dual input's tangent and vmap's batch dimension (run the original), an input
+    resized in place (runs the original), and ``w.t_()`` in place (seen by ``om.refresh()``)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model, x = _Square().cuda().eval(), torch.randn(4, 16, device="cuda")
+    om = _quiet(optimize, model, x)
+    _quiet(om, x)
+    with fwAD.dual_level(), torch.no_grad():
+        got = fwAD.unpack_dual(_quiet(om, fwAD.make_dual(x, torch.ones_like(x))))
+        want = fwAD.unpack_dual(model(fwAD.make_dual(x, torch.ones_like(x))))
+    torch.testing.assert_close(got.tangent, want.tangent)
+    xs = torch.randn(3, 4, 16, device="cuda")
+    torch.testing.assert_close(_quiet(torch.func.vmap(om), xs), _eager(torch.func.vmap(model), xs))
+    with torch.no_grad():
+        model.w.t_()
+    om.refresh()
+    torch.testing.assert_close(_quiet(om, x), _eager(model, x))
+    om.release()
+    trims = _Trims().cuda().eval()
+    y = torch.randn(3, 16, device="cuda")
+    om = _quiet(optimize, trims, y)
+    mine, theirs = y.clone(), y.clone()
+    torch.testing.assert_close(_quiet(om, mine), _eager(trims, theirs))
+    assert mine.shape == theirs.shape == (2, 16)
+    om.release()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():
