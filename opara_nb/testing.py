@@ -8,7 +8,10 @@
   (its arguments and results, the very tensor objects), and a replay runs those operations again, writing each
   result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a replay that
   should not have happened (the model changed) gives the stale result a GPU would; a tensor's value read on the host
-  (``.item()``, ``if mask.all()``) fails the capture, as it does on a GPU (every tensor stands for a device one).
+  (``.item()``, ``if mask.all()``, ``.tolist()``, ``.numpy()``) fails the capture, as it does on a GPU (every tensor
+  stands for a device one). A replay over a tensor whose memory or layout changed in place since the capture
+  (``w.t_()``, ``w.set_(t)``, ``w.data = t``) raises ``StaleReplay``: a CUDA graph would read it with the address
+  and strides it had, which this emulation cannot do.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["FakeStreams", "FakeStream", "FakeEvent", "FakeGraphs"]
+__all__ = ["FakeStreams", "FakeStream", "FakeEvent", "FakeGraphs", "StaleReplay"]
 
 
 @dataclass(eq=False)
@@ -103,15 +106,32 @@ class _FakeGraph:
         self.fn = None
 
 
+class StaleReplay(AssertionError):
+    """A ``FakeGraphs(kernels=True)`` replay read a tensor whose memory or layout changed since its capture: on a GPU
+    the graph would have replayed over the old address and strides (a stale result, or freed memory)."""
+
+
+def _layout(t: Any) -> tuple:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
+
+
 class _Kernels(_FakeGraph):
     """A replay of recorded tensor operations (see ``FakeGraphs(kernels=True)``)."""
 
     def __init__(self, fn: Callable[[], Any], out: Any, ops: list[tuple]) -> None:
         super().__init__(fn, out)
         self.ops = ops
+        read = {id(x): x for _, args, kwargs, _ in ops for x in self._pytree.tree_leaves((args, kwargs))
+                if isinstance(x, self._torch.Tensor)}
+        self._layouts = [(x, _layout(x)) for x in read.values()]  # what the kernels baked in of what they read
 
     def replay(self) -> None:
         self.replays += 1
+        for x, then in self._layouts:
+            if _layout(x) != then:
+                raise StaleReplay(f"a replay read a tensor {tuple(then[2])} whose memory or layout changed in place "
+                                  f"since the capture (now {tuple(x.shape)}, strides {x.stride()}): a CUDA graph "
+                                  "would read it as it was")
         with self._torch.no_grad():
             for func, args, kwargs, result in self.ops:
                 again = func(*args, **kwargs)
@@ -161,7 +181,16 @@ def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
                         pytree.tree_map(alias, result)))
             return result
 
-    with Record():
+    from torch.overrides import TorchFunctionMode
+
+    class HostReads(TorchFunctionMode):  # reads below the dispatcher: a tensor's values copied to Python or NumPy
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            if func in (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__):
+                raise RuntimeError("operation not permitted when stream is capturing (a tensor's values copied to "
+                                   "the host)")
+            return func(*args, **(kwargs or {}))
+
+    with Record(), HostReads():
         out = fn()
     return out, ops
 

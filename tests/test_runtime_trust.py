@@ -1426,3 +1426,40 @@ def test_the_wrapper_never_writes_its_own_settings_into_a_model_with_the_same_na
     assert (model.strategy, model.order, model.notices, model.max_graphs) == ("mine", 3, ["kept"], 99)
     assert om.strategy == "opara" and om.max_graphs == 4
     torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
+class _Square(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_the_kernel_replay_double_refuses_a_stale_layout_and_host_copies():
+    """``FakeGraphs(kernels=True)`` is as strict as a GPU where it can be: a replay over a tensor transposed in place
+    (no hook sees it: ``om.refresh()`` does) raises ``StaleReplay`` instead of computing the new answer, and
+    ``.tolist()`` fails the capture as a device-to-host copy does (the fifteenth sweep: both passed silently)."""
+    from opara_nb.testing import StaleReplay
+
+    torch.manual_seed(0)
+    model, x = _Square().eval(), torch.randn(2, 4)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    _quiet(om, x)
+    with torch.no_grad():
+        model.w.t_()
+    with pytest.raises(StaleReplay, match="changed in place"):
+        _quiet(om, x)
+    om.refresh()
+    torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+    class Listed(nn.Module):
+        def forward(self, x):
+            return torch.tensor(x.relu().tolist()) + 1
+
+    graphs = FakeGraphs(kernels=True)
+    om = _quiet(optimize, Listed().eval(), x, strategy="opara", graphs=graphs)
+    for _ in range(2):
+        y = torch.randn(2, 4)
+        torch.testing.assert_close(_quiet(om, y), _expect(Listed().eval(), y))
