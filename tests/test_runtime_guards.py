@@ -224,6 +224,23 @@ def test_a_tensor_changed_in_place_in_layout_or_memory_is_seen_by_a_full_check(e
     assert any(words in c for c in changes), changes
 
 
+_SCALE = torch.arange(4.0)
+
+
+class _ReadsGlobal(nn.Module):
+    def forward(self, x):
+        return x * _SCALE
+
+
+def test_a_global_tensor_moved_in_place_is_seen_by_a_full_check():
+    """``G.data = t`` keeps the global the same object (the per-call check compares it by identity): a full check
+    (``om.refresh()``) compares its memory and layout too."""
+    guard = ModelGuard(_ReadsGlobal().eval())
+    assert guard.changes() == []
+    _SCALE.data = torch.full((4,), 9.0)  # only this test reads it
+    assert any("global '_SCALE' now lives in other memory" in c for c in guard.changes()), guard.changes()
+
+
 class _Wide(_Net):
     """More tracked training flags and watched attributes than the hot check compares one by one."""
 

@@ -949,6 +949,9 @@ class ModelGuard:
         # partials they hold: read like a callable model's
         closures = closure_reads(self.model, self._starts)
         self._settings = _settings(self.model, self._reads, closures.settings)
+        # tensors among them (a global, a settings field) changed in place in memory or layout: for changes()
+        self._setting_layouts = [(name, v, _layout(v)) for _, _, v, name, _ in self._settings
+                                 if isinstance(v, torch.Tensor)]
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
         watched = [(d, k, v) for d, k, v, _, on in self._settings if on]
@@ -1040,6 +1043,7 @@ class ModelGuard:
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [_setting_change(name, v, d.get(k, "<deleted>"))
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k), v)]
+        lines += [f"{name} {_layout_change(v, then)}" for name, v, then in self._setting_layouts if _layout(v) != then]
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
