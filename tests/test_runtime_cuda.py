@@ -24,8 +24,8 @@ from opara_nb import models
 from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
-from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Encoder, ItemNet, Outputs,
-                      ReadsABox, ReadsContainers, ReturnsItsOwn, Stepping, ViewsOfEachOther)
+from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Encoder, HeldBuffer, ItemNet, Outputs,
+                      ReadsABox, ReadsContainers, ReturnsItsOwn, SelfCopy, Stepping, ViewsOfEachOther, WrapsOutput)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -976,29 +976,6 @@ def test_31_graphs_shared_by_identical_blocks_replay_each_blocks_weights(monkeyp
     om.release()
 
 
-class _Held(nn.Module):
-    def __init__(self, t):
-        super().__init__()
-        self.register_buffer("t", t)
-
-
-class _SameCopy:
-    def __init__(self, t):
-        self.t = t
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class _Wraps(nn.Module):
-    def __init__(self, wrap):
-        super().__init__()
-        self.lin, self.wrap = nn.Linear(16, 16), wrap
-
-    def forward(self, x):
-        return self.wrap(self.lin(x).relu())
-
-
 class _Trims(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1018,13 +995,13 @@ class _Square(nn.Module):
         return x @ self.w
 
 
-@pytest.mark.parametrize("wrap, get", [(_Held, lambda o: o.t), (lambda y: y.clone, lambda o: o()),
-                                       (_SameCopy, lambda o: o.t)], ids=["module", "bound method", "deepcopy self"])
+@pytest.mark.parametrize("wrap, get", [(HeldBuffer, lambda o: o.t), (lambda y: y.clone, lambda o: o()),
+                                       (SelfCopy, lambda o: o.t)], ids=["module", "bound method", "deepcopy self"])
 def test_32_output_objects_a_copy_cannot_rebuild_run_the_original(wrap, get):
     """The fifteenth sweep: a held result reached through a module made per call, a tensor's bound method or a
     class whose __deepcopy__ returns itself was overwritten by the next replay."""
     torch.manual_seed(0)
-    model, xs = _Wraps(wrap).cuda().eval(), [torch.randn(4, 16, device="cuda") for _ in range(3)]
+    model, xs = WrapsOutput(wrap, 16).cuda().eval(), [torch.randn(4, 16, device="cuda") for _ in range(3)]
     om = _quiet(optimize, model, xs[0])
     got = [_quiet(om, x) for x in xs]
     for g, x in zip(got, xs):

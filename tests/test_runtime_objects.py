@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from opara_nb.runtime.objects import OpaqueOutputs
+from _helpers import HeldBuffer, SelfCopy, WrapsOutput
 
 
 class Layer:
@@ -157,21 +158,7 @@ def test_copies_are_made_by_one_launch_and_keep_each_tensors_layout_and_memory()
 
 
 # ---------------------------------------------------------------- objects a copy cannot rebuild (fifteenth sweep)
-class _Holder(nn.Module):
-    def __init__(self, t):
-        super().__init__()
-        self.register_buffer("t", t)
-
-
-class _Same:
-    def __init__(self, t):
-        self.t = t
-
-    def __deepcopy__(self, memo):  # "immutable, no need to copy"
-        return self
-
-
-class _Shallow(_Same):
+class _Shallow(SelfCopy):
     def __deepcopy__(self, memo):  # "tensors are shared, not copied"
         made = _Shallow.__new__(_Shallow)
         made.__dict__.update(self.__dict__)
@@ -190,24 +177,15 @@ class _NoCache:
 
 
 _RESULTS = {  # how the forward wraps y, and how to get the tensor back from it
-    "a module made per call": (lambda y: _Holder(y), lambda o: o.t),
+    "a module made per call": (HeldBuffer, lambda o: o.t),
     "an nn.ParameterList": (lambda y: nn.ParameterList([nn.Parameter(y, requires_grad=False)]), lambda o: o[0]),
     "a tensor's bound method": (lambda y: y.clone, lambda o: o()),
     "a weak reference": (lambda y: (y, __import__("weakref").ref(y)), lambda o: o[1]()),
     "a class made per call": (lambda y: type("H", (), {"t": y}), lambda o: o.t),
-    "a __deepcopy__ returning itself": (_Same, lambda o: o.t),
+    "a __deepcopy__ returning itself": (SelfCopy, lambda o: o.t),
     "a shallow __deepcopy__": (_Shallow, lambda o: o.t),
     "a __getstate__ dropping a tensor": (lambda y: _NoCache(y, y * 2), lambda o: o.cache),
 }
-
-
-class _Wraps(nn.Module):
-    def __init__(self, wrap):
-        super().__init__()
-        self.lin, self.wrap = nn.Linear(4, 4), wrap
-
-    def forward(self, x):
-        return self.wrap(self.lin(x) * 1.0)
 
 
 @pytest.mark.parametrize("kind", list(_RESULTS))
@@ -221,7 +199,7 @@ def test_an_output_object_a_copy_cannot_rebuild_runs_the_original(kind):
 
     wrap, get = _RESULTS[kind]
     torch.manual_seed(0)
-    model, xs = _Wraps(wrap).eval(), [torch.randn(3, 4) for _ in range(3)]
+    model, xs = WrapsOutput(wrap).eval(), [torch.randn(3, 4) for _ in range(3)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         om = optimize(model, xs[0], strategy="opara", graphs=FakeGraphs(kernels=True))
