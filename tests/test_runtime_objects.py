@@ -208,3 +208,13 @@ def test_an_output_object_a_copy_cannot_rebuild_runs_the_original(kind):
         want = [get(model(x)).clone() for x in xs]
     for g, w in zip(got, want):
         assert get(g) is not None and torch.equal(get(g), w)
+
+
+def test_a_copy_made_by_deepcopy_may_share_immutable_parts():
+    """A dict subclass is copied by ``copy.deepcopy``, which returns a tuple of strings as it is: that is no part of
+    the call's object shared with a copy, so the object is still copied per call, not refused."""
+    graph = torch.randn(3)
+    items = Items(t=graph, names=("a", "b"), shape=(3, ("x", 1)))
+    copy = _opaque(items).fresh([])
+    assert type(copy) is Items and copy["names"] is items["names"] and torch.equal(copy["t"], graph)
+    assert copy["t"].data_ptr() != graph.data_ptr()

@@ -111,7 +111,7 @@ class OpaqueOutputs:
         holds as many tensors (a ``__getstate__`` dropping a cached tensor would hold fewer)."""
         before, after = held(out), held(made)
         kept = {**self._existing, **self._keep, **self._inputs, **self._top}
-        shared = [x for k, x in after.items() if k in before and k not in kept and not isinstance(x, _ATOMIC)]
+        shared = [x for k, x in after.items() if k in before and k not in kept and not _immutable(x)]
         count = [sum(isinstance(x, torch.Tensor) for x in d.values()) for d in (before, after)]
         if shared or count[0] != count[1]:
             raise ValueError(f"the model returns a {self._name} object whose copy (by its class's own copy or "
@@ -312,6 +312,12 @@ def _bound(cell: Any) -> bool:
     except ValueError:  # a closure variable not bound yet
         return False
     return True
+
+
+def _immutable(x: Any) -> bool:
+    """A value a copy may share: atomic, or a tuple or frozenset of such (``copy.deepcopy`` returns those as they
+    are)."""
+    return isinstance(x, _ATOMIC) or (type(x) in (tuple, frozenset) and all(map(_immutable, x)))
 
 
 def _made_by_call(x: Any) -> bool:
