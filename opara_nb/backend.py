@@ -77,8 +77,8 @@ class _Runner:
             return self._call(args)
 
     def _call(self, args: tuple) -> Any:
-        if self.capture is None:
-            return self.executor(*args)
+        if self.capture is None or (torch.is_grad_enabled() and _needs_grad(args)):
+            return self.executor(*args)  # autograd: a replay records none, and would overwrite what backward saves
         if self._reads_sdpa:
             now = self._sdpa_state()
             if self._sdpa_flags is None:  # the first call captures, under the flags of now
@@ -91,6 +91,11 @@ class _Runner:
             warnings.warn(f"opara backend: CUDA graph capture failed ({self.capture.failed}); running the plan "
                           "eagerly", stacklevel=user_stacklevel())
         return out
+
+
+def _needs_grad(args: tuple) -> bool:
+    """Whether a graph's inputs (parameters included: dynamo passes them as inputs) record autograd."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
 
 
 def opara_backend(gm: torch.fx.GraphModule, example_inputs: list,

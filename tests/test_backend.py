@@ -83,6 +83,91 @@ def test_per_graph_capture_keeps_parameters_in_place_recaptures_when_they_move_a
         assert not failing.by_params and "not permitted" in failing.failed
 
 
+def test_per_graph_capture_keys_host_values_and_runs_aliased_inputs_as_they_are(monkeypatch):
+    """The sixteenth sweep: (a) a float dynamo stopped specialising on reaches the graph as a 0-dim CPU tensor read
+    with ``.item()``, which a CUDA capture reads once: every later value replayed the first. Such host inputs (CPU
+    tensors beside device ones; ``host_positions``, faked here since this machine has no device) now key the
+    capture by value, a few values at most. (b) Inputs sharing memory for a graph writing one of them raised
+    ``NotReplayable`` out of the runner; such calls run the plan as it is."""
+    from opara_nb.runtime import runners
+    from opara_nb.runtime.runners import MAX_HOST_VALUES, GraphCapture
+
+    monkeypatch.setattr(runners, "host_positions", lambda args: [2])
+    graphs = FakeGraphs()
+    weight = torch.nn.Parameter(torch.randn(3))
+    runner = GraphCapture(lambda w, x, s: w * x * s.item(), graphs)
+    x = torch.randn(3)
+    with torch.no_grad():
+        for value in (1.0, 0.5, 1.0, 2.0):
+            torch.testing.assert_close(runner(weight, x, torch.tensor(value)), weight * x * value)
+        assert graphs.captures == 3 and len(runner.by_params) == 3  # one per value, 1.0 replayed
+        for value in range(10, 20):  # a new value on every call: captures stop, calls run uncaptured
+            torch.testing.assert_close(runner(weight, x, torch.tensor(float(value))), weight * x * value)
+        assert graphs.captures == MAX_HOST_VALUES
+
+    monkeypatch.undo()
+
+    def writes_one(x, y):
+        x.add_(1)
+        return y * 2
+
+    runner = GraphCapture(writes_one, FakeGraphs(kernels=True))
+    runner(torch.zeros(4), torch.zeros(2))  # captured on separate inputs
+    base = torch.zeros(4)
+    torch.testing.assert_close(runner(base, base[:2]), torch.full((2,), 2.0))
+    assert torch.equal(base, torch.ones(4))
+
+
+def test_a_graph_call_that_records_autograd_runs_uncaptured(monkeypatch):
+    """The sixteenth sweep: with grad on, a replay handed out outputs tied to the capture's own autograd graph, whose
+    saved tensors the next replay overwrote (backward failed, or on a GPU could be stale). Such calls run the plan
+    uncaptured; under no_grad the graph is captured and replayed."""
+    from opara_nb.runtime.runners import GraphCapture
+
+    captured = []
+
+    def faked(self, executor, cuda, writes=False, sdpa=False):
+        real_init(self, executor, False, writes, False)
+        self.capture = GraphCapture(executor, FakeGraphs(kernels=True), writes=writes)
+        captured.append(self.capture)
+
+    real_init = backend._Runner.__init__
+    monkeypatch.setattr(backend._Runner, "__init__", faked)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    compiled = torch.compile(model, backend="opara")
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        model.zero_grad()
+        compiled(x).sum().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).sum().backward()
+        for g, p in zip(got, model.parameters()):
+            torch.testing.assert_close(g, p.grad)
+    assert captured and all(not c.by_params for c in captured)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), model(x))
+    assert any(c.by_params for c in captured)
+    torch._dynamo.reset()
+
+
+def test_per_graph_capture_returns_a_view_of_a_parameter_as_a_view():
+    """The sixteenth sweep: an output viewing a parameter dynamo passed as an input came back as a copy, which did not
+    follow the parameter (eager returns a view)."""
+    from opara_nb.runtime.runners import GraphCapture
+
+    weight = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    runner = GraphCapture(lambda w, x: (w * x, w[1:]), FakeGraphs(kernels=True))
+    x = torch.ones(4)
+    for _ in range(2):
+        product, view = runner(weight, x)
+    assert view.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    weight.add_(1)
+    assert torch.equal(view, weight[1:]) and torch.equal(product, torch.ones(4))
+
+
 def test_a_model_with_graph_breaks_hears_not_accelerated_once(monkeypatch):
     import warnings
 

@@ -219,6 +219,7 @@ class GraphedCall:
         """Sort the output tensors by how each call hands them out; ``existing``: what the call did not create."""
         inputs = {x.untyped_storage().data_ptr() for x in self._static if isinstance(x, torch.Tensor)}
         slots = {self._static[i].untyped_storage().data_ptr(): i for i in self._slots}
+        fixed = {self._static[i].untyped_storage().data_ptr(): self._static[i] for i in self._fixed}
         self._guarded, self._copied, self._aliases, self._owners = [], [], [], []
         for i, t in enumerate(self._out):
             if not isinstance(t, torch.Tensor):
@@ -229,6 +230,8 @@ class GraphedCall:
                 self._aliases.append((i, slots[ptr]))  # the caller's input, or a view of it, as eager returns
             elif owner is not None:
                 self._owners.append((i, owner))  # the model's own parameter or buffer (or a view), as eager returns
+            elif ptr in fixed:
+                self._owners.append((i, fixed[ptr]))  # an input read in place (a parameter dynamo passed): likewise
             elif ptr in inputs:
                 self._copied.append(i)
             else:

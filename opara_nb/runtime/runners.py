@@ -19,10 +19,11 @@ import torch
 from ..capture.sandbox import graph_put_back, inputs_put_back
 from ..errors import one_line
 from ..pipeline import PlanSpec, plan_with_profile
-from .cudagraph import CudaGraphs, GraphedCall, release_cuda_memory
+from .cudagraph import CudaGraphs, GraphedCall, NotReplayable, OutputsHeld, release_cuda_memory
+from .guards import HOST_VALUES_MAX
 from .executor import PlanExecutor, physical_mapping
 
-__all__ = ["Backend", "GraphRunner", "GraphCapture", "weak_call", "is_parameter"]
+__all__ = ["Backend", "GraphRunner", "GraphCapture", "weak_call", "is_parameter", "host_positions"]
 
 
 def is_parameter(x: torch.Tensor) -> bool:
@@ -36,7 +37,10 @@ class GraphCapture:
     uncaptured with ``failed`` saying why.
 
     Dynamo runs one graph for every instance of a block (identical layers: the parameters are the graph's inputs), so
-    a capture is kept per set of parameter addresses: each layer replays its own, which reads its own weights."""
+    a capture is kept per set of parameter addresses: each layer replays its own, which reads its own weights. CPU
+    tensors given beside device tensors (a float dynamo stopped specialising on arrives as a 0-dim one, read with
+    ``.item()``) are read on the host once, at capture: a capture is kept per their values too (a few; more values
+    run uncaptured)."""
 
     def __init__(self, executor: Callable, graphs: CudaGraphs | None = None, writes: bool = True) -> None:
         self.executor = executor
@@ -44,6 +48,8 @@ class GraphCapture:
         self.writes = writes  # whether the graph may write its inputs: the warm-up's writes are put back
         self.by_params: dict[tuple[int, ...], GraphedCall] = {}
         self._params: list[int] | None = None  # positions of the parameters and buffers among the inputs
+        self._host: list[int] = []  # positions of the CPU tensors given beside device tensors (see the docstring)
+        self._values: dict[tuple[int, ...], set[tuple]] = {}  # the host values captured, per parameter set
         self.failed: str | None = None
 
     def _capture(self, args: tuple) -> GraphedCall | str:
@@ -68,12 +74,18 @@ class GraphCapture:
             return self.executor(*args)
         if self._params is None:
             self._params = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) and is_parameter(x)]
-        key = tuple(args[i].data_ptr() for i in self._params)
+            self._host = host_positions(args)
+        params = tuple(args[i].data_ptr() for i in self._params)
+        if self._host and any(args[i].numel() > HOST_VALUES_MAX for i in self._host):  # too large to key by value
+            return self.executor(*args)
+        key = params + host_values(args, self._host) if self._host else params
         graphed = self.by_params.get(key)
         if graphed is None:
             self._drop_moved()
-            if len(self.by_params) >= MAX_PARAMETER_SETS:  # a graph run for that many layers: the rest uncaptured
+            values = self._values.setdefault(params, set())
+            if len(self.by_params) >= MAX_PARAMETER_SETS or len(values) >= MAX_HOST_VALUES:  # the rest uncaptured
                 return self.executor(*args)
+            values.add(key)
             made = self._capture(args)
             if isinstance(made, str):
                 self.failed = made
@@ -84,20 +96,38 @@ class GraphCapture:
         except ValueError:  # a parameter moved (param.data = ...) and another took its address: capture again
             self.by_params.pop(key).release()
             return self(*args)
+        except (NotReplayable, OutputsHeld):  # inputs that share memory for a graph writing one: this call as is
+            return self.executor(*args)
 
     def _drop_moved(self) -> None:
         """Release the captures whose parameters moved since (``param.data = t``): they read memory no longer theirs."""
         for key in [k for k, g in self.by_params.items()
-                    if tuple(g.static_inputs[i].data_ptr() for i in self._params) != k]:
+                    if tuple(g.static_inputs[i].data_ptr() for i in self._params) != k[:len(self._params)]]:
             self.by_params.pop(key).release()
+            self._values.get(key[:len(self._params)], set()).discard(key)
 
     def release(self) -> None:
         for graphed in self.by_params.values():
             graphed.release()
-        self.by_params = {}
+        self.by_params, self._values = {}, {}
 
 
 MAX_PARAMETER_SETS = 256  # captures of one graph, one per layer that runs it
+MAX_HOST_VALUES = 8  # captures of one graph and layer for other values of its host inputs (a float per call: eager)
+
+
+def host_positions(args: tuple) -> list[int]:
+    """The CPU tensors among a graph's inputs whose other tensors are on a device (0-dim ones included: dynamo
+    passes a float it no longer specialises on so), which a capture reads once on the host."""
+    tensors = [x for x in args if isinstance(x, torch.Tensor)]
+    if not any(t.get_device() >= 0 for t in tensors):
+        return []
+    return [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) and x.get_device() < 0]
+
+
+def host_values(args: tuple, positions: list[int]) -> tuple:
+    """The values (and shapes) of the host inputs at ``positions``, for the capture's key."""
+    return tuple(tuple(args[i].reshape(-1).tolist()) + tuple(args[i].shape) for i in positions)
 
 
 @dataclass
