@@ -77,8 +77,15 @@ class _Runner:
             return self._call(args)
 
     def _call(self, args: tuple) -> Any:
-        if self.capture is None or (torch.is_grad_enabled() and _needs_grad(args)):
-            return self.executor(*args)  # autograd: a replay records none, and would overwrite what backward saves
+        if self.capture is None:
+            return self.executor(*args)
+        if torch.is_grad_enabled() and _needs_grad(args):  # a replay records no autograd, and overwrites what it saves
+            if not _said_grad:
+                _said_grad.append(True)
+                warnings.warn("opara backend: grad mode is on and the graph's inputs or parameters require grad, so "
+                              "calls run uncaptured (autograd works); call under torch.no_grad() or "
+                              "torch.inference_mode() for CUDA graph replays", stacklevel=user_stacklevel())
+            return self.executor(*args)
         if self._reads_sdpa:
             now = self._sdpa_state()
             if self._sdpa_flags is None:  # the first call captures, under the flags of now
@@ -91,6 +98,9 @@ class _Runner:
             warnings.warn(f"opara backend: CUDA graph capture failed ({self.capture.failed}); running the plan "
                           "eagerly", stacklevel=user_stacklevel())
         return out
+
+
+_said_grad: list[bool] = []  # the grad-mode notice, once per process
 
 
 def _needs_grad(args: tuple) -> bool:

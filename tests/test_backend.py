@@ -133,10 +133,13 @@ def test_a_graph_call_that_records_autograd_runs_uncaptured(monkeypatch):
 
     real_init = backend._Runner.__init__
     monkeypatch.setattr(backend._Runner, "__init__", faked)
+    monkeypatch.setattr(backend, "_said_grad", [])
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     compiled = torch.compile(model, backend="opara")
     x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="grad mode is on .* torch.no_grad"):
+        compiled(x)
     for _ in range(2):
         model.zero_grad()
         compiled(x).sum().backward()
