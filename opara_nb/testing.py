@@ -121,9 +121,12 @@ class _Kernels(_FakeGraph):
     def __init__(self, fn: Callable[[], Any], out: Any, ops: list[tuple]) -> None:
         super().__init__(fn, out)
         self.ops = ops
+        # what the kernels baked in of the tensors they read from outside (inputs, parameters, globals); the call's
+        # own intermediates are laid out by the replay itself (an ``as_strided_`` it runs again)
+        made = {id(x) for *_, result in ops for x in self._pytree.tree_leaves(result)}
         read = {id(x): x for _, args, kwargs, _ in ops for x in self._pytree.tree_leaves((args, kwargs))
-                if isinstance(x, self._torch.Tensor)}
-        self._layouts = [(x, _layout(x)) for x in read.values()]  # what the kernels baked in of what they read
+                if isinstance(x, self._torch.Tensor) and id(x) not in made}
+        self._layouts = [(x, _layout(x)) for x in read.values()]
 
     def replay(self) -> None:
         self.replays += 1

@@ -1463,3 +1463,21 @@ def test_the_kernel_replay_double_refuses_a_stale_layout_and_host_copies():
     for _ in range(2):
         y = torch.randn(2, 4)
         torch.testing.assert_close(_quiet(om, y), _expect(Listed().eval(), y))
+
+
+def test_the_kernel_replay_double_lets_a_replay_lay_out_its_own_intermediates():
+    """A graph re-striding its own intermediate in place (``aten.as_strided_`` after a mean, as Swin's pooling head
+    traces on the CPU) raised a false ``StaleReplay``: only tensors from outside the call are checked."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool, self.fc = nn.AdaptiveAvgPool1d(1), nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(x.transpose(1, 2)), 1))
+
+    model, x = Pooled().eval(), torch.randn(2, 4, 32)
+    om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
+    for _ in range(3):
+        torch.testing.assert_close(_quiet(om, x), _expect(model, x))

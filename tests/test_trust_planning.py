@@ -549,3 +549,39 @@ def test_an_augmented_assignment_on_a_held_objects_field_is_put_back_and_run_eac
     for _ in range(2):
         _quiet(om, x)
     assert model.stats.calls == 2
+
+
+class _CapturesOnce(nn.Module):
+    """As Hugging Face's output capture: the first call asking for hidden states registers hooks on the layers that
+    collect them, and sets a flag saying so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.seen: list = []
+
+    def forward(self, x, hidden=False):
+        if hidden and not getattr(self, "_hooks_installed", False):
+            for layer in self.layers:
+                layer.register_forward_hook(lambda m, i, o: self.seen.append(o))
+            self._hooks_installed = True
+        self.seen.clear()
+        for layer in self.layers:
+            x = layer(x).relu()
+        return (x, tuple(self.seen)) if hidden else x
+
+
+def test_hooks_a_forward_registers_while_planning_are_removed_with_their_flag():
+    """The sixteenth sweep: planning put back the flag but left the hooks, so every later run registered them again
+    and returned each hidden state twice (LLaMA's 3 hidden states became 7), also from the user's own model."""
+    torch.manual_seed(0)
+    model, x = _CapturesOnce().eval(), torch.randn(2, 4)
+    reference = copy.deepcopy(model)
+    om = _quiet(optimize, model, x, hidden=True, strategy="opara", graphs=FakeGraphs(kernels=True))
+    assert not any(layer._forward_hooks for layer in model.layers) and "_hooks_installed" not in vars(model)
+    for _ in range(3):
+        got = _quiet(om, x, hidden=True)
+        with torch.no_grad():
+            want = reference(x, hidden=True)
+        assert len(got[1]) == len(want[1]) == 2
+        torch.testing.assert_close(got, want)

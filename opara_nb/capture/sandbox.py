@@ -169,6 +169,11 @@ class Sandbox:
                           for d in (m._parameters, m._buffers) if isinstance(d, dict)  # not TorchScript's
                           for k, t in d.items()]
         self._bindings += [(name, d, k, d[k]) for name, d, k in held]
+        # hooks a forward registers on its first run of a kind (Hugging Face's output capture, with a flag saying so,
+        # which is put back with the other attributes): removed with it, or every later run would add them again
+        self._hooks = [(f"{prefix or type(m).__name__}.{k}", d, dict(d)) for prefix, m in
+                       self.model.named_modules(remove_duplicate=False) for k in _HOOK_DICTS
+                       if isinstance(d := m.__dict__.get(k), dict)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -193,6 +198,11 @@ class Sandbox:
         self.restored = list(dict.fromkeys(rebound + [k for k in changed if k in self._saved]))
         self._saved = {}
         self.restored += _restore_python(self._python)
+        for name, d, kept in self._hooks:
+            if d.keys() != kept.keys():
+                d.clear()
+                d.update(kept)
+                self.restored.append(name)
         if lost and exc[0] is None:
             raise OparaUsageError(f"the model's forward writes {', '.join(lost[:3])} in place, and they are too "
                                   "large to keep a copy while planning: opara_nb cannot optimize it without "
@@ -218,6 +228,10 @@ class Sandbox:
         names = ", ".join(self.restored[:3]) + (" ..." if len(self.restored) > 3 else "")
         return (f"the forward updates model state ({names}): restored after planning; each call updates it as "
                 "the original model would")
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _host_rngs(model: nn.Module) -> list[tuple[str, Callable[[], Any], Callable[[Any], Any]]]:
