@@ -1039,6 +1039,47 @@ def test_32_forward_ad_vmap_an_input_resized_in_place_and_a_weight_transposed_in
     om.release()
 
 
+class _Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.ones(16), requires_grad=False)
+
+    def forward(self, x, temperature: float):
+        return torch.softmax(self.lin(x) / temperature, -1), self.w[1:]
+
+
+def test_33_the_backend_keys_host_values_records_autograd_uncaptured_and_returns_parameter_views():
+    """The sixteenth sweep on a GPU: a float dynamo stopped specialising on (a 0-dim CPU tensor read on the host)
+    replayed its first value; a grad-mode call handed out the capture's autograd graph; a view of a parameter came
+    back as a copy."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = _Tempered().cuda().eval(), torch.randn(4, 16, device="cuda")
+    compiled = torch.compile(model, backend="opara")
+    with torch.no_grad():
+        for temperature in (1.0, 0.5, 2.0, 4.0, 0.5):
+            got, view = _quiet(compiled, x, temperature)
+            torch.testing.assert_close(got, model(x, temperature)[0])
+        assert view.untyped_storage().data_ptr() == model.w.untyped_storage().data_ptr()
+        model.w.add_(1)
+        assert torch.equal(view, model.w[1:])
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).cuda()
+    compiled = torch.compile(net, backend="opara")
+    for _ in range(3):
+        net.zero_grad()
+        _quiet(compiled, x).sum().backward()
+        got = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        net(x).sum().backward()
+        for g, p in zip(got, net.parameters()):
+            torch.testing.assert_close(g, p.grad)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------ trust: never stale
 @pytest.fixture
 def stale():
