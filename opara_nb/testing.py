@@ -118,15 +118,14 @@ def _layout(t: Any) -> tuple:
 class _Kernels(_FakeGraph):
     """A replay of recorded tensor operations (see ``FakeGraphs(kernels=True)``)."""
 
-    def __init__(self, fn: Callable[[], Any], out: Any, ops: list[tuple]) -> None:
+    def __init__(self, fn: Callable[[], Any], out: Any, ops: list[tuple], outside: list[Any]) -> None:
         super().__init__(fn, out)
         self.ops = ops
-        # what the kernels baked in of the tensors they read from outside (inputs, parameters, globals); the call's
-        # own intermediates are laid out by the replay itself (an ``as_strided_`` it runs again)
-        made = {id(x) for *_, result in ops for x in self._pytree.tree_leaves(result)}
-        read = {id(x): x for _, args, kwargs, _ in ops for x in self._pytree.tree_leaves((args, kwargs))
-                if isinstance(x, self._torch.Tensor) and id(x) not in made}
-        self._layouts = [(x, _layout(x)) for x in read.values()]
+        # what the kernels baked in of the tensors they read from outside (inputs, parameters, globals), not of the
+        # call's outputs among them (one made below the dispatcher, as nn.Parameter(y) or a torch.tensor constant,
+        # is moved to memory of its own when the caller holds it; the ops read its alias)
+        outputs = set(map(id, self._tensors(out)))
+        self._layouts = [(x, _layout(x)) for x in outside if id(x) not in outputs]
 
     def replay(self) -> None:
         self.replays += 1
@@ -147,10 +146,19 @@ class _Kernels(_FakeGraph):
         self.ops = []
 
 
-def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
-    """``fn()`` and every tensor operation it ran: (op, args, kwargs, result), each result recorded as an alias of
-    its memory (what a CUDA graph writes: a held output moved elsewhere later must not move the replay's writes),
-    and later operations reading it through that alias."""
+def _relayout(func: Any) -> bool:
+    """An in-place op that changes only a tensor's layout (``t_``, ``transpose_``, ``unsqueeze_``, ``as_strided_``),
+    not ``resize_``, which may move the data to new memory."""
+    import torch
+
+    return torch.Tag.inplace_view in func.tags and func.overloadpacket not in (torch.ops.aten.resize_,
+                                                                              torch.ops.aten.resize_as_)
+
+
+def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple], list[Any]]:
+    """``fn()``, every tensor operation it ran: (op, args, kwargs, result), each tensor recorded as an alias of its
+    memory (what a CUDA graph writes: a held output moved elsewhere later must not move the replay's writes), and
+    the tensors the operations read that none of them made (inputs, parameters: checked before each replay)."""
     import torch
     import torch.utils._pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -158,12 +166,18 @@ def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
     host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
     ops: list[tuple] = []
     aliases: dict[int, tuple[Any, Any]] = {}  # id -> (weak reference, alias): an id is reused once its tensor dies
+    outside: dict[int, Any] = {}  # tensors the ops read that no recorded op made
 
     def pinned(x: Any) -> Any:
+        """What an op reads: the alias of a tensor the call made, or of one from outside (an input, a parameter, a
+        tensor made below the dispatcher), kept as it is now, as a CUDA graph bakes in an address and strides."""
         if not isinstance(x, torch.Tensor):
             return x
         ref, kept = aliases.get(id(x), (None, None))
-        return kept if ref is not None and ref() is x else x
+        if ref is not None and ref() is x:
+            return kept
+        outside.setdefault(id(x), x)
+        return alias(x)
 
     def alias(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -180,6 +194,11 @@ def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
                 raise RuntimeError("operation not permitted when stream is capturing (a tensor value read on the "
                                    "host)")
             result = func(*args, **(kwargs or {}))
+            x = args[0] if args else None
+            ref, _ = aliases.get(id(x), (None, None))
+            if ref is not None and ref() is x and _relayout(func):  # the call's own tensor re-strided in place
+                aliases[id(x)] = (ref, x.detach())  # later ops read it so; a CUDA graph runs no kernel for it
+                return result
             ops.append((func, pytree.tree_map(pinned, args), pytree.tree_map(pinned, kwargs or {}),
                         pytree.tree_map(alias, result)))
             return result
@@ -195,7 +214,7 @@ def _record_ops(fn: Callable[[], Any]) -> tuple[Any, list[tuple]]:
 
     with Record(), HostReads():
         out = fn()
-    return out, ops
+    return out, ops, list(outside.values())
 
 
 class FakeGraphs:
@@ -225,8 +244,8 @@ class FakeGraphs:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
         if self.kernels:
-            out, ops = _record_ops(fn)
-            return _Kernels(fn, out, ops), None, out, 0.0
+            out, ops, outside = _record_ops(fn)
+            return _Kernels(fn, out, ops, outside), None, out, 0.0
         out = fn()
         return _FakeGraph(fn, out), None, out, 0.0
 

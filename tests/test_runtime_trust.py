@@ -1481,3 +1481,35 @@ def test_the_kernel_replay_double_lets_a_replay_lay_out_its_own_intermediates():
     om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     for _ in range(3):
         torch.testing.assert_close(_quiet(om, x), _expect(model, x))
+
+
+class _MadeBelow(nn.Module):
+    """An output made below the dispatcher (no recorded op makes it) and then written in place, and an intermediate
+    re-strided in place: a CUDA graph replays both as captured."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin, self.how = nn.Linear(8, 8), how
+
+    def forward(self, x):
+        if self.how == "parameter":
+            p = nn.Parameter(self.lin(x), requires_grad=False)
+            return p.add_(1)
+        if self.how == "constant":
+            return self.lin(x), torch.tensor([1.0, 2.0])
+        return self.lin(x).transpose_(0, 1) * 2
+
+
+@pytest.mark.parametrize("how", ["parameter", "constant", "transpose_"])
+def test_the_kernel_replay_double_replays_what_the_call_made_as_a_gpu_does(how):
+    """The double raised a false ``StaleReplay`` when an output made below the dispatcher was moved to memory of its
+    own (the caller held it), and crashed replaying ``transpose_`` on an intermediate again and again."""
+    torch.manual_seed(0)
+    model = _MadeBelow(how).eval()
+    om = _quiet(optimize, model, torch.randn(4, 8), strategy="opara", graphs=FakeGraphs(kernels=True))
+    held = []
+    for _ in range(4):
+        x = torch.randn(4, 8)
+        held.append((_quiet(om, x), _expect(model, x)))
+    for got, want in held:
+        torch.testing.assert_close(got, want)
