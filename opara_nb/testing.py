@@ -5,7 +5,7 @@
 - ``FakeGraphs``: the graph layer for ``OparaModule(..., graphs=FakeGraphs())``: "capturing" runs the call once and
   "replaying" runs it again into the captured outputs, so the whole capture/replay path runs on a CPU.
   ``FakeGraphs(kernels=True)`` replays as a CUDA graph does: the capture records every tensor operation the call ran
-  (its arguments and results, the very tensor objects), and a replay runs those operations again, writing each
+  (its arguments and results, as aliases of their memory and layout then), and a replay runs those operations again, writing each
   result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a replay that
   should not have happened (the model changed) gives the stale result a GPU would; a tensor's value read on the host
   (``.item()``, ``if mask.all()``, ``.tolist()``, ``.numpy()``) fails the capture, as it does on a GPU (every tensor
