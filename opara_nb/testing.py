@@ -5,13 +5,13 @@
 - ``FakeGraphs``: the graph layer for ``OparaModule(..., graphs=FakeGraphs())``: "capturing" runs the call once and
   "replaying" runs it again into the captured outputs, so the whole capture/replay path runs on a CPU.
   ``FakeGraphs(kernels=True)`` replays as a CUDA graph does: the capture records every tensor operation the call ran
-  (its arguments and results, as aliases of their memory and layout then), and a replay runs those operations again, writing each
-  result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a replay that
-  should not have happened (the model changed) gives the stale result a GPU would; a tensor's value read on the host
-  (``.item()``, ``if mask.all()``, ``.tolist()``, ``.numpy()``) fails the capture, as it does on a GPU (every tensor
-  stands for a device one). A replay over a tensor whose memory or layout changed in place since the capture
-  (``w.t_()``, ``w.set_(t)``, ``w.data = t``) raises ``StaleReplay``: a CUDA graph would read it with the address
-  and strides it had, which this emulation cannot do.
+  (its arguments and results, as aliases of their memory and layout then), and a replay runs those operations again,
+  writing each result into the tensor recorded for it. No Python of the model and no guard runs on a replay, so a
+  replay that should not have happened (the model changed) gives the stale result a GPU would; a tensor's value read
+  on the host (``.item()``, ``if mask.all()``, ``.tolist()``, ``.numpy()``) fails the capture, as it does on a GPU
+  (every tensor stands for a device one). A replay over a tensor whose memory or layout changed in place since the
+  capture (``w.t_()``, ``w.set_(t)``, ``w.data = t``) raises ``StaleReplay``: a CUDA graph would read it with the
+  address and strides it had, which this emulation cannot do.
 """
 from __future__ import annotations
 
@@ -111,10 +111,6 @@ class StaleReplay(AssertionError):
     the graph would have replayed over the old address and strides (a stale result, or freed memory)."""
 
 
-def _layout(t: Any) -> tuple:
-    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
-
-
 class _Kernels(_FakeGraph):
     """A replay of recorded tensor operations (see ``FakeGraphs(kernels=True)``)."""
 
@@ -124,13 +120,16 @@ class _Kernels(_FakeGraph):
         # what the kernels baked in of the tensors they read from outside (inputs, parameters, globals), not of the
         # call's outputs among them (one made below the dispatcher, as nn.Parameter(y) or a torch.tensor constant,
         # is moved to memory of its own when the caller holds it; the ops read its alias)
+        from .runtime.guards import tensor_layout
+
         outputs = set(map(id, self._tensors(out)))
-        self._layouts = [(x, _layout(x)) for x in outside if id(x) not in outputs]
+        self._layout = tensor_layout
+        self._layouts = [(x, tensor_layout(x)) for x in outside if id(x) not in outputs]
 
     def replay(self) -> None:
         self.replays += 1
         for x, then in self._layouts:
-            if _layout(x) != then:
+            if self._layout(x) != then:
                 raise StaleReplay(f"a replay read a tensor {tuple(then[2])} whose memory or layout changed in place "
                                   f"since the capture (now {tuple(x.shape)}, strides {x.stride()}): a CUDA graph "
                                   "would read it as it was")

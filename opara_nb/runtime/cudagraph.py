@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.sandbox import input_layout, inputs_changed, same_values
 from ..capture.values import plain_leaf
-from .guards import _ptrs_equal, install_watch, registration_epoch
+from .guards import _ptrs_equal, install_watch, registration_epoch, tensor_layout
 from .objects import HAS_IMPL_COUNT, OpaqueOutputs, copy_tensors, held, storage_uses, view_in
 from .streams import stream_pool
 
@@ -40,10 +40,6 @@ __all__ = ["GraphedCall", "CudaGraphs", "OutputsHeld", "NotReplayable", "release
 class OutputsHeld(RuntimeError):
     """A view of an earlier output (or an array made from it through DLPack) is still alive: replaying would
     overwrite what the caller holds."""
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.shape, t.stride(), t.storage_offset()
 
 
 class NotReplayable(RuntimeError):
@@ -169,7 +165,7 @@ class GraphedCall:
         kernel updates running statistics given as graph inputs without a version bump), and whether it changed the
         containers it was given (``changes_inputs``: a replay would not)."""
         before = [(i, self._static[i].clone()) for i in self._slots]
-        layouts = [_layout(self._static[i]) for i in self._slots]
+        layouts = [tensor_layout(self._static[i]) for i in self._slots]
         last: list[Any] = []
 
         def run() -> Any:  # its last output tells what a call creates from what it returns as is (see capture)
@@ -180,7 +176,7 @@ class GraphedCall:
 
         self.changes_inputs = False
         self.layer.warm_up(run, self.warmup)
-        if [_layout(self._static[i]) for i in self._slots] != layouts:
+        if [tensor_layout(self._static[i]) for i in self._slots] != layouts:
             raise NotReplayable("the model resizes or re-strides an input in place (x.resize_, x.set_, x.t_()): a "
                                 "replay copies each call's input into a buffer of the captured shape")
         self._written = [i for i, copy in before if not same_values(self._static[i], copy)]

@@ -50,7 +50,7 @@ from ..capture.sandbox import check_initialized
 from ..capture.values import MISSING, Snapshot, by_value, same_setting, setting_copy, watched_value
 
 __all__ = ["call_key", "call_guard", "hot_guard", "CallState", "reads_cudnn", "reads_sdpa", "sdpa_state", "mode_reason",
-           "ModelGuard", "registration_epoch", "install_watch"]
+           "ModelGuard", "registration_epoch", "install_watch", "tensor_layout"]
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -938,10 +938,10 @@ class ModelGuard:
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
         self._tensor_names = [n for n, _ in named]
         self._tensors = [t for _, t in named]
-        self._layouts = list(map(_layout, self._tensors))
+        self._layouts = list(map(tensor_layout, self._tensors))
         self._tensor_attrs = [(m.__dict__, k, v) for m in self._modules.values() for k, v in m.__dict__.items()
                               if isinstance(v, torch.Tensor)]
-        self._attr_layouts = [_layout(v) for _, _, v in self._tensor_attrs]
+        self._attr_layouts = [tensor_layout(v) for _, _, v in self._tensor_attrs]
 
     def _record_reads(self) -> None:
         """What the forwards read (``capture.reads``), as the watches the hot path compares."""
@@ -950,7 +950,7 @@ class ModelGuard:
         closures = closure_reads(self.model, self._starts)
         self._settings = _settings(self.model, self._reads, closures.settings)
         # tensors among them (a global, a settings field) changed in place in memory or layout: for changes()
-        self._setting_layouts = [(name, v, _layout(v)) for _, _, v, name, _ in self._settings
+        self._setting_layouts = [(name, v, tensor_layout(v)) for _, _, v, name, _ in self._settings
                                  if isinstance(v, torch.Tensor)]
         # the model's own forward replaced on the instance (model.forward = ...): one entry, no walk
         own_forward = (self.model.__dict__, "forward", self._forwards[""])
@@ -1038,12 +1038,13 @@ class ModelGuard:
         lines += self._tensor_changes(model)
         lines += [f"tensor attribute '{k}' was replaced" for d, k, v in self._tensor_attrs if d.get(k) is not v]
         lines += [f"tensor attribute '{k}' {_layout_change(v, then)}" for (d, k, v), then in
-                  zip(self._tensor_attrs, self._attr_layouts) if d.get(k) is v and _layout(v) != then]
+                  zip(self._tensor_attrs, self._attr_layouts) if d.get(k) is v and tensor_layout(v) != then]
         lines += [f"'{n or type(model).__name__}'.forward was replaced on the instance" for n, m in now.items()
                   if n in self._forwards and m.__dict__.get("forward") is not self._forwards[n]]
         lines += [_setting_change(name, v, d.get(k, "<deleted>"))
                   for d, k, v, name, _ in self._settings if not same_setting(d.get(k), v)]
-        lines += [f"{name} {_layout_change(v, then)}" for name, v, then in self._setting_layouts if _layout(v) != then]
+        lines += [f"{name} {_layout_change(v, then)}" for name, v, then in self._setting_layouts
+                  if tensor_layout(v) != then]
         lines += [f"method '{qualified}' was replaced on its class" for d, k, f, qualified in self._methods
                   if d.get(k) is not f]
         lines += [f"'{name}' has new code (reloaded)" for f, name, c in self._reloadable if f.__code__ is not c]
@@ -1066,7 +1067,7 @@ class ModelGuard:
                 continue
             if t is not old:
                 lines.append(f"'{name}' was replaced by another tensor")
-            elif _layout(t) != then:
+            elif tensor_layout(t) != then:
                 lines.append(f"'{name}' {_layout_change(t, then)}")
         return lines
 
@@ -1100,13 +1101,13 @@ def _diff_modules(old: dict[str, tuple], new: dict[str, tuple]) -> list[str]:
     return lines[:10]
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    """What a captured kernel baked in of a tensor it reads: its memory, dtype, shape, strides and offset."""
+def tensor_layout(t: torch.Tensor) -> tuple:
+    """What a captured kernel baked in of a tensor it reads: its memory, dtype, shape, device, strides and offset."""
     return t.data_ptr(), t.dtype, t.shape, t.device, t.stride(), t.storage_offset()
 
 
 def _layout_change(t: torch.Tensor, then: tuple) -> str:
-    """How ``t`` changed in place since ``then`` (its ``_layout``)."""
+    """How ``t`` changed in place since ``then`` (its ``tensor_layout``)."""
     ptr, dtype, shape, device, stride, offset = then
     if (t.dtype, t.shape, t.device) != (dtype, shape, device):
         return f"now lives in other memory (was {dtype} {tuple(shape)} on {device}, now {t.dtype} {tuple(t.shape)} " \

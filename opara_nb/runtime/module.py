@@ -1080,15 +1080,12 @@ def _attempt(*steps: Callable[[], Any]) -> str | None:
     return None
 
 
-_OPTIONS = ("strategy", "order", "clone_outputs", "fuse", "max_memory_mb", "candidates", "max_graphs", "max_streams",
-            "plan", "graphs", "model_kwargs")
-
-
 def _check_misspelled(model: Any, kwargs: dict[str, Any]) -> None:
     """A keyword like an option's name (``stratgy=``) that the model's ``forward`` does not name is a typo: it would
     go to the model, which raises, or ignores it in its ``**kwargs`` (as Hugging Face models do)."""
     for name in kwargs:
-        close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.8)
+        options = [p for p in inspect.signature(optimize).parameters if p not in ("model", "args", "kwargs")]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
         if close and not _names_parameter(model, name):
             raise OparaUsageError(f"unknown option {name!r}: did you mean {close[0]}=? (a keyword input of the model "
                                   f"named so goes in model_kwargs={{{name!r}: ...}})")

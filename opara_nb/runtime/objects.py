@@ -91,10 +91,10 @@ class OpaqueOutputs:
                 tensors[key] = x
         self._tensors = list(tensors.values())
         self._keys = list(tensors)  # the makers' names for the tensors, whichever object holds their memory now
-        storages = [t.untyped_storage()._cdata for t in self._tensors]
-        self.shareable = len(set(storages)) == len(storages)  # views of one memory are copied together, always
+        self._cdatas = [t.untyped_storage()._cdata for t in self._tensors]
+        self.shareable = len(set(self._cdatas)) == len(self._cdatas)  # views of one memory are copied together
         self.share = False
-        self._cdatas, self._base = storages, None
+        self._base = None
         self._makers = [(j, self._maker(outs[j], set())) for j in positions]
         handed = list(outs)
         try:
@@ -102,15 +102,15 @@ class OpaqueOutputs:
         except Exception as exc:  # noqa: BLE001 - any reason not to copy it is a reason not to replay it
             raise ValueError(f"the model returns a {self._name} object that cannot be copied per call "
                              f"({type(exc).__name__}: {exc})") from None
-        for j in positions:
-            self._check_copy(outs[j], handed[j])
-
-    def _check_copy(self, out: Any, made: Any) -> None:
-        """Whether ``made``, this call's copy of ``out``, is what the call built anew: it shares nothing the call
-        made with ``out`` (a ``__deepcopy__`` returning the object itself, or copying it shallowly, would), and
-        holds as many tensors (a ``__getstate__`` dropping a cached tensor would hold fewer)."""
-        before, after = held(out), held(made)
         kept = {**self._existing, **self._keep, **self._inputs, **self._top}
+        for j in positions:
+            self._check_copy(outs[j], handed[j], kept)
+
+    def _check_copy(self, out: Any, made: Any, kept: dict[int, Any]) -> None:
+        """Whether ``made``, this call's copy of ``out``, is what the call built anew: it shares nothing the call
+        made with ``out`` but what is ``kept`` as itself (a ``__deepcopy__`` returning the object itself, or copying
+        it shallowly, would), and holds as many tensors (a ``__getstate__`` dropping a cached tensor would not)."""
+        before, after = held(out), held(made)
         shared = [x for k, x in after.items() if k in before and k not in kept and not _immutable(x)]
         count = [sum(isinstance(x, torch.Tensor) for x in d.values()) for d in (before, after)]
         if shared or count[0] != count[1]:

@@ -49,7 +49,6 @@ class GraphCapture:
         self.by_params: dict[tuple[int, ...], GraphedCall] = {}
         self._params: list[int] | None = None  # positions of the parameters and buffers among the inputs
         self._host: list[int] = []  # positions of the CPU tensors given beside device tensors (see the docstring)
-        self._values: dict[tuple[int, ...], set[tuple]] = {}  # the host values captured, per parameter set
         self.failed: str | None = None
 
     def _capture(self, args: tuple) -> GraphedCall | str:
@@ -82,10 +81,9 @@ class GraphCapture:
         graphed = self.by_params.get(key)
         if graphed is None:
             self._drop_moved()
-            values = self._values.setdefault(params, set())
-            if len(self.by_params) >= MAX_PARAMETER_SETS or len(values) >= MAX_HOST_VALUES:  # the rest uncaptured
+            values = sum(k[:len(params)] == params for k in self.by_params)  # captures of this layer, other values
+            if len(self.by_params) >= MAX_PARAMETER_SETS or values >= MAX_HOST_VALUES:  # the rest uncaptured
                 return self.executor(*args)
-            values.add(key)
             made = self._capture(args)
             if isinstance(made, str):
                 self.failed = made
@@ -104,12 +102,11 @@ class GraphCapture:
         for key in [k for k, g in self.by_params.items()
                     if tuple(g.static_inputs[i].data_ptr() for i in self._params) != k[:len(self._params)]]:
             self.by_params.pop(key).release()
-            self._values.get(key[:len(self._params)], set()).discard(key)
 
     def release(self) -> None:
         for graphed in self.by_params.values():
             graphed.release()
-        self.by_params, self._values = {}, {}
+        self.by_params = {}
 
 
 MAX_PARAMETER_SETS = 256  # captures of one graph, one per layer that runs it
