@@ -280,3 +280,32 @@ class WrapsOutput(nn.Module):
 
     def forward(self, x):
         return self.wrap(self.lin(x).relu())
+
+
+class SquareWeight(nn.Module):
+    """``x @ w`` with a square weight: ``w.t_()`` changes its layout in place, not its shape."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, width), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class ResizesInput(nn.Module):
+    """Changes its input's layout in place (``how``: "resize" trims a preallocated buffer, "set", "t"), then a
+    linear."""
+
+    def __init__(self, how: str = "resize", width: int = 4):
+        super().__init__()
+        self.lin, self.how = nn.Linear(width, width), how
+
+    def forward(self, x):
+        if self.how == "resize":
+            x.resize_(2, x.shape[1])
+        elif self.how == "set":
+            x.set_(x[:2].clone())
+        else:
+            x.t_()
+        return self.lin(x)

@@ -25,7 +25,8 @@ from opara_nb.pipeline import CANDIDATES, PlanSpec
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.runtime.module import PLAIN_GRAPH_MARGIN
 from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Encoder, HeldBuffer, ItemNet, Outputs,
-                      ReadsABox, ReadsContainers, ReturnsItsOwn, SelfCopy, Stepping, ViewsOfEachOther, WrapsOutput)
+                      ReadsABox, ReadsContainers, ResizesInput, ReturnsItsOwn, SelfCopy, SquareWeight, Stepping,
+                      ViewsOfEachOther, WrapsOutput)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_math")]
 
@@ -977,25 +978,6 @@ def test_31_graphs_shared_by_identical_blocks_replay_each_blocks_weights(monkeyp
     om.release()
 
 
-class _Trims(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(16, 16)
-
-    def forward(self, x):
-        x.resize_(2, 16)
-        return self.lin(x)
-
-
-class _Square(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(16, 16), requires_grad=False)
-
-    def forward(self, x):
-        return x @ self.w
-
-
 @pytest.mark.parametrize("wrap, get", [(HeldBuffer, lambda o: o.t), (lambda y: y.clone, lambda o: o()),
                                        (SelfCopy, lambda o: o.t)], ids=["module", "bound method", "deepcopy self"])
 def test_32_output_objects_a_copy_cannot_rebuild_run_the_original(wrap, get):
@@ -1016,7 +998,7 @@ def test_32_forward_ad_vmap_an_input_resized_in_place_and_a_weight_transposed_in
     import torch.autograd.forward_ad as fwAD
 
     torch.manual_seed(0)
-    model, x = _Square().cuda().eval(), torch.randn(4, 16, device="cuda")
+    model, x = SquareWeight(16).cuda().eval(), torch.randn(4, 16, device="cuda")
     om = _quiet(optimize, model, x)
     _quiet(om, x)
     with fwAD.dual_level(), torch.no_grad():
@@ -1030,7 +1012,7 @@ def test_32_forward_ad_vmap_an_input_resized_in_place_and_a_weight_transposed_in
     om.refresh()
     torch.testing.assert_close(_quiet(om, x), _eager(model, x))
     om.release()
-    trims = _Trims().cuda().eval()
+    trims = ResizesInput("resize", 16).cuda().eval()
     y = torch.randn(3, 16, device="cuda")
     om = _quiet(optimize, trims, y)
     mine, theirs = y.clone(), y.clone()

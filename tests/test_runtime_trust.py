@@ -17,7 +17,7 @@ from torch import nn
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
 from _helpers import (Block, Box, BranchNet, Configured, Counting, CountsCalls, Outputs, ReadsABox, ReturnsItsOwn,
-                      Stepping, ViewsOfEachOther, run_threads)
+                      SquareWeight, Stepping, ViewsOfEachOther, run_threads)
 
 
 def _quiet(fn, *args, **kwargs):
@@ -1428,15 +1428,6 @@ def test_the_wrapper_never_writes_its_own_settings_into_a_model_with_the_same_na
     torch.testing.assert_close(_quiet(om, x), _expect(model, x))
 
 
-class _Square(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 4), requires_grad=False)
-
-    def forward(self, x):
-        return x @ self.w
-
-
 def test_the_kernel_replay_double_refuses_a_stale_layout_and_host_copies():
     """``FakeGraphs(kernels=True)`` is as strict as a GPU where it can be: a replay over a tensor transposed in place
     (no hook sees it: ``om.refresh()`` does) raises ``StaleReplay`` instead of computing the new answer, and
@@ -1444,7 +1435,7 @@ def test_the_kernel_replay_double_refuses_a_stale_layout_and_host_copies():
     from opara_nb.testing import StaleReplay
 
     torch.manual_seed(0)
-    model, x = _Square().eval(), torch.randn(2, 4)
+    model, x = SquareWeight().eval(), torch.randn(2, 4)
     om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     _quiet(om, x)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from opara_nb.capture import clone_inputs
 from opara_nb.errors import OparaUsageError
 from opara_nb.runtime import OparaModule, OparaNotice, optimize
 from opara_nb.testing import FakeGraphs
+from _helpers import ResizesInput
 
 
 def _quiet(fn, *args, **kwargs):
@@ -177,26 +178,11 @@ def test_replacing_or_deleting_the_original_says_to_optimize_the_new_model():
 
 
 # ------------------------------------------------------------------------------------ inputs resized in place
-class _Trims(nn.Module):
-    def __init__(self, how) -> None:
-        super().__init__()
-        self.lin, self.how = nn.Linear(4, 4), how
-
-    def forward(self, x):
-        if self.how == "resize":
-            x.resize_(2, 4)  # trims a preallocated buffer in place
-        elif self.how == "set":
-            x.set_(x[:2].clone())
-        else:
-            x.t_()
-        return self.lin(x)
-
-
 @pytest.mark.parametrize("how", ["resize", "set", "t"])
 def test_a_model_that_resizes_its_input_in_place_runs_the_original(how):
     """The fifteenth sweep: optimize() crashed in the replay's copy-back, a shape error from opara_nb's own code."""
     torch.manual_seed(0)
-    model = _Trims(how).eval()
+    model = ResizesInput(how).eval()
     x = torch.randn(4, 4) if how == "t" else torch.randn(3, 4)
     om = _quiet(optimize, model, x, strategy="opara", graphs=FakeGraphs(kernels=True))
     assert x.shape == ((4, 4) if how == "t" else (3, 4))  # optimize worked on copies
